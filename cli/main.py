@@ -1,0 +1,195 @@
+"""`treeq` command line: a thin shell over treeq's Python API."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import click
+import torch
+
+import treeq
+from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
+from treeq.errors import TreeqError
+from treeq.methods import METHODS
+from treeq.numerics import SUPPORTED_BITS
+
+
+def user_errors(fn):
+    """Show TreeqError as a one-line message instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TreeqError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def threads_option(fn):
+    return click.option(
+        "--threads",
+        type=click.IntRange(1),
+        default=os.cpu_count(),
+        show_default=True,
+        help="torch intra-op threads (CPU work)",
+    )(fn)
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _free_path(base: Path) -> Path:
+    """``base`` or ``base-2``, ``base-3``...: a default output never overwrites an earlier run."""
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+@click.group()
+@click.version_option(treeq.__version__)
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def main(verbose: bool) -> None:
+    """treeq: post-training quantization of Hugging Face causal LMs."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _print_ppl(label: str, result) -> None:
+    click.echo(f"{label} perplexity: {result.ppl:.3f}  [{result.protocol()}]")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="gptq", show_default=True)
+@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True)
+@click.option("--group-size", type=int, default=None, help=f"-1 for per-row; default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)")
+@click.option("--sym/--asym", default=True, show_default=True)
+@click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="GPTQ act-order")
+@click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")
+@click.option("--damp", "damp_percent", type=float, default=0.01, show_default=True)
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="calibration sequences per forward")
+@click.option("--calib-text", default="wiki-train", show_default=True, help="wiki-train, news, or a text file")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="output directory (must not exist)")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--eval/--no-eval", "evaluate", default=None, help="perplexity before and after (default: on for the built-in model)")
+@click.option("--eval-windows", type=int, default=32, show_default=True)
+@threads_option
+@user_errors
+def quantize(model, method, bits, group_size, sym, desc_act, static_groups, damp_percent, calib_samples, seqlen,
+             batch_size, calib_text, out, device, evaluate, eval_windows, threads):
+    """Quantize MODEL (a local HF directory; omit it for the built-in SmolLM2-135M) and save it."""
+    _set_threads(threads)
+    builtin = model is None
+    if group_size is None:
+        group_size = DEFAULT_GROUP_SIZE if builtin else 128
+    config = treeq.QuantConfig.build(
+        method=method, bits=int(bits), group_size=group_size, sym=sym, desc_act=desc_act,
+        static_groups=static_groups, damp_percent=damp_percent, calib_samples=calib_samples,
+        seqlen=seqlen, batch_size=batch_size,
+    )
+    if out is None:
+        name = DEFAULT_MODEL if builtin else Path(model).name
+        out = _free_path(Path("treeq-out") / f"{name}-{method}-w{bits}g{group_size}")
+    elif out.exists():
+        raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    evaluate = builtin if evaluate is None else evaluate
+    fp, tok = treeq.load_fp_model(model)
+    click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
+    fp_ppl = treeq.evaluate_perplexity(fp, tok, max_windows=eval_windows) if evaluate else None
+    report = treeq.quantize(fp, config, out, tokenizer=tok, calib_text=calib_text, device=device)
+    click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
+    if fp_ppl is not None:
+        q_ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows)
+        _print_ppl("fp       ", fp_ppl)
+        _print_ppl(f"{method} w{bits}", q_ppl)
+        click.echo(f"increase over fp: {q_ppl.ppl - fp_ppl.ppl:+.3f}")
+
+
+@main.command("eval")
+@click.argument("target", required=False)
+@click.option("--ppl/--no-ppl", default=True, show_default=True, help="perplexity on held-out text")
+@click.option("--text", default="wiki-test", show_default=True, help="wiki-test, news, or a text file")
+@click.option("--seqlen", type=int, default=1024, show_default=True)
+@click.option("--max-windows", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--kernel", default=None, help="force a kernel by name")
+@threads_option
+@user_errors
+def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, threads):
+    """Evaluate TARGET: a treeq checkpoint, a local fp model, or (omitted) the built-in model."""
+    _set_threads(threads)
+    if target is not None and treeq.api.is_quantized_checkpoint(target):
+        model, tok = treeq.load(target, device=device, kernel=kernel)
+    else:
+        model, tok = treeq.load_fp_model(target)
+        model.to(treeq.api.resolve_device(device))
+    if ppl:
+        _print_ppl(target or DEFAULT_MODEL, treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows))
+
+
+@main.group()
+def spec() -> None:
+    """Tree specs: check that one fits a model."""
+
+
+@spec.command("check")
+@click.argument("model")
+@user_errors
+def spec_check(model):
+    """Verify the spec for MODEL (a local directory) covers every Linear of each decoder layer once."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from treeq.models import check_spec, spec_for
+
+    config = AutoConfig.from_pretrained(treeq.api.model_path(model))
+    config.__dict__.pop("quantization_config", None)
+    spec_ = spec_for(config)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    check_spec(skeleton, spec_)
+    n_layers = len(skeleton.get_submodule(spec_.layers))
+    click.echo(
+        f"OK: {config.model_type} spec covers {len(spec_.modules)} linears x {n_layers} layers "
+        f"in subsets {', '.join(s.name for s in spec_.subsets)}"
+    )
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--explain", is_flag=True, help="why each other kernel was rejected")
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def inspect(directory, explain, device):
+    """Format, size and kernel choice of a treeq checkpoint."""
+    info = treeq.inspect_checkpoint(directory, device)
+    q = info.quantization
+    click.echo(f"checkpoint: {info.path}")
+    click.echo(
+        f"format: {q['format']} ({q['checkpoint_format']}, pack {q['pack_dtype']})  method: {q.get('method')}  "
+        f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}"
+    )
+    click.echo(
+        f"size on disk: {info.size_bytes / 2**20:.1f} MiB vs fp16 {info.fp16_bytes / 2**20:.1f} MiB "
+        f"({info.size_bytes / info.fp16_bytes:.2f}x)"
+    )
+    for name, count in Counter(info.kernels.values()).items():
+        click.echo(f"kernel on {device}: {name} for {count} modules")
+    if explain:
+        for kernel, reasons in info.rejected.items():
+            for module, reason in sorted(reasons.items()):
+                click.echo(f"  {kernel} rejected for {module}: {reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Tiny random models for every spec'd architecture, a byte-level tokenizer, and text, all built here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from threadpoolctl import threadpool_limits
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+# Sizes are multiples of 32 so every bit width (3-bit packs 32 codes per 3 words) can pack them.
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+
+SENTENCES = [
+    "The river ran quickly past the old mill, and the miller counted his sacks of grain.",
+    "In 1887 the city council voted to build a new bridge across the harbour.",
+    "Quantization maps real-valued weights onto a small set of integer levels.",
+    "She wrote letters every morning before the markets opened in the square.",
+    "A storm moved east across the mountains and the roads were closed for two days.",
+    "Mathematicians proved the conjecture after nearly a century of partial results.",
+]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    """Shared machines are noisy; pin thread counts so results and timing do not wander."""
+    torch.set_num_threads(2)
+    with threadpool_limits(limits=2):
+        yield
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def make_config(arch: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(COMMON, **overrides)
+    if arch == "gemma3_text":
+        kwargs.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    return AutoConfig.for_model(arch, **kwargs)
+
+
+def make_model(arch: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(arch, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    rng = torch.Generator().manual_seed(0)
+    order = torch.randint(0, len(SENTENCES), (400,), generator=rng).tolist()
+    path.write_text(" ".join(SENTENCES[i] for i in order))
+    return path
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A saved tiny Llama, as a user's local model directory."""
+    path = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,109 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def quantize_args(model_dir, text_file, out, *extra):
+    return ("quantize", model_dir, "--calib-text", text_file, "--calib-samples", 8, "--seqlen", 64,
+            "--group-size", 32, "--out", out, "--threads", 2, *extra)
+
+
+def one_line_error(result, *needles):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [l for l in result.output.strip().splitlines() if l.startswith("Error")]
+    assert len(lines) == 1, result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_quantize_inspect_eval_round_trip(model_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    r = run(*quantize_args(model_dir, text_file, out, "--method", "gptq", "--asym", "--desc-act"))
+    assert r.exit_code == 0, r.output
+    assert "mlp.down_proj" in r.output and "loss" in r.output  # the per-module table
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert qcfg["sym"] is False and qcfg["desc_act"] is True and qcfg["group_size"] == 32
+
+    r = run("inspect", out, "--explain")
+    assert r.exit_code == 0, r.output
+    assert "bits: 4" in r.output and "kernel on cpu: torch for 14 modules" in r.output
+    assert "size on disk" in r.output
+
+    r = run("eval", out, "--text", text_file, "--seqlen", 64, "--max-windows", 2, "--threads", 2)
+    assert r.exit_code == 0, r.output
+    assert "perplexity" in r.output and "2 non-overlapping windows x 64 tokens" in r.output
+
+
+def test_eval_fp_model_dir(model_dir, text_file):
+    r = run("eval", model_dir, "--text", text_file, "--seqlen", 64, "--max-windows", 1)
+    assert r.exit_code == 0, r.output
+    assert "perplexity" in r.output
+
+
+def test_spec_check_ok(model_dir):
+    r = run("spec", "check", model_dir)
+    assert r.exit_code == 0, r.output
+    assert "OK: llama spec covers 7 linears x 2 layers" in r.output
+
+
+def test_spec_check_names_an_uncovered_linear(model_dir, monkeypatch):
+    import treeq.models as models
+    from treeq.models.spec import TreeSpec
+
+    llama = models.SPECS["llama"]
+    partial = TreeSpec(model_types=("llama",), subsets=llama.subsets[:-1])
+    monkeypatch.setitem(models.SPECS, "llama", partial)
+    one_line_error(run("spec", "check", model_dir), "mlp.down_proj", "not covered")
+
+
+def test_unknown_architecture_lists_supported(tmp_path, model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run("spec", "check", odd), "unsupported architecture 'gpt2'", "llama", "treeq/models/")
+
+
+def test_bits_5_is_refused(model_dir, text_file, tmp_path):
+    r = run(*quantize_args(model_dir, text_file, tmp_path / "q", "--bits", 5))
+    one_line_error(r, "--bits", "'5'")
+
+
+def test_bits_5_is_refused_by_the_python_api():
+    import treeq
+
+    with pytest.raises(treeq.TreeqError, match="bits"):
+        treeq.QuantConfig.build(bits=5)
+
+
+def test_group_size_not_dividing_in_features(model_dir, text_file, tmp_path):
+    r = run(*quantize_args(model_dir, text_file, tmp_path / "q")[:-2], "--group-size", 48, "--threads", 2)
+    one_line_error(r, "group_size=48 does not divide in_features=64")
+    assert not (tmp_path / "q").exists()
+
+
+def test_empty_calibration_text(model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    one_line_error(run(*quantize_args(model_dir, empty, tmp_path / "q")), "text is empty")
+
+
+def test_output_dir_exists_is_not_touched(model_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    one_line_error(run(*quantize_args(model_dir, text_file, out)), "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_missing_model_dir(tmp_path):
+    one_line_error(run("quantize", tmp_path / "nope", "--out", tmp_path / "q"), "not a local model directory")

@@ -1,0 +1,91 @@
+import logging
+
+import pytest
+import torch
+
+from treeq.config import QuantConfig
+from treeq.methods import METHODS, InputStats, make_method, output_error
+
+
+def correlated_inputs(n=2048, d=128, seed=0):
+    """Activations with uneven channel scales and correlations, as real layer inputs have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5
+    scale = torch.exp(torch.randn(d, generator=g))
+    return (torch.randn(n, d, generator=g) @ mix) * scale
+
+
+def stats_for(x):
+    s = InputStats(x.shape[1], torch.device("cpu"))
+    for chunk in x.split(500):
+        s.add(chunk)
+    return s
+
+
+def quantize(method, w, x, **cfg):
+    return make_method(QuantConfig(method=method, **cfg)).quantize(w, stats_for(x))
+
+
+def test_stats_is_the_mean_second_moment():
+    x = correlated_inputs(n=1000)
+    assert torch.allclose(stats_for(x).h, x.T @ x / 1000, rtol=1e-4, atol=1e-5)
+
+
+def test_reported_loss_is_the_output_mse_on_the_calibration_inputs():
+    x, w = correlated_inputs(), torch.randn(64, 128)
+    result = quantize("rtn", w, x, bits=4, group_size=32)
+    direct = ((x @ w.T - x @ result.weight().T) ** 2).mean().item()
+    assert result.loss == pytest.approx(direct, rel=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_beats_rtn_on_the_same_layer(bits, sym):
+    x, w = correlated_inputs(), torch.randn(64, 128)
+    rtn = quantize("rtn", w, x, bits=bits, group_size=32, sym=sym)
+    gptq = quantize("gptq", w, x, bits=bits, group_size=32, sym=sym)
+    assert gptq.loss < rtn.loss
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 64])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_act_order_groups_and_codes_reconstruct_the_weight(group_size, static_groups):
+    x, w = correlated_inputs(), torch.randn(64, 128)
+    plain = quantize("gptq", w, x, bits=4, group_size=group_size)
+    ordered = quantize("gptq", w, x, bits=4, group_size=group_size, desc_act=True, static_groups=static_groups)
+    gs = 128 if group_size == -1 else group_size
+    counts = torch.bincount(ordered.g_idx.long(), minlength=128 // gs)
+    assert torch.all(counts == gs)  # every group holds exactly group_size channels
+    if static_groups or group_size == -1:
+        assert torch.equal(ordered.g_idx, torch.arange(128, dtype=torch.int32) // gs)
+    else:
+        assert not torch.equal(ordered.g_idx, plain.g_idx)
+    assert ordered.loss == pytest.approx(
+        output_error(w, ordered.weight(), stats_for(x).h), rel=1e-5
+    )
+    assert ordered.loss < quantize("rtn", w, x, bits=4, group_size=group_size).loss
+
+
+def test_gptq_raises_damping_when_cholesky_fails(caplog):
+    x, w = correlated_inputs(), torch.randn(64, 128)
+    stats = stats_for(x)
+    # An indefinite H (as fp16 accumulation can produce): 1% damping cannot rescue it, more can.
+    stats.h -= 0.03 * torch.diag(stats.h).mean() * torch.eye(128)
+    stats.h = (stats.h + stats.h.T) / 2
+    floor = torch.linalg.eigvalsh(stats.h).min()
+    assert floor < 0
+    with caplog.at_level(logging.WARNING):
+        result = make_method(QuantConfig(method="gptq", bits=4, group_size=32)).quantize(w, stats)
+    assert "retrying with more damping" in caplog.text
+    assert torch.isfinite(result.weight()).all()
+
+
+def test_dead_input_channels_are_zeroed_not_nan():
+    x, w = correlated_inputs(), torch.randn(64, 128)
+    x[:, :5] = 0
+    result = quantize("gptq", w, x, bits=4, group_size=32)
+    assert torch.isfinite(result.weight()).all()
+
+
+def test_methods_registry_lists_rtn_and_gptq():
+    assert {"rtn", "gptq"} <= set(METHODS)

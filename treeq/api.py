@@ -1,0 +1,185 @@
+"""The Python API; every CLI command is a thin shell over one of these functions."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data, packing
+from .checkpoint import WEIGHTS_NAME, save_quantized, swap_in_quantized
+from .config import QuantConfig
+from .default_model import DEFAULT_MODEL, default_model_path
+from .errors import TreeqError
+from .kernels import LinearFormat, explain, select_kernel
+from .loading import load_quantized, read_quantization_config
+from .looper import quantize_layers
+from .methods import make_method
+from .models import check_spec, spec_for
+from .perplexity import PerplexityResult, perplexity
+from .quant_linear import QuantLinear
+from .quant_log import QuantLog
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_path(model: str | None) -> Path:
+    if model in (None, DEFAULT_MODEL):
+        return default_model_path()
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise TreeqError(
+            f"model {model!r} is not a local model directory with config.json; treeq never downloads, "
+            f"so give a saved Hugging Face model directory (or omit MODEL for the built-in {DEFAULT_MODEL})"
+        )
+    return path
+
+
+def load_fp_model(model: str | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in full precision from a local directory, or the built-in default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(model)
+    fp = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return fp, AutoTokenizer.from_pretrained(path)
+
+
+def load(path, device: str | None = None, dtype: torch.dtype = torch.float32, kernel: str | None = None):
+    """Load a treeq checkpoint: returns (model, tokenizer)."""
+    return load_quantized(path, str(resolve_device(device)), dtype, kernel)
+
+
+def is_quantized_checkpoint(path) -> bool:
+    return (Path(path) / "quantize_config.json").is_file()
+
+
+def check_quantizable(model, spec, config: QuantConfig) -> None:
+    """Fail before any work if a module's shape does not fit the grid or the packing."""
+    codes_per_period, _ = packing.period(config.bits)
+    for i, layer in enumerate(model.get_submodule(spec.layers)):
+        for name in spec.modules:
+            lin = layer.get_submodule(name)
+            where = f"{spec.layers}.{i}.{name}"
+            if config.group_size != -1 and lin.in_features % config.group_size:
+                divisors = [g for g in (32, 64, 128) if lin.in_features % g == 0]
+                raise TreeqError(
+                    f"group_size={config.group_size} does not divide in_features={lin.in_features} of {where}; "
+                    f"use one of {divisors or [-1]} (or -1 for per-row groups)"
+                )
+            for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
+                if n % codes_per_period:
+                    raise TreeqError(
+                        f"{where} has {what}={n}, not a multiple of {codes_per_period} as {config.bits}-bit "
+                        f"GPTQ packing needs; try other bits"
+                    )
+
+
+@dataclass
+class QuantizeReport:
+    out: Path
+    seconds: float
+    log: QuantLog
+    model: object = field(repr=False)  # the quantized model, in memory
+    tokenizer: object = field(repr=False)
+
+
+def quantize(
+    model=None,
+    config: QuantConfig | None = None,
+    out: str | Path = "treeq-out",
+    tokenizer=None,
+    calib_text: str = "wiki-train",
+    device: str | None = None,
+    log: QuantLog | None = None,
+) -> QuantizeReport:
+    """Calibrate, quantize layer by layer, and save a GPTQ-format checkpoint to ``out``.
+
+    ``model`` is a local directory, None for the built-in default, or a loaded PreTrainedModel
+    (then ``tokenizer`` is required). The model passed in is quantized in place.
+    """
+    config = config or QuantConfig()
+    out = Path(out)
+    if out.exists():
+        raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    if tokenizer is None:
+        model, tokenizer = load_fp_model(model)
+    spec = spec_for(model.config)
+    check_spec(model, spec)
+    check_quantizable(model, spec, config)
+    batches = data.calibration_batches(
+        tokenizer, data.read_text(calib_text), config.calib_samples, config.seqlen, config.batch_size
+    )
+    log = log or QuantLog(echo=tqdm.write)
+    start = time.perf_counter()
+    results = quantize_layers(
+        model, spec, make_method(config), batches, resolve_device(device), config.true_sequential, log
+    )
+    swap_in_quantized(model, results, config)
+    seconds = time.perf_counter() - start
+    save_quantized(model, tokenizer, config, sorted(results), out, log)
+    return QuantizeReport(out, seconds, log, model, tokenizer)
+
+
+def evaluate_perplexity(
+    model, tokenizer, text: str = "wiki-test", seqlen: int = 1024, max_windows: int | None = 32
+) -> PerplexityResult:
+    return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows)
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    quantization: dict
+    size_bytes: int
+    fp16_bytes: int
+    kernels: dict[str, str]  # module -> chosen kernel
+    rejected: dict[str, dict[str, str]]  # kernel -> {module: reason}, for --explain
+
+
+def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
+    from safetensors import safe_open
+
+    path = Path(path)
+    qcfg = read_quantization_config(path)
+    weights = path / WEIGHTS_NAME
+    fp16_bytes = 0
+    kernels: dict[str, str] = {}
+    rejected: dict[str, dict[str, str]] = {}
+    with safe_open(weights, "pt") as f:
+        keys = set(f.keys())
+        for key in keys:
+            shape = f.get_slice(key).get_shape()
+            if key.endswith(".qweight"):
+                name = key[: -len(".qweight")]
+                in_f = shape[0] * 32 // qcfg["bits"]
+                fmt = LinearFormat(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"], in_f, shape[1])
+                fp16_bytes += in_f * shape[1] * 2
+                kernels[name] = select_kernel(fmt, device, dtype).name
+                for kname, reason in explain(fmt, device, dtype).items():
+                    if reason:
+                        rejected.setdefault(kname, {})[name] = reason
+            elif not key.endswith((".qzeros", ".scales", ".g_idx")):
+                n = 1
+                for d in shape:
+                    n *= d
+                fp16_bytes += n * 2
+    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected)
+
+
+__all__ = [
+    "QuantLinear",
+    "evaluate_perplexity",
+    "inspect_checkpoint",
+    "is_quantized_checkpoint",
+    "load",
+    "load_fp_model",
+    "quantize",
+]

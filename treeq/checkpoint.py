@@ -1,0 +1,97 @@
+"""GPTQ-format checkpoints: packed safetensors, quantize_config.json, and the matching config.json.
+
+Zero points are stored as they are (`checkpoint_format: gptq_v2`), not minus one as GPTQ v1 did,
+so asymmetric grids with a zero point of 0 survive the round trip.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from . import __version__
+from .atomic import atomic_directory
+from .config import QuantConfig
+from .kernels import LinearFormat
+from .methods import QuantResult
+from .quant_linear import QuantLinear
+from .quant_log import QuantLog
+
+WEIGHTS_NAME = "model.safetensors"
+QUANT_CONFIG_NAME = "quantize_config.json"
+
+
+def linear_format(config: QuantConfig, linear: nn.Linear) -> LinearFormat:
+    return LinearFormat(
+        bits=config.bits,
+        group_size=config.group_size,
+        sym=config.sym,
+        desc_act=config.desc_act,
+        in_features=linear.in_features,
+        out_features=linear.out_features,
+    )
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config: QuantConfig) -> None:
+    for name, result in results.items():
+        linear = model.get_submodule(name)
+        set_module(model, name, QuantLinear.from_result(linear_format(config, linear), result, linear.bias))
+
+
+def quantization_config(config: QuantConfig, modules: list[str]) -> dict:
+    return {
+        "quant_method": "gptq",
+        "format": "gptq",
+        "checkpoint_format": "gptq_v2",
+        "pack_dtype": "int32",
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "desc_act": config.desc_act,
+        "sym": config.sym,
+        "static_groups": config.static_groups,
+        "true_sequential": config.true_sequential,
+        "damp_percent": config.damp_percent,
+        "method": config.method,
+        "meta": {
+            "quantizer": [f"treeq:{__version__}"],
+            "treeq_version": __version__,
+            "method": config.method,
+            "settings": config.model_dump(),
+            "modules": modules,
+        },
+    }
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the second name of tied tensors (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save_quantized(model, tokenizer, config: QuantConfig, modules: list[str], out: Path, log: QuantLog) -> Path:
+    out = Path(out)
+    qcfg = quantization_config(config, modules)
+    with atomic_directory(out) as tmp:
+        save_file(_unique_tensors(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        cfg = json.loads(model.config.to_json_string())
+        cfg["quantization_config"] = qcfg
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
+        tokenizer.save_pretrained(tmp)
+        log.save(tmp)
+    return out

@@ -1,0 +1,52 @@
+"""Validated quantization settings shared by the Python API and the CLI."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import BaseModel, Field, field_validator
+
+from .errors import from_validation
+from .numerics import SUPPORTED_BITS
+
+
+class QuantConfig(BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    method: str = "gptq"
+    bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
+    group_size: int = Field(128, description="input channels per scale; -1 for one group per row")
+    sym: bool = True
+    desc_act: bool = Field(False, description="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
+    static_groups: bool = Field(False, description="with desc_act, fix group params before the GPTQ sweep")
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, gt=0)
+    true_sequential: bool = Field(True, description="quantize subsets in order, each seeing the ones before")
+    calib_samples: int = Field(128, gt=0)
+    seqlen: int = Field(512, gt=1)
+    batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from .methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v <= 0:
+            raise ValueError("group_size must be -1 (per row) or a positive number of input channels")
+        return v
+
+    @classmethod
+    def build(cls, **kwargs) -> "QuantConfig":
+        """Construct from user input, turning validation failures into a one-line TreeqError."""
+        try:
+            return cls(**kwargs)
+        except pydantic.ValidationError as e:
+            raise from_validation(e) from None

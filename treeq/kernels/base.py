@@ -1,0 +1,54 @@
+"""What a kernel declares about itself, and the format of one quantized linear it is asked to run."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class LinearFormat:
+    bits: int
+    group_size: int  # -1: one group per row
+    sym: bool
+    desc_act: bool
+    in_features: int
+    out_features: int
+
+
+class Kernel(ABC):
+    """A matmul for packed weights. Capabilities are class attributes; ``None`` means any."""
+
+    name: ClassVar[str]
+    priority: ClassVar[int] = 0  # higher wins among kernels that fit
+    bits: ClassVar[frozenset[int] | None] = None
+    group_sizes: ClassVar[frozenset[int] | None] = None
+    devices: ClassVar[frozenset[str] | None] = None
+    dtypes: ClassVar[frozenset[torch.dtype] | None] = None
+    supports_asym: ClassVar[bool] = True
+    supports_desc_act: ClassVar[bool] = True
+
+    @classmethod
+    def rejects(cls, fmt: LinearFormat, device: str, dtype: torch.dtype) -> str | None:
+        """Why this kernel cannot run ``fmt`` on ``device`` with ``dtype``; None when it can."""
+        if cls.bits is not None and fmt.bits not in cls.bits:
+            return f"bits={fmt.bits} not in {sorted(cls.bits)}"
+        if cls.group_sizes is not None and fmt.group_size not in cls.group_sizes:
+            return f"group_size={fmt.group_size} not in {sorted(cls.group_sizes)}"
+        if cls.devices is not None and device not in cls.devices:
+            return f"device {device} not in {sorted(cls.devices)}"
+        if cls.dtypes is not None and dtype not in cls.dtypes:
+            return f"dtype {dtype} not supported"
+        if not fmt.sym and not cls.supports_asym:
+            return "asymmetric zero points not supported"
+        if fmt.desc_act and not cls.supports_desc_act:
+            return "act-order (g_idx) not supported"
+        return None
+
+    @staticmethod
+    @abstractmethod
+    def forward(layer, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ W^T + b for the QuantLinear ``layer``."""

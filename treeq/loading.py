@@ -1,0 +1,77 @@
+"""Build a quantized model from a checkpoint directory without materialising fp weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .checkpoint import QUANT_CONFIG_NAME, set_module
+from .errors import TreeqError
+from .kernels import LinearFormat
+from .models import spec_for
+from .quant_linear import QuantLinear
+
+
+def read_quantization_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise TreeqError(f"{path} has no config.json; give a directory written by `treeq quantize`")
+    qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
+    if qcfg is None and (path / QUANT_CONFIG_NAME).is_file():
+        qcfg = json.loads((path / QUANT_CONFIG_NAME).read_text())
+    if qcfg is None or qcfg.get("quant_method") != "gptq":
+        raise TreeqError(f"{path} is not a GPTQ-format quantized checkpoint (no gptq quantization_config)")
+    if qcfg.get("checkpoint_format", "gptq") != "gptq_v2":
+        raise TreeqError(f"{path}: checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported yet (gptq_v2 is)")
+    return qcfg
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise TreeqError(f"{path} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32, kernel: str | None = None):
+    """Returns (model, tokenizer) ready for inference, each quantized linear bound to a kernel."""
+    path = Path(path)
+    qcfg = read_quantization_config(path)
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    spec_for(config)  # unsupported architectures fail here, with the list of supported ones
+    state = _state_dict(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    for name in quantized:
+        linear = model.get_submodule(name)
+        fmt = LinearFormat(
+            bits=qcfg["bits"],
+            group_size=qcfg["group_size"],
+            sym=qcfg["sym"],
+            desc_act=qcfg["desc_act"],
+            in_features=linear.in_features,
+            out_features=linear.out_features,
+        )
+        set_module(model, name, QuantLinear(fmt, linear.bias is not None, dtype))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise TreeqError(f"{path}: weights not in the model: {', '.join(result.unexpected_keys[:5])}")
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise TreeqError(f"{path}: checkpoint lacks weights for {', '.join(still_empty[:5])}")
+    model.to(device).eval()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.select_kernel(torch.device(device).type, dtype, kernel)
+    return model, AutoTokenizer.from_pretrained(path)

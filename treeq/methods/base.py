@@ -1,0 +1,78 @@
+"""The small protocol between the looper and a quantization method.
+
+The looper hands a method the input statistics of one subset (every module of a subset reads the
+same input) and one module's weight at a time; the method returns integer codes and grid params.
+A method never sees the model or its architecture.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..numerics import UniformGrid, dequantize_grouped
+
+
+@dataclass
+class QuantResult:
+    codes: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # fp16 [groups, out]
+    zeros: torch.Tensor  # int32 [groups, out]
+    g_idx: torch.Tensor  # int32 [in]: group of each input channel
+    loss: float  # the method's objective on the calibration inputs
+
+    def weight(self) -> torch.Tensor:
+        return dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx)
+
+
+class InputStats:
+    """Second moment H = E[x x^T] of a subset's input, accumulated in fp32 over calibration tokens.
+
+    Per-subset derived quantities (a factorised inverse, a permutation) are cached here so modules
+    that share an input compute them once.
+    """
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+        self._cache: dict[str, Any] = {}
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        # Running mean keeps H's scale independent of the token count.
+        self.h.mul_(self.tokens / (self.tokens + n))
+        self.h.addmm_(x.T, x, alpha=1.0 / (self.tokens + n))
+        self.tokens += n
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
+    """Mean squared error of the layer output, E[(x·(W - Q)^T)^2], from H without touching inputs."""
+    delta = weight.float() - quantized.float()
+    return float(((delta @ h) * delta).sum() / delta.shape[0])
+
+
+class Method(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, config):
+        self.config = config
+        self.grid = UniformGrid(config.bits, config.sym)
+
+    def stats(self, in_features: int, device: torch.device) -> InputStats:
+        return InputStats(in_features, device)
+
+    def group_size(self, in_features: int) -> int:
+        return in_features if self.config.group_size == -1 else self.config.group_size
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
+        """Quantize one [out, in] weight given its subset's input statistics."""

@@ -1,0 +1,112 @@
+"""GPTQ (Frantar et al., 2022): quantize columns one at a time and push each column's error onto the
+columns not yet quantized, weighted by the inverse Hessian of the layer's inputs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .base import InputStats, Method, QuantResult, output_error
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP = 1.0
+
+
+@dataclass
+class _Prepared:
+    """What every module of one subset shares: dead channels, column order, and chol(H^-1)^T."""
+
+    dead: torch.Tensor
+    perm: torch.Tensor | None
+    hinv_upper: torch.Tensor
+    damp: float
+
+
+def _prepare(h: torch.Tensor, desc_act: bool, damp_percent: float) -> _Prepared:
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    # A channel that never fires carries no information; a unit diagonal keeps H invertible.
+    h[dead, dead] = 1
+    perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    mean_diag = torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    damp = damp_percent
+    while True:
+        chol, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info == 0:
+                break
+        if damp >= MAX_DAMP:
+            raise RuntimeError(f"Hessian stayed singular up to damp_percent={MAX_DAMP}: calibration inputs are degenerate")
+        log.warning("Cholesky failed with damp_percent=%.3f; retrying with more damping", damp)
+        damp = min(MAX_DAMP, damp + 0.01 if damp < 0.1 else damp * 2)
+    return _Prepared(dead, perm, upper, damp)
+
+
+class GPTQ(Method):
+    name = "gptq"
+
+    def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
+        cfg = self.config
+        prep: _Prepared = stats.cached("gptq", lambda: _prepare(stats.h, cfg.desc_act, cfg.damp_percent))
+        w = weight.float().clone()
+        out, n_in = w.shape
+        gs = self.group_size(n_in)
+        n_groups = n_in // gs
+        w[:, prep.dead] = 0
+        perm = prep.perm
+        identity = torch.arange(n_in, device=w.device)
+        order = perm if perm is not None else identity
+
+        scales = torch.empty(n_groups, out, device=w.device)
+        zeros = torch.empty(n_groups, out, device=w.device)
+        # Which group each column (in processing order) belongs to.
+        if cfg.static_groups or perm is None:
+            for g in range(n_groups):
+                scales[g], zeros[g] = self.grid.params(w[:, g * gs : (g + 1) * gs])
+            group_of = order // gs
+            fixed = True
+        else:
+            group_of = identity // gs
+            fixed = False
+
+        w = w[:, order]
+        codes = torch.empty(out, n_in, device=w.device)
+        u = prep.hinv_upper
+        for i1 in range(0, n_in, cfg.block_size):
+            i2 = min(i1 + cfg.block_size, n_in)
+            w1 = w[:, i1:i2].clone()
+            err1 = torch.zeros_like(w1)
+            u1 = u[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if not fixed and col % gs == 0:
+                    # The group's params come from the weights as GPTQ has updated them so far.
+                    current = torch.cat([w1[:, i:], w[:, i2 : col + gs]], dim=1)[:, :gs]
+                    scales[col // gs], zeros[col // gs] = self.grid.params(current)
+                g = group_of[col]
+                s, z = scales[g], zeros[g]
+                q = self.grid.quantize(w1[:, i], s, z)
+                codes[:, col] = q
+                e = (w1[:, i] - self.grid.dequantize(q, s, z)) / u1[i, i]
+                w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+                err1[:, i] = e
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+        g_idx = group_of.to(torch.int32)
+        if perm is not None:
+            inv = torch.argsort(perm)
+            codes, g_idx = codes[:, inv], g_idx[inv]
+        result = QuantResult(codes.to(torch.uint8), scales.half(), zeros.int(), g_idx, loss=0.0)
+        result.loss = output_error(weight, result.weight(), stats.h)
+        return result
+
+
+METHOD = GPTQ

@@ -1,0 +1,79 @@
+"""Tree specs, one module per architecture family; each module defines ``SPEC``.
+
+Adding an architecture means adding a file here: the registry picks up every ``SPEC`` it finds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import torch.nn as nn
+
+from ..errors import TreeqError
+from .spec import Subset, TreeSpec
+
+
+def _discover() -> dict[str, TreeSpec]:
+    specs: dict[str, TreeSpec] = {}
+    for info in pkgutil.iter_modules(__path__):
+        spec = getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPEC", None)
+        if isinstance(spec, TreeSpec):
+            for t in spec.model_types:
+                specs[t] = spec
+    return specs
+
+
+SPECS = _discover()
+
+HOW_TO_ADD = "write a TreeSpec in a new file under treeq/models/ (see treeq/models/llama.py)"
+
+
+def spec_for(config) -> TreeSpec:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SPECS:
+        raise TreeqError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(SPECS))}. "
+            f"To add one, {HOW_TO_ADD}"
+        )
+    return SPECS[model_type]
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def spec_problems(model: nn.Module, spec: TreeSpec) -> list[str]:
+    """Everything that keeps ``spec`` from describing ``model`` exactly; empty when it fits."""
+    problems = [f"missing module {p!r}" for p in (spec.layers, *spec.before, *spec.after) if not _has(model, p)]
+    if problems:
+        return problems
+    for i, layer in enumerate(model.get_submodule(spec.layers)):
+        prefix = f"{spec.layers}.{i}"
+        declared = set(spec.modules)
+        for path in spec.modules:
+            if not _has(layer, path):
+                problems.append(f"missing module '{prefix}.{path}' named by the spec")
+            elif not isinstance(layer.get_submodule(path), nn.Linear):
+                problems.append(f"{prefix}.{path} is {type(layer.get_submodule(path)).__name__}, not nn.Linear")
+        for s in spec.subsets:
+            if not _has(layer, s.fed_by):
+                problems.append(f"missing module '{prefix}.{s.fed_by}' named as fed_by of subset {s.name!r}")
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and name not in declared:
+                problems.append(f"Linear {prefix}.{name} is not covered by any subset of the spec")
+    return problems
+
+
+def check_spec(model: nn.Module, spec: TreeSpec) -> None:
+    problems = spec_problems(model, spec)
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise TreeqError(f"spec for {spec.model_types[0]} does not fit the model: {shown}")
+
+
+__all__ = ["SPECS", "Subset", "TreeSpec", "check_spec", "spec_for", "spec_problems"]

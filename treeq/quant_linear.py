@@ -1,0 +1,62 @@
+"""The module that replaces an nn.Linear: GPTQ-layout tensors plus the kernel chosen to run them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import packing
+from .kernels import LinearFormat, select_kernel
+from .methods import QuantResult
+from .numerics import SCALE_DTYPE, dequantize_grouped
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, fmt: LinearFormat, bias: bool, bias_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.fmt = fmt
+        self.in_features, self.out_features = fmt.in_features, fmt.out_features
+        gs = fmt.in_features if fmt.group_size == -1 else fmt.group_size
+        groups = fmt.in_features // gs
+        pack_rows = packing.period(fmt.bits)
+        words_in = fmt.in_features // pack_rows[0] * pack_rows[1]
+        words_out = fmt.out_features // pack_rows[0] * pack_rows[1]
+        self.register_buffer("qweight", torch.zeros(words_in, fmt.out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, words_out, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, fmt.out_features, dtype=SCALE_DTYPE))
+        self.register_buffer("g_idx", torch.arange(fmt.in_features, dtype=torch.int32) // gs)
+        self.register_buffer("bias", torch.zeros(fmt.out_features, dtype=bias_dtype) if bias else None)
+        self.kernel = None
+
+    @classmethod
+    def from_result(cls, fmt: LinearFormat, result: QuantResult, bias: torch.Tensor | None) -> "QuantLinear":
+        layer = cls(fmt, bias is not None, bias.dtype if bias is not None else torch.float16)
+        layer.qweight = packing.pack(result.codes.T.cpu(), fmt.bits)
+        layer.qzeros = packing.pack(result.zeros.T.cpu(), fmt.bits).T.contiguous()
+        layer.scales = result.scales.cpu().to(SCALE_DTYPE)
+        layer.g_idx = result.g_idx.cpu().to(torch.int32)
+        if bias is not None:
+            layer.bias = bias.detach().cpu().clone()
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        return packing.unpack(self.qweight, self.fmt.bits).T
+
+    def zeros(self) -> torch.Tensor:
+        return packing.unpack(self.qzeros.T.contiguous(), self.fmt.bits).T
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_grouped(self.codes(), self.scales, self.zeros(), self.g_idx)
+
+    def select_kernel(self, device: str, dtype: torch.dtype, force: str | None = None) -> None:
+        self.kernel = select_kernel(self.fmt, device, dtype, force)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            self.select_kernel(x.device.type, x.dtype)
+        return self.kernel.forward(self, x)
+
+    def extra_repr(self) -> str:
+        f = self.fmt
+        kernel = self.kernel.name if self.kernel else "unselected"
+        return f"in={f.in_features}, out={f.out_features}, bits={f.bits}, group={f.group_size}, kernel={kernel}"
