@@ -70,7 +70,12 @@ def _print_ppl(label: str, result) -> None:
 @click.argument("model", required=False)
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="gptq", show_default=True)
 @click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=None, help=f"-1 for per-row; default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)")
+@click.option(
+    "--group-size",
+    type=int,
+    default=None,
+    help=f"-1 for per-row; default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)",
+)
 @click.option("--sym/--asym", default=True, show_default=True)
 @click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="GPTQ act-order")
 @click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")
@@ -81,21 +86,50 @@ def _print_ppl(label: str, result) -> None:
 @click.option("--calib-text", default="wiki-train", show_default=True, help="wiki-train, news, or a text file")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output directory (must not exist)")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--eval/--no-eval", "evaluate", default=None, help="perplexity before and after (default: on for the built-in model)")
+@click.option(
+    "--eval/--no-eval",
+    "evaluate",
+    default=None,
+    help="perplexity before and after (default: on for the built-in model)",
+)
 @click.option("--eval-windows", type=int, default=32, show_default=True)
 @threads_option
 @user_errors
-def quantize(model, method, bits, group_size, sym, desc_act, static_groups, damp_percent, calib_samples, seqlen,
-             batch_size, calib_text, out, device, evaluate, eval_windows, threads):
+def quantize(
+    model,
+    method,
+    bits,
+    group_size,
+    sym,
+    desc_act,
+    static_groups,
+    damp_percent,
+    calib_samples,
+    seqlen,
+    batch_size,
+    calib_text,
+    out,
+    device,
+    evaluate,
+    eval_windows,
+    threads,
+):
     """Quantize MODEL (a local HF directory; omit it for the built-in SmolLM2-135M) and save it."""
     _set_threads(threads)
     builtin = model is None
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE if builtin else 128
     config = treeq.QuantConfig.build(
-        method=method, bits=int(bits), group_size=group_size, sym=sym, desc_act=desc_act,
-        static_groups=static_groups, damp_percent=damp_percent, calib_samples=calib_samples,
-        seqlen=seqlen, batch_size=batch_size,
+        method=method,
+        bits=int(bits),
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        static_groups=static_groups,
+        damp_percent=damp_percent,
+        calib_samples=calib_samples,
+        seqlen=seqlen,
+        batch_size=batch_size,
     )
     if out is None:
         name = DEFAULT_MODEL if builtin else Path(model).name

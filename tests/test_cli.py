@@ -11,14 +11,29 @@ def run(*args):
 
 
 def quantize_args(model_dir, text_file, out, *extra):
-    return ("quantize", model_dir, "--calib-text", text_file, "--calib-samples", 8, "--seqlen", 64,
-            "--group-size", 32, "--out", out, "--threads", 2, *extra)
+    return (
+        "quantize",
+        model_dir,
+        "--calib-text",
+        text_file,
+        "--calib-samples",
+        8,
+        "--seqlen",
+        64,
+        "--group-size",
+        32,
+        "--out",
+        out,
+        "--threads",
+        2,
+        *extra,
+    )
 
 
 def one_line_error(result, *needles):
     assert result.exit_code != 0
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = [l for l in result.output.strip().splitlines() if l.startswith("Error")]
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
     assert len(lines) == 1, result.output
     for n in needles:
         assert n in lines[0], lines[0]

@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHS, make_model
 
 import treeq
-from treeq.models import spec_for, check_spec
+from treeq.models import check_spec, spec_for
 from treeq.quant_linear import QuantLinear
-
-from conftest import ARCHS, make_model
 
 
 def quick_config(**kw):
@@ -46,9 +45,9 @@ def test_quantize_save_load_gives_the_same_logits(arch, tmp_path, tokenizer, tex
 def test_fake_quant_weight_in_memory_equals_what_the_kernel_reconstructs(tmp_path, tokenizer, text_file):
     model = make_model("llama")
     results = {}
+    from treeq.data import calibration_batches
     from treeq.looper import quantize_layers
     from treeq.methods import make_method
-    from treeq.data import calibration_batches
 
     cfg = quick_config(desc_act=True, sym=False, bits=3)
     batches = calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)
@@ -63,7 +62,9 @@ def test_fake_quant_weight_in_memory_equals_what_the_kernel_reconstructs(tmp_pat
 
 def test_act_order_checkpoint_loads_with_its_g_idx(tmp_path, tokenizer, text_file):
     model = make_model("llama")
-    report = treeq.quantize(model, quick_config(desc_act=True), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
+    report = treeq.quantize(
+        model, quick_config(desc_act=True), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file)
+    )
     loaded, _ = treeq.load(tmp_path / "q")
     name = "model.layers.1.mlp.down_proj"
     saved, restored = report.model.get_submodule(name), loaded.get_submodule(name)
@@ -76,13 +77,17 @@ def test_act_order_checkpoint_loads_with_its_g_idx(tmp_path, tokenizer, text_fil
 
 def test_checkpoint_files_and_quant_log(tmp_path, tokenizer, text_file):
     model = make_model("qwen2")  # qkv biases
-    treeq.quantize(model, quick_config(method="rtn", bits=8), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
+    treeq.quantize(
+        model, quick_config(method="rtn", bits=8), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file)
+    )
     out = tmp_path / "q"
     for f in ("model.safetensors", "config.json", "quantize_config.json", "quant_log.csv", "tokenizer.json"):
         assert (out / f).is_file(), f
     rows = list(csv.DictReader(open(out / "quant_log.csv")))
     assert len(rows) == 14
-    assert {"layer", "module", "in_features", "out_features", "loss", "samples", "seconds", "peak_mem_mb"} <= set(rows[0])
+    assert {"layer", "module", "in_features", "out_features", "loss", "samples", "seconds", "peak_mem_mb"} <= set(
+        rows[0]
+    )
     assert all(float(r["loss"]) >= 0 and int(r["samples"]) == 8 * 64 for r in rows)
     meta = json.loads((out / "quantize_config.json").read_text())["meta"]
     assert meta["method"] == "rtn" and meta["treeq_version"] == treeq.__version__
@@ -94,7 +99,13 @@ def test_gptq_beats_rtn_on_a_whole_tiny_model(tmp_path, tokenizer, text_file):
     errors = {}
     for method in ("rtn", "gptq"):
         model = make_model("llama")
-        report = treeq.quantize(model, quick_config(method=method, bits=3), tmp_path / method, tokenizer=tokenizer, calib_text=str(text_file))
+        report = treeq.quantize(
+            model,
+            quick_config(method=method, bits=3),
+            tmp_path / method,
+            tokenizer=tokenizer,
+            calib_text=str(text_file),
+        )
         errors[method] = sum(r.loss for r in report.log.records)
     assert errors["gptq"] < errors["rtn"]
 

@@ -60,9 +60,7 @@ def test_act_order_groups_and_codes_reconstruct_the_weight(group_size, static_gr
         assert torch.equal(ordered.g_idx, torch.arange(128, dtype=torch.int32) // gs)
     else:
         assert not torch.equal(ordered.g_idx, plain.g_idx)
-    assert ordered.loss == pytest.approx(
-        output_error(w, ordered.weight(), stats_for(x).h), rel=1e-5
-    )
+    assert ordered.loss == pytest.approx(output_error(w, ordered.weight(), stats_for(x).h), rel=1e-5)
     assert ordered.loss < quantize("rtn", w, x, bits=4, group_size=group_size).loss
 
 

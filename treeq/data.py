@@ -120,7 +120,8 @@ def calibration_batches(
     ids = tokenize(tokenizer, text)
     if ids.numel() < seqlen:
         raise TreeqError(
-            f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; use more text or a smaller --seqlen"
+            f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; "
+            "use more text or a smaller --seqlen"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (samples,), generator=gen)

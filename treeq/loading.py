@@ -27,7 +27,9 @@ def read_quantization_config(path: Path) -> dict:
     if qcfg is None or qcfg.get("quant_method") != "gptq":
         raise TreeqError(f"{path} is not a GPTQ-format quantized checkpoint (no gptq quantization_config)")
     if qcfg.get("checkpoint_format", "gptq") != "gptq_v2":
-        raise TreeqError(f"{path}: checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported yet (gptq_v2 is)")
+        raise TreeqError(
+            f"{path}: checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported yet (gptq_v2 is)"
+        )
     return qcfg
 
 

@@ -84,7 +84,9 @@ def capture_inputs(model: nn.Module, spec: TreeSpec, batches: list[torch.Tensor]
     return LayerInputs(hidden, kwargs)
 
 
-def _collect(layer, subsets: list[Subset], stats: dict[str, InputStats], inputs: LayerInputs, index: int, stop_early: bool) -> None:
+def _collect(
+    layer, subsets: list[Subset], stats: dict[str, InputStats], inputs: LayerInputs, index: int, stop_early: bool
+) -> None:
     """Feed each subset's input to its stats; with ``stop_early`` each forward ends right there.
 
     All modules of a subset read the same tensor, so the first one to run records it for all.
@@ -101,9 +103,7 @@ def _collect(layer, subsets: list[Subset], stats: dict[str, InputStats], inputs:
 
         return hook
 
-    handles = [
-        layer.get_submodule(m).register_forward_pre_hook(hook_for(s.name)) for s in subsets for m in s.modules
-    ]
+    handles = [layer.get_submodule(m).register_forward_pre_hook(hook_for(s.name)) for s in subsets for m in s.modules]
     try:
         for h, kw in zip(inputs.hidden, inputs.kwargs[index]):
             seen.clear()
@@ -144,20 +144,22 @@ def quantize_layers(
             # Without true-sequential, one pass gathers every subset's input from the fp layer.
             rounds = [[s] for s in spec.subsets] if true_sequential else [list(spec.subsets)]
             for subsets in rounds:
-                stats = {
-                    s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in subsets
-                }
+                stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in subsets}
                 _collect(layer, subsets, stats, inputs, index, stop_early=true_sequential)
                 for s in subsets:
                     for name in s.modules:
                         full = f"{spec.layers}.{index}.{name}"
-                        results[full] = _quantize_module(layer.get_submodule(name), method, stats[s.name], index, name, log, device)
+                        results[full] = _quantize_module(
+                            layer.get_submodule(name), method, stats[s.name], index, name, log, device
+                        )
             inputs.hidden = _replay(layer, inputs, index)
             layer.to("cpu")
     return results
 
 
-def _quantize_module(module: nn.Linear, method: Method, stats: InputStats, index: int, name: str, log: QuantLog, device) -> QuantResult:
+def _quantize_module(
+    module: nn.Linear, method: Method, stats: InputStats, index: int, name: str, log: QuantLog, device
+) -> QuantResult:
     start = time.perf_counter()
     result = method.quantize(module.weight.data, stats)
     module.weight.data = result.weight().to(module.weight.dtype)

@@ -3,25 +3,13 @@ format, device and dtype, so what ``treeq inspect`` predicts is what loading doe
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import torch
 
 from ..errors import TreeqError
+from ..registry import discover
 from .base import Kernel, LinearFormat
 
-
-def _discover() -> dict[str, type[Kernel]]:
-    found: dict[str, type[Kernel]] = {}
-    for info in pkgutil.iter_modules(__path__):
-        cls = getattr(importlib.import_module(f"{__name__}.{info.name}"), "KERNEL", None)
-        if cls is not None:
-            found[cls.name] = cls
-    return found
-
-
-KERNELS = _discover()
+KERNELS = {k.name: k for k in discover(__name__, __path__, "KERNEL")}
 
 
 def explain(fmt: LinearFormat, device: str, dtype: torch.dtype) -> dict[str, str | None]:

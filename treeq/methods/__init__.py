@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from ..registry import discover
 from .base import InputStats, Method, QuantResult, output_error
 
-
-def _discover() -> dict[str, type[Method]]:
-    found: dict[str, type[Method]] = {}
-    for info in pkgutil.iter_modules(__path__):
-        cls = getattr(importlib.import_module(f"{__name__}.{info.name}"), "METHOD", None)
-        if cls is not None:
-            found[cls.name] = cls
-    return found
-
-
-METHODS = _discover()
+METHODS = {m.name: m for m in discover(__name__, __path__, "METHOD")}
 
 
 def make_method(config) -> Method:

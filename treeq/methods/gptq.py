@@ -44,7 +44,9 @@ def _prepare(h: torch.Tensor, desc_act: bool, damp_percent: float) -> _Prepared:
             if info == 0:
                 break
         if damp >= MAX_DAMP:
-            raise RuntimeError(f"Hessian stayed singular up to damp_percent={MAX_DAMP}: calibration inputs are degenerate")
+            raise RuntimeError(
+                f"Hessian stayed singular up to damp_percent={MAX_DAMP}: calibration inputs are degenerate"
+            )
         log.warning("Cholesky failed with damp_percent=%.3f; retrying with more damping", damp)
         damp = min(MAX_DAMP, damp + 0.01 if damp < 0.1 else damp * 2)
     return _Prepared(dead, perm, upper, damp)
@@ -96,7 +98,7 @@ class GPTQ(Method):
                 q = self.grid.quantize(w1[:, i], s, z)
                 codes[:, col] = q
                 e = (w1[:, i] - self.grid.dequantize(q, s, z)) / u1[i, i]
-                w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+                w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
                 err1[:, i] = e
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
 

@@ -5,26 +5,15 @@ Adding an architecture means adding a file here: the registry picks up every ``S
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import torch.nn as nn
 
 from ..errors import TreeqError
+from ..registry import discover
 from .spec import Subset, TreeSpec
 
-
-def _discover() -> dict[str, TreeSpec]:
-    specs: dict[str, TreeSpec] = {}
-    for info in pkgutil.iter_modules(__path__):
-        spec = getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPEC", None)
-        if isinstance(spec, TreeSpec):
-            for t in spec.model_types:
-                specs[t] = spec
-    return specs
-
-
-SPECS = _discover()
+SPECS: dict[str, TreeSpec] = {
+    t: spec for spec in discover(__name__, __path__, "SPEC") if isinstance(spec, TreeSpec) for t in spec.model_types
+}
 
 HOW_TO_ADD = "write a TreeSpec in a new file under treeq/models/ (see treeq/models/llama.py)"
 
@@ -33,8 +22,7 @@ def spec_for(config) -> TreeSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in SPECS:
         raise TreeqError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(SPECS))}. "
-            f"To add one, {HOW_TO_ADD}"
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(SPECS))}. To add one, {HOW_TO_ADD}"
         )
     return SPECS[model_type]
 

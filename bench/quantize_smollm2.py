@@ -1,0 +1,115 @@
+"""Quantize the built-in SmolLM2-135M with each method and bit width; report time, peak RSS and
+held-out perplexity side by side, with GPTQ's perplexity increase as a ratio of RTN's.
+
+Each quantization runs in its own process so its peak RSS is its own; all runs use the same thread
+count, text and eval protocol. Usage:
+
+    python bench/quantize_smollm2.py --threads 2 --bits 4,3 --methods rtn,gptq
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(method: str, bits: int, threads: int, calib_samples: int, seqlen: int, eval_windows: int) -> dict:
+    """Quantize in this process; timing covers load, calibration, quantization and saving."""
+    torch.set_num_threads(threads)
+    import treeq
+    from treeq.quant_log import QuantLog
+
+    start = time.perf_counter()
+    model, tok = treeq.load_fp_model()
+    cfg = treeq.QuantConfig(method=method, bits=bits, group_size=64, calib_samples=calib_samples, seqlen=seqlen)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = treeq.quantize(model, cfg, Path(tmp) / "q", tokenizer=tok, log=QuantLog(echo=lambda _: None))
+        total = time.perf_counter() - start
+        rss = _peak_rss_mb()
+        ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows)
+    losses = [r.loss for r in report.log.records]
+    return dict(
+        method=method,
+        bits=bits,
+        quantize_s=report.seconds,
+        total_s=total,
+        peak_rss_mb=rss,
+        ppl=ppl.ppl,
+        mean_loss=sum(losses) / len(losses),
+        protocol=ppl.protocol(),
+    )
+
+
+def run_fp(threads: int, eval_windows: int) -> dict:
+    torch.set_num_threads(threads)
+    import treeq
+
+    model, tok = treeq.load_fp_model()
+    ppl = treeq.evaluate_perplexity(model, tok, max_windows=eval_windows)
+    return dict(method="fp", bits=32, ppl=ppl.ppl, protocol=ppl.protocol())
+
+
+def _subprocess(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@click.command()
+@click.option("--methods", default="rtn,gptq", show_default=True)
+@click.option("--bits", default="4,3", show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--eval-windows", type=int, default=32, show_default=True)
+@click.option("--one", nargs=2, default=None, hidden=True, help="internal: METHOD BITS in this process")
+@click.option("--fp", "fp_only", is_flag=True, hidden=True)
+def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_only):
+    if fp_only:
+        print(json.dumps(run_fp(threads, eval_windows)))
+        return
+    if one:
+        print(json.dumps(run_one(one[0], int(one[1]), threads, calib_samples, seqlen, eval_windows)))
+        return
+    common = [
+        "--threads",
+        str(threads),
+        "--calib-samples",
+        str(calib_samples),
+        "--seqlen",
+        str(seqlen),
+        "--eval-windows",
+        str(eval_windows),
+    ]
+    fp = _subprocess("--fp", *common)
+    print(f"threads={threads}  calibration={calib_samples}x{seqlen} wiki-train  group=64")
+    print(f"eval: wiki-test, {fp['protocol']}")
+    print(f"fp (dequantized GGUF) perplexity: {fp['ppl']:.3f}")
+    print(
+        f"{'method':<6} {'bits':>4} {'quant s':>8} {'total s':>8} {'peak RSS MB':>11} {'mean loss':>10} "
+        f"{'ppl':>8} {'+ppl':>7} {'+ppl / rtn +ppl':>15}"
+    )
+    for b in [int(x) for x in bits.split(",")]:
+        rows = {m: _subprocess("--one", m, str(b), *common) for m in methods.split(",")}
+        for m, r in rows.items():
+            inc = r["ppl"] - fp["ppl"]
+            ratio = inc / (rows["rtn"]["ppl"] - fp["ppl"]) if "rtn" in rows else float("nan")
+            print(
+                f"{m:<6} {b:>4} {r['quantize_s']:>8.1f} {r['total_s']:>8.1f} {r['peak_rss_mb']:>11.0f} "
+                f"{r['mean_loss']:>10.4g} {r['ppl']:>8.3f} {inc:>7.3f} {ratio:>15.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
