@@ -120,3 +120,24 @@ def test_failed_run_leaves_no_output(tmp_path, tokenizer, text_file, monkeypatch
     with pytest.raises(RuntimeError):
         treeq.quantize(make_model(), quick_config(), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
     assert list(tmp_path.iterdir()) == [text_file]
+
+
+def test_parallel_workers_give_bit_identical_results(tokenizer, text_file):
+    from treeq.data import calibration_batches
+    from treeq.looper import quantize_layers
+    from treeq.methods import make_method
+
+    cfg = quick_config(desc_act=True)
+    batches = calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)
+    runs = []
+    for workers in (1, 3):
+        model = make_model("llama")
+        runs.append(
+            quantize_layers(
+                model, spec_for(model.config), make_method(cfg), batches, torch.device("cpu"), workers=workers
+            )
+        )
+    assert runs[0].keys() == runs[1].keys()
+    for name in runs[0]:
+        a, b = runs[0][name], runs[1][name]
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.g_idx, b.g_idx)

@@ -98,11 +98,13 @@ def quantize(
     calib_text: str = "wiki-train",
     device: str | None = None,
     log: QuantLog | None = None,
+    workers: int | None = None,
 ) -> QuantizeReport:
     """Calibrate, quantize layer by layer, and save a GPTQ-format checkpoint to ``out``.
 
     ``model`` is a local directory, None for the built-in default, or a loaded PreTrainedModel
-    (then ``tokenizer`` is required). The model passed in is quantized in place.
+    (then ``tokenizer`` is required). The model passed in is quantized in place. ``workers``
+    threads quantize a subset's modules side by side (default: torch's thread count).
     """
     config = config or QuantConfig()
     out = Path(out)
@@ -119,7 +121,14 @@ def quantize(
     log = log or QuantLog(echo=tqdm.write)
     start = time.perf_counter()
     results = quantize_layers(
-        model, spec, make_method(config), batches, resolve_device(device), config.true_sequential, log
+        model,
+        spec,
+        make_method(config),
+        batches,
+        resolve_device(device),
+        config.true_sequential,
+        log,
+        workers or torch.get_num_threads(),
     )
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start

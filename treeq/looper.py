@@ -11,6 +11,7 @@ It knows no method and no architecture by name. Per decoder layer:
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,16 +129,18 @@ def quantize_layers(
     device: torch.device,
     true_sequential: bool = True,
     log: QuantLog | None = None,
+    workers: int = 1,
 ) -> dict[str, QuantResult]:
     """Quantize every module the spec names; returns results by full module name.
 
     On return each quantized module holds its fake-quantized weight, which equals bit for bit what
-    a kernel reconstructs from the packed result.
+    a kernel reconstructs from the packed result. ``workers`` threads quantize the modules of a
+    subset side by side; the results are the same for any number of workers.
     """
     log = log or QuantLog()
     layers = model.get_submodule(spec.layers)
     results: dict[str, QuantResult] = {}
-    with torch.no_grad():
+    with torch.no_grad(), ThreadPoolExecutor(max(1, workers)) as pool:
         inputs = capture_inputs(model, spec, batches, device)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
             layer.to(device)
@@ -147,32 +150,36 @@ def quantize_layers(
                 stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in subsets}
                 _collect(layer, subsets, stats, inputs, index, stop_early=true_sequential)
                 for s in subsets:
-                    for name in s.modules:
-                        full = f"{spec.layers}.{index}.{name}"
-                        results[full] = _quantize_module(
-                            layer.get_submodule(name), method, stats[s.name], index, name, log, device
-                        )
+                    for name, result in _quantize_subset(layer, s, method, stats[s.name], index, log, device, pool):
+                        results[f"{spec.layers}.{index}.{name}"] = result
             inputs.hidden = _replay(layer, inputs, index)
             layer.to("cpu")
     return results
 
 
-def _quantize_module(
-    module: nn.Linear, method: Method, stats: InputStats, index: int, name: str, log: QuantLog, device
-) -> QuantResult:
+def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> tuple[QuantResult, float]:
     start = time.perf_counter()
-    result = method.quantize(module.weight.data, stats)
-    module.weight.data = result.weight().to(module.weight.dtype)
-    log.add(
-        ModuleRecord(
-            layer=index,
-            module=name,
-            in_features=module.in_features,
-            out_features=module.out_features,
-            loss=result.loss,
-            samples=stats.tokens,
-            seconds=time.perf_counter() - start,
-            peak_mem_mb=peak_memory_mb(device),
+    return method.quantize(weight, stats), time.perf_counter() - start
+
+
+def _quantize_subset(layer, subset: Subset, method: Method, stats: InputStats, index: int, log: QuantLog, device, pool):
+    """Quantize a subset's modules concurrently (they are independent given the shared stats), then
+    install the fake-quantized weights and log in spec order, so results do not depend on timing."""
+    modules = [(name, layer.get_submodule(name)) for name in subset.modules]
+    futures = [pool.submit(_timed_quantize, method, m.weight.data, stats) for _, m in modules]
+    for (name, module), future in zip(modules, futures):
+        result, seconds = future.result()
+        module.weight.data = result.weight().to(module.weight.dtype)
+        log.add(
+            ModuleRecord(
+                layer=index,
+                module=name,
+                in_features=module.in_features,
+                out_features=module.out_features,
+                loss=result.loss,
+                samples=stats.tokens,
+                seconds=seconds,
+                peak_mem_mb=peak_memory_mb(device),
+            )
         )
-    )
-    return result
+        yield name, result

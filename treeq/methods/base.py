@@ -7,6 +7,7 @@ A method never sees the model or its architecture.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -39,6 +40,7 @@ class InputStats:
         self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
         self._cache: dict[str, Any] = {}
+        self._lock = threading.Lock()
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -49,9 +51,11 @@ class InputStats:
         self.tokens += n
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
+        # Modules of a subset are quantized in parallel threads; the first computes, others wait.
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = compute()
+            return self._cache[key]
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
