@@ -77,7 +77,7 @@ def _print_ppl(label: str, result) -> None:
     help=f"-1 for per-row; default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)",
 )
 @click.option("--sym/--asym", default=True, show_default=True)
-@click.option("--desc-act/--no-desc-act", default=False, show_default=True, help="GPTQ act-order")
+@click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="GPTQ act-order")
 @click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")
 @click.option("--damp", "damp_percent", type=float, default=0.01, show_default=True)
 @click.option("--calib-samples", type=int, default=128, show_default=True)

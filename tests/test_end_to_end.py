@@ -141,3 +141,21 @@ def test_parallel_workers_give_bit_identical_results(tokenizer, text_file):
     for name in runs[0]:
         a, b = runs[0][name], runs[1][name]
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.g_idx, b.g_idx)
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (dict(method="rtn"), False),
+        (dict(desc_act=True, static_groups=True), False),
+        (dict(desc_act=False), False),
+        (dict(desc_act=True), True),
+    ],
+)
+def test_checkpoint_desc_act_says_whether_g_idx_is_permuted(settings, expected, tmp_path, tokenizer, text_file):
+    report = treeq.quantize(
+        make_model(), quick_config(**settings), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file)
+    )
+    assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["desc_act"] is expected
+    layer = report.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert layer.fmt.desc_act is expected

@@ -132,7 +132,7 @@ def quantize(
     )
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start
-    save_quantized(model, tokenizer, config, sorted(results), out, log)
+    save_quantized(model, tokenizer, config, results, out, log)
     return QuantizeReport(out, seconds, log, model, tokenizer)
 
 

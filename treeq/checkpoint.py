@@ -25,12 +25,12 @@ WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantize_config.json"
 
 
-def linear_format(config: QuantConfig, linear: nn.Linear) -> LinearFormat:
+def linear_format(config: QuantConfig, linear: nn.Linear, desc_act: bool) -> LinearFormat:
     return LinearFormat(
         bits=config.bits,
         group_size=config.group_size,
         sym=config.sym,
-        desc_act=config.desc_act,
+        desc_act=desc_act,
         in_features=linear.in_features,
         out_features=linear.out_features,
     )
@@ -41,13 +41,20 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def reorders(results: dict[str, QuantResult]) -> bool:
+    """The checkpoint's desc_act: whether any module's g_idx is really permuted. RTN, or act-order
+    with static groups, keeps groups contiguous, so kernels without g_idx support can run them."""
+    return any(r.reorders for r in results.values())
+
+
 def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config: QuantConfig) -> None:
+    desc_act = reorders(results)
     for name, result in results.items():
         linear = model.get_submodule(name)
-        set_module(model, name, QuantLinear.from_result(linear_format(config, linear), result, linear.bias))
+        set_module(model, name, QuantLinear.from_result(linear_format(config, linear, desc_act), result, linear.bias))
 
 
-def quantization_config(config: QuantConfig, modules: list[str]) -> dict:
+def quantization_config(config: QuantConfig, modules: list[str], desc_act: bool) -> dict:
     return {
         "quant_method": "gptq",
         "format": "gptq",
@@ -55,7 +62,7 @@ def quantization_config(config: QuantConfig, modules: list[str]) -> dict:
         "pack_dtype": "int32",
         "bits": config.bits,
         "group_size": config.group_size,
-        "desc_act": config.desc_act,
+        "desc_act": desc_act,
         "sym": config.sym,
         "static_groups": config.static_groups,
         "true_sequential": config.true_sequential,
@@ -83,9 +90,11 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_quantized(model, tokenizer, config: QuantConfig, modules: list[str], out: Path, log: QuantLog) -> Path:
+def save_quantized(
+    model, tokenizer, config: QuantConfig, results: dict[str, QuantResult], out: Path, log: QuantLog
+) -> Path:
     out = Path(out)
-    qcfg = quantization_config(config, modules)
+    qcfg = quantization_config(config, sorted(results), reorders(results))
     with atomic_directory(out) as tmp:
         save_file(_unique_tensors(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         cfg = json.loads(model.config.to_json_string())

@@ -18,7 +18,8 @@ class QuantConfig(BaseModel):
     bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
     group_size: int = Field(128, description="input channels per scale; -1 for one group per row")
     sym: bool = True
-    desc_act: bool = Field(False, description="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
+    # On by default: on SmolLM2 4-bit it cut GPTQ's perplexity increase by ~40% (see bench/).
+    desc_act: bool = Field(True, description="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
     static_groups: bool = Field(False, description="with desc_act, fix group params before the GPTQ sweep")
     damp_percent: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, gt=0)

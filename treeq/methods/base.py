@@ -28,6 +28,12 @@ class QuantResult:
     def weight(self) -> torch.Tensor:
         return dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx)
 
+    @property
+    def reorders(self) -> bool:
+        """True when groups are not contiguous runs of input channels (act-order without static
+        groups), i.e. when a kernel must honour g_idx."""
+        return bool((self.g_idx[1:] < self.g_idx[:-1]).any())
+
 
 class InputStats:
     """Second moment H = E[x x^T] of a subset's input, accumulated in fp32 over calibration tokens.
