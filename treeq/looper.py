@@ -2,14 +2,17 @@
 
 It knows no method and no architecture by name. Per decoder layer:
 1. move the layer to the compute device;
-2. for each subset (in spec order): run the layer on the calibration batches until the subset's
-   input is produced, accumulate the method's statistics, quantize each module, and put the
-   fake-quantized weight in place so later subsets see it (true-sequential);
-3. replay the layer with its quantized weights to produce the next layer's inputs.
+2. true-sequential (default): run the layer on every calibration batch in lockstep
+   (:mod:`treeq.lockstep`); all batches pause at each subset in spec order while the method
+   quantizes it from their inputs, then go on with the fake-quantized weights in place, so each
+   subset sees the ones before it quantized and the forwards' outputs are the next layer's inputs;
+3. otherwise: one pass gathers every subset's input from the fp layer, every module is quantized,
+   and the layer is replayed with its quantized weights to produce the next layer's inputs.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .lockstep import run_lockstep
 from .methods import InputStats, Method, QuantResult
 from .models import Subset, TreeSpec
 from .quant_log import ModuleRecord, QuantLog, peak_memory_mb
@@ -85,13 +89,13 @@ def capture_inputs(model: nn.Module, spec: TreeSpec, batches: list[torch.Tensor]
     return LayerInputs(hidden, kwargs)
 
 
-def _collect(
-    layer, subsets: list[Subset], stats: dict[str, InputStats], inputs: LayerInputs, index: int, stop_early: bool
-) -> None:
-    """Feed each subset's input to its stats; with ``stop_early`` each forward ends right there.
+def _forwards(layer, inputs: LayerInputs, index: int) -> list:
+    return [functools.partial(layer, h, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs[index])]
 
-    All modules of a subset read the same tensor, so the first one to run records it for all.
-    """
+
+def _collect(layer, subsets: tuple[Subset, ...], stats: dict[str, InputStats], inputs: LayerInputs, index: int):
+    """One fp pass feeding each subset's input to its stats; the first module of a subset to run
+    records the input for all of them, since they share it."""
     seen: set[str] = set()
 
     def hook_for(name):
@@ -99,26 +103,17 @@ def _collect(
             if name not in seen:
                 stats[name].add(args[0])
                 seen.add(name)
-            if stop_early:
-                raise _Stop
 
         return hook
 
     handles = [layer.get_submodule(m).register_forward_pre_hook(hook_for(s.name)) for s in subsets for m in s.modules]
     try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs[index]):
+        for forward in _forwards(layer, inputs, index):
             seen.clear()
-            try:
-                layer(h, **kw)
-            except _Stop:
-                pass
+            forward()
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _replay(layer, inputs: LayerInputs, index: int) -> list[torch.Tensor]:
-    return [_first_output(layer(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs[index])]
 
 
 def quantize_layers(
@@ -144,15 +139,23 @@ def quantize_layers(
         inputs = capture_inputs(model, spec, batches, device)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
             layer.to(device)
-            # Without true-sequential, one pass gathers every subset's input from the fp layer.
-            rounds = [[s] for s in spec.subsets] if true_sequential else [list(spec.subsets)]
-            for subsets in rounds:
-                stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in subsets}
-                _collect(layer, subsets, stats, inputs, index, stop_early=true_sequential)
-                for s in subsets:
-                    for name, result in _quantize_subset(layer, s, method, stats[s.name], index, log, device, pool):
-                        results[f"{spec.layers}.{index}.{name}"] = result
-            inputs.hidden = _replay(layer, inputs, index)
+            stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in spec.subsets}
+
+            def quantize(subset: Subset) -> None:
+                for name, result in _quantize_subset(layer, subset, method, stats.pop(subset.name), index, log, pool):
+                    results[f"{spec.layers}.{index}.{name}"] = result
+
+            if true_sequential:
+                barriers = [
+                    (s.name, [layer.get_submodule(m) for m in s.modules], stats[s.name].add) for s in spec.subsets
+                ]
+                outputs = run_lockstep(_forwards(layer, inputs, index), barriers, lambda k: quantize(spec.subsets[k]))
+            else:
+                _collect(layer, spec.subsets, stats, inputs, index)
+                for s in spec.subsets:
+                    quantize(s)
+                outputs = [forward() for forward in _forwards(layer, inputs, index)]
+            inputs.hidden = [_first_output(o) for o in outputs]
             layer.to("cpu")
     return results
 
@@ -162,7 +165,7 @@ def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> 
     return method.quantize(weight, stats), time.perf_counter() - start
 
 
-def _quantize_subset(layer, subset: Subset, method: Method, stats: InputStats, index: int, log: QuantLog, device, pool):
+def _quantize_subset(layer, subset: Subset, method: Method, stats: InputStats, index: int, log: QuantLog, pool):
     """Quantize a subset's modules concurrently (they are independent given the shared stats), then
     install the fake-quantized weights and log in spec order, so results do not depend on timing."""
     modules = [(name, layer.get_submodule(name)) for name in subset.modules]
@@ -179,7 +182,7 @@ def _quantize_subset(layer, subset: Subset, method: Method, stats: InputStats, i
                 loss=result.loss,
                 samples=stats.tokens,
                 seconds=seconds,
-                peak_mem_mb=peak_memory_mb(device),
+                peak_mem_mb=peak_memory_mb(stats.h.device),
             )
         )
         yield name, result

@@ -1,0 +1,100 @@
+"""The looper's lockstep true-sequential pass against a naive one that reruns the layer per subset."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import make_model
+
+import treeq
+from treeq import looper
+from treeq.data import calibration_batches
+from treeq.methods import make_method
+from treeq.models import spec_for
+from treeq.quant_log import QuantLog
+
+
+def _batches(tokenizer, text_file):
+    return calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)
+
+
+def _naive_true_sequential(model, spec, method, batches):
+    """Per subset: rerun every batch through the layer from its start, then quantize; replay at the end."""
+    results = {}
+    inputs = looper.capture_inputs(model, spec, batches, torch.device("cpu"))
+    with torch.no_grad(), ThreadPoolExecutor(1) as pool:
+        for index, layer in enumerate(model.get_submodule(spec.layers)):
+            for subset in spec.subsets:
+                stats = {subset.name: method.stats(layer.get_submodule(subset.modules[0]).in_features, "cpu")}
+                looper._collect(layer, (subset,), stats, inputs, index)
+                for name, r in looper._quantize_subset(
+                    layer, subset, method, stats[subset.name], index, QuantLog(), pool
+                ):
+                    results[f"{spec.layers}.{index}.{name}"] = r
+            inputs.hidden = [looper._first_output(f()) for f in looper._forwards(layer, inputs, index)]
+    return results
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_lockstep_equals_rerunning_the_layer_for_each_subset(arch, tokenizer, text_file):
+    cfg = treeq.QuantConfig(method="gptq", bits=3, group_size=32, desc_act=True)
+    batches = _batches(tokenizer, text_file)
+    a, b = make_model(arch), make_model(arch)
+    spec = spec_for(a.config)
+    fast = looper.quantize_layers(a, spec, make_method(cfg), batches, torch.device("cpu"), log=QuantLog(echo=str))
+    slow = _naive_true_sequential(b, spec, make_method(cfg), batches)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert torch.equal(fast[name].codes, slow[name].codes), name
+        assert torch.equal(fast[name].scales, slow[name].scales), name
+
+
+def test_true_sequential_differs_from_one_pass(tokenizer, text_file):
+    """Later subsets really see earlier ones quantized (else the two modes would agree)."""
+    cfg = treeq.QuantConfig(method="gptq", bits=2, group_size=32)
+    batches = _batches(tokenizer, text_file)
+    runs = {}
+    for seq in (True, False):
+        m = make_model("llama")
+        runs[seq] = looper.quantize_layers(
+            m, spec_for(m.config), make_method(cfg), batches, torch.device("cpu"), seq, QuantLog(echo=str)
+        )
+    first = "model.layers.0.self_attn.q_proj"
+    later = "model.layers.0.mlp.down_proj"
+    assert torch.equal(runs[True][first].codes, runs[False][first].codes)
+    assert not torch.equal(runs[True][later].codes, runs[False][later].codes)
+
+
+def test_spec_out_of_execution_order_is_a_clear_error(tokenizer, text_file):
+    model = make_model("llama")
+    spec = spec_for(model.config)
+    swapped = spec.model_copy(update={"subsets": (spec.subsets[1], spec.subsets[0], *spec.subsets[2:])})
+    cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32)
+    before = threading.active_count()
+    with pytest.raises(treeq.TreeqError, match="'o' ran after a later one"):
+        looper.quantize_layers(
+            model, swapped, make_method(cfg), _batches(tokenizer, text_file), torch.device("cpu"), log=QuantLog(str)
+        )
+    assert threading.active_count() == before
+
+
+def test_a_failing_method_leaves_no_paused_threads(tokenizer, text_file, monkeypatch):
+    model = make_model("llama")
+    method = make_method(treeq.QuantConfig(method="rtn", bits=4, group_size=32))
+
+    def boom(weight, stats):
+        raise RuntimeError("method failed")
+
+    monkeypatch.setattr(method, "quantize", boom)
+    before = threading.active_count()
+    with pytest.raises(RuntimeError, match="method failed"):
+        looper.quantize_layers(
+            model,
+            spec_for(model.config),
+            method,
+            _batches(tokenizer, text_file),
+            torch.device("cpu"),
+            log=QuantLog(str),
+        )
+    assert threading.active_count() == before

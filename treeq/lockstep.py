@@ -1,0 +1,135 @@
+"""Run one layer forward per calibration batch in lockstep, pausing every batch at each subset.
+
+True-sequential quantization needs subset k's inputs computed with subsets 0..k-1 already
+quantized. Re-running the layer from its start for every subset costs a forward per subset, and a
+replay at the end. Here each batch's forward runs in its own thread and stops at a barrier (a
+forward pre-hook on the subset's modules) after recording its input; once every batch has reached
+subset k, the caller quantizes it and the forwards resume with the quantized weights in place. One
+forward per layer gives both every subset's statistics and the next layer's inputs.
+
+Only one batch thread runs at a time (the caller hands each the baton in turn), so torch's
+intra-op threads are not oversubscribed and results do not depend on timing.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+import torch
+
+from .errors import TreeqError
+
+
+class _Abort(BaseException):
+    """Unwinds a paused batch thread when the caller gives up on the layer."""
+
+
+_local = threading.local()  # the _Batch whose thread is running
+
+
+class _Batch:
+    """One calibration batch's forward, run in a thread that pauses at barriers."""
+
+    def __init__(self, run: Callable[[], Any]):
+        self.position = -1  # index of the barrier it waits at; -1 before start
+        self.recorded: set[int] = set()
+        self.output = None
+        self._run = run
+        self._resume = threading.Semaphore(0)
+        self._reports: queue.Queue = queue.Queue()
+        self._abort = False
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        _local.batch = self
+        self._resume.acquire()
+        try:
+            if self._abort:
+                return
+            with torch.no_grad():  # grad mode is per thread
+                self.output = self._run()
+            self._reports.put(("done", None))
+        except _Abort:
+            pass
+        except BaseException as e:  # handed to the caller's thread, which re-raises it
+            self._reports.put(("error", e))
+
+    def pause(self, position: int) -> None:
+        """Called in this batch's thread: report the barrier reached, then wait for the baton."""
+        self._reports.put(("paused", position))
+        self._resume.acquire()
+        if self._abort:
+            raise _Abort
+
+    def advance(self) -> bool:
+        """Hand this batch the baton; returns once it pauses again (False) or finishes (True)."""
+        self._resume.release()
+        kind, value = self._reports.get()
+        if kind == "error":
+            raise value
+        if kind == "paused":
+            self.position = value
+        return kind == "done"
+
+    def abort(self) -> None:
+        self._abort = True
+        self._resume.release()
+        self._thread.join()
+
+
+Barrier = tuple[str, list[torch.nn.Module], Callable[[torch.Tensor], None]]
+
+
+def _hook(index: int, record: Callable[[torch.Tensor], None], barrier_names: list[str]):
+    def hook(_module, args):
+        batch = getattr(_local, "batch", None)
+        if batch is None or index in batch.recorded:
+            return  # not a lockstep forward, or another module of a subset already recorded
+        if index < batch.position:
+            raise TreeqError(
+                f"subset {barrier_names[index]!r} ran after a later one in the spec; "
+                "list the spec's subsets in the order the layer executes them"
+            )
+        batch.recorded.add(index)
+        record(args[0])
+        batch.pause(index)
+
+    return hook
+
+
+def run_lockstep(
+    forwards: list[Callable[[], Any]], barriers: list[Barrier], at_barrier: Callable[[int], None]
+) -> list[Any]:
+    """Drive ``forwards`` (one per batch) through ``barriers`` in order; returns their outputs.
+
+    Each barrier is (name, modules, record): the first of ``modules`` to run in a batch calls
+    ``record`` with its input and pauses the batch there. ``at_barrier(k)`` is called once every
+    batch has recorded barrier k (or finished without reaching it); the forwards resume after it.
+    """
+    names = [name for name, _, _ in barriers]
+    handles = [
+        m.register_forward_pre_hook(_hook(i, rec, names)) for i, (_, mods, rec) in enumerate(barriers) for m in mods
+    ]
+    batches = [_Batch(run) for run in forwards]
+    running = set(range(len(batches)))
+    try:
+        for k in range(len(barriers) + 1):
+            for b in sorted(running):
+                batch = batches[b]
+                if batch.position >= k:
+                    continue
+                if batch.advance():
+                    running.discard(b)
+            if k < len(barriers):
+                at_barrier(k)
+    except BaseException:
+        for b in running:
+            batches[b].abort()
+        raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [batch.output for batch in batches]
