@@ -23,6 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .lockstep import run_lockstep
+from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
 from .models import Subset, TreeSpec
 from .quant_log import ModuleRecord, QuantLog, peak_memory_mb
@@ -133,6 +134,7 @@ def quantize_layers(
     subset side by side; the results are the same for any number of workers.
     """
     log = log or QuantLog()
+    map_large_allocations()
     layers = model.get_submodule(spec.layers)
     results: dict[str, QuantResult] = {}
     with torch.no_grad(), ThreadPoolExecutor(max(1, workers)) as pool:

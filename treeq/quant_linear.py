@@ -27,6 +27,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", torch.arange(fmt.in_features, dtype=torch.int32) // gs)
         self.register_buffer("bias", torch.zeros(fmt.out_features, dtype=bias_dtype) if bias else None)
         self.kernel = None
+        self.kernel_state = None
 
     @classmethod
     def from_result(cls, fmt: LinearFormat, result: QuantResult, bias: torch.Tensor | None) -> "QuantLinear":
@@ -50,6 +51,7 @@ class QuantLinear(nn.Module):
 
     def select_kernel(self, device: str, dtype: torch.dtype, force: str | None = None) -> None:
         self.kernel = select_kernel(self.fmt, device, dtype, force)
+        self.kernel.prepare(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:

@@ -30,6 +30,8 @@ class Kernel(ABC):
     dtypes: ClassVar[frozenset[torch.dtype] | None] = None
     supports_asym: ClassVar[bool] = True
     supports_desc_act: ClassVar[bool] = True
+    in_multiple: ClassVar[int] = 1  # in_features must be a multiple of this
+    out_multiple: ClassVar[int] = 1
 
     @classmethod
     def rejects(cls, fmt: LinearFormat, device: str, dtype: torch.dtype) -> str | None:
@@ -46,9 +48,28 @@ class Kernel(ABC):
             return "asymmetric zero points not supported"
         if fmt.desc_act and not cls.supports_desc_act:
             return "act-order (g_idx) not supported"
+        if fmt.in_features % cls.in_multiple:
+            return f"in_features={fmt.in_features} not a multiple of {cls.in_multiple}"
+        if fmt.out_features % cls.out_multiple:
+            return f"out_features={fmt.out_features} not a multiple of {cls.out_multiple}"
         return None
+
+    @classmethod
+    def prepare(cls, layer) -> None:
+        """Build, once when the kernel is chosen, whatever ``forward`` needs beyond the checkpoint
+        tensors (a repacked weight, say); it lives on ``layer.kernel_state``, outside the state dict."""
+        layer.kernel_state = None
 
     @staticmethod
     @abstractmethod
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         """y = x @ W^T + b for the QuantLinear ``layer``."""
+
+
+def matmul_2d(layer, x: torch.Tensor, compute_dtype: torch.dtype, matmul) -> torch.Tensor:
+    """Run ``matmul`` on x flattened to [tokens, in] in ``compute_dtype``; add the bias; restore
+    x's leading shape and dtype. The fused CPU kernels are fast only in bf16, so they compute there."""
+    y = matmul(x.reshape(-1, x.shape[-1]).to(compute_dtype))
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,84 @@
+"""CPU 4-bit kernel: torch's fused int4 matmul (`_weight_int4pack_mm_for_cpu`) in bf16.
+
+The GPTQ layout is repacked once when the kernel is chosen. The fused op computes
+w = (q - 8) * scale + offset per group with bf16 scale and offset, so GPTQ's (q - zero) * scale
+maps to offset = (8 - zero) * scale; asymmetric zero points cost nothing. Act-order checkpoints
+have their input channels permuted once here (and each input permuted the same way), which makes
+every group a contiguous run as the fused op requires. Per-row groups become groups of the largest
+size the op takes that divides in_features, each carrying the row's scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TreeqError
+from .base import Kernel, matmul_2d
+
+OP_GROUP_SIZES = (256, 128, 64, 32)
+INNER_K_TILES = 2
+
+
+@dataclass
+class _Int4State:
+    packed: torch.Tensor  # uint8, the op's own layout
+    scale_offset: torch.Tensor  # bf16 [groups, out, 2]
+    group_size: int
+    perm: torch.Tensor | None  # input-channel order that makes groups contiguous (act-order)
+
+
+def _contiguous_groups(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(perm, sorted g_idx): perm is None when groups already are contiguous runs."""
+    if not bool((g_idx[1:] < g_idx[:-1]).any()):
+        return None, g_idx
+    perm = torch.argsort(g_idx, stable=True)
+    return perm, g_idx[perm]
+
+
+class CpuInt4(Kernel):
+    name = "cpu_int4"
+    priority = 20
+    bits = frozenset({4})
+    group_sizes = frozenset({-1, *OP_GROUP_SIZES})
+    devices = frozenset({"cpu"})
+    # fp32 models keep the exact reference kernel; the fused op computes in bf16.
+    dtypes = frozenset({torch.bfloat16, torch.float16})
+    in_multiple = 32
+    out_multiple = 16
+
+    @classmethod
+    def prepare(cls, layer) -> None:
+        k = layer.in_features
+        codes = layer.codes().to(torch.int32)  # [out, in]
+        scales, zeros = layer.scales.float(), layer.zeros().float()  # [groups, out]
+        perm, g_idx = _contiguous_groups(layer.g_idx.long())
+        gs = k // scales.shape[0]
+        if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // gs):
+            raise TreeqError(f"{cls.name}: g_idx groups are not all {gs} channels; load with --kernel torch")
+        if perm is not None:
+            codes = codes[:, perm]
+        op_gs = gs if gs in OP_GROUP_SIZES else next(g for g in OP_GROUP_SIZES if k % g == 0)
+        repeat = gs // op_gs
+        scale_offset = torch.stack([scales, (8 - zeros) * scales], dim=-1).repeat_interleave(repeat, dim=0)
+        layer.kernel_state = _Int4State(
+            packed=torch._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES),
+            scale_offset=scale_offset.to(torch.bfloat16).contiguous(),
+            group_size=op_gs,
+            perm=perm,
+        )
+
+    @staticmethod
+    def forward(layer, x: torch.Tensor) -> torch.Tensor:
+        st: _Int4State = layer.kernel_state
+
+        def matmul(x2):
+            if st.perm is not None:
+                x2 = x2.index_select(1, st.perm)
+            return torch._weight_int4pack_mm_for_cpu(x2, st.packed, st.group_size, st.scale_offset)
+
+        return matmul_2d(layer, x, torch.bfloat16, matmul)
+
+
+KERNEL = CpuInt4
