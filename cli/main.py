@@ -199,14 +199,39 @@ def spec_check(model):
     )
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_option(default: str, multiple: bool = False):
+    return click.option(
+        "--dtype",
+        "dtypes" if multiple else "dtype",
+        type=click.Choice(sorted(DTYPES)),
+        default=(default,) if multiple else default,
+        multiple=multiple,
+        show_default=True,
+        help="activation dtype" + (" (repeatable)" if multiple else ""),
+    )
+
+
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--explain", is_flag=True, help="why each other kernel was rejected")
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--dtype",
+    "dtypes",
+    type=click.Choice(sorted(DTYPES)),
+    multiple=True,
+    default=("float32", "bfloat16"),
+    show_default=True,
+    help="activation dtypes to show kernel choices for (repeatable)",
+)
 @user_errors
-def inspect(directory, explain, device):
+def inspect(directory, explain, device, dtypes):
     """Format, size and kernel choice of a treeq checkpoint."""
-    info = treeq.inspect_checkpoint(directory, device)
+    infos = {d: treeq.inspect_checkpoint(directory, device, DTYPES[d]) for d in dtypes}
+    info = next(iter(infos.values()))
     q = info.quantization
     click.echo(f"checkpoint: {info.path}")
     click.echo(
@@ -217,12 +242,50 @@ def inspect(directory, explain, device):
         f"size on disk: {info.size_bytes / 2**20:.1f} MiB vs fp16 {info.fp16_bytes / 2**20:.1f} MiB "
         f"({info.size_bytes / info.fp16_bytes:.2f}x)"
     )
-    for name, count in Counter(info.kernels.values()).items():
-        click.echo(f"kernel on {device}: {name} for {count} modules")
-    if explain:
-        for kernel, reasons in info.rejected.items():
-            for module, reason in sorted(reasons.items()):
-                click.echo(f"  {kernel} rejected for {module}: {reason}")
+    for dtype, info in infos.items():
+        for name, count in Counter(info.kernels.values()).items():
+            click.echo(f"kernel on {device}/{dtype}: {name} for {count} modules")
+        if explain:
+            for kernel, reasons in info.rejected.items():
+                for module, reason in sorted(reasons.items()):
+                    click.echo(f"  {kernel} rejected for {module}: {reason}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--kernel", default=None, help="force a kernel by name")
+@click.option("--device", default="auto", show_default=True)
+@dtype_option("bfloat16")
+@threads_option
+@user_errors
+def generate(directory, prompt, max_new_tokens, temperature, seed, kernel, device, dtype, threads):
+    """Continue PROMPT with the quantized model in DIRECTORY."""
+    _set_threads(threads)
+    model, tok = treeq.load(directory, device=device, dtype=DTYPES[dtype], kernel=kernel)
+    click.echo(prompt + treeq.generate(model, tok, prompt, max_new_tokens, temperature, seed))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--fp", "fp_model", default=None, help="fp model to compare with (default: the one quantized)")
+@click.option("--new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True)
+@threads_option
+@user_errors
+def bench(directory, fp_model, new_tokens, repeats, threads):
+    """Prefill and batch-1 decode tokens/s of DIRECTORY vs its fp model in bf16, same process."""
+    _set_threads(threads)
+    speeds = treeq.bench(directory, fp_model, new_tokens=new_tokens, repeats=repeats)
+    fp = speeds["fp bf16"]
+    click.echo(f"threads={threads}  prompt={fp.prompt_tokens} tokens  decode={new_tokens} tokens  median of {repeats}")
+    click.echo(f"{'model':<10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs fp':>13}")
+    for name, sp in speeds.items():
+        ratio = sp.decode_tokens_per_s / fp.decode_tokens_per_s
+        click.echo(f"{name:<10} {sp.prefill_tokens_per_s:>14.1f} {sp.decode_tokens_per_s:>13.1f} {ratio:>12.2f}x")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,19 @@ def test_quantize_inspect_eval_round_trip(model_dir, text_file, tmp_path):
 
     r = run("inspect", out, "--explain")
     assert r.exit_code == 0, r.output
-    assert "bits: 4" in r.output and "kernel on cpu: torch for 14 modules" in r.output
-    assert "size on disk" in r.output
+    assert "bits: 4" in r.output and "size on disk" in r.output
+    assert "kernel on cpu/float32: torch for 14 modules" in r.output
+    assert "kernel on cpu/bfloat16: cpu_int4 for 14 modules" in r.output
+    assert "torch rejected" not in r.output and "cpu_int4 rejected for model.layers.0.mlp.up_proj: dtype" in r.output
+
+    r = run("generate", out, "--prompt", "The river", "--max-new-tokens", 5, "--threads", 2)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("The river") and len(r.output.strip()) > len("The river")
+
+    r = run("bench", out, "--new-tokens", 3, "--repeats", 1, "--threads", 2)
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line for line in r.output.splitlines() if line.startswith(("quantized ", "fp bf16 "))}
+    assert set(rows) == {"quantized", "fp"} and rows["fp"].endswith("1.00x"), r.output
 
     r = run("eval", out, "--text", text_file, "--seqlen", 64, "--max-windows", 2, "--threads", 2)
     assert r.exit_code == 0, r.output

@@ -22,6 +22,7 @@ from .models import check_spec, spec_for
 from .perplexity import PerplexityResult, perplexity
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
+from .speed import Speed, generate, measure_speeds
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -132,7 +133,7 @@ def quantize(
     )
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start
-    save_quantized(model, tokenizer, config, results, out, log)
+    save_quantized(model, tokenizer, config, results, out, log, source=model.config._name_or_path or None)
     return QuantizeReport(out, seconds, log, model, tokenizer)
 
 
@@ -140,6 +141,26 @@ def evaluate_perplexity(
     model, tokenizer, text: str = "wiki-test", seqlen: int = 1024, max_windows: int | None = 32
 ) -> PerplexityResult:
     return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows)
+
+
+BENCH_PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when movable type made books "
+    "cheaper to produce and spread literacy across Europe. Within a few decades"
+)
+
+
+def bench(
+    path, fp_model: str | None = None, prompt: str = BENCH_PROMPT, new_tokens: int = 32, repeats: int = 5
+) -> dict[str, Speed]:
+    """Prefill and batch-1 decode tokens/s of a checkpoint and of its fp model, both in bf16 (the
+    fp model from ``fp_model`` or the source recorded at quantization), measured in turns."""
+    qmodel, tok = load(path, device="cpu", dtype=torch.bfloat16)
+    source = fp_model or read_quantization_config(Path(path))["meta"].get("source")
+    if source is None:
+        raise TreeqError(f"{path} does not record its fp model; pass it explicitly (--fp MODEL)")
+    fp, _ = load_fp_model(source, dtype=torch.bfloat16)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    return measure_speeds({"quantized": qmodel, "fp bf16": fp}, ids, new_tokens, repeats)
 
 
 @dataclass
@@ -185,6 +206,8 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
 
 __all__ = [
     "QuantLinear",
+    "bench",
+    "generate",
     "evaluate_perplexity",
     "inspect_checkpoint",
     "is_quantized_checkpoint",

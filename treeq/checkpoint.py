@@ -54,7 +54,7 @@ def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config:
         set_module(model, name, QuantLinear.from_result(linear_format(config, linear, desc_act), result, linear.bias))
 
 
-def quantization_config(config: QuantConfig, modules: list[str], desc_act: bool) -> dict:
+def quantization_config(config: QuantConfig, modules: list[str], desc_act: bool, source: str | None = None) -> dict:
     return {
         "quant_method": "gptq",
         "format": "gptq",
@@ -73,6 +73,7 @@ def quantization_config(config: QuantConfig, modules: list[str], desc_act: bool)
             "treeq_version": __version__,
             "method": config.method,
             "settings": config.model_dump(),
+            "source": source,
             "modules": modules,
         },
     }
@@ -91,10 +92,16 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(
-    model, tokenizer, config: QuantConfig, results: dict[str, QuantResult], out: Path, log: QuantLog
+    model,
+    tokenizer,
+    config: QuantConfig,
+    results: dict[str, QuantResult],
+    out: Path,
+    log: QuantLog,
+    source: str | None = None,
 ) -> Path:
     out = Path(out)
-    qcfg = quantization_config(config, sorted(results), reorders(results))
+    qcfg = quantization_config(config, sorted(results), reorders(results), source)
     with atomic_directory(out) as tmp:
         save_file(_unique_tensors(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         cfg = json.loads(model.config.to_json_string())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -12,9 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint import QUANT_CONFIG_NAME, set_module
 from .errors import TreeqError
-from .kernels import LinearFormat
+from .kernels import LinearFormat, explain
 from .models import spec_for
 from .quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
 
 
 def read_quantization_config(path: Path) -> dict:
@@ -73,7 +77,14 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     if still_empty:
         raise TreeqError(f"{path}: checkpoint lacks weights for {', '.join(still_empty[:5])}")
     model.to(device).eval()
-    for module in model.modules():
+    device_type = torch.device(device).type
+    chosen: Counter = Counter()
+    for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            module.select_kernel(torch.device(device).type, dtype, kernel)
+            module.select_kernel(device_type, dtype, kernel)
+            chosen[module.kernel.name] += 1
+            for other, reason in explain(module.fmt, device_type, dtype).items():
+                if reason:
+                    log.debug("%s: kernel %s rejected: %s", name, other, reason)
+    log.info("kernels on %s/%s: %s", device_type, dtype, ", ".join(f"{k} x{n}" for k, n in chosen.items()))
     return model, AutoTokenizer.from_pretrained(path)

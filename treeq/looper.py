@@ -58,7 +58,8 @@ def capture_inputs(model: nn.Module, spec: TreeSpec, batches: list[torch.Tensor]
         def forward(hidden_states, *args, **kw):
             if index == 0:
                 hidden.append(hidden_states)
-            kw.pop("past_key_values", None)
+            for cache_arg in ("past_key_values", "cache"):  # the name changed within transformers 5
+                kw.pop(cache_arg, None)
             kw["use_cache"] = False
             kwargs[index].append(kw)
             return hidden_states

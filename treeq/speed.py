@@ -1,0 +1,75 @@
+"""Generation and tokens/s: prefill and batch-1 greedy decode, timed with a KV cache."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Speed:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
+    """Greedy at temperature 0, else sampling; returns only the new text."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _decode_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds for the prefill and for ``new_tokens`` greedy decode steps (no early stop)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    out = model(input_ids=ids, cache=cache, use_cache=True)
+    prefill = time.perf_counter() - start
+    next_id = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=next_id, cache=cache, use_cache=True)
+        next_id = out.logits[:, -1:].argmax(-1)
+    return prefill, time.perf_counter() - start
+
+
+def measure_speeds(models: dict, ids: torch.Tensor, new_tokens: int = 32, repeats: int = 5) -> dict[str, Speed]:
+    """Median tokens/s per model over ``repeats`` rounds after a warm-up; ``ids`` is [1, prompt].
+
+    The models take turns within each round, so load from other processes on a shared machine
+    falls on all of them alike and the ratios stay meaningful.
+    """
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            _decode_once(model, ids.to(next(model.parameters()).device), 2)
+        for _ in range(repeats):
+            for name, model in models.items():
+                runs[name].append(_decode_once(model, ids.to(next(model.parameters()).device), new_tokens))
+    return {
+        name: Speed(
+            ids.shape[1],
+            new_tokens,
+            ids.shape[1] / statistics.median(r[0] for r in rs),
+            new_tokens / statistics.median(r[1] for r in rs),
+        )
+        for name, rs in runs.items()
+    }
