@@ -1,0 +1,134 @@
+"""Quantized CPU kernels against bf16, side by side in one process.
+
+1. Matmul: a 4096 x 4096 linear through QuantLinear with the int4 kernel (group 128) and the int8
+   kernel (per row), against bf16 F.linear, for M = 1, 4, 16, 64 tokens, at 1 and 2 threads.
+2. Decode: prefill and batch-1 greedy decode tokens/s of RTN 4-bit checkpoints loaded in bf16
+   (cpu_int4 kernel) against the same architecture in bf16: SmolLM2-135M (group 64), and a random
+   Llama with hidden 2048 x 16 layers (group 128) where the weights dominate the time.
+
+Usage: python bench/kernels.py [--threads 1,2] [--skip-decode]
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+
+import treeq
+from treeq.config import QuantConfig
+from treeq.kernels import LinearFormat
+from treeq.methods import InputStats, make_method
+from treeq.quant_linear import QuantLinear
+from treeq.quant_log import QuantLog
+from treeq.speed import measure_speeds
+
+
+def _median_seconds(fn, repeats: int = 30) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _quant_linear(bits: int, group_size: int, n: int) -> QuantLinear:
+    w = torch.randn(n, n) * 0.02
+    stats = InputStats(n, torch.device("cpu"))
+    stats.add(torch.randn(64, n))
+    result = make_method(QuantConfig(method="rtn", bits=bits, group_size=group_size)).quantize(w, stats)
+    layer = QuantLinear.from_result(LinearFormat(bits, group_size, True, False, n, n), result, None)
+    layer.select_kernel("cpu", torch.bfloat16)
+    return layer
+
+
+def matmul_table(threads: list[int], n: int = 4096) -> None:
+    dense = torch.randn(n, n, dtype=torch.bfloat16) * 0.02
+    layers = {"int4 g128": _quant_linear(4, 128, n), "int8 row": _quant_linear(8, -1, n)}
+    print(f"\nmatmul {n}x{n}, median of 30 calls, times in ms; ratio = bf16 time / kernel time")
+    print(f"{'threads':>7} {'M':>4} {'bf16':>8} " + " ".join(f"{k:>10} {'ratio':>6}" for k in layers))
+    for t in threads:
+        torch.set_num_threads(t)
+        for m in (1, 4, 16, 64):
+            x = torch.randn(m, n, dtype=torch.bfloat16)
+            with torch.no_grad():
+                base = _median_seconds(lambda: F.linear(x, dense))
+                cells = []
+                for layer in layers.values():
+                    s = _median_seconds(lambda: layer(x))
+                    cells.append(f"{s * 1e3:>10.3f} {base / s:>5.2f}x")
+            print(f"{t:>7} {m:>4} {base * 1e3:>8.3f} " + " ".join(cells))
+    print(f"kernels: {', '.join(f'{k} -> {v.kernel.name}' for k, v in layers.items())}")
+
+
+def _rtn_checkpoint(model, tokenizer, group_size: int, out: Path) -> None:
+    cfg = QuantConfig(method="rtn", bits=4, group_size=group_size, calib_samples=2, seqlen=32)
+    treeq.quantize(model, cfg, out, tokenizer=tokenizer, calib_text="news", log=QuantLog(echo=lambda _: None))
+
+
+def _random_llama(tokenizer, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def decode_table(threads: int, new_tokens: int, repeats: int) -> None:
+    torch.set_num_threads(threads)
+    fp, tok = treeq.load_fp_model()
+    ids = tok(treeq.api.BENCH_PROMPT, return_tensors="pt").input_ids
+    print(f"\ndecode: threads={threads}, prompt {ids.shape[1]} tokens, {new_tokens} greedy steps, median of {repeats}")
+    print(f"{'model':<28} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs bf16':>15}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = {
+            "SmolLM2-135M g64": (fp, lambda: treeq.load_fp_model(dtype=torch.bfloat16)[0], 64),
+            "random Llama 2048x16 g128": (
+                _random_llama(tok, torch.float32),
+                lambda: _random_llama(tok, torch.bfloat16),
+                128,
+            ),
+        }
+        for name, (model, bf16_model, group_size) in cases.items():
+            out = Path(tmp) / name.split()[0]
+            _rtn_checkpoint(model, tok, group_size, out)
+            del model
+            qmodel, _ = treeq.load(out, device="cpu", dtype=torch.bfloat16)
+            speeds = measure_speeds({"int4": qmodel, "bf16": bf16_model()}, ids, new_tokens, repeats)
+            for kind, sp in speeds.items():
+                ratio = sp.decode_tokens_per_s / speeds["bf16"].decode_tokens_per_s
+                label = f"{name} {kind}"
+                print(f"{label:<28} {sp.prefill_tokens_per_s:>14.1f} {sp.decode_tokens_per_s:>13.2f} {ratio:>14.2f}x")
+            del qmodel, speeds
+
+
+@click.command()
+@click.option("--threads", default="1,2", show_default=True, help="thread counts for the matmul table")
+@click.option("--decode-threads", type=int, default=2, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--repeats", type=int, default=5, show_default=True)
+@click.option("--skip-decode", is_flag=True)
+def main(threads, decode_threads, new_tokens, repeats, skip_decode):
+    matmul_table([int(t) for t in threads.split(",")])
+    if not skip_decode:
+        decode_table(decode_threads, new_tokens, repeats)
+
+
+if __name__ == "__main__":
+    main()
