@@ -27,6 +27,7 @@ from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
 from .models import Subset, TreeSpec
 from .quant_log import ModuleRecord, QuantLog, peak_memory_mb
+from .scaling import can_fold, fold_input_scales
 
 
 class _Stop(Exception):
@@ -142,6 +143,8 @@ def quantize_layers(
         inputs = capture_inputs(model, spec, batches, device)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
             layer.to(device)
+            if method.rescales_inputs:
+                _rescale_inputs(layer, spec, method, inputs, index, device)
             stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in spec.subsets}
 
             def quantize(subset: Subset) -> None:
@@ -161,6 +164,18 @@ def quantize_layers(
             inputs.hidden = [_first_output(o) for o in outputs]
             layer.to("cpu")
     return results
+
+
+def _rescale_inputs(layer, spec: TreeSpec, method: Method, inputs: LayerInputs, index: int, device) -> None:
+    """One pass over the fp layer gathers every subset's input; the method picks per-channel scales
+    for each subset whose feeding op can absorb them, and they are folded in before quantizing."""
+    stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in spec.subsets}
+    _collect(layer, spec.subsets, stats, inputs, index)
+    for s in spec.subsets:
+        if can_fold(layer, s.fed_by, stats[s.name].h.shape[0]):
+            weights = [layer.get_submodule(m).weight.data for m in s.modules]
+            scales = method.input_scales(weights, stats[s.name])
+            fold_input_scales(layer, s.modules, s.fed_by, scales, spec.norm_weight_offset)
 
 
 def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> tuple[QuantResult, float]:

@@ -29,6 +29,8 @@ class TreeSpec(BaseModel):
     before: tuple[str, ...] = ("model.embed_tokens", "model.rotary_emb")
     after: tuple[str, ...] = ("model.norm", "lm_head")
     subsets: tuple[Subset, ...] = Field(min_length=1)
+    # Norms compute x_normed * (offset + weight); Gemma's use offset 1. Scale folding needs to know.
+    norm_weight_offset: float = 0.0
 
     @model_validator(mode="after")
     def _each_module_once(self) -> "TreeSpec":
