@@ -36,12 +36,14 @@ class TritonGPTQ(Kernel):
         packed = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
         rows = x.reshape(-1, layer.in_features)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
-        if rows.shape[0] >= DENSE_FROM_ROWS:
-            y = F.linear(rows, gptq.dequantize(*packed, layer.fmt.bits, x.dtype), bias)
-        else:
-            y = gptq.matmul(rows, *packed, layer.fmt.bits)
-            if bias is not None:
-                y += bias
+        # Triton launches on the current CUDA device; a model spread over GPUs needs x's device.
+        with torch.cuda.device_of(x):
+            if rows.shape[0] >= DENSE_FROM_ROWS:
+                y = F.linear(rows, gptq.dequantize(*packed, layer.fmt.bits, x.dtype), bias)
+            else:
+                y = gptq.matmul(rows, *packed, layer.fmt.bits)
+                if bias is not None:
+                    y += bias
         return y.reshape(*x.shape[:-1], layer.out_features)
 
 
