@@ -11,9 +11,11 @@ from tqdm.auto import tqdm
 
 from . import data, packing
 from .checkpoint import WEIGHTS_NAME, save_quantized, swap_in_quantized
+from .compare import compare
 from .config import QuantConfig
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
+from .eval_tasks import TASKS, run_tasks
 from .kernels import LinearFormat, explain, select_kernel
 from .loading import load_quantized, read_quantization_config
 from .looper import quantize_layers
@@ -22,6 +24,7 @@ from .models import check_spec, spec_for
 from .perplexity import PerplexityResult, perplexity
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
+from .report import ErrorReport, error_report
 from .speed import Speed, generate, measure_speeds
 
 
@@ -204,8 +207,15 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
     return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected)
 
 
+evaluate_tasks = run_tasks
+
 __all__ = [
     "QuantLinear",
+    "TASKS",
+    "ErrorReport",
+    "compare",
+    "error_report",
+    "evaluate_tasks",
     "bench",
     "generate",
     "evaluate_perplexity",
