@@ -10,6 +10,7 @@ count, text and eval protocol. Usage:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -33,9 +34,12 @@ def run_one(method: str, bits: int, threads: int, calib_samples: int, seqlen: in
 
     start = time.perf_counter()
     model, tok = treeq.load_fp_model()
+    cpu_start = time.process_time()
     cfg = treeq.QuantConfig(method=method, bits=bits, group_size=64, calib_samples=calib_samples, seqlen=seqlen)
     with tempfile.TemporaryDirectory() as tmp:
         report = treeq.quantize(model, cfg, Path(tmp) / "q", tokenizer=tok, log=QuantLog(echo=lambda _: None))
+        # CPU seconds of all threads: unlike wall time, barely moved by other processes on a shared machine.
+        cpu = time.process_time() - cpu_start
         total = time.perf_counter() - start
         rss = _peak_rss_mb()
         ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows)
@@ -44,6 +48,7 @@ def run_one(method: str, bits: int, threads: int, calib_samples: int, seqlen: in
         method=method,
         bits=bits,
         quantize_s=report.seconds,
+        quantize_cpu_s=cpu,
         total_s=total,
         peak_rss_mb=rss,
         ppl=ppl.ppl,
@@ -93,11 +98,14 @@ def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_on
         str(eval_windows),
     ]
     fp = _subprocess("--fp", *common)
-    print(f"threads={threads}  calibration={calib_samples}x{seqlen} wiki-train  group=64")
+    print(
+        f"threads={threads}  calibration={calib_samples}x{seqlen} wiki-train  group=64  machine cores={os.cpu_count()}"
+    )
+    print("quant s: wall seconds of quantization; cpu s: CPU seconds of all its threads")
     print(f"eval: wiki-test, {fp['protocol']}")
     print(f"fp (dequantized GGUF) perplexity: {fp['ppl']:.3f}")
     print(
-        f"{'method':<6} {'bits':>4} {'quant s':>8} {'total s':>8} {'peak RSS MB':>11} {'mean loss':>10} "
+        f"{'method':<6} {'bits':>4} {'quant s':>8} {'cpu s':>7} {'total s':>8} {'peak RSS MB':>11} {'mean loss':>10} "
         f"{'ppl':>8} {'+ppl':>7} {'+ppl / rtn +ppl':>15}"
     )
     for b in [int(x) for x in bits.split(",")]:
@@ -106,7 +114,7 @@ def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_on
             inc = r["ppl"] - fp["ppl"]
             ratio = inc / (rows["rtn"]["ppl"] - fp["ppl"]) if "rtn" in rows else float("nan")
             print(
-                f"{m:<6} {b:>4} {r['quantize_s']:>8.1f} {r['total_s']:>8.1f} {r['peak_rss_mb']:>11.0f} "
+                f"{m:<6} {b:>4} {r['quantize_s']:>8.1f} {r['quantize_cpu_s']:>7.1f} {r['total_s']:>8.1f} {r['peak_rss_mb']:>11.0f} "
                 f"{r['mean_loss']:>10.4g} {r['ppl']:>8.3f} {inc:>7.3f} {ratio:>15.3f}"
             )
 
