@@ -114,7 +114,8 @@ def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_on
             inc = r["ppl"] - fp["ppl"]
             ratio = inc / (rows["rtn"]["ppl"] - fp["ppl"]) if "rtn" in rows else float("nan")
             print(
-                f"{m:<6} {b:>4} {r['quantize_s']:>8.1f} {r['quantize_cpu_s']:>7.1f} {r['total_s']:>8.1f} {r['peak_rss_mb']:>11.0f} "
+                f"{m:<6} {b:>4} {r['quantize_s']:>8.1f} {r['quantize_cpu_s']:>7.1f} {r['total_s']:>8.1f} "
+                f"{r['peak_rss_mb']:>11.0f} "
                 f"{r['mean_loss']:>10.4g} {r['ppl']:>8.3f} {inc:>7.3f} {ratio:>15.3f}"
             )
 
