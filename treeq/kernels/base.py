@@ -8,6 +8,8 @@ from typing import ClassVar
 
 import torch
 
+from ..numerics import INTEGER_ZERO_GRIDS, UniformGrid
+
 
 @dataclass(frozen=True)
 class LinearFormat:
@@ -17,6 +19,7 @@ class LinearFormat:
     desc_act: bool
     in_features: int
     out_features: int
+    grid: str = UniformGrid.name  # a name in treeq.numerics.GRIDS
 
 
 class Kernel(ABC):
@@ -30,6 +33,9 @@ class Kernel(ABC):
     dtypes: ClassVar[frozenset[torch.dtype] | None] = None
     supports_asym: ClassVar[bool] = True
     supports_desc_act: ClassVar[bool] = True
+    # Grids this kernel dequantizes exactly. The default is those whose dequantization is the classic
+    # (code - zero) * scale with an integer zero point; a kernel declares others once it runs them.
+    grids: ClassVar[frozenset[str] | None] = INTEGER_ZERO_GRIDS
 
     @classmethod
     def rejects(cls, fmt: LinearFormat, device: str, dtype: torch.dtype) -> str | None:
@@ -46,6 +52,8 @@ class Kernel(ABC):
             return "asymmetric zero points not supported"
         if fmt.desc_act and not cls.supports_desc_act:
             return "act-order (g_idx) not supported"
+        if cls.grids is not None and fmt.grid not in cls.grids:
+            return f"grid {fmt.grid!r} not supported (runs {', '.join(sorted(cls.grids))})"
         return None
 
     @staticmethod

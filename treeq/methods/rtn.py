@@ -11,7 +11,7 @@ class RTN(Method):
     name = "rtn"
 
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
-        w = weight.float()
+        w = self.grid.prepare(weight.float())
         out, n_in = w.shape
         gs = self.group_size(n_in)
         groups = w.reshape(out, n_in // gs, gs).transpose(0, 1)  # [groups, out, gs]
@@ -20,8 +20,8 @@ class RTN(Method):
         codes = self.grid.quantize(groups, scales[..., None], zeros[..., None])
         codes = codes.transpose(0, 1).reshape(out, n_in).to(torch.uint8)
         g_idx = torch.arange(n_in, device=w.device, dtype=torch.int32) // gs
-        result = QuantResult(codes, scales.half(), zeros.int(), g_idx, loss=0.0)
-        result.loss = output_error(w, result.weight(), stats.h)
+        result = QuantResult(codes, scales.half(), zeros.int(), g_idx, loss=0.0, grid=self.grid.name)
+        result.loss = output_error(weight, result.weight(), stats.h)
         return result
 
 
