@@ -198,3 +198,16 @@ def test_unknown_grid_in_a_checkpoint_is_a_clear_error(tmp_path, tokenizer, text
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(TreeqError, match="unknown grid 'nf4' in quantization_config"):
         treeq.load(tmp_path / "q")
+
+
+def test_cli_quantizes_with_a_grid_and_inspect_names_it(model_dir, text_file, tmp_path):
+    from test_cli import one_line_error, quantize_args, run
+
+    out = tmp_path / "q"
+    r = run(*quantize_args(model_dir, text_file, out, "--method", "rtn", "--bits", 2, "--grid", "stretched"))
+    assert r.exit_code == 0, r.output
+    r = run("inspect", out)
+    assert r.exit_code == 0, r.output
+    assert "grid: stretched" in r.output and "kernel on cpu: torch for 14 modules" in r.output
+    bad = run(*quantize_args(model_dir, text_file, tmp_path / "bad", "--grid", "fp8-int4", "--bits", 2))
+    one_line_error(bad, "grid 'fp8-int4' needs bits in [4]")
