@@ -190,13 +190,20 @@ def test_stretched_checkpoint_records_its_lut(tmp_path, tokenizer, text_file):
     assert qcfg["meta"]["settings"]["grid"] == "stretched"
 
 
-def test_unknown_grid_in_a_checkpoint_is_a_clear_error(tmp_path, tokenizer, text_file):
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("grid", "nf4", "unknown grid 'nf4' in quantization_config"),
+        ("grid_offset", 0.25, "grid 'half-step' has offset 0.5, but quantization_config records 0.25"),
+    ],
+)
+def test_a_grid_this_treeq_cannot_rebuild_is_a_clear_error(key, value, message, tmp_path, tokenizer, text_file):
     quantize_and_save(tmp_path, tokenizer, text_file, method="rtn", grid="half-step", bits=4)
     cfg_file = tmp_path / "q" / "config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["quantization_config"]["grid"] = "nf4"
+    cfg["quantization_config"][key] = value
     cfg_file.write_text(json.dumps(cfg))
-    with pytest.raises(TreeqError, match="unknown grid 'nf4' in quantization_config"):
+    with pytest.raises(TreeqError, match=message):
         treeq.load(tmp_path / "q")
 
 
@@ -211,3 +218,15 @@ def test_cli_quantizes_with_a_grid_and_inspect_names_it(model_dir, text_file, tm
     assert "grid: stretched" in r.output and "kernel on cpu: torch for 14 modules" in r.output
     bad = run(*quantize_args(model_dir, text_file, tmp_path / "bad", "--grid", "fp8-int4", "--bits", 2))
     one_line_error(bad, "grid 'fp8-int4' needs bits in [4]")
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_gptq_beats_rtn_on_every_grid(grid):
+    from test_methods import correlated_inputs, quantize
+
+    x, w = correlated_inputs(), torch.randn(64, 128)
+    bits = GRIDS[grid].bits_allowed[-1] if 3 not in GRIDS[grid].bits_allowed else 3
+    rtn = quantize("rtn", w, x, bits=bits, group_size=32, grid=grid)
+    gptq = quantize("gptq", w, x, bits=bits, group_size=32, grid=grid)
+    assert rtn.grid == gptq.grid == grid
+    assert gptq.loss < rtn.loss
