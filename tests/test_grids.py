@@ -225,7 +225,7 @@ def test_gptq_beats_rtn_on_every_grid(grid):
     from test_methods import correlated_inputs, quantize
 
     x, w = correlated_inputs(), torch.randn(64, 128)
-    bits = GRIDS[grid].bits_allowed[-1] if 3 not in GRIDS[grid].bits_allowed else 3
+    bits = 3 if 3 in GRIDS[grid].bits_allowed else 4
     rtn = quantize("rtn", w, x, bits=bits, group_size=32, grid=grid)
     gptq = quantize("gptq", w, x, bits=bits, group_size=32, grid=grid)
     assert rtn.grid == gptq.grid == grid
