@@ -19,17 +19,19 @@ from pathlib import Path
 import click
 import torch
 
-# label -> QuantConfig settings; the labels are the grids the issue names.
+# label -> QuantConfig settings. The first five are the issue's grids and run first (every bit width
+# and method), so an interrupted run still has them; the zero-point-free variants follow.
 VARIANTS = {
     "asym": dict(grid="minmax", sym=False),
     "sym": dict(grid="minmax", sym=True),
-    "restricted": dict(grid="restricted"),
-    "restricted+clip": dict(grid="restricted", clip_search=True),
-    "signed": dict(grid="signed"),
     "half-step": dict(grid="half-step"),
     "stretched": dict(grid="stretched"),
     "fp8-int4": dict(grid="fp8-int4"),
+    "restricted": dict(grid="restricted"),
+    "restricted+clip": dict(grid="restricted", clip_search=True),
+    "signed": dict(grid="signed"),
 }
+CORE = 5
 RESULTS = Path(__file__).parent / "results" / "grids_smollm2.md"
 
 
@@ -59,31 +61,37 @@ def main(methods, bits, variants, threads, calib_samples, seqlen, eval_windows, 
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     print("\n".join(lines), flush=True)
-    for b in [int(x) for x in bits.split(",")]:
-        for method in methods.split(","):
-            for label in variants.split(","):
-                settings = VARIANTS[label]
-                if b not in treeq.numerics.GRIDS[settings["grid"]].bits_allowed:
-                    continue
-                cfg = treeq.QuantConfig(
-                    method=method, bits=b, group_size=64, calib_samples=calib_samples, seqlen=seqlen, **settings
-                )
-                start = time.perf_counter()
-                with tempfile.TemporaryDirectory() as tmp:
-                    report = treeq.quantize(
-                        copy.deepcopy(fp), cfg, Path(tmp) / "q", tokenizer=tok, log=QuantLog(echo=lambda _: None)
-                    )
-                seconds = time.perf_counter() - start
-                ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows).ppl
-                losses = [r.loss for r in report.log.records]
-                row = (
-                    f"| {method} | {b} | {label} | {ppl:.3f} | {ppl - fp_ppl.ppl:+.3f} | "
-                    f"{statistics.mean(losses):.4g} | {statistics.median(losses):.4g} | {seconds:.0f} |"
-                )
-                lines.append(row)
-                print(row, flush=True)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text("\n".join(lines) + "\n")
+    methods, bits, variants = methods.split(","), [int(x) for x in bits.split(",")], variants.split(",")
+    core = [v for v in variants if v in list(VARIANTS)[:CORE]]
+    runs = [
+        (m, b, v)
+        for group in (core, [v for v in variants if v not in core])
+        for b in bits
+        for m in methods
+        for v in group
+        if b in treeq.numerics.GRIDS[VARIANTS[v]["grid"]].bits_allowed
+    ]
+    rows = {}
+    for method, b, label in runs:
+        cfg = treeq.QuantConfig(
+            method=method, bits=b, group_size=64, calib_samples=calib_samples, seqlen=seqlen, **VARIANTS[label]
+        )
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            report = treeq.quantize(
+                copy.deepcopy(fp), cfg, Path(tmp) / "q", tokenizer=tok, log=QuantLog(echo=lambda _: None)
+            )
+        seconds = time.perf_counter() - start
+        ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows).ppl
+        losses = [r.loss for r in report.log.records]
+        rows[method, b, label] = (
+            f"| {method} | {b} | {label} | {ppl:.3f} | {ppl - fp_ppl.ppl:+.3f} | "
+            f"{statistics.mean(losses):.4g} | {statistics.median(losses):.4g} | {seconds:.0f} |"
+        )
+        print(rows[method, b, label], flush=True)
+        ordered = [rows[k] for k in sorted(rows, key=lambda k: (methods.index(k[0]), k[1], variants.index(k[2])))]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines + ordered) + "\n")
 
 
 if __name__ == "__main__":
