@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 import torch
+
+# Measure the treeq of the tree this script sits in, not whichever one is pip-installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # label -> QuantConfig settings. The first five are the grids and run first (every bit width
 # and method), so an interrupted run still has them; the zero-point-free variants follow.
