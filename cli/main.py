@@ -16,7 +16,7 @@ from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
 from treeq.methods import METHODS
-from treeq.numerics import SUPPORTED_BITS
+from treeq.numerics import GRIDS, SUPPORTED_BITS
 
 
 def user_errors(fn):
@@ -77,7 +77,15 @@ def _print_ppl(label: str, result) -> None:
     default=None,
     help=f"-1 for per-row; default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)",
 )
-@click.option("--sym/--asym", default=True, show_default=True)
+@click.option("--sym/--asym", default=True, show_default=True, help="minmax grid: zero point pinned to the middle")
+@click.option(
+    "--grid",
+    type=click.Choice(list(GRIDS)),
+    default="minmax",
+    show_default=True,
+    help="quantization grid (see treeq/numerics.py)",
+)
+@click.option("--clip-search", is_flag=True, help="search each row's clip ratio minimising weight error")
 @click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="GPTQ act-order")
 @click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")
 @click.option("--damp", "damp_percent", type=float, default=0.01, show_default=True)
@@ -102,6 +110,8 @@ def quantize(
     bits,
     group_size,
     sym,
+    grid,
+    clip_search,
     desc_act,
     static_groups,
     damp_percent,
@@ -125,6 +135,8 @@ def quantize(
         bits=int(bits),
         group_size=group_size,
         sym=sym,
+        grid=grid,
+        clip_search=clip_search,
         desc_act=desc_act,
         static_groups=static_groups,
         damp_percent=damp_percent,
@@ -315,7 +327,8 @@ def inspect(directory, explain, device, dtypes):
     click.echo(f"checkpoint: {info.path}")
     click.echo(
         f"format: {q['format']} ({q['checkpoint_format']}, pack {q['pack_dtype']})  method: {q.get('method')}  "
-        f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}"
+        f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}  "
+        f"grid: {q.get('grid', 'minmax')}"
     )
     click.echo(
         f"size on disk: {info.size_bytes / 2**20:.1f} MiB vs fp16 {info.fp16_bytes / 2**20:.1f} MiB "

@@ -16,8 +16,8 @@ from .config import QuantConfig
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
 from .eval_tasks import TASKS, run_tasks
-from .kernels import LinearFormat, explain, select_kernel
-from .loading import load_quantized, read_quantization_config
+from .kernels import explain, select_kernel
+from .loading import linear_format_from, load_quantized, read_quantization_config
 from .looper import quantize_layers
 from .methods import make_method
 from .models import check_spec, spec_for
@@ -192,7 +192,7 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
             if key.endswith(".qweight"):
                 name = key[: -len(".qweight")]
                 in_f = shape[0] * 32 // qcfg["bits"]
-                fmt = LinearFormat(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"], in_f, shape[1])
+                fmt = linear_format_from(qcfg, in_f, shape[1])
                 fp16_bytes += in_f * shape[1] * 2
                 kernels[name] = select_kernel(fmt, device, dtype).name
                 for kname, reason in explain(fmt, device, dtype).items():

@@ -18,6 +18,7 @@ from .atomic import atomic_directory
 from .config import QuantConfig
 from .kernels import LinearFormat
 from .methods import QuantResult
+from .numerics import make_grid
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
 
@@ -33,6 +34,7 @@ def linear_format(config: QuantConfig, linear: nn.Linear, desc_act: bool) -> Lin
         desc_act=desc_act,
         in_features=linear.in_features,
         out_features=linear.out_features,
+        grid=config.grid,
     )
 
 
@@ -68,6 +70,7 @@ def quantization_config(config: QuantConfig, modules: list[str], desc_act: bool,
         "true_sequential": config.true_sequential,
         "damp_percent": config.damp_percent,
         "method": config.method,
+        **make_grid(config.grid, config.bits, config.sym).describe(),
         "meta": {
             "quantizer": [f"treeq:{__version__}"],
             "treeq_version": __version__,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 import pydantic
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .errors import from_validation
-from .numerics import SUPPORTED_BITS
+from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 
 
 class QuantConfig(BaseModel):
@@ -17,7 +17,11 @@ class QuantConfig(BaseModel):
     method: str = "gptq"
     bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
     group_size: int = Field(128, description="input channels per scale; -1 for one group per row")
-    sym: bool = True
+    sym: bool = Field(True, description="for the minmax grid: zero point pinned to the middle code")
+    grid: Literal[tuple(GRIDS)] = Field(  # type: ignore[valid-type]
+        UniformGrid.name, description="quantization grid (treeq/numerics.py): " + ", ".join(GRIDS)
+    )
+    clip_search: bool = Field(False, description="search each row's clip ratio minimising weight error")
     # On by default: on SmolLM2 4-bit it cut GPTQ's perplexity increase by ~40% (see bench/).
     desc_act: bool = Field(True, description="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
     static_groups: bool = Field(False, description="with desc_act, fix group params before the GPTQ sweep")
@@ -43,6 +47,15 @@ class QuantConfig(BaseModel):
         if v != -1 and v <= 0:
             raise ValueError("group_size must be -1 (per row) or a positive number of input channels")
         return v
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> "QuantConfig":
+        allowed = GRIDS[self.grid].bits_allowed
+        if self.bits not in allowed:
+            raise ValueError(f"grid {self.grid!r} needs bits in {list(allowed)}, not {self.bits}")
+        if not self.sym and self.grid != UniformGrid.name:
+            raise ValueError(f"sym=False (asymmetric) only applies to grid {UniformGrid.name!r}, not {self.grid!r}")
+        return self
 
     @classmethod
     def build(cls, **kwargs) -> "QuantConfig":

@@ -16,6 +16,7 @@ from .checkpoint import QUANT_CONFIG_NAME, set_module
 from .errors import TreeqError
 from .kernels import LinearFormat, explain
 from .models import spec_for
+from .numerics import GRIDS, UniformGrid
 from .quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,25 @@ def read_quantization_config(path: Path) -> dict:
             f"{path}: checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported yet (gptq_v2 is)"
         )
     return qcfg
+
+
+def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> LinearFormat:
+    """The format of one quantized linear as the checkpoint's quantization_config describes it."""
+    grid = qcfg.get("grid", UniformGrid.name)
+    if grid not in GRIDS:
+        raise TreeqError(f"unknown grid {grid!r} in quantization_config; this treeq knows {', '.join(GRIDS)}")
+    offset = qcfg.get("grid_offset", GRIDS[grid].offset)
+    if offset != GRIDS[grid].offset:
+        raise TreeqError(f"grid {grid!r} has offset {GRIDS[grid].offset}, but quantization_config records {offset}")
+    return LinearFormat(
+        bits=qcfg["bits"],
+        group_size=qcfg["group_size"],
+        sym=qcfg["sym"],
+        desc_act=qcfg["desc_act"],
+        in_features=in_features,
+        out_features=out_features,
+        grid=grid,
+    )
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -60,14 +80,7 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     quantized = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
     for name in quantized:
         linear = model.get_submodule(name)
-        fmt = LinearFormat(
-            bits=qcfg["bits"],
-            group_size=qcfg["group_size"],
-            sym=qcfg["sym"],
-            desc_act=qcfg["desc_act"],
-            in_features=linear.in_features,
-            out_features=linear.out_features,
-        )
+        fmt = linear_format_from(qcfg, linear.in_features, linear.out_features)
         set_module(model, name, QuantLinear(fmt, linear.bias is not None, dtype))
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:

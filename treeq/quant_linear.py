@@ -47,7 +47,7 @@ class QuantLinear(nn.Module):
         return packing.unpack(self.qzeros.T.contiguous(), self.fmt.bits).T
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_grouped(self.codes(), self.scales, self.zeros(), self.g_idx)
+        return dequantize_grouped(self.codes(), self.scales, self.zeros(), self.g_idx, self.fmt.grid)
 
     def select_kernel(self, device: str, dtype: torch.dtype, force: str | None = None) -> None:
         self.kernel = select_kernel(self.fmt, device, dtype, force)

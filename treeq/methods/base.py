@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from ..numerics import UniformGrid, dequantize_grouped
+from ..numerics import UniformGrid, dequantize_grouped, make_grid
 
 
 @dataclass
@@ -24,9 +24,10 @@ class QuantResult:
     zeros: torch.Tensor  # int32 [groups, out]
     g_idx: torch.Tensor  # int32 [in]: group of each input channel
     loss: float  # the method's objective on the calibration inputs
+    grid: str = UniformGrid.name  # which grid's dequantization the codes are for
 
     def weight(self) -> torch.Tensor:
-        return dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx)
+        return dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx, self.grid)
 
     @property
     def reorders(self) -> bool:
@@ -77,7 +78,7 @@ class Method(ABC):
 
     def __init__(self, config):
         self.config = config
-        self.grid = UniformGrid(config.bits, config.sym)
+        self.grid = make_grid(config.grid, config.bits, config.sym, config.clip_search)
 
     def stats(self, in_features: int, device: torch.device) -> InputStats:
         return InputStats(in_features, device)
