@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .errors import from_validation
 from .numerics import SUPPORTED_BITS
@@ -27,6 +27,7 @@ class QuantConfig(BaseModel):
     calib_samples: int = Field(128, gt=0)
     seqlen: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
 
     @field_validator("method")
     @classmethod
@@ -43,6 +44,13 @@ class QuantConfig(BaseModel):
         if v != -1 and v <= 0:
             raise ValueError("group_size must be -1 (per row) or a positive number of input channels")
         return v
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "QuantConfig":
+        from .methods import METHODS
+
+        METHODS[self.method].parse_options(self.options)
+        return self
 
     @classmethod
     def build(cls, **kwargs) -> "QuantConfig":
