@@ -185,12 +185,14 @@ def smollm2_modules(layer_index, names, seed):
     ids = data.calibration_batches(tok, data.read_text("wiki-train"), 4, 512, 4)[0]
     layer = model.model.layers[layer_index]
     captured = {}
-    hooks = [
-        layer.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, n=n: captured.setdefault(n, args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for n in names
-    ]
+
+    def recorder(name):
+        def hook(_module, args):
+            captured[name] = args[0].reshape(-1, args[0].shape[-1])
+
+        return hook
+
+    hooks = [layer.get_submodule(n).register_forward_pre_hook(recorder(n)) for n in names]
     with torch.no_grad():
         model(input_ids=ids)
     for h in hooks:
@@ -226,6 +228,7 @@ def main(threads, epochs, large_epochs, shapes, real, skip_official):
         names = ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")
         for n, (w, xt, xv) in smollm2_modules(10, names, 0).items():
             cases.append((f"smollm2 L10 {n} {w.shape[1]}->{w.shape[0]}", w, xt, xv, 64, epochs))
+    cases.sort(key=lambda case: case[1].numel())  # small first: partial output is still a table
     print(
         f"threads={threads} bits={BITS} krot={KROT} rows={TRAIN_ROWS}+{VAL_ROWS} batch={BATCH_ROWS} "
         f"torch={torch.__version__}"
