@@ -35,7 +35,8 @@ def main(threads, workers, bits, options):
         report = treeq.quantize(model, cfg, out, tokenizer=tok, log=QuantLog(echo=lambda _: None), workers=workers)
         losses = [r.loss for r in report.log.records]
         print(f"threads={threads} workers={workers} settings={cfg.model_dump()}")
-        print(f"quantized {len(losses)} modules in {report.seconds:.1f}s, mean module loss {sum(losses) / len(losses):.4g}")
+        mean = sum(losses) / len(losses)
+        print(f"quantized {len(losses)} modules in {report.seconds:.1f}s, mean module loss {mean:.4g}")
         in_memory = treeq.evaluate_perplexity(report.model, tok)
         loaded, tok2 = treeq.load(out)
         restored = treeq.evaluate_perplexity(loaded, tok2)
