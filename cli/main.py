@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections import Counter
@@ -44,6 +45,20 @@ def threads_option(fn):
 
 def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` strings to a dict; values are read as JSON when they parse, else as text."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TreeqError(f"--option {pair!r} is not KEY=VALUE; e.g. --option krot=8")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _free_path(base: Path) -> Path:
@@ -89,6 +104,12 @@ def _print_ppl(label: str, result) -> None:
 @click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="GPTQ act-order")
 @click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")
 @click.option("--damp", "damp_percent", type=float, default=0.01, show_default=True)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    help="method setting KEY=VALUE (repeatable), e.g. --option krot=8 --option epochs=[10,10]",
+)
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="calibration sequences per forward")
@@ -115,6 +136,7 @@ def quantize(
     desc_act,
     static_groups,
     damp_percent,
+    options,
     calib_samples,
     seqlen,
     batch_size,
@@ -140,6 +162,7 @@ def quantize(
         desc_act=desc_act,
         static_groups=static_groups,
         damp_percent=damp_percent,
+        options=_parse_options(options),
         calib_samples=calib_samples,
         seqlen=seqlen,
         batch_size=batch_size,
@@ -330,6 +353,13 @@ def inspect(directory, explain, device, dtypes):
         f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}  "
         f"grid: {q.get('grid', 'minmax')}"
     )
+    transform = q.get("input_transform")
+    if transform:
+        rot = transform.get("rotation")
+        steps = ["x / channel_scales"]
+        if rot:
+            steps.append(f"{rot['krot']} layers of pairwise rotations in groups of {rot['group_size']}")
+        click.echo(f"input transform (before the matmul): {', then '.join(steps)}")
     click.echo(
         f"size on disk: {info.size_bytes / 2**20:.1f} MiB vs fp16 {info.fp16_bytes / 2**20:.1f} MiB "
         f"({info.size_bytes / info.fp16_bytes:.2f}x)"

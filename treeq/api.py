@@ -198,7 +198,7 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                 for kname, reason in explain(fmt, device, dtype).items():
                     if reason:
                         rejected.setdefault(kname, {})[name] = reason
-            elif not key.endswith((".qzeros", ".scales", ".g_idx")):
+            elif not key.endswith((".qzeros", ".scales", ".g_idx", ".channel_scales", ".pairs", ".theta")):
                 n = 1
                 for d in shape:
                     n *= d

@@ -26,11 +26,11 @@ WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantize_config.json"
 
 
-def linear_format(config: QuantConfig, linear: nn.Linear, desc_act: bool) -> LinearFormat:
+def linear_format(config: QuantConfig, linear: nn.Linear, desc_act: bool, sym: bool) -> LinearFormat:
     return LinearFormat(
         bits=config.bits,
         group_size=config.group_size,
-        sym=config.sym,
+        sym=sym,
         desc_act=desc_act,
         in_features=linear.in_features,
         out_features=linear.out_features,
@@ -49,23 +49,40 @@ def reorders(results: dict[str, QuantResult]) -> bool:
     return any(r.reorders for r in results.values())
 
 
+def symmetric(results: dict[str, QuantResult], config: QuantConfig) -> bool:
+    """The checkpoint's sym: true only if every zero point written is the middle code, so kernels
+    that ignore qzeros stay exact (a method may learn zero points even when ``sym`` was asked)."""
+    mid = 2 ** (config.bits - 1)
+    return config.sym and all(bool((r.zeros == mid).all()) for r in results.values())
+
+
+def input_transform(results: dict[str, QuantResult]) -> dict | None:
+    """What ``quantization_config`` records about the modules' input transform, if any."""
+    kinds = {json.dumps(r.transform.describe(), sort_keys=True) for r in results.values() if r.transform is not None}
+    if len(kinds) > 1:
+        raise ValueError(f"modules carry different input transforms ({sorted(kinds)}); the format records one")
+    return json.loads(kinds.pop()) if kinds else None
+
+
 def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config: QuantConfig) -> None:
-    desc_act = reorders(results)
+    desc_act, sym = reorders(results), symmetric(results, config)
     for name, result in results.items():
         linear = model.get_submodule(name)
-        set_module(model, name, QuantLinear.from_result(linear_format(config, linear, desc_act), result, linear.bias))
+        fmt = linear_format(config, linear, desc_act, sym)
+        set_module(model, name, QuantLinear.from_result(fmt, result, linear.bias))
 
 
-def quantization_config(config: QuantConfig, modules: list[str], desc_act: bool, source: str | None = None) -> dict:
-    return {
+def quantization_config(config: QuantConfig, results: dict[str, QuantResult], source: str | None = None) -> dict:
+    modules = sorted(results)
+    qcfg = {
         "quant_method": "gptq",
         "format": "gptq",
         "checkpoint_format": "gptq_v2",
         "pack_dtype": "int32",
         "bits": config.bits,
         "group_size": config.group_size,
-        "desc_act": desc_act,
-        "sym": config.sym,
+        "desc_act": reorders(results),
+        "sym": symmetric(results, config),
         "static_groups": config.static_groups,
         "true_sequential": config.true_sequential,
         "damp_percent": config.damp_percent,
@@ -80,6 +97,12 @@ def quantization_config(config: QuantConfig, modules: list[str], desc_act: bool,
             "modules": modules,
         },
     }
+    transform = input_transform(results)
+    if transform is not None:
+        # y = rotate(x / channel_scales) @ dequant(qweight)^T: per module buffers channel_scales
+        # (fp32 [in]) and, with rotation, pairs (int16 [krot, in]) and theta (fp32 [krot, in/2]).
+        qcfg["input_transform"] = transform
+    return qcfg
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,7 +127,7 @@ def save_quantized(
     source: str | None = None,
 ) -> Path:
     out = Path(out)
-    qcfg = quantization_config(config, sorted(results), reorders(results), source)
+    qcfg = quantization_config(config, results, source)
     with atomic_directory(out) as tmp:
         save_file(_unique_tensors(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         cfg = json.loads(model.config.to_json_string())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -31,6 +31,7 @@ class QuantConfig(BaseModel):
     calib_samples: int = Field(128, gt=0)
     seqlen: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
 
     @field_validator("method")
     @classmethod
@@ -55,6 +56,13 @@ class QuantConfig(BaseModel):
             raise ValueError(f"grid {self.grid!r} needs bits in {list(allowed)}, not {self.bits}")
         if not self.sym and self.grid != UniformGrid.name:
             raise ValueError(f"sym=False (asymmetric) only applies to grid {UniformGrid.name!r}, not {self.grid!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "QuantConfig":
+        from .methods import METHODS
+
+        METHODS[self.method].parse_options(self.options)
         return self
 
     @classmethod

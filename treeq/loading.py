@@ -78,10 +78,16 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantized = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    rotation = qcfg.get("input_transform", {}).get("rotation", {})
     for name in quantized:
         linear = model.get_submodule(name)
         fmt = linear_format_from(qcfg, linear.in_features, linear.out_features)
-        set_module(model, name, QuantLinear(fmt, linear.bias is not None, dtype))
+        krot = None
+        if f"{name}.channel_scales" in state:
+            pairs = state.get(f"{name}.pairs")
+            krot = 0 if pairs is None else pairs.shape[0]
+        layer = QuantLinear(fmt, linear.bias is not None, dtype, krot, rotation.get("group_size", 0))
+        set_module(model, name, layer)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise TreeqError(f"{path}: weights not in the model: {', '.join(result.unexpected_keys[:5])}")

@@ -236,3 +236,27 @@ def dequantize_grouped(
     """Weight [out, in] from codes [out, in] and per-group params [groups, out] indexed by g_idx."""
     g = g_idx.long()
     return dequantize(codes, scales.float()[g].T, zeros.float()[g].T, GRIDS[grid].offset)
+
+
+def _ste(value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, the identity's gradient to ``through`` in the backward."""
+    return through + (value - through).detach()
+
+
+def minmax_params(w: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable asymmetric scale and (real-valued) zero point per row of ``w``, from its
+    min and max; the start point of learned quantizers."""
+    lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    scale = _ste((hi - lo).clamp(min=1e-5), hi - lo) / maxq
+    return scale, -lo / scale
+
+
+def fake_quantize_learned(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """:meth:`UniformGrid.fake_quantize` with learnable ``scale`` and real ``zero``: rounding and
+    clamping pass gradients straight through, the scale is the fp16 value a checkpoint stores and
+    the zero point the integer it stores, so the exported codes dequantize to this very weight."""
+    scale = _ste(scale.clamp(min=1e-5).to(SCALE_DTYPE).float(), scale)
+    zero = _ste(torch.round(zero).clamp(0, maxq), zero)
+    codes = _ste(torch.round(w / scale), w / scale) + zero
+    codes = _ste(codes.clamp(0, maxq), codes)
+    return (codes - zero) * scale
