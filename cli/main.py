@@ -84,6 +84,20 @@ def _print_ppl(label: str, result) -> None:
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="calibration sequences per forward")
 @click.option("--calib-text", default="wiki-train", show_default=True, help="wiki-train, news, or a text file")
+@click.option(
+    "--routing",
+    default="normal",
+    show_default=True,
+    help="MoE calibration routing: normal, bypass (every expert sees every token), all, or a top-k number",
+)
+@click.option(
+    "--fallback-fraction",
+    type=float,
+    default=0.005,
+    show_default=True,
+    help="modules (experts) seeing fewer than this fraction of calibration tokens use --fallback-method",
+)
+@click.option("--fallback-method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output directory (must not exist)")
 @click.option("--device", default="auto", show_default=True)
 @click.option(
@@ -108,6 +122,9 @@ def quantize(
     seqlen,
     batch_size,
     calib_text,
+    routing,
+    fallback_fraction,
+    fallback_method,
     out,
     device,
     evaluate,
@@ -130,6 +147,9 @@ def quantize(
         calib_samples=calib_samples,
         seqlen=seqlen,
         batch_size=batch_size,
+        routing=routing,
+        fallback_fraction=fallback_fraction,
+        fallback_method=fallback_method,
     )
     if out is None:
         name = DEFAULT_MODEL if builtin else Path(model).name
@@ -184,6 +204,7 @@ def spec_check(model):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from treeq.experts import layer_modules, unfuse_experts
     from treeq.models import check_spec, spec_for
 
     config = AutoConfig.from_pretrained(treeq.api.model_path(model))
@@ -192,9 +213,11 @@ def spec_check(model):
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     check_spec(skeleton, spec_)
-    n_layers = len(skeleton.get_submodule(spec_.layers))
+    unfuse_experts(skeleton, spec_)
+    layers = skeleton.get_submodule(spec_.layers)
+    n_linears = sum(len(layer_modules(layer, spec_)) for layer in layers)
     click.echo(
-        f"OK: {config.model_type} spec covers {len(spec_.modules)} linears x {n_layers} layers "
+        f"OK: {config.model_type} spec covers {n_linears} linears in {len(layers)} layers "
         f"in subsets {', '.join(s.name for s in spec_.subsets)}"
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,10 @@ from .checkpoint import WEIGHTS_NAME, save_quantized, swap_in_quantized
 from .config import QuantConfig
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
+from .experts import calibration_routing, layer_modules, unfuse_experts
 from .kernels import LinearFormat, explain, select_kernel
 from .loading import load_quantized, read_quantization_config
-from .looper import quantize_layers
+from .looper import Fallback, quantize_layers
 from .methods import make_method
 from .models import check_spec, spec_for
 from .perplexity import PerplexityResult, perplexity
@@ -65,7 +67,7 @@ def check_quantizable(model, spec, config: QuantConfig) -> None:
     """Fail before any work if a module's shape does not fit the grid or the packing."""
     codes_per_period, _ = packing.period(config.bits)
     for i, layer in enumerate(model.get_submodule(spec.layers)):
-        for name in spec.modules:
+        for name in layer_modules(layer, spec):
             lin = layer.get_submodule(name)
             where = f"{spec.layers}.{i}.{name}"
             if config.group_size != -1 and lin.in_features % config.group_size:
@@ -115,22 +117,28 @@ def quantize(
         model, tokenizer = load_fp_model(model)
     spec = spec_for(model.config)
     check_spec(model, spec)
+    unfuse_experts(model, spec)
     check_quantizable(model, spec, config)
     batches = data.calibration_batches(
         tokenizer, data.read_text(calib_text), config.calib_samples, config.seqlen, config.batch_size
     )
     log = log or QuantLog(echo=tqdm.write)
     start = time.perf_counter()
-    results = quantize_layers(
-        model,
-        spec,
-        make_method(config),
-        batches,
-        resolve_device(device),
-        config.true_sequential,
-        log,
-        workers or torch.get_num_threads(),
-    )
+    calib_tokens = sum(b.numel() for b in batches)
+    fallback_method = make_method(config.model_copy(update={"method": config.fallback_method}))
+    fallback = Fallback(fallback_method, math.ceil(config.fallback_fraction * calib_tokens))
+    with calibration_routing(model, spec, config.routing):
+        results = quantize_layers(
+            model,
+            spec,
+            make_method(config),
+            batches,
+            resolve_device(device),
+            config.true_sequential,
+            log,
+            workers or torch.get_num_threads(),
+            fallback,
+        )
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start
     save_quantized(model, tokenizer, config, results, out, log, source=model.config._name_or_path or None)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import experts
 from .lockstep import run_lockstep
 from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
@@ -95,20 +96,51 @@ def _forwards(layer, inputs: LayerInputs, index: int) -> list:
     return [functools.partial(layer, h, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs[index])]
 
 
-def _collect(layer, subsets: tuple[Subset, ...], stats: dict[str, InputStats], inputs: LayerInputs, index: int):
+@dataclass
+class BoundSubset:
+    """A subset bound to one layer: the modules its input passes first (the lockstep barrier), and
+    its module names in groups that share one input's statistics (one group per expert for routed
+    experts, each fed only its own tokens)."""
+
+    name: str
+    taps: list[nn.Module]
+    groups: list[tuple[InputStats, list[str]]]
+
+    def record(self, x) -> None:
+        if len(self.groups) == 1:
+            self.groups[0][0].add(x)
+            return
+        for (stats, _), xe in zip(self.groups, x):
+            if len(xe):  # an expert no token of this batch was routed to
+                stats.add(xe)
+
+
+def bind(layer: nn.Module, spec: TreeSpec, subset: Subset, method: Method, device) -> BoundSubset:
+    groups = [
+        (method.stats(layer.get_submodule(names[0]).in_features, device), names)
+        for names in experts.module_groups(layer, spec, subset)
+    ]
+    return BoundSubset(subset.name, experts.input_taps(layer, spec, subset), groups)
+
+
+def bind_layer(layer: nn.Module, spec: TreeSpec, method: Method, device) -> list[BoundSubset]:
+    return [bind(layer, spec, s, method, device) for s in spec.subsets if experts.present(layer, spec, s)]
+
+
+def _collect(layer, bound: list[BoundSubset], inputs: LayerInputs, index: int):
     """One fp pass feeding each subset's input to its stats; the first module of a subset to run
     records the input for all of them, since they share it."""
     seen: set[str] = set()
 
-    def hook_for(name):
+    def hook_for(b: BoundSubset):
         def hook(_module, args):
-            if name not in seen:
-                stats[name].add(args[0])
-                seen.add(name)
+            if b.name not in seen:
+                b.record(args[0])
+                seen.add(b.name)
 
         return hook
 
-    handles = [layer.get_submodule(m).register_forward_pre_hook(hook_for(s.name)) for s in subsets for m in s.modules]
+    handles = [tap.register_forward_pre_hook(hook_for(b)) for b in bound for tap in b.taps]
     try:
         for forward in _forwards(layer, inputs, index):
             seen.clear()
@@ -116,6 +148,15 @@ def _collect(layer, subsets: tuple[Subset, ...], stats: dict[str, InputStats], i
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class Fallback:
+    """Modules whose input statistics hold fewer than ``min_samples`` tokens (experts the router
+    rarely picks) are quantized by ``method`` instead, and the log says so."""
+
+    method: Method
+    min_samples: int
 
 
 def quantize_layers(
@@ -127,6 +168,7 @@ def quantize_layers(
     true_sequential: bool = True,
     log: QuantLog | None = None,
     workers: int = 1,
+    fallback: Fallback | None = None,
 ) -> dict[str, QuantResult]:
     """Quantize every module the spec names; returns results by full module name.
 
@@ -142,21 +184,20 @@ def quantize_layers(
         inputs = capture_inputs(model, spec, batches, device)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
             layer.to(device)
-            stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in spec.subsets}
+            bound = bind_layer(layer, spec, method, device)
 
-            def quantize(subset: Subset) -> None:
-                for name, result in _quantize_subset(layer, subset, method, stats.pop(subset.name), index, log, pool):
+            def quantize(b: BoundSubset) -> None:
+                for name, result in _quantize_subset(layer, b, method, index, log, pool, fallback):
                     results[f"{spec.layers}.{index}.{name}"] = result
+                b.groups.clear()  # frees the statistics
 
             if true_sequential:
-                barriers = [
-                    (s.name, [layer.get_submodule(m) for m in s.modules], stats[s.name].add) for s in spec.subsets
-                ]
-                outputs = run_lockstep(_forwards(layer, inputs, index), barriers, lambda k: quantize(spec.subsets[k]))
+                barriers = [(b.name, b.taps, b.record) for b in bound]
+                outputs = run_lockstep(_forwards(layer, inputs, index), barriers, lambda k: quantize(bound[k]))
             else:
-                _collect(layer, spec.subsets, stats, inputs, index)
-                for s in spec.subsets:
-                    quantize(s)
+                _collect(layer, bound, inputs, index)
+                for b in bound:
+                    quantize(b)
                 outputs = [forward() for forward in _forwards(layer, inputs, index)]
             inputs.hidden = [_first_output(o) for o in outputs]
             layer.to("cpu")
@@ -168,12 +209,20 @@ def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> 
     return method.quantize(weight, stats), time.perf_counter() - start
 
 
-def _quantize_subset(layer, subset: Subset, method: Method, stats: InputStats, index: int, log: QuantLog, pool):
-    """Quantize a subset's modules concurrently (they are independent given the shared stats), then
+def _quantize_subset(
+    layer, bound: BoundSubset, method: Method, index: int, log: QuantLog, pool, fallback: Fallback | None = None
+):
+    """Quantize a subset's modules concurrently (they are independent given their stats), then
     install the fake-quantized weights and log in spec order, so results do not depend on timing."""
-    modules = [(name, layer.get_submodule(name)) for name in subset.modules]
-    futures = [pool.submit(_timed_quantize, method, m.weight.data, stats) for _, m in modules]
-    for (name, module), future in zip(modules, futures):
+    jobs = []
+    for stats, names in bound.groups:
+        starved = fallback is not None and stats.tokens < fallback.min_samples
+        chosen = fallback.method if starved else method
+        for name in names:
+            module = layer.get_submodule(name)
+            future = pool.submit(_timed_quantize, chosen, module.weight.data, stats)
+            jobs.append((name, module, stats, chosen.name if starved else "", future))
+    for name, module, stats, fell_back, future in jobs:
         result, seconds = future.result()
         module.weight.data = result.weight().to(module.weight.dtype)
         log.add(
@@ -186,6 +235,7 @@ def _quantize_subset(layer, subset: Subset, method: Method, stats: InputStats, i
                 samples=stats.tokens,
                 seconds=seconds,
                 peak_mem_mb=peak_memory_mb(stats.h.device),
+                fallback=fell_back,
             )
         )
         yield name, result
