@@ -106,10 +106,13 @@ def text_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    """A saved tiny Llama, as a user's local model directory."""
-    path = tmp_path / "tiny-llama"
-    make_model("llama").save_pretrained(path)
+def save_model_dir(path, arch, tokenizer):
+    """A saved tiny model, as a user's local model directory."""
+    make_model(arch).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    return save_model_dir(tmp_path / "tiny-llama", "llama", tokenizer)

@@ -5,26 +5,16 @@ import json
 
 import pytest
 import torch
-from conftest import MOE_ARCHS, make_model
+from conftest import MOE_ARCHS, make_model, save_model_dir
 from safetensors import safe_open
 from test_cli import one_line_error, quantize_args, run
+from test_end_to_end import logits, quick_config
 
 import treeq
 from treeq.experts import UnfusedExperts, unfuse_experts
 from treeq.models import check_spec, spec_for
 from treeq.quant_linear import QuantLinear
 from treeq.quant_log import QuantLog
-
-
-def quick_config(**kw):
-    base = dict(method="gptq", bits=4, group_size=32, calib_samples=8, seqlen=64, batch_size=4)
-    base.update(kw)
-    return treeq.QuantConfig(**base)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 def quantize(model, tmp_path, tokenizer, text_file, name="q", **kw):
@@ -149,15 +139,8 @@ def test_top_k_beyond_the_experts_is_a_clear_error(tmp_path, tokenizer, text_fil
         quantize(make_model("mixtral"), tmp_path, tokenizer, text_file, routing=9)
 
 
-@pytest.fixture
-def moe_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny-deepseek"
-    make_model("deepseek_v3").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_cli_spec_check_and_quantize_with_routing(moe_dir, text_file, tmp_path):
+def test_cli_spec_check_and_quantize_with_routing(tokenizer, text_file, tmp_path):
+    moe_dir = save_model_dir(tmp_path / "tiny-deepseek", "deepseek_v3", tokenizer)
     r = run("spec", "check", moe_dir)
     assert r.exit_code == 0, r.output
     assert "covers 72 linears in 3 layers" in r.output  # 5 MLA + 3 dense, then 2 x (5 + 8 x 3 experts + 3 shared)

@@ -1,7 +1,7 @@
 """DeepSeek-V3: multi-head latent attention (low-rank q and kv with norms between the halves),
 dense MLPs in the first ``first_k_dense_replace`` layers, then routed experts and a shared expert."""
 
-from .moe import DENSE_MLP, EXPERTS
+from .moe import DENSE_MLP, EXPERTS, gated_mlp
 from .spec import Subset, TreeSpec
 
 SPEC = TreeSpec(
@@ -18,18 +18,7 @@ SPEC = TreeSpec(
         Subset(name="o", modules=("self_attn.o_proj",), fed_by="self_attn.kv_b_proj"),
         *DENSE_MLP,
         *EXPERTS.subsets(fed_by="post_attention_layernorm"),
-        Subset(
-            name="shared_experts.gate_up",
-            modules=("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
-            fed_by="post_attention_layernorm",
-            optional=True,
-        ),
-        Subset(
-            name="shared_experts.down",
-            modules=("mlp.shared_experts.down_proj",),
-            fed_by="mlp.shared_experts.up_proj",
-            optional=True,
-        ),
+        *gated_mlp("mlp.shared_experts"),
     ),
     experts=EXPERTS,
 )
