@@ -101,6 +101,11 @@ def _print_ppl(label: str, result) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output directory (must not exist)")
 @click.option("--device", default="auto", show_default=True)
 @click.option(
+    "--devices",
+    default=None,
+    help="quantize modules in one worker thread per listed device, e.g. cuda:0,cuda:1 or cpu,cpu",
+)
+@click.option(
     "--eval/--no-eval",
     "evaluate",
     default=None,
@@ -127,6 +132,7 @@ def quantize(
     fallback_method,
     out,
     device,
+    devices,
     evaluate,
     eval_windows,
     threads,
@@ -160,7 +166,7 @@ def quantize(
     fp, tok = treeq.load_fp_model(model)
     click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
     fp_ppl = treeq.evaluate_perplexity(fp, tok, max_windows=eval_windows) if evaluate else None
-    report = treeq.quantize(fp, config, out, tokenizer=tok, calib_text=calib_text, device=device)
+    report = treeq.quantize(fp, config, out, tokenizer=tok, calib_text=calib_text, device=device, devices=devices)
     click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
     if fp_ppl is not None:
         q_ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows)

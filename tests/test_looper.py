@@ -26,7 +26,7 @@ def _naive_true_sequential(model, spec, method, batches, fallback=None):
     inputs = looper.capture_inputs(model, spec, batches, torch.device("cpu"))
     with torch.no_grad(), ThreadPoolExecutor(1) as pool:
         for index, layer in enumerate(model.get_submodule(spec.layers)):
-            for bound in looper.bind_layer(layer, spec, method, "cpu"):
+            for bound in looper.bind_layer(layer, spec, method, [torch.device("cpu")]):
                 looper._collect(layer, [bound], inputs, index)
                 for name, r in looper._quantize_subset(layer, bound, method, index, QuantLog(), pool, fallback):
                     results[f"{spec.layers}.{index}.{name}"] = r

@@ -17,9 +17,16 @@ from treeq.quant_linear import QuantLinear
 from treeq.quant_log import QuantLog
 
 
-def quantize(model, tmp_path, tokenizer, text_file, name="q", **kw):
+def quantize(model, tmp_path, tokenizer, text_file, name="q", workers=None, devices=None, **kw):
     return treeq.quantize(
-        model, quick_config(**kw), tmp_path / name, tokenizer=tokenizer, calib_text=str(text_file), log=QuantLog(str)
+        model,
+        quick_config(**kw),
+        tmp_path / name,
+        tokenizer=tokenizer,
+        calib_text=str(text_file),
+        log=QuantLog(str),
+        workers=workers,
+        devices=devices,
     )
 
 
@@ -134,6 +141,13 @@ def test_top_k_override_routes_each_token_to_that_many_experts(tmp_path, tokeniz
     assert all(layer.mlp.gate.top_k == 2 for layer in model.model.layers)  # restored
 
 
+def test_dispatch_over_two_devices_writes_the_serial_checkpoint_bit_for_bit(tmp_path, tokenizer, text_file):
+    quantize(make_model("qwen2_moe"), tmp_path, tokenizer, text_file, "serial", workers=1, desc_act=True)
+    quantize(make_model("qwen2_moe"), tmp_path, tokenizer, text_file, "two", devices="cpu,cpu", desc_act=True)
+    weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("serial", "two")]
+    assert weights[0] == weights[1]
+
+
 def test_top_k_beyond_the_experts_is_a_clear_error(tmp_path, tokenizer, text_file):
     with pytest.raises(treeq.TreeqError, match="routing=9 exceeds the 8 experts"):
         quantize(make_model("mixtral"), tmp_path, tokenizer, text_file, routing=9)
@@ -145,7 +159,8 @@ def test_cli_spec_check_and_quantize_with_routing(tokenizer, text_file, tmp_path
     assert r.exit_code == 0, r.output
     assert "covers 72 linears in 3 layers" in r.output  # 5 MLA + 3 dense, then 2 x (5 + 8 x 3 experts + 3 shared)
     out = tmp_path / "q"
-    r = run(*quantize_args(moe_dir, text_file, out, "--routing", "all", "--fallback-fraction", 0.01))
+    extra = ("--routing", "all", "--fallback-fraction", 0.01, "--devices", "cpu,cpu")
+    r = run(*quantize_args(moe_dir, text_file, out, *extra))
     assert r.exit_code == 0, r.output
     assert "mlp.experts.7.down_proj" in r.output and "fallback" in r.output
     settings = json.loads((out / "quantize_config.json").read_text())["meta"]["settings"]

@@ -33,6 +33,16 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def parse_devices(devices: str | list[str] | None) -> list[torch.device] | None:
+    if devices is None:
+        return None
+    names = devices.split(",") if isinstance(devices, str) else devices
+    try:
+        return [torch.device(n.strip()) for n in names]
+    except RuntimeError as e:
+        raise TreeqError(f"devices={devices!r}: {e}; give a comma-separated list such as cpu,cpu or cuda:0,cuda:1")
+
+
 def model_path(model: str | None) -> Path:
     if model in (None, DEFAULT_MODEL):
         return default_model_path()
@@ -102,12 +112,15 @@ def quantize(
     device: str | None = None,
     log: QuantLog | None = None,
     workers: int | None = None,
+    devices: str | list[str] | None = None,
 ) -> QuantizeReport:
     """Calibrate, quantize layer by layer, and save a GPTQ-format checkpoint to ``out``.
 
     ``model`` is a local directory, None for the built-in default, or a loaded PreTrainedModel
     (then ``tokenizer`` is required). The model passed in is quantized in place. ``workers``
-    threads quantize a subset's modules side by side (default: torch's thread count).
+    threads quantize a subset's modules side by side (default: torch's thread count), spread over
+    ``devices`` ("cuda:0,cuda:1", or ["cpu", "cpu"]: one worker each) when given; the checkpoint is
+    the same bit for bit whatever the workers and devices.
     """
     config = config or QuantConfig()
     out = Path(out)
@@ -138,6 +151,7 @@ def quantize(
             log,
             workers or torch.get_num_threads(),
             fallback,
+            parse_devices(devices),
         )
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,19 +113,20 @@ class BoundSubset:
             return
         for (stats, _), xe in zip(self.groups, x):
             if len(xe):  # an expert no token of this batch was routed to
-                stats.add(xe)
+                stats.add(xe.to(stats.h.device))
 
 
-def bind(layer: nn.Module, spec: TreeSpec, subset: Subset, method: Method, device) -> BoundSubset:
+def bind(layer: nn.Module, spec: TreeSpec, subset: Subset, method: Method, devices: list) -> BoundSubset:
+    """Statistics groups go round-robin over ``devices``; each module is quantized on its group's."""
     groups = [
-        (method.stats(layer.get_submodule(names[0]).in_features, device), names)
-        for names in experts.module_groups(layer, spec, subset)
+        (method.stats(layer.get_submodule(names[0]).in_features, devices[j % len(devices)]), names)
+        for j, names in enumerate(experts.module_groups(layer, spec, subset))
     ]
     return BoundSubset(subset.name, experts.input_taps(layer, spec, subset), groups)
 
 
-def bind_layer(layer: nn.Module, spec: TreeSpec, method: Method, device) -> list[BoundSubset]:
-    return [bind(layer, spec, s, method, device) for s in spec.subsets if experts.present(layer, spec, s)]
+def bind_layer(layer: nn.Module, spec: TreeSpec, method: Method, devices: list) -> list[BoundSubset]:
+    return [bind(layer, spec, s, method, devices) for s in spec.subsets if experts.present(layer, spec, s)]
 
 
 def _collect(layer, bound: list[BoundSubset], inputs: LayerInputs, index: int):
@@ -169,26 +171,32 @@ def quantize_layers(
     log: QuantLog | None = None,
     workers: int = 1,
     fallback: Fallback | None = None,
+    devices: list[torch.device] | None = None,
 ) -> dict[str, QuantResult]:
     """Quantize every module the spec names; returns results by full module name.
 
     On return each quantized module holds its fake-quantized weight, which equals bit for bit what
-    a kernel reconstructs from the packed result. ``workers`` threads quantize the modules of a
-    subset side by side; the results are the same for any number of workers.
+    a kernel reconstructs from the packed result. ``workers`` threads (at least one per entry of
+    ``devices``) quantize the modules of a subset side by side, each group of modules sharing an
+    input on one of ``devices`` (default: ``device``), where its statistics are accumulated; the
+    results are the same for any number of workers.
     """
     log = log or QuantLog()
     map_large_allocations()
     layers = model.get_submodule(spec.layers)
+    devices = devices or [device]
     results: dict[str, QuantResult] = {}
-    with torch.no_grad(), ThreadPoolExecutor(max(1, workers)) as pool:
+    workers = max(1, workers, len(devices))
+    with torch.no_grad(), ThreadPoolExecutor(workers) as pool:
         inputs = capture_inputs(model, spec, batches, device)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
             layer.to(device)
-            bound = bind_layer(layer, spec, method, device)
+            bound = bind_layer(layer, spec, method, devices)
 
             def quantize(b: BoundSubset) -> None:
-                for name, result in _quantize_subset(layer, b, method, index, log, pool, fallback):
-                    results[f"{spec.layers}.{index}.{name}"] = result
+                with _threads_per_job(sum(len(names) for _, names in b.groups), workers):
+                    for name, result in _quantize_subset(layer, b, method, index, log, pool, fallback):
+                        results[f"{spec.layers}.{index}.{name}"] = result
                 b.groups.clear()  # frees the statistics
 
             if true_sequential:
@@ -209,22 +217,32 @@ def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> 
     return method.quantize(weight, stats), time.perf_counter() - start
 
 
+@contextmanager
+def _threads_per_job(jobs: int, workers: int):
+    """Split the thread budget among the jobs that run at once, so workers x threads <= cores."""
+    budget = torch.get_num_threads()
+    per_job = max(1, budget // max(1, min(jobs, workers)))
+    torch.set_num_threads(per_job)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(budget)
+
+
 def _quantize_subset(
     layer, bound: BoundSubset, method: Method, index: int, log: QuantLog, pool, fallback: Fallback | None = None
 ):
     """Quantize a subset's modules concurrently (they are independent given their stats), then
     install the fake-quantized weights and log in spec order, so results do not depend on timing."""
-    jobs = []
+    planned = []
     for stats, names in bound.groups:
         starved = fallback is not None and stats.tokens < fallback.min_samples
         chosen = fallback.method if starved else method
-        for name in names:
-            module = layer.get_submodule(name)
-            future = pool.submit(_timed_quantize, chosen, module.weight.data, stats)
-            jobs.append((name, module, stats, chosen.name if starved else "", future))
-    for name, module, stats, fell_back, future in jobs:
+        planned += [(name, layer.get_submodule(name), stats, chosen, chosen.name if starved else "") for name in names]
+    futures = [pool.submit(_timed_quantize, q, m.weight.data.to(st.h.device), st) for _, m, st, q, _ in planned]
+    for (name, module, stats, _, fell_back), future in zip(planned, futures):
         result, seconds = future.result()
-        module.weight.data = result.weight().to(module.weight.dtype)
+        module.weight.data = result.weight().to(module.weight.device, module.weight.dtype)
         log.add(
             ModuleRecord(
                 layer=index,
