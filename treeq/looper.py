@@ -29,6 +29,7 @@ from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
 from .models import Subset, TreeSpec
 from .quant_log import ModuleRecord, QuantLog, peak_memory_mb
+from .scaling import can_fold, fold_input_scales
 
 
 class _Stop(Exception):
@@ -103,9 +104,13 @@ class BoundSubset:
     its module names in groups that share one input's statistics (one group per expert for routed
     experts, each fed only its own tokens)."""
 
-    name: str
+    subset: Subset
     taps: list[nn.Module]
     groups: list[tuple[InputStats, list[str]]]
+
+    @property
+    def name(self) -> str:
+        return self.subset.name
 
     def record(self, x) -> None:
         if len(self.groups) == 1:
@@ -122,7 +127,7 @@ def bind(layer: nn.Module, spec: TreeSpec, subset: Subset, method: Method, devic
         (method.stats(layer.get_submodule(names[0]).in_features, devices[j % len(devices)]), names)
         for j, names in enumerate(experts.module_groups(layer, spec, subset))
     ]
-    return BoundSubset(subset.name, experts.input_taps(layer, spec, subset), groups)
+    return BoundSubset(subset, experts.input_taps(layer, spec, subset), groups)
 
 
 def bind_layer(layer: nn.Module, spec: TreeSpec, method: Method, devices: list) -> list[BoundSubset]:
@@ -191,6 +196,8 @@ def quantize_layers(
         inputs = capture_inputs(model, spec, batches, device)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
             layer.to(device)
+            if method.rescales_inputs:
+                _rescale_inputs(layer, spec, method, inputs, index, device)
             bound = bind_layer(layer, spec, method, devices)
 
             def quantize(b: BoundSubset) -> None:
@@ -210,6 +217,22 @@ def quantize_layers(
             inputs.hidden = [_first_output(o) for o in outputs]
             layer.to("cpu")
     return results
+
+
+def _rescale_inputs(layer, spec: TreeSpec, method: Method, inputs: LayerInputs, index: int, device) -> None:
+    """One pass over the fp layer gathers every subset's input; the method picks per-channel scales
+    for each subset whose feeding op can absorb them, and they are folded in before quantizing.
+
+    Routed experts are left unscaled: their gate/up input comes from a norm that also feeds the
+    router and every other expert, so no one expert's scales can be folded into it."""
+    bound = [b for b in bind_layer(layer, spec, method, [device]) if not b.subset.per_expert]
+    _collect(layer, bound, inputs, index)
+    for b in bound:
+        s, (stats, _) = b.subset, b.groups[0]
+        if can_fold(layer, s.fed_by, stats.h.shape[0]):
+            weights = [layer.get_submodule(m).weight.data for m in s.modules]
+            scales = method.input_scales(weights, stats)
+            fold_input_scales(layer, s.modules, s.fed_by, scales, spec.norm_weight_offset)
 
 
 def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> tuple[QuantResult, float]:

@@ -72,6 +72,8 @@ def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor)
 
 class Method(ABC):
     name: ClassVar[str]
+    # Methods that rescale input channels get an fp pass over each layer first (see input_scales).
+    rescales_inputs: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config
@@ -86,3 +88,8 @@ class Method(ABC):
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
         """Quantize one [out, in] weight given its subset's input statistics."""
+
+    def input_scales(self, weights: list[torch.Tensor], stats: InputStats) -> torch.Tensor:
+        """Per-input-channel scales s for a subset's weights, from the fp layer's inputs. The looper
+        folds them in (W diag(s), the feeding op's output / s) before quantizing the layer."""
+        raise NotImplementedError(f"{self.name} does not rescale inputs")

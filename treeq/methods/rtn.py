@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import InputStats, Method, QuantResult, output_error
@@ -10,7 +12,8 @@ from .base import InputStats, Method, QuantResult, output_error
 class RTN(Method):
     name = "rtn"
 
-    def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
+    def round(self, weight: torch.Tensor) -> QuantResult:
+        """Codes and grid params of ``weight``, each group rounded on its own grid; loss not set."""
         w = weight.float()
         out, n_in = w.shape
         gs = self.group_size(n_in)
@@ -20,8 +23,11 @@ class RTN(Method):
         codes = self.grid.quantize(groups, scales[..., None], zeros[..., None])
         codes = codes.transpose(0, 1).reshape(out, n_in).to(torch.uint8)
         g_idx = torch.arange(n_in, device=w.device, dtype=torch.int32) // gs
-        result = QuantResult(codes, scales.half(), zeros.int(), g_idx, loss=0.0)
-        result.loss = output_error(w, result.weight(), stats.h)
+        return QuantResult(codes, scales.half(), zeros.int(), g_idx, loss=math.nan)
+
+    def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
+        result = self.round(weight)
+        result.loss = output_error(weight, result.weight(), stats.h)
         return result
 
 

@@ -77,6 +77,8 @@ class TreeSpec(BaseModel):
     subsets: tuple[Subset, ...] = Field(min_length=1)
     experts: ExpertGroup | None = None
     keep_fp: tuple[str, ...] = ()
+    # Norms compute x_normed * (offset + weight); Gemma's use offset 1. Scale folding needs to know.
+    norm_weight_offset: float = 0.0
 
     @model_validator(mode="after")
     def _each_module_once(self) -> "TreeSpec":
