@@ -106,6 +106,11 @@ def _print_ppl(label: str, result) -> None:
     help="quantize modules in one worker thread per listed device, e.g. cuda:0,cuda:1 or cpu,cpu",
 )
 @click.option(
+    "--low-memory",
+    is_flag=True,
+    help="stream MODEL one decoder layer at a time: peak memory about one layer's fp weights",
+)
+@click.option(
     "--eval/--no-eval",
     "evaluate",
     default=None,
@@ -133,6 +138,7 @@ def quantize(
     out,
     device,
     devices,
+    low_memory,
     evaluate,
     eval_windows,
     threads,
@@ -162,11 +168,17 @@ def quantize(
         out = _free_path(Path("treeq-out") / f"{name}-{method}-w{bits}g{group_size}")
     elif out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
+    run = dict(calib_text=calib_text, device=device, devices=devices)
+    if low_memory:
+        # Perplexity would need the whole fp model in memory; `treeq eval OUT` measures the result.
+        report = treeq.quantize(model, config, out, low_memory=True, **run)
+        click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
+        return
     evaluate = builtin if evaluate is None else evaluate
     fp, tok = treeq.load_fp_model(model)
-    click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
     fp_ppl = treeq.evaluate_perplexity(fp, tok, max_windows=eval_windows) if evaluate else None
-    report = treeq.quantize(fp, config, out, tokenizer=tok, calib_text=calib_text, device=device, devices=devices)
+    report = treeq.quantize(fp, config, out, tokenizer=tok, **run)
     click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
     if fp_ppl is not None:
         q_ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows)

@@ -91,6 +91,17 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_metadata(directory: Path, model_config, tokenizer, qcfg: dict, log: QuantLog) -> None:
+    """Everything of a checkpoint but its weights: config.json with quantization_config,
+    quantize_config.json, the tokenizer and quant_log.csv."""
+    cfg = json.loads(model_config.to_json_string())
+    cfg["quantization_config"] = qcfg
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    (directory / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
+    tokenizer.save_pretrained(directory)
+    log.save(directory)
+
+
 def save_quantized(
     model,
     tokenizer,
@@ -104,10 +115,5 @@ def save_quantized(
     qcfg = quantization_config(config, sorted(results), reorders(results), source)
     with atomic_directory(out) as tmp:
         save_file(_unique_tensors(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        cfg = json.loads(model.config.to_json_string())
-        cfg["quantization_config"] = qcfg
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
-        tokenizer.save_pretrained(tmp)
-        log.save(tmp)
+        write_metadata(tmp, model.config, tokenizer, qcfg, log)
     return out

@@ -177,6 +177,7 @@ def quantize_layers(
     workers: int = 1,
     fallback: Fallback | None = None,
     devices: list[torch.device] | None = None,
+    stream=None,
 ) -> dict[str, QuantResult]:
     """Quantize every module the spec names; returns results by full module name.
 
@@ -185,6 +186,9 @@ def quantize_layers(
     ``devices``) quantize the modules of a subset side by side, each group of modules sharing an
     input on one of ``devices`` (default: ``device``), where its statistics are accumulated; the
     results are the same for any number of workers.
+
+    A ``stream`` (:class:`treeq.streaming.LayerStream`) loads each layer's weights before it is
+    quantized and takes its results afterwards; they are then not kept in the returned dict.
     """
     log = log or QuantLog()
     map_large_allocations()
@@ -195,7 +199,10 @@ def quantize_layers(
     with torch.no_grad(), ThreadPoolExecutor(workers) as pool:
         inputs = capture_inputs(model, spec, batches, device)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
+            if stream is not None:
+                stream.load(index, layer)
             layer.to(device)
+            layer_results: dict[str, QuantResult] = {}
             if method.rescales_inputs:
                 _rescale_inputs(layer, spec, method, inputs, index, device)
             bound = bind_layer(layer, spec, method, devices)
@@ -203,7 +210,7 @@ def quantize_layers(
             def quantize(b: BoundSubset) -> None:
                 with _threads_per_job(sum(len(names) for _, names in b.groups), workers):
                     for name, result in _quantize_subset(layer, b, method, index, log, pool, fallback):
-                        results[f"{spec.layers}.{index}.{name}"] = result
+                        layer_results[f"{spec.layers}.{index}.{name}"] = result
                 b.groups.clear()  # frees the statistics
 
             if true_sequential:
@@ -216,6 +223,10 @@ def quantize_layers(
                 outputs = [forward() for forward in _forwards(layer, inputs, index)]
             inputs.hidden = [_first_output(o) for o in outputs]
             layer.to("cpu")
+            if stream is not None:
+                stream.emit(index, layer, layer_results)
+            else:
+                results.update(layer_results)
     return results
 
 
