@@ -29,14 +29,17 @@ from treeq.quant_log import QuantLog
 from treeq.speed import measure_speeds
 
 
-def _median_seconds(fn, repeats: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _median_seconds(fns: list, repeats: int = 40) -> list[float]:
+    """Median time of each function, called in turns so load from other processes hits all alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def _quant_linear(bits: int, group_size: int, n: int) -> QuantLinear:
@@ -52,18 +55,16 @@ def _quant_linear(bits: int, group_size: int, n: int) -> QuantLinear:
 def matmul_table(threads: list[int], n: int = 4096) -> None:
     dense = torch.randn(n, n, dtype=torch.bfloat16) * 0.02
     layers = {"int4 g128": _quant_linear(4, 128, n), "int8 row": _quant_linear(8, -1, n)}
-    print(f"\nmatmul {n}x{n}, median of 30 calls, times in ms; ratio = bf16 time / kernel time")
+    print(f"\nmatmul {n}x{n}, median of 40 calls taken in turns, times in ms; ratio = bf16 time / kernel time")
     print(f"{'threads':>7} {'M':>4} {'bf16':>8} " + " ".join(f"{k:>10} {'ratio':>6}" for k in layers))
     for t in threads:
         torch.set_num_threads(t)
         for m in (1, 4, 16, 64):
             x = torch.randn(m, n, dtype=torch.bfloat16)
             with torch.no_grad():
-                base = _median_seconds(lambda: F.linear(x, dense))
-                cells = []
-                for layer in layers.values():
-                    s = _median_seconds(lambda: layer(x))
-                    cells.append(f"{s * 1e3:>10.3f} {base / s:>5.2f}x")
+                fns = [lambda: F.linear(x, dense)] + [lambda layer=layer: layer(x) for layer in layers.values()]
+                base, *kernel_times = _median_seconds(fns)
+            cells = [f"{s * 1e3:>10.3f} {base / s:>5.2f}x" for s in kernel_times]
             print(f"{t:>7} {m:>4} {base * 1e3:>8.3f} " + " ".join(cells))
     print(f"kernels: {', '.join(f'{k} -> {v.kernel.name}' for k, v in layers.items())}")
 

@@ -14,6 +14,7 @@ import torch
 import treeq
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
+from treeq.eval_tasks import TASKS, task_dir
 from treeq.methods import METHODS
 from treeq.numerics import SUPPORTED_BITS
 
@@ -195,9 +196,11 @@ def quantize(
 @click.option("--max-windows", type=int, default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--kernel", default=None, help="force a kernel by name")
+@click.option("--tasks", default=None, help=f"lm-eval tasks, comma-separated, or 'all': {', '.join(TASKS)}")
+@click.option("--limit", type=click.IntRange(1), default=None, help="at most this many documents per task")
 @threads_option
 @user_errors
-def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, threads):
+def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, tasks, limit, threads):
     """Evaluate TARGET: a treeq checkpoint, a local fp model, or (omitted) the built-in model."""
     _set_threads(threads)
     if target is not None and treeq.api.is_quantized_checkpoint(target):
@@ -207,6 +210,82 @@ def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, threads):
         model.to(treeq.api.resolve_device(device))
     if ppl:
         _print_ppl(target or DEFAULT_MODEL, treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows))
+    if tasks:
+        names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",")]
+        for task, metrics in treeq.evaluate_tasks(model, tok, names, limit).items():
+            click.echo(f"{task}: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        click.echo(f"(task definitions: lm_eval --include_path {task_dir()})")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--methods", default="rtn,gptq,awq", show_default=True)
+@click.option("--bits", "bits_list", default="4,3", show_default=True)
+@click.option("--group-size", type=int, default=None, help=f"default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)")
+@click.option("--tasks", default=None, help=f"lm-eval tasks too, comma-separated or 'all': {', '.join(TASKS)}")
+@click.option("--limit", type=click.IntRange(1), default=None, help="at most this many documents per task")
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--calib-text", default="wiki-train", show_default=True)
+@click.option("--eval-text", default="wiki-test", show_default=True)
+@click.option("--eval-seqlen", type=int, default=1024, show_default=True)
+@click.option("--eval-windows", type=int, default=32, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="directory for checkpoints and tables")
+@threads_option
+@user_errors
+def compare(
+    model,
+    methods,
+    bits_list,
+    group_size,
+    tasks,
+    limit,
+    calib_samples,
+    seqlen,
+    calib_text,
+    eval_text,
+    eval_seqlen,
+    eval_windows,
+    out,
+    threads,
+):
+    """Quantize MODEL with each method and bit width; one table of size, time, perplexity and tasks."""
+    _set_threads(threads)
+    if group_size is None:
+        group_size = DEFAULT_GROUP_SIZE if model is None else 128
+    out = out or _free_path(Path("treeq-out") / f"compare-{DEFAULT_MODEL if model is None else Path(model).name}")
+    task_names = (list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",")]) if tasks else []
+    treeq.compare(
+        model,
+        [m.strip() for m in methods.split(",")],
+        [int(b) for b in bits_list.split(",")],
+        out,
+        group_size=group_size,
+        tasks=tuple(task_names),
+        limit=limit,
+        calib_text=calib_text,
+        eval_text=eval_text,
+        eval_seqlen=eval_seqlen,
+        eval_windows=eval_windows,
+        calib_samples=calib_samples,
+        seqlen=seqlen,
+    )
+    click.echo((out / "compare.md").read_text())
+    click.echo(f"written: {out / 'compare.md'}, {out / 'compare.csv'}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--png", type=click.Path(path_type=Path), default=None, help="default: DIRECTORY/errors.png")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True)
+@user_errors
+def report(directory, png, top):
+    """Plot DIRECTORY's per-layer, per-module quantization loss and name the hardest modules."""
+    rep = treeq.error_report(directory, png, top)
+    click.echo(f"plot: {rep.png}")
+    click.echo("hardest modules (loss / median loss of the same module in other layers):")
+    for r in rep.hardest:
+        click.echo(f"  layer {r['layer']:>3} {r['module']:<22} loss {r['loss']:.4e}")
 
 
 @main.group()

@@ -2,7 +2,18 @@
 
 __version__ = "0.1.0"
 
-from .api import bench, evaluate_perplexity, generate, inspect_checkpoint, load, load_fp_model, quantize  # noqa: E402
+from .api import (
+    bench,
+    compare,
+    error_report,
+    evaluate_perplexity,
+    evaluate_tasks,
+    generate,
+    inspect_checkpoint,
+    load,
+    load_fp_model,
+    quantize,
+)  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .errors import TreeqError  # noqa: E402
 
@@ -11,8 +22,11 @@ __all__ = [
     "TreeqError",
     "__version__",
     "bench",
+    "compare",
+    "error_report",
     "generate",
     "evaluate_perplexity",
+    "evaluate_tasks",
     "inspect_checkpoint",
     "load",
     "load_fp_model",

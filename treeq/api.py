@@ -13,9 +13,11 @@ from tqdm.auto import tqdm
 from . import data, packing
 from .atomic import atomic_directory
 from .checkpoint import quantization_config, save_quantized, swap_in_quantized, write_metadata
+from .compare import compare
 from .config import QuantConfig
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
+from .eval_tasks import TASKS, run_tasks
 from .experts import calibration_routing, layer_modules, unfuse_experts
 from .kernels import LinearFormat, explain, select_kernel
 from .loading import load_quantized, read_quantization_config
@@ -25,6 +27,7 @@ from .models import check_spec, spec_for
 from .perplexity import PerplexityResult, perplexity
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
+from .report import ErrorReport, error_report
 from .speed import Speed, generate, measure_speeds
 from .streaming import LayerStream, ShardReader
 
@@ -271,8 +274,15 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
     return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected)
 
 
+evaluate_tasks = run_tasks
+
 __all__ = [
     "QuantLinear",
+    "TASKS",
+    "ErrorReport",
+    "compare",
+    "error_report",
+    "evaluate_tasks",
     "bench",
     "generate",
     "evaluate_perplexity",

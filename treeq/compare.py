@@ -1,0 +1,89 @@
+"""Several methods and bit widths on one model, in one table: quantize once per setting, evaluate
+each the same way as the fp model, write the table as Markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .errors import TreeqError
+
+
+def _fp16_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * 2
+    return total
+
+
+def _evaluate(model, tok, tasks, limit, text: str, seqlen: int, windows: int) -> dict:
+    from . import api
+
+    row = {"ppl": api.evaluate_perplexity(model, tok, text, seqlen, windows).ppl}
+    for task, metrics in (api.evaluate_tasks(model, tok, list(tasks), limit) if tasks else {}).items():
+        for metric, value in metrics.items():
+            row[f"{task}:{metric}"] = value
+    return row
+
+
+def compare(
+    model: str | None,
+    methods: list[str],
+    bits: list[int],
+    out,
+    group_size: int = 128,
+    tasks: tuple[str, ...] = (),
+    limit: int | None = None,
+    calib_text: str = "wiki-train",
+    eval_text: str = "wiki-test",
+    eval_seqlen: int = 1024,
+    eval_windows: int = 32,
+    **settings,
+) -> list[dict]:
+    """Rows of the comparison (the fp model first); checkpoints and compare.{md,csv} go under ``out``."""
+    from . import api
+    from .config import QuantConfig
+
+    out = Path(out)
+    if out.exists():
+        raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    configs = [QuantConfig.build(method=m, bits=b, group_size=group_size, **settings) for b in bits for m in methods]
+    fp, tok = api.load_fp_model(model)
+    rows = [dict(method="fp", bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)]
+    evaluation = dict(tasks=tasks, limit=limit, text=eval_text, seqlen=eval_seqlen, windows=eval_windows)
+    rows[0].update(_evaluate(fp, tok, **evaluation))
+    del fp
+    for cfg in configs:
+        fp, tok = api.load_fp_model(model)
+        target = out / f"{cfg.method}-w{cfg.bits}g{cfg.group_size}"
+        report = api.quantize(fp, cfg, target, tokenizer=tok, calib_text=calib_text)
+        size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+        row = dict(method=cfg.method, bits=cfg.bits, group=cfg.group_size, size_mb=size / 2**20, quant_s=report.seconds)
+        row.update(_evaluate(report.model, tok, **evaluation))
+        rows.append(row)
+        del fp, report
+    for row in rows:
+        for key in [k for k in rows[0] if k == "ppl" or ":" in k]:
+            row[f"d {key}"] = row[key] - rows[0][key]
+    write_table(rows, out)
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0])
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")

