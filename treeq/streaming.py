@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from .checkpoint import reorders, swap_in_quantized
 from .config import QuantConfig
 from .errors import TreeqError
+from .memory import release_free_heap
 from .methods import QuantResult
 from .models import TreeSpec
 
@@ -81,6 +82,7 @@ class LayerStream:
             _check_loaded(self.model.get_submodule(path), path)
 
     def load(self, index: int, layer: nn.Module) -> None:
+        release_free_heap()  # the calibration's tokenization garbage, before the first layer
         load_into(layer, f"{self.spec.layers}.{index}.", self.reader)
         _check_loaded(layer, f"{self.spec.layers}.{index}")
 
@@ -91,9 +93,12 @@ class LayerStream:
         self.modules += results
         self.reorders |= reorders(results)
         layer.to("meta")
+        release_free_heap()
 
     def finish(self) -> None:
         """The tensors outside the decoder layers, as stored, and the shard index."""
+        self.model.to("meta")  # its loaded copies of those tensors
+        release_free_heap()
         rest = [k for k in self.reader.where if not k.startswith(f"{self.spec.layers}.")]
         self._write({k: self.reader.get(k) for k in rest}, self.shards)
         (self.out / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=2))
