@@ -114,8 +114,32 @@ def _print_ppl(label: str, result) -> None:
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="calibration sequences per forward")
 @click.option("--calib-text", default="wiki-train", show_default=True, help="wiki-train, news, or a text file")
+@click.option(
+    "--routing",
+    default="normal",
+    show_default=True,
+    help="MoE calibration routing: normal, bypass (every expert sees every token), all, or a top-k number",
+)
+@click.option(
+    "--fallback-fraction",
+    type=float,
+    default=0.005,
+    show_default=True,
+    help="modules (experts) seeing fewer than this fraction of calibration tokens use --fallback-method",
+)
+@click.option("--fallback-method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output directory (must not exist)")
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--devices",
+    default=None,
+    help="quantize modules in one worker thread per listed device, e.g. cuda:0,cuda:1 or cpu,cpu",
+)
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="stream MODEL one decoder layer at a time: peak memory about one layer's fp weights",
+)
 @click.option(
     "--eval/--no-eval",
     "evaluate",
@@ -141,8 +165,13 @@ def quantize(
     seqlen,
     batch_size,
     calib_text,
+    routing,
+    fallback_fraction,
+    fallback_method,
     out,
     device,
+    devices,
+    low_memory,
     evaluate,
     eval_windows,
     threads,
@@ -166,17 +195,26 @@ def quantize(
         calib_samples=calib_samples,
         seqlen=seqlen,
         batch_size=batch_size,
+        routing=routing,
+        fallback_fraction=fallback_fraction,
+        fallback_method=fallback_method,
     )
     if out is None:
         name = DEFAULT_MODEL if builtin else Path(model).name
         out = _free_path(Path("treeq-out") / f"{name}-{method}-w{bits}g{group_size}")
     elif out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
+    run = dict(calib_text=calib_text, device=device, devices=devices)
+    if low_memory:
+        # Perplexity would need the whole fp model in memory; `treeq eval OUT` measures the result.
+        report = treeq.quantize(model, config, out, low_memory=True, **run)
+        click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
+        return
     evaluate = builtin if evaluate is None else evaluate
     fp, tok = treeq.load_fp_model(model)
-    click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
     fp_ppl = treeq.evaluate_perplexity(fp, tok, max_windows=eval_windows) if evaluate else None
-    report = treeq.quantize(fp, config, out, tokenizer=tok, calib_text=calib_text, device=device)
+    report = treeq.quantize(fp, config, out, tokenizer=tok, **run)
     click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
     if fp_ppl is not None:
         q_ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows)
@@ -298,6 +336,7 @@ def spec_check(model):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from treeq.experts import layer_modules, unfuse_experts
     from treeq.models import check_spec, spec_for
 
     config = AutoConfig.from_pretrained(treeq.api.model_path(model))
@@ -306,9 +345,11 @@ def spec_check(model):
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     check_spec(skeleton, spec_)
-    n_layers = len(skeleton.get_submodule(spec_.layers))
+    unfuse_experts(skeleton, spec_)
+    layers = skeleton.get_submodule(spec_.layers)
+    n_linears = sum(len(layer_modules(layer, spec_)) for layer in layers)
     click.echo(
-        f"OK: {config.model_type} spec covers {len(spec_.modules)} linears x {n_layers} layers "
+        f"OK: {config.model_type} spec covers {n_linears} linears in {len(layers)} layers "
         f"in subsets {', '.join(s.name for s in spec_.subsets)}"
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, PositiveInt, field_validator, model_validator
 
 from .errors import from_validation
 from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
@@ -32,8 +32,17 @@ class QuantConfig(BaseModel):
     seqlen: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
+    routing: Literal["normal", "bypass", "all"] | PositiveInt = Field(
+        "normal",
+        description="MoE calibration routing: the model's own; bypass (every expert sees every token, outputs "
+        "mixed by the real router); or top-k overridden to a number or all experts",
+    )
+    fallback_fraction: float = Field(
+        0.005, ge=0, le=1, description="modules seeing fewer than this fraction of calibration tokens fall back"
+    )
+    fallback_method: str = Field("rtn", description="method for modules that saw too few calibration tokens")
 
-    @field_validator("method")
+    @field_validator("method", "fallback_method")
     @classmethod
     def _known_method(cls, v: str) -> str:
         from .methods import METHODS

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint import QUANT_CONFIG_NAME, set_module
 from .errors import TreeqError
+from .experts import unfuse_experts
 from .kernels import LinearFormat, explain
 from .models import spec_for
 from .numerics import GRIDS, UniformGrid
@@ -73,10 +74,11 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     qcfg = read_quantization_config(path)
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
-    spec_for(config)  # unsupported architectures fail here, with the list of supported ones
+    spec = spec_for(config)  # unsupported architectures fail here, with the list of supported ones
     state = _state_dict(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model, spec)  # checkpoints hold one set of quantized tensors per expert
     quantized = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
     rotation = qcfg.get("input_transform", {}).get("rotation", {})
     for name in quantized:
