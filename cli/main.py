@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections import Counter
@@ -16,7 +17,7 @@ from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
 from treeq.methods import METHODS
-from treeq.numerics import SUPPORTED_BITS
+from treeq.numerics import GRIDS, SUPPORTED_BITS
 
 
 def user_errors(fn):
@@ -44,6 +45,20 @@ def threads_option(fn):
 
 def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` strings to a dict; values are read as JSON when they parse, else as text."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TreeqError(f"--option {pair!r} is not KEY=VALUE; e.g. --option krot=8")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _free_path(base: Path) -> Path:
@@ -77,16 +92,54 @@ def _print_ppl(label: str, result) -> None:
     default=None,
     help=f"-1 for per-row; default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)",
 )
-@click.option("--sym/--asym", default=True, show_default=True)
+@click.option("--sym/--asym", default=True, show_default=True, help="minmax grid: zero point pinned to the middle")
+@click.option(
+    "--grid",
+    type=click.Choice(list(GRIDS)),
+    default="minmax",
+    show_default=True,
+    help="quantization grid (see treeq/numerics.py)",
+)
+@click.option("--clip-search", is_flag=True, help="search each row's clip ratio minimising weight error")
 @click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="GPTQ act-order")
 @click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")
 @click.option("--damp", "damp_percent", type=float, default=0.01, show_default=True)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    help="method setting KEY=VALUE (repeatable), e.g. --option krot=8 --option epochs=[10,10]",
+)
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="calibration sequences per forward")
 @click.option("--calib-text", default="wiki-train", show_default=True, help="wiki-train, news, or a text file")
+@click.option(
+    "--routing",
+    default="normal",
+    show_default=True,
+    help="MoE calibration routing: normal, bypass (every expert sees every token), all, or a top-k number",
+)
+@click.option(
+    "--fallback-fraction",
+    type=float,
+    default=0.005,
+    show_default=True,
+    help="modules (experts) seeing fewer than this fraction of calibration tokens use --fallback-method",
+)
+@click.option("--fallback-method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output directory (must not exist)")
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--devices",
+    default=None,
+    help="quantize modules in one worker thread per listed device, e.g. cuda:0,cuda:1 or cpu,cpu",
+)
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="stream MODEL one decoder layer at a time: peak memory about one layer's fp weights",
+)
 @click.option(
     "--eval/--no-eval",
     "evaluate",
@@ -102,15 +155,23 @@ def quantize(
     bits,
     group_size,
     sym,
+    grid,
+    clip_search,
     desc_act,
     static_groups,
     damp_percent,
+    options,
     calib_samples,
     seqlen,
     batch_size,
     calib_text,
+    routing,
+    fallback_fraction,
+    fallback_method,
     out,
     device,
+    devices,
+    low_memory,
     evaluate,
     eval_windows,
     threads,
@@ -125,23 +186,35 @@ def quantize(
         bits=int(bits),
         group_size=group_size,
         sym=sym,
+        grid=grid,
+        clip_search=clip_search,
         desc_act=desc_act,
         static_groups=static_groups,
         damp_percent=damp_percent,
+        options=_parse_options(options),
         calib_samples=calib_samples,
         seqlen=seqlen,
         batch_size=batch_size,
+        routing=routing,
+        fallback_fraction=fallback_fraction,
+        fallback_method=fallback_method,
     )
     if out is None:
         name = DEFAULT_MODEL if builtin else Path(model).name
         out = _free_path(Path("treeq-out") / f"{name}-{method}-w{bits}g{group_size}")
     elif out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
+    run = dict(calib_text=calib_text, device=device, devices=devices)
+    if low_memory:
+        # Perplexity would need the whole fp model in memory; `treeq eval OUT` measures the result.
+        report = treeq.quantize(model, config, out, low_memory=True, **run)
+        click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
+        return
     evaluate = builtin if evaluate is None else evaluate
     fp, tok = treeq.load_fp_model(model)
-    click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
     fp_ppl = treeq.evaluate_perplexity(fp, tok, max_windows=eval_windows) if evaluate else None
-    report = treeq.quantize(fp, config, out, tokenizer=tok, calib_text=calib_text, device=device)
+    report = treeq.quantize(fp, config, out, tokenizer=tok, **run)
     click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
     if fp_ppl is not None:
         q_ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows)
@@ -263,6 +336,7 @@ def spec_check(model):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from treeq.experts import layer_modules, unfuse_experts
     from treeq.models import check_spec, spec_for
 
     config = AutoConfig.from_pretrained(treeq.api.model_path(model))
@@ -271,9 +345,11 @@ def spec_check(model):
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     check_spec(skeleton, spec_)
-    n_layers = len(skeleton.get_submodule(spec_.layers))
+    unfuse_experts(skeleton, spec_)
+    layers = skeleton.get_submodule(spec_.layers)
+    n_linears = sum(len(layer_modules(layer, spec_)) for layer in layers)
     click.echo(
-        f"OK: {config.model_type} spec covers {len(spec_.modules)} linears x {n_layers} layers "
+        f"OK: {config.model_type} spec covers {n_linears} linears in {len(layers)} layers "
         f"in subsets {', '.join(s.name for s in spec_.subsets)}"
     )
 
@@ -315,8 +391,16 @@ def inspect(directory, explain, device, dtypes):
     click.echo(f"checkpoint: {info.path}")
     click.echo(
         f"format: {q['format']} ({q['checkpoint_format']}, pack {q['pack_dtype']})  method: {q.get('method')}  "
-        f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}"
+        f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}  "
+        f"grid: {q.get('grid', 'minmax')}"
     )
+    transform = q.get("input_transform")
+    if transform:
+        rot = transform.get("rotation")
+        steps = ["x / channel_scales"]
+        if rot:
+            steps.append(f"{rot['krot']} layers of pairwise rotations in groups of {rot['group_size']}")
+        click.echo(f"input transform (before the matmul): {', then '.join(steps)}")
     click.echo(
         f"size on disk: {info.size_bytes / 2**20:.1f} MiB vs fp16 {info.fp16_bytes / 2**20:.1f} MiB "
         f"({info.size_bytes / info.fp16_bytes:.2f}x)"

@@ -23,6 +23,31 @@ COMMON = dict(
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 
+# Routed experts 32 wide (qwen3_moe, qwen2_moe, deepseek_v3) or intermediate_size wide (mixtral, olmoe).
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+MOE_ARCHS = {
+    "qwen3_moe": dict(MOE, num_experts=8),
+    "mixtral": dict(MOE, num_local_experts=8),
+    "olmoe": dict(MOE, num_experts=8, eos_token_id=0),
+    "qwen2_moe": dict(MOE, num_experts=8, shared_expert_intermediate_size=64),
+    # MLA attention (q and kv low rank), one dense layer first, two groups of experts.
+    "deepseek_v3": dict(
+        MOE,
+        n_routed_experts=8,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        num_hidden_layers=3,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_rope_head_dim=32,
+        head_dim=32,  # the rotary width: qk_rope_head_dim
+        num_key_value_heads=4,  # MLA expands kv to every head
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+    ),
+}
+
 SENTENCES = [
     "The river ran quickly past the old mill, and the miller counted his sacks of grain.",
     "In 1887 the city council voted to build a new bridge across the harbour.",
@@ -54,7 +79,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 def make_config(arch: str, **overrides):
     from transformers import AutoConfig
 
-    kwargs = dict(COMMON, **overrides)
+    kwargs = dict(COMMON, **MOE_ARCHS.get(arch, {}))
+    kwargs.update(overrides)
     if arch == "gemma3_text":
         kwargs.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"])
     return AutoConfig.for_model(arch, **kwargs)
@@ -80,10 +106,13 @@ def text_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    """A saved tiny Llama, as a user's local model directory."""
-    path = tmp_path / "tiny-llama"
-    make_model("llama").save_pretrained(path)
+def save_model_dir(path, arch, tokenizer):
+    """A saved tiny model, as a user's local model directory."""
+    make_model(arch).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    return save_model_dir(tmp_path / "tiny-llama", "llama", tokenizer)

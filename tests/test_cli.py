@@ -77,7 +77,7 @@ def test_eval_fp_model_dir(model_dir, text_file):
 def test_spec_check_ok(model_dir):
     r = run("spec", "check", model_dir)
     assert r.exit_code == 0, r.output
-    assert "OK: llama spec covers 7 linears x 2 layers" in r.output
+    assert "OK: llama spec covers 14 linears in 2 layers" in r.output
 
 
 def test_spec_check_names_an_uncovered_linear(model_dir, monkeypatch):

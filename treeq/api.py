@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,15 +11,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data, packing
-from .checkpoint import WEIGHTS_NAME, save_quantized, swap_in_quantized
+from .atomic import atomic_directory
+from .checkpoint import quantization_config, save_quantized, swap_in_quantized, write_metadata
 from .compare import compare
 from .config import QuantConfig
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
 from .eval_tasks import TASKS, run_tasks
-from .kernels import LinearFormat, explain, select_kernel
-from .loading import load_quantized, read_quantization_config
-from .looper import quantize_layers
+from .experts import calibration_routing, layer_modules, unfuse_experts
+from .kernels import explain, select_kernel
+from .loading import linear_format_from, load_quantized, read_quantization_config
+from .looper import Fallback, quantize_layers
 from .methods import make_method
 from .models import check_spec, spec_for
 from .perplexity import PerplexityResult, perplexity
@@ -26,12 +29,23 @@ from .quant_linear import QuantLinear
 from .quant_log import QuantLog
 from .report import ErrorReport, error_report
 from .speed import Speed, generate, measure_speeds
+from .streaming import LayerStream, ShardReader
 
 
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def parse_devices(devices: str | list[str] | None) -> list[torch.device] | None:
+    if devices is None:
+        return None
+    names = devices.split(",") if isinstance(devices, str) else devices
+    try:
+        return [torch.device(n.strip()) for n in names]
+    except RuntimeError as e:
+        raise TreeqError(f"devices={devices!r}: {e}; give a comma-separated list such as cpu,cpu or cuda:0,cuda:1")
 
 
 def model_path(model: str | None) -> Path:
@@ -68,7 +82,7 @@ def check_quantizable(model, spec, config: QuantConfig) -> None:
     """Fail before any work if a module's shape does not fit the grid or the packing."""
     codes_per_period, _ = packing.period(config.bits)
     for i, layer in enumerate(model.get_submodule(spec.layers)):
-        for name in spec.modules:
+        for name in layer_modules(layer, spec):
             lin = layer.get_submodule(name)
             where = f"{spec.layers}.{i}.{name}"
             if config.group_size != -1 and lin.in_features % config.group_size:
@@ -103,41 +117,96 @@ def quantize(
     device: str | None = None,
     log: QuantLog | None = None,
     workers: int | None = None,
+    devices: str | list[str] | None = None,
+    low_memory: bool = False,
 ) -> QuantizeReport:
     """Calibrate, quantize layer by layer, and save a GPTQ-format checkpoint to ``out``.
 
     ``model`` is a local directory, None for the built-in default, or a loaded PreTrainedModel
     (then ``tokenizer`` is required). The model passed in is quantized in place. ``workers``
-    threads quantize a subset's modules side by side (default: torch's thread count).
+    threads quantize a subset's modules side by side (default: torch's thread count), spread over
+    ``devices`` ("cuda:0,cuda:1", or ["cpu", "cpu"]: one worker each) when given; the checkpoint is
+    the same bit for bit whatever the workers and devices. ``low_memory`` streams a model directory
+    one decoder layer at a time (:mod:`treeq.streaming`); the report then holds no model.
     """
     config = config or QuantConfig()
     out = Path(out)
     if out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    log = log or QuantLog(echo=tqdm.write)
+    if low_memory:
+        return _quantize_streaming(model, config, out, calib_text, device, log, workers, devices)
     if tokenizer is None:
         model, tokenizer = load_fp_model(model)
     spec = spec_for(model.config)
-    check_spec(model, spec)
-    check_quantizable(model, spec, config)
-    batches = data.calibration_batches(
-        tokenizer, data.read_text(calib_text), config.calib_samples, config.seqlen, config.batch_size
-    )
-    log = log or QuantLog(echo=tqdm.write)
+    _prepare(model, spec, config)
     start = time.perf_counter()
-    results = quantize_layers(
-        model,
-        spec,
-        make_method(config),
-        batches,
-        resolve_device(device),
-        config.true_sequential,
-        log,
-        workers or torch.get_num_threads(),
-    )
+    results = _calibrate_and_quantize(model, spec, tokenizer, config, calib_text, device, log, workers, devices)
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start
     save_quantized(model, tokenizer, config, results, out, log, source=model.config._name_or_path or None)
     return QuantizeReport(out, seconds, log, model, tokenizer)
+
+
+def _prepare(model, spec, config: QuantConfig) -> None:
+    check_spec(model, spec)
+    unfuse_experts(model, spec)
+    check_quantizable(model, spec, config)
+
+
+def _calibrate_and_quantize(
+    model, spec, tokenizer, config: QuantConfig, calib_text, device, log, workers, devices, stream=None
+) -> dict:
+    batches = data.calibration_batches(
+        tokenizer, data.read_text(calib_text), config.calib_samples, config.seqlen, config.batch_size
+    )
+    calib_tokens = sum(b.numel() for b in batches)
+    # The main method's options are not the fallback's (RTN takes none).
+    fallback_method = make_method(config.model_copy(update={"method": config.fallback_method, "options": {}}))
+    fallback = Fallback(fallback_method, math.ceil(config.fallback_fraction * calib_tokens))
+    with calibration_routing(model, spec, config.routing):
+        return quantize_layers(
+            model,
+            spec,
+            make_method(config),
+            batches,
+            resolve_device(device),
+            config.true_sequential,
+            log,
+            workers or torch.get_num_threads(),
+            fallback,
+            parse_devices(devices),
+            stream,
+        )
+
+
+def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, device, log, workers, devices):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if model is not None and not isinstance(model, (str, Path)):
+        raise TreeqError("low_memory streams weights from a model directory; pass its path, not a loaded model")
+    path = model_path(model)
+    hf_config = AutoConfig.from_pretrained(path)
+    spec = spec_for(hf_config)
+    if spec.experts is not None:
+        raise TreeqError(
+            f"--low-memory does not stream MoE experts yet ({hf_config.model_type}); quantize without --low-memory"
+        )
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _prepare(skeleton, spec, config)
+    with atomic_directory(out) as tmp:
+        stream = LayerStream(skeleton, spec, config, ShardReader(path), tmp)
+        stream.load_surroundings()
+        start = time.perf_counter()
+        _calibrate_and_quantize(skeleton, spec, tokenizer, config, calib_text, device, log, workers, devices, stream)
+        stream.finish()
+        seconds = time.perf_counter() - start
+        qcfg = quantization_config(config, stream.summary, str(path))
+        write_metadata(tmp, skeleton.config, tokenizer, qcfg, log)
+    return QuantizeReport(out, seconds, log, None, tokenizer)
 
 
 def evaluate_perplexity(
@@ -181,28 +250,27 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
 
     path = Path(path)
     qcfg = read_quantization_config(path)
-    weights = path / WEIGHTS_NAME
     fp16_bytes = 0
     kernels: dict[str, str] = {}
     rejected: dict[str, dict[str, str]] = {}
-    with safe_open(weights, "pt") as f:
-        keys = set(f.keys())
-        for key in keys:
-            shape = f.get_slice(key).get_shape()
-            if key.endswith(".qweight"):
-                name = key[: -len(".qweight")]
-                in_f = shape[0] * 32 // qcfg["bits"]
-                fmt = LinearFormat(qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"], in_f, shape[1])
-                fp16_bytes += in_f * shape[1] * 2
-                kernels[name] = select_kernel(fmt, device, dtype).name
-                for kname, reason in explain(fmt, device, dtype).items():
-                    if reason:
-                        rejected.setdefault(kname, {})[name] = reason
-            elif not key.endswith((".qzeros", ".scales", ".g_idx")):
-                n = 1
-                for d in shape:
-                    n *= d
-                fp16_bytes += n * 2
+    for weights in sorted(path.glob("*.safetensors")):  # one file, or the shards --low-memory writes
+        with safe_open(weights, "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                if key.endswith(".qweight"):
+                    name = key[: -len(".qweight")]
+                    in_f = shape[0] * 32 // qcfg["bits"]
+                    fmt = linear_format_from(qcfg, in_f, shape[1])
+                    fp16_bytes += in_f * shape[1] * 2
+                    kernels[name] = select_kernel(fmt, device, dtype).name
+                    for kname, reason in explain(fmt, device, dtype).items():
+                        if reason:
+                            rejected.setdefault(kname, {})[name] = reason
+                elif not key.endswith((".qzeros", ".scales", ".g_idx", ".channel_scales", ".pairs", ".theta")):
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    fp16_bytes += n * 2
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected)
 

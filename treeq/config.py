@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PositiveInt, field_validator, model_validator
 
 from .errors import from_validation
-from .numerics import SUPPORTED_BITS
+from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 
 
 class QuantConfig(BaseModel):
@@ -17,7 +17,11 @@ class QuantConfig(BaseModel):
     method: str = "gptq"
     bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
     group_size: int = Field(128, description="input channels per scale; -1 for one group per row")
-    sym: bool = True
+    sym: bool = Field(True, description="for the minmax grid: zero point pinned to the middle code")
+    grid: Literal[tuple(GRIDS)] = Field(  # type: ignore[valid-type]
+        UniformGrid.name, description="quantization grid (treeq/numerics.py): " + ", ".join(GRIDS)
+    )
+    clip_search: bool = Field(False, description="search each row's clip ratio minimising weight error")
     # On by default: on SmolLM2 4-bit it cut GPTQ's perplexity increase by ~40% (see bench/).
     desc_act: bool = Field(True, description="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
     static_groups: bool = Field(False, description="with desc_act, fix group params before the GPTQ sweep")
@@ -27,8 +31,18 @@ class QuantConfig(BaseModel):
     calib_samples: int = Field(128, gt=0)
     seqlen: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
+    routing: Literal["normal", "bypass", "all"] | PositiveInt = Field(
+        "normal",
+        description="MoE calibration routing: the model's own; bypass (every expert sees every token, outputs "
+        "mixed by the real router); or top-k overridden to a number or all experts",
+    )
+    fallback_fraction: float = Field(
+        0.005, ge=0, le=1, description="modules seeing fewer than this fraction of calibration tokens fall back"
+    )
+    fallback_method: str = Field("rtn", description="method for modules that saw too few calibration tokens")
 
-    @field_validator("method")
+    @field_validator("method", "fallback_method")
     @classmethod
     def _known_method(cls, v: str) -> str:
         from .methods import METHODS
@@ -43,6 +57,22 @@ class QuantConfig(BaseModel):
         if v != -1 and v <= 0:
             raise ValueError("group_size must be -1 (per row) or a positive number of input channels")
         return v
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> "QuantConfig":
+        allowed = GRIDS[self.grid].bits_allowed
+        if self.bits not in allowed:
+            raise ValueError(f"grid {self.grid!r} needs bits in {list(allowed)}, not {self.bits}")
+        if not self.sym and self.grid != UniformGrid.name:
+            raise ValueError(f"sym=False (asymmetric) only applies to grid {UniformGrid.name!r}, not {self.grid!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _method_options(self) -> "QuantConfig":
+        from .methods import METHODS
+
+        METHODS[self.method].parse_options(self.options)
+        return self
 
     @classmethod
     def build(cls, **kwargs) -> "QuantConfig":

@@ -14,8 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoint import QUANT_CONFIG_NAME, set_module
 from .errors import TreeqError
+from .experts import unfuse_experts
 from .kernels import LinearFormat, explain
 from .models import spec_for
+from .numerics import GRIDS, UniformGrid
 from .quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,25 @@ def read_quantization_config(path: Path) -> dict:
     return qcfg
 
 
+def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> LinearFormat:
+    """The format of one quantized linear as the checkpoint's quantization_config describes it."""
+    grid = qcfg.get("grid", UniformGrid.name)
+    if grid not in GRIDS:
+        raise TreeqError(f"unknown grid {grid!r} in quantization_config; this treeq knows {', '.join(GRIDS)}")
+    offset = qcfg.get("grid_offset", GRIDS[grid].offset)
+    if offset != GRIDS[grid].offset:
+        raise TreeqError(f"grid {grid!r} has offset {GRIDS[grid].offset}, but quantization_config records {offset}")
+    return LinearFormat(
+        bits=qcfg["bits"],
+        group_size=qcfg["group_size"],
+        sym=qcfg["sym"],
+        desc_act=qcfg["desc_act"],
+        in_features=in_features,
+        out_features=out_features,
+        grid=grid,
+    )
+
+
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -53,22 +74,22 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     qcfg = read_quantization_config(path)
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
-    spec_for(config)  # unsupported architectures fail here, with the list of supported ones
+    spec = spec_for(config)  # unsupported architectures fail here, with the list of supported ones
     state = _state_dict(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model, spec)  # checkpoints hold one set of quantized tensors per expert
     quantized = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    rotation = qcfg.get("input_transform", {}).get("rotation", {})
     for name in quantized:
         linear = model.get_submodule(name)
-        fmt = LinearFormat(
-            bits=qcfg["bits"],
-            group_size=qcfg["group_size"],
-            sym=qcfg["sym"],
-            desc_act=qcfg["desc_act"],
-            in_features=linear.in_features,
-            out_features=linear.out_features,
-        )
-        set_module(model, name, QuantLinear(fmt, linear.bias is not None, dtype))
+        fmt = linear_format_from(qcfg, linear.in_features, linear.out_features)
+        krot = None
+        if f"{name}.channel_scales" in state:
+            pairs = state.get(f"{name}.pairs")
+            krot = 0 if pairs is None else pairs.shape[0]
+        layer = QuantLinear(fmt, linear.bias is not None, dtype, krot, rotation.get("group_size", 0))
+        set_module(model, name, layer)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise TreeqError(f"{path}: weights not in the model: {', '.join(result.unexpected_keys[:5])}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import experts
 from .lockstep import run_lockstep
 from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
@@ -96,20 +98,56 @@ def _forwards(layer, inputs: LayerInputs, index: int) -> list:
     return [functools.partial(layer, h, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs[index])]
 
 
-def _collect(layer, subsets: tuple[Subset, ...], stats: dict[str, InputStats], inputs: LayerInputs, index: int):
+@dataclass
+class BoundSubset:
+    """A subset bound to one layer: the modules its input passes first (the lockstep barrier), and
+    its module names in groups that share one input's statistics (one group per expert for routed
+    experts, each fed only its own tokens)."""
+
+    subset: Subset
+    taps: list[nn.Module]
+    groups: list[tuple[InputStats, list[str]]]
+
+    @property
+    def name(self) -> str:
+        return self.subset.name
+
+    def record(self, x) -> None:
+        if len(self.groups) == 1:
+            self.groups[0][0].add(x)
+            return
+        for (stats, _), xe in zip(self.groups, x):
+            if len(xe):  # an expert no token of this batch was routed to
+                stats.add(xe.to(stats.h.device))
+
+
+def bind(layer: nn.Module, spec: TreeSpec, subset: Subset, method: Method, devices: list) -> BoundSubset:
+    """Statistics groups go round-robin over ``devices``; each module is quantized on its group's."""
+    groups = [
+        (method.stats(layer.get_submodule(names[0]).in_features, devices[j % len(devices)]), names)
+        for j, names in enumerate(experts.module_groups(layer, spec, subset))
+    ]
+    return BoundSubset(subset, experts.input_taps(layer, spec, subset), groups)
+
+
+def bind_layer(layer: nn.Module, spec: TreeSpec, method: Method, devices: list) -> list[BoundSubset]:
+    return [bind(layer, spec, s, method, devices) for s in spec.subsets if experts.present(layer, spec, s)]
+
+
+def _collect(layer, bound: list[BoundSubset], inputs: LayerInputs, index: int):
     """One fp pass feeding each subset's input to its stats; the first module of a subset to run
     records the input for all of them, since they share it."""
     seen: set[str] = set()
 
-    def hook_for(name):
+    def hook_for(b: BoundSubset):
         def hook(_module, args):
-            if name not in seen:
-                stats[name].add(args[0])
-                seen.add(name)
+            if b.name not in seen:
+                b.record(args[0])
+                seen.add(b.name)
 
         return hook
 
-    handles = [layer.get_submodule(m).register_forward_pre_hook(hook_for(s.name)) for s in subsets for m in s.modules]
+    handles = [tap.register_forward_pre_hook(hook_for(b)) for b in bound for tap in b.taps]
     try:
         for forward in _forwards(layer, inputs, index):
             seen.clear()
@@ -117,6 +155,15 @@ def _collect(layer, subsets: tuple[Subset, ...], stats: dict[str, InputStats], i
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class Fallback:
+    """Modules whose input statistics hold fewer than ``min_samples`` tokens (experts the router
+    rarely picks) are quantized by ``method`` instead, and the log says so."""
+
+    method: Method
+    min_samples: int
 
 
 def quantize_layers(
@@ -128,53 +175,74 @@ def quantize_layers(
     true_sequential: bool = True,
     log: QuantLog | None = None,
     workers: int = 1,
+    fallback: Fallback | None = None,
+    devices: list[torch.device] | None = None,
+    stream=None,
 ) -> dict[str, QuantResult]:
     """Quantize every module the spec names; returns results by full module name.
 
     On return each quantized module holds its fake-quantized weight, which equals bit for bit what
-    a kernel reconstructs from the packed result. ``workers`` threads quantize the modules of a
-    subset side by side; the results are the same for any number of workers.
+    a kernel reconstructs from the packed result. ``workers`` threads (at least one per entry of
+    ``devices``) quantize the modules of a subset side by side, each group of modules sharing an
+    input on one of ``devices`` (default: ``device``), where its statistics are accumulated; the
+    results are the same for any number of workers.
+
+    A ``stream`` (:class:`treeq.streaming.LayerStream`) loads each layer's weights before it is
+    quantized and takes its results afterwards; they are then not kept in the returned dict.
     """
     log = log or QuantLog()
     map_large_allocations()
     layers = model.get_submodule(spec.layers)
+    devices = devices or [device]
     results: dict[str, QuantResult] = {}
-    with torch.no_grad(), ThreadPoolExecutor(max(1, workers)) as pool:
+    workers = max(1, workers, len(devices))
+    with torch.no_grad(), ThreadPoolExecutor(workers) as pool:
         inputs = capture_inputs(model, spec, batches, device)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
+            if stream is not None:
+                stream.load(index, layer)
             layer.to(device)
+            layer_results: dict[str, QuantResult] = {}
             if method.rescales_inputs:
                 _rescale_inputs(layer, spec, method, inputs, index, device)
-            stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in spec.subsets}
+            bound = bind_layer(layer, spec, method, devices)
 
-            def quantize(subset: Subset) -> None:
-                for name, result in _quantize_subset(layer, subset, method, stats.pop(subset.name), index, log, pool):
-                    results[f"{spec.layers}.{index}.{name}"] = result
+            def quantize(b: BoundSubset) -> None:
+                with _threads_per_job(sum(len(names) for _, names in b.groups), workers):
+                    for name, result in _quantize_subset(layer, b, method, index, log, pool, fallback):
+                        layer_results[f"{spec.layers}.{index}.{name}"] = result
+                b.groups.clear()  # frees the statistics
 
             if true_sequential:
-                barriers = [
-                    (s.name, [layer.get_submodule(m) for m in s.modules], stats[s.name].add) for s in spec.subsets
-                ]
-                outputs = run_lockstep(_forwards(layer, inputs, index), barriers, lambda k: quantize(spec.subsets[k]))
+                barriers = [(b.name, b.taps, b.record) for b in bound]
+                outputs = run_lockstep(_forwards(layer, inputs, index), barriers, lambda k: quantize(bound[k]))
             else:
-                _collect(layer, spec.subsets, stats, inputs, index)
-                for s in spec.subsets:
-                    quantize(s)
+                _collect(layer, bound, inputs, index)
+                for b in bound:
+                    quantize(b)
                 outputs = [forward() for forward in _forwards(layer, inputs, index)]
             inputs.hidden = [_first_output(o) for o in outputs]
             layer.to("cpu")
+            if stream is not None:
+                stream.emit(index, layer, layer_results)
+            else:
+                results.update(layer_results)
     return results
 
 
 def _rescale_inputs(layer, spec: TreeSpec, method: Method, inputs: LayerInputs, index: int, device) -> None:
     """One pass over the fp layer gathers every subset's input; the method picks per-channel scales
-    for each subset whose feeding op can absorb them, and they are folded in before quantizing."""
-    stats = {s.name: method.stats(layer.get_submodule(s.modules[0]).in_features, device) for s in spec.subsets}
-    _collect(layer, spec.subsets, stats, inputs, index)
-    for s in spec.subsets:
-        if can_fold(layer, s.fed_by, stats[s.name].h.shape[0]):
+    for each subset whose feeding op can absorb them, and they are folded in before quantizing.
+
+    Routed experts are left unscaled: their gate/up input comes from a norm that also feeds the
+    router and every other expert, so no one expert's scales can be folded into it."""
+    bound = [b for b in bind_layer(layer, spec, method, [device]) if not b.subset.per_expert]
+    _collect(layer, bound, inputs, index)
+    for b in bound:
+        s, (stats, _) = b.subset, b.groups[0]
+        if can_fold(layer, s.fed_by, stats.h.shape[0]):
             weights = [layer.get_submodule(m).weight.data for m in s.modules]
-            scales = method.input_scales(weights, stats[s.name])
+            scales = method.input_scales(weights, stats)
             fold_input_scales(layer, s.modules, s.fed_by, scales, spec.norm_weight_offset)
 
 
@@ -183,14 +251,32 @@ def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> 
     return method.quantize(weight, stats), time.perf_counter() - start
 
 
-def _quantize_subset(layer, subset: Subset, method: Method, stats: InputStats, index: int, log: QuantLog, pool):
-    """Quantize a subset's modules concurrently (they are independent given the shared stats), then
+@contextmanager
+def _threads_per_job(jobs: int, workers: int):
+    """Split the thread budget among the jobs that run at once, so workers x threads <= cores."""
+    budget = torch.get_num_threads()
+    per_job = max(1, budget // max(1, min(jobs, workers)))
+    torch.set_num_threads(per_job)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(budget)
+
+
+def _quantize_subset(
+    layer, bound: BoundSubset, method: Method, index: int, log: QuantLog, pool, fallback: Fallback | None = None
+):
+    """Quantize a subset's modules concurrently (they are independent given their stats), then
     install the fake-quantized weights and log in spec order, so results do not depend on timing."""
-    modules = [(name, layer.get_submodule(name)) for name in subset.modules]
-    futures = [pool.submit(_timed_quantize, method, m.weight.data, stats) for _, m in modules]
-    for (name, module), future in zip(modules, futures):
+    planned = []
+    for stats, names in bound.groups:
+        starved = fallback is not None and stats.tokens < fallback.min_samples
+        chosen = fallback.method if starved else method
+        planned += [(name, layer.get_submodule(name), stats, chosen, chosen.name if starved else "") for name in names]
+    futures = [pool.submit(_timed_quantize, q, m.weight.data.to(st.h.device), st) for _, m, st, q, _ in planned]
+    for (name, module, stats, _, fell_back), future in zip(planned, futures):
         result, seconds = future.result()
-        module.weight.data = result.weight().to(module.weight.dtype)
+        module.weight.data = result.weight().to(module.weight.device, module.weight.dtype)
         log.add(
             ModuleRecord(
                 layer=index,
@@ -201,6 +287,7 @@ def _quantize_subset(layer, subset: Subset, method: Method, stats: InputStats, i
                 samples=stats.tokens,
                 seconds=seconds,
                 peak_mem_mb=peak_memory_mb(stats.h.device),
+                fallback=fell_back,
             )
         )
         yield name, result

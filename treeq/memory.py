@@ -18,13 +18,27 @@ LARGE = 1 << 20
 
 
 @functools.cache
+def _glibc_function(name: str):
+    """A glibc function, or None where the C library is not glibc."""
+    lib = ctypes.util.find_library("c")
+    if lib is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(lib), name)
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
 def map_large_allocations() -> bool:
     """Idempotent; False where the C library is not glibc (the setting then does not exist)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, LARGE))
+    mallopt = _glibc_function("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, LARGE))
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (small allocations, e.g. a tokenizer's, stay
+    resident otherwise); for streaming, where resident memory is the budget."""
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim(0)

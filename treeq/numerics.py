@@ -1,72 +1,262 @@
 """The one home of quantization grids.
 
-Methods, packers, kernels and tests all quantize and dequantize through these functions, so the
+Methods, packers, kernels and tests all quantize and dequantize through these classes, so the
 fake-quant weight a method optimises against is bit-for-bit the weight a kernel reconstructs from
-the checkpoint. Two rules make that hold:
+the checkpoint. Three rules make that hold:
 
 * scales are rounded to the checkpoint's storage dtype (fp16) the moment they are computed, so no
   method ever sees a scale the checkpoint cannot store;
-* dequantization is always ``(code - zero) * scale`` evaluated in fp32, in that order.
+* every grid stores unsigned codes [0, 2^bits - 1] and an integer zero point in the GPTQ layout; a
+  grid whose levels sit between integers adds a grid-wide constant ``offset`` (recorded in the
+  checkpoint's quantization_config), never a fractional zero point;
+* dequantization is always ``(code - zero + offset) * scale`` evaluated in fp32, in that order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 SCALE_DTYPE = torch.float16
 SUPPORTED_BITS = (2, 3, 4, 8)
 
+# GPTQ's mse observer: shrink the range by up to 80% in 100 steps, error measured as |w - q|^2.4,
+# which weighs large errors a little more than squared error.
+CLIP_RATIOS = torch.linspace(1.0, 0.2, 100).tolist()
+CLIP_NORM = 2.4
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_INT4_EPS = 1e-6
+
+
+def _storable(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as the checkpoint will hold it, back in fp32; a zero scale (all-zero group, or one
+    too small for fp16) becomes 1, which codes that group's zeros exactly."""
+    scale = scale.to(SCALE_DTYPE).float()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
 
 @dataclass(frozen=True)
-class UniformGrid:
-    """An unsigned integer grid [0, 2^bits - 1] with per-group scale and integer zero point."""
+class Grid:
+    """Per-group uniform grid: ``params`` from one group's weights [rows, group], then codes."""
+
+    name: ClassVar[str]
+    offset: ClassVar[float] = 0.0  # added to (code - zero) before scaling
+    bits_allowed: ClassVar[tuple[int, ...]] = SUPPORTED_BITS
 
     bits: int
-    sym: bool
+    clip_search: bool = field(default=False, kw_only=True)  # GPTQ's mse observer over CLIP_RATIOS
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
 
-    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point per row of ``w`` (rows = output channels, columns = one group).
+    @property
+    def min_code(self) -> int:
+        return 0
 
-        Symmetric grids pin the zero point to the middle code (GPTQ convention), so a symmetric
-        checkpoint stays loadable by kernels that ignore ``qzeros``.
-        """
+    def prepare(self, w: torch.Tensor) -> torch.Tensor:
+        """Whole-weight transform applied once before grouping (identity for one-stage grids)."""
+        return w
+
+    def raw_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unrounded scale and integer zero point per row of a group ``w`` (fp32)."""
+        raise NotImplementedError
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storable scale and zero point per row of ``w`` (rows = output channels, columns = one group)."""
         w = w.float()
-        lo = w.amin(dim=1).clamp(max=0)
-        hi = w.amax(dim=1).clamp(min=0)
-        if self.sym:
-            hi = torch.maximum(lo.abs(), hi)
-            scale = 2 * hi / self.maxq
-            zero = torch.full_like(scale, (self.maxq + 1) // 2)
-        else:
-            scale = (hi - lo) / self.maxq
-        # An all-zero row would give scale 0 and divide by zero; any positive scale codes it exactly.
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        scale = scale.to(SCALE_DTYPE).float()
-        if not self.sym:
-            zero = torch.round(-lo / scale).clamp(0, self.maxq)
+        scale, zero = self.raw_params(w)
+        scale = _storable(scale)
+        if not self.clip_search:
+            return scale, zero
+        best = torch.full_like(scale, float("inf"))
+        for ratio in CLIP_RATIOS:
+            s, z = self.raw_params(w * ratio)
+            s = _storable(s)
+            err = (w - self.fake_quantize(w, s[:, None], z[:, None])).abs().pow(CLIP_NORM).sum(dim=1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
         return scale, zero
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes for ``w``; ``scale``/``zero`` broadcast against it."""
-        return torch.clamp(torch.round(w.float() / scale) + zero, 0, self.maxq)
+        return torch.clamp(torch.round(w.float() / scale - self.offset) + zero, self.min_code, self.maxq)
 
-    @staticmethod
-    def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return (codes.float() - zero) * scale
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return dequantize(codes, scale, zero, self.offset)
 
     def fake_quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.quantize(w, scale, zero), scale, zero)
 
+    def describe(self) -> dict:
+        """What a checkpoint records so a loader rebuilds the same dequantization."""
+        return {"grid": self.name, "grid_offset": self.offset}
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    return (codes.float() - zero + offset) * scale
+
+
+@dataclass(frozen=True)
+class UniformGrid(Grid):
+    """GPTQ's min/max grid: asymmetric with a per-group integer zero point, or (sym) the zero point
+    pinned to the middle code and scale 2·absmax / (2^bits - 1)."""
+
+    name = "minmax"
+    sym: bool = True
+
+    def raw_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = w.amin(dim=1).clamp(max=0)
+        hi = w.amax(dim=1).clamp(min=0)
+        if self.sym:
+            # Pinning the zero point to the middle code keeps a symmetric checkpoint loadable by
+            # kernels that ignore qzeros.
+            scale = 2 * torch.maximum(lo.abs(), hi) / self.maxq
+            return scale, torch.full_like(scale, (self.maxq + 1) // 2)
+        scale = (hi - lo) / self.maxq
+        # The zero point is derived from the stored scale so -lo lands on a code after rounding.
+        return scale, torch.round(-lo / _storable(scale)).clamp(0, self.maxq)
+
+
+@dataclass(frozen=True)
+class _Centred(Grid):
+    """Signed codes stored with the constant zero point 2^(bits-1); scale = reach / steps."""
+
+    def reach(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs().amax(dim=1)
+
+    @property
+    def steps(self) -> float:
+        raise NotImplementedError
+
+    def raw_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.reach(w) / self.steps
+        return scale, torch.full_like(scale, 2 ** (self.bits - 1))
+
+
+@dataclass(frozen=True)
+class RestrictedGrid(_Centred):
+    """Symmetric without a zero point: codes [-(2^(b-1) - 1), 2^(b-1) - 1], e.g. [-7, 7]."""
+
+    name = "restricted"
+
+    @property
+    def min_code(self) -> int:
+        return 1
+
+    @property
+    def steps(self) -> float:
+        return 2 ** (self.bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class SignedGrid(_Centred):
+    """The full signed range [-2^(b-1), 2^(b-1) - 1], e.g. [-8, 7], scale absmax / 2^(b-1): the most
+    negative weight lands on the extra code and the most positive clips one step short."""
+
+    name = "signed"
+
+    @property
+    def steps(self) -> float:
+        return 2 ** (self.bits - 1)
+
+
+@dataclass(frozen=True)
+class HalfStepGrid(_Centred):
+    """Levels at ±0.5s, ±1.5s, ... ±(2^(b-1) - 0.5)s: no exact zero, every code used symmetrically."""
+
+    name = "half-step"
+    offset = 0.5
+
+    @property
+    def steps(self) -> float:
+        return 2 ** (self.bits - 1) - 0.5
+
+    def lut(self) -> tuple[torch.Tensor, float]:
+        """The grid as a lookup table for LUT kernels: weight = table[code] * table_scale * scale,
+        equal in fp32 to :meth:`dequantize` because table_scale is a power of two."""
+        codes = torch.arange(self.maxq + 1)
+        return (2 * (codes - 2 ** (self.bits - 1)) + 1).to(torch.int32), 0.5
+
+    def describe(self) -> dict:
+        table, table_scale = self.lut()
+        return {**super().describe(), "lut": {"table": table.tolist(), "table_scale": table_scale}}
+
+
+@dataclass(frozen=True)
+class StretchedGrid(HalfStepGrid):
+    """torchao PARQ's stretched uniform grid: the half-step grid over the reach
+    min(bits · mean|w|, max|w|), so at 2-3 bits outliers clip and the levels spread over the bulk."""
+
+    name = "stretched"
+
+    def reach(self, w: torch.Tensor) -> torch.Tensor:
+        a = w.abs()
+        return torch.minimum(self.bits * a.mean(dim=1), a.amax(dim=1))
+
+
+@dataclass(frozen=True)
+class Fp8Int4Grid(SignedGrid):
+    """FBGEMM's two-stage fp8 -> int4: each row round-trips through float8 e4m3 with scale
+    amax/448, then int4 per group with scale max(amax, 1e-6)/8 and codes [-8, 7]."""
+
+    name = "fp8-int4"
+    bits_allowed = (4,)
+
+    def prepare(self, w: torch.Tensor) -> torch.Tensor:
+        w = w.float()
+        amax = w.abs().amax(dim=1, keepdim=True)
+        row_scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        return (w / row_scale).to(torch.float8_e4m3fn).float() * row_scale
+
+    def reach(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs().amax(dim=1).clamp(min=FP8_INT4_EPS)
+
+
+GRIDS: dict[str, type[Grid]] = {
+    g.name: g for g in (UniformGrid, RestrictedGrid, SignedGrid, HalfStepGrid, StretchedGrid, Fp8Int4Grid)
+}
+# Grids whose dequantization is the classic (code - zero) * scale: any GPTQ kernel runs them exactly.
+INTEGER_ZERO_GRIDS = frozenset(name for name, g in GRIDS.items() if g.offset == 0)
+
+
+def make_grid(name: str, bits: int, sym: bool = True, clip_search: bool = False) -> Grid:
+    if name == UniformGrid.name:
+        return UniformGrid(bits, sym, clip_search=clip_search)
+    return GRIDS[name](bits, clip_search=clip_search)
+
 
 def dequantize_grouped(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, grid: str = "minmax"
 ) -> torch.Tensor:
     """Weight [out, in] from codes [out, in] and per-group params [groups, out] indexed by g_idx."""
     g = g_idx.long()
-    return UniformGrid.dequantize(codes, scales.float()[g].T, zeros.float()[g].T)
+    return dequantize(codes, scales.float()[g].T, zeros.float()[g].T, GRIDS[grid].offset)
+
+
+def _ste(value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, the identity's gradient to ``through`` in the backward."""
+    return through + (value - through).detach()
+
+
+def minmax_params(w: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable asymmetric scale and (real-valued) zero point per row of ``w``, from its
+    min and max; the start point of learned quantizers."""
+    lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    scale = _ste((hi - lo).clamp(min=1e-5), hi - lo) / maxq
+    return scale, -lo / scale
+
+
+def fake_quantize_learned(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """:meth:`UniformGrid.fake_quantize` with learnable ``scale`` and real ``zero``: rounding and
+    clamping pass gradients straight through, the scale is the fp16 value a checkpoint stores and
+    the zero point the integer it stores, so the exported codes dequantize to this very weight."""
+    scale = _ste(scale.clamp(min=1e-5).to(SCALE_DTYPE).float(), scale)
+    zero = _ste(torch.round(zero).clamp(0, maxq), zero)
+    codes = _ste(torch.round(w / scale), w / scale) + zero
+    codes = _ste(codes.clamp(0, maxq), codes)
+    return (codes - zero) * scale

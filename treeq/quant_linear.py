@@ -1,4 +1,6 @@
-"""The module that replaces an nn.Linear: GPTQ-layout tensors plus the kernel chosen to run them."""
+"""The module that replaces an nn.Linear: GPTQ-layout tensors plus the kernel chosen to run them,
+and optionally an input transform (channel scales, then pairwise rotations) applied before the
+kernel's matmul."""
 
 from __future__ import annotations
 
@@ -6,13 +8,23 @@ import torch
 import torch.nn as nn
 
 from . import packing
+from .input_transform import InputTransform, apply_input_transform
 from .kernels import LinearFormat, select_kernel
 from .methods import QuantResult
 from .numerics import SCALE_DTYPE, dequantize_grouped
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, fmt: LinearFormat, bias: bool, bias_dtype: torch.dtype = torch.float16):
+    def __init__(
+        self,
+        fmt: LinearFormat,
+        bias: bool,
+        bias_dtype: torch.dtype = torch.float16,
+        krot: int | None = None,
+        rotation_group_size: int = 0,
+    ):
+        """``krot``: None for no input transform, 0 for channel scales only, else the number of
+        rotation layers (in groups of ``rotation_group_size`` channels) after the scales."""
         super().__init__()
         self.fmt = fmt
         self.in_features, self.out_features = fmt.in_features, fmt.out_features
@@ -26,12 +38,23 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, fmt.out_features, dtype=SCALE_DTYPE))
         self.register_buffer("g_idx", torch.arange(fmt.in_features, dtype=torch.int32) // gs)
         self.register_buffer("bias", torch.zeros(fmt.out_features, dtype=bias_dtype) if bias else None)
+        self.rotation_group_size = rotation_group_size
+        n = fmt.in_features
+        self.register_buffer("channel_scales", None if krot is None else torch.ones(n))
+        self.register_buffer("pairs", torch.zeros(krot, n, dtype=torch.int16) if krot else None)
+        self.register_buffer("theta", torch.zeros(krot, n // 2) if krot else None)
         self.kernel = None
         self.kernel_state = None
 
     @classmethod
     def from_result(cls, fmt: LinearFormat, result: QuantResult, bias: torch.Tensor | None) -> "QuantLinear":
-        layer = cls(fmt, bias is not None, bias.dtype if bias is not None else torch.float16)
+        t = result.transform
+        bias_dtype = bias.dtype if bias is not None else torch.float16
+        krot, rotation_group = (None, 0) if t is None else (t.krot, t.group_size)
+        layer = cls(fmt, bias is not None, bias_dtype, krot, rotation_group)
+        if t is not None:
+            for name, value in t.buffers().items():
+                setattr(layer, name, value.detach().cpu().clone())
         layer.qweight = packing.pack(result.codes.T.cpu(), fmt.bits)
         layer.qzeros = packing.pack(result.zeros.T.cpu(), fmt.bits).T.contiguous()
         layer.scales = result.scales.cpu().to(SCALE_DTYPE)
@@ -47,7 +70,18 @@ class QuantLinear(nn.Module):
         return packing.unpack(self.qzeros.T.contiguous(), self.fmt.bits).T
 
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_grouped(self.codes(), self.scales, self.zeros(), self.g_idx)
+        return dequantize_grouped(self.codes(), self.scales, self.zeros(), self.g_idx, self.fmt.grid)
+
+    @property
+    def transform(self) -> InputTransform | None:
+        if self.channel_scales is None:
+            return None
+        return InputTransform(self.channel_scales, self.pairs, self.theta, self.rotation_group_size)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense weight this layer applies to its untransformed input."""
+        w, t = self.dequantized_weight(), self.transform
+        return w if t is None else t.effective_weight(w)
 
     def select_kernel(self, device: str, dtype: torch.dtype, force: str | None = None) -> None:
         self.kernel = select_kernel(self.fmt, device, dtype, force)
@@ -56,9 +90,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
             self.select_kernel(x.device.type, x.dtype)
+        if self.channel_scales is not None:
+            x = apply_input_transform(x, self.channel_scales, self.pairs, self.theta, self.rotation_group_size)
         return self.kernel.forward(self, x)
 
     def extra_repr(self) -> str:
         f = self.fmt
         kernel = self.kernel.name if self.kernel else "unselected"
-        return f"in={f.in_features}, out={f.out_features}, bits={f.bits}, group={f.group_size}, kernel={kernel}"
+        t = self.transform
+        extra = "" if t is None else f", input_transform={t.describe()}"
+        return f"in={f.in_features}, out={f.out_features}, bits={f.bits}, group={f.group_size}, kernel={kernel}{extra}"

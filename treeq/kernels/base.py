@@ -8,6 +8,8 @@ from typing import ClassVar
 
 import torch
 
+from ..numerics import INTEGER_ZERO_GRIDS, UniformGrid
+
 
 @dataclass(frozen=True)
 class LinearFormat:
@@ -17,6 +19,7 @@ class LinearFormat:
     desc_act: bool
     in_features: int
     out_features: int
+    grid: str = UniformGrid.name  # a name in treeq.numerics.GRIDS
 
 
 class Kernel(ABC):
@@ -32,6 +35,9 @@ class Kernel(ABC):
     supports_desc_act: ClassVar[bool] = True
     in_multiple: ClassVar[int] = 1  # in_features must be a multiple of this
     out_multiple: ClassVar[int] = 1
+    # Grids this kernel dequantizes exactly. The default is those whose dequantization is the classic
+    # (code - zero) * scale with an integer zero point; a kernel declares others once it runs them.
+    grids: ClassVar[frozenset[str] | None] = INTEGER_ZERO_GRIDS
 
     @classmethod
     def rejects(cls, fmt: LinearFormat, device: str, dtype: torch.dtype) -> str | None:
@@ -52,6 +58,8 @@ class Kernel(ABC):
             return f"in_features={fmt.in_features} not a multiple of {cls.in_multiple}"
         if fmt.out_features % cls.out_multiple:
             return f"out_features={fmt.out_features} not a multiple of {cls.out_multiple}"
+        if cls.grids is not None and fmt.grid not in cls.grids:
+            return f"grid {fmt.grid!r} not supported (runs {', '.join(sorted(cls.grids))})"
         return None
 
     @classmethod

@@ -12,9 +12,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+import pydantic
 import torch
 
-from ..numerics import UniformGrid, dequantize_grouped
+from ..input_transform import InputTransform
+from ..numerics import UniformGrid, dequantize_grouped, make_grid
 
 
 @dataclass
@@ -24,9 +26,13 @@ class QuantResult:
     zeros: torch.Tensor  # int32 [groups, out]
     g_idx: torch.Tensor  # int32 [in]: group of each input channel
     loss: float  # the method's objective on the calibration inputs
+    grid: str = UniformGrid.name  # which grid's dequantization the codes are for
+    transform: InputTransform | None = None  # applied to the layer's input before the matmul
 
     def weight(self) -> torch.Tensor:
-        return dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx)
+        """The effective dense weight in the layer's original input basis."""
+        w = dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx, self.grid)
+        return w if self.transform is None else self.transform.effective_weight(w)
 
     @property
     def reorders(self) -> bool:
@@ -75,9 +81,26 @@ class Method(ABC):
     # Methods that rescale input channels get an fp pass over each layer first (see input_scales).
     rescales_inputs: ClassVar[bool] = False
 
+    # The pydantic model that validates ``QuantConfig.options`` for this method; None: no options.
+    Options: ClassVar[type[pydantic.BaseModel] | None] = None
+
     def __init__(self, config):
         self.config = config
-        self.grid = UniformGrid(config.bits, config.sym)
+        self.grid = make_grid(config.grid, config.bits, config.sym, config.clip_search)
+        self.options = self.parse_options(config.options)
+
+    @classmethod
+    def parse_options(cls, options: dict) -> pydantic.BaseModel | None:
+        """Validated options; raises ValueError naming ``options.<field>`` and what is allowed."""
+        if cls.Options is None:
+            if options:
+                raise ValueError(f"options: method {cls.name!r} takes no options (got {sorted(options)})")
+            return None
+        try:
+            return cls.Options(**options)
+        except pydantic.ValidationError as e:
+            parts = [f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            raise ValueError("; ".join(parts)) from None
 
     def stats(self, in_features: int, device: torch.device) -> InputStats:
         return InputStats(in_features, device)

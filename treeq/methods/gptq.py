@@ -58,7 +58,7 @@ class GPTQ(Method):
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
         cfg = self.config
         prep: _Prepared = stats.cached("gptq", lambda: _prepare(stats.h, cfg.desc_act, cfg.damp_percent))
-        w = weight.float().clone()
+        w = self.grid.prepare(weight.float()).clone()
         out, n_in = w.shape
         gs = self.group_size(n_in)
         n_groups = n_in // gs
@@ -106,7 +106,7 @@ class GPTQ(Method):
         if perm is not None:
             inv = torch.argsort(perm)
             codes, g_idx = codes[:, inv], g_idx[inv]
-        result = QuantResult(codes.to(torch.uint8), scales.half(), zeros.int(), g_idx, loss=0.0)
+        result = QuantResult(codes.to(torch.uint8), scales.half(), zeros.int(), g_idx, loss=0.0, grid=self.grid.name)
         result.loss = output_error(weight, result.weight(), stats.h)
         return result
 

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+EACH_EXPERT = "*"
+
 
 class Subset(BaseModel):
     """Linears quantized together. They read the same input, produced by ``fed_by``.
 
     ``fed_by`` names the op (a norm or the previous linear) whose output is this subset's input,
     so scaling methods can fold per-channel scales into it.
+
+    A module path with a ``*`` segment (``mlp.experts.*.gate_proj``) names that projection of every
+    routed expert of the spec's :class:`ExpertGroup`; each expert's modules then share the input of
+    the tokens routed to that expert, not one input for the whole subset.
+
+    ``optional`` subsets apply to the layers that have their modules (MoE models mixing dense and
+    sparse layers list both kinds of MLP).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -17,10 +26,47 @@ class Subset(BaseModel):
     name: str
     modules: tuple[str, ...] = Field(min_length=1)
     fed_by: str
+    optional: bool = False
+
+    @property
+    def per_expert(self) -> bool:
+        return EACH_EXPERT in self.modules[0].split(".")
+
+
+class ExpertGroup(BaseModel):
+    """Routed experts that transformers stores fused as 3-D parameters in one module.
+
+    ``gate_up`` is [experts, 2 * intermediate, hidden] with the gate rows first, ``down`` is
+    [experts, hidden, intermediate]. For calibration and in checkpoints each expert becomes its
+    own three linears, named ``names`` (gate, up, down) under ``<path>.<expert index>``.
+    ``top_k`` is the router attribute holding how many experts each token is sent to.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = "mlp.experts"
+    router: str = "mlp.gate"
+    top_k: str = "top_k"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def subsets(self, fed_by: str) -> tuple[Subset, Subset]:
+        """The experts' two subsets in execution order: gate and up (fed by ``fed_by``), then down.
+        Optional, so layers with a dense MLP instead skip them."""
+        gate, up, down = (f"{self.path}.{EACH_EXPERT}.{n}" for n in self.names)
+        return (
+            Subset(name="experts.gate_up", modules=(gate, up), fed_by=fed_by, optional=True),
+            Subset(name="experts.down", modules=(down,), fed_by=up, optional=True),
+        )
 
 
 class TreeSpec(BaseModel):
-    """Where a model's decoder layers are, what surrounds them, and each layer's subsets in order."""
+    """Where a model's decoder layers are, what surrounds them, and each layer's subsets in order.
+
+    ``keep_fp`` lists linears left in full precision on purpose (e.g. a one-output gate that no
+    grid packs), so the spec check does not report them as uncovered.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -29,6 +75,8 @@ class TreeSpec(BaseModel):
     before: tuple[str, ...] = ("model.embed_tokens", "model.rotary_emb")
     after: tuple[str, ...] = ("model.norm", "lm_head")
     subsets: tuple[Subset, ...] = Field(min_length=1)
+    experts: ExpertGroup | None = None
+    keep_fp: tuple[str, ...] = ()
     # Norms compute x_normed * (offset + weight); Gemma's use offset 1. Scale folding needs to know.
     norm_weight_offset: float = 0.0
 
@@ -42,6 +90,14 @@ class TreeSpec(BaseModel):
                 seen.add(m)
         return self
 
-    @property
-    def modules(self) -> list[str]:
-        return [m for s in self.subsets for m in s.modules]
+    @model_validator(mode="after")
+    def _expert_modules_name_the_group(self) -> "TreeSpec":
+        for s in self.subsets:
+            if not any(EACH_EXPERT in m.split(".") for m in s.modules):
+                continue
+            if self.experts is None:
+                raise ValueError(f"subset {s.name!r} names per-expert modules but the spec has no experts group")
+            allowed = {f"{self.experts.path}.{EACH_EXPERT}.{n}" for n in self.experts.names}
+            if not set(s.modules) <= allowed:
+                raise ValueError(f"subset {s.name!r}: per-expert modules must be among {sorted(allowed)}")
+        return self

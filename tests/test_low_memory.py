@@ -1,0 +1,50 @@
+"""--low-memory streaming: the same checkpoint as the in-memory path, one layer in memory at a time."""
+
+import json
+
+import pytest
+import torch
+from conftest import save_model_dir
+from safetensors.torch import load_file
+from test_cli import one_line_error, quantize_args, run
+from test_end_to_end import logits, quick_config
+
+import treeq
+from treeq.quant_log import QuantLog
+
+
+def _tensors(directory):
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_streamed_checkpoint_equals_the_in_memory_one(arch, tmp_path, tokenizer, text_file):
+    src = save_model_dir(tmp_path / "src", arch, tokenizer)
+    kw = dict(calib_text=str(text_file), log=QuantLog(str))
+    memory = treeq.quantize(str(src), quick_config(), tmp_path / "memory", **kw)
+    streamed = treeq.quantize(str(src), quick_config(), tmp_path / "streamed", low_memory=True, **kw)
+    a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "streamed").glob("model-*-of-00003.safetensors"))) == 3  # 2 layers + the rest
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index.keys() == b.keys()
+    qcfg = [json.loads((tmp_path / d / "quantize_config.json").read_text()) for d in ("memory", "streamed")]
+    assert qcfg[0] == qcfg[1]
+    assert streamed.model is None and [r.loss for r in streamed.log.records] == [r.loss for r in memory.log.records]
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    loaded, _ = treeq.load(tmp_path / "streamed")
+    torch.testing.assert_close(logits(loaded, ids), logits(memory.model, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_low_memory_and_its_limits(tmp_path, tokenizer, text_file):
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    r = run(*quantize_args(src, text_file, tmp_path / "q", "--low-memory"))
+    assert r.exit_code == 0, r.output
+    r = run("inspect", tmp_path / "q")
+    assert r.exit_code == 0 and "torch for 14 modules" in r.output, r.output
+    moe = save_model_dir(tmp_path / "moe", "mixtral", tokenizer)
+    one_line_error(run(*quantize_args(moe, text_file, tmp_path / "m", "--low-memory")), "MoE", "without --low-memory")
