@@ -78,6 +78,17 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _group_size(model: str | None, group_size: int | None) -> int:
+    """The user's choice, else 128, or 64 for the built-in model (its hidden size 576 is no multiple of 128)."""
+    if group_size is not None:
+        return group_size
+    return DEFAULT_GROUP_SIZE if model is None else 128
+
+
+def _task_names(tasks: str) -> list[str]:
+    return list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",")]
+
+
 def _print_ppl(label: str, result) -> None:
     click.echo(f"{label} perplexity: {result.ppl:.3f}  [{result.protocol()}]")
 
@@ -179,8 +190,7 @@ def quantize(
     """Quantize MODEL (a local HF directory; omit it for the built-in SmolLM2-135M) and save it."""
     _set_threads(threads)
     builtin = model is None
-    if group_size is None:
-        group_size = DEFAULT_GROUP_SIZE if builtin else 128
+    group_size = _group_size(model, group_size)
     config = treeq.QuantConfig.build(
         method=method,
         bits=int(bits),
@@ -246,8 +256,7 @@ def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, tasks, limi
     if ppl:
         _print_ppl(target or DEFAULT_MODEL, treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows))
     if tasks:
-        names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",")]
-        for task, metrics in treeq.evaluate_tasks(model, tok, names, limit).items():
+        for task, metrics in treeq.evaluate_tasks(model, tok, _task_names(tasks), limit).items():
             click.echo(f"{task}: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         click.echo(f"(task definitions: lm_eval --include_path {task_dir()})")
 
@@ -286,10 +295,9 @@ def compare(
 ):
     """Quantize MODEL with each method and bit width; one table of size, time, perplexity and tasks."""
     _set_threads(threads)
-    if group_size is None:
-        group_size = DEFAULT_GROUP_SIZE if model is None else 128
+    group_size = _group_size(model, group_size)
     out = out or _free_path(Path("treeq-out") / f"compare-{DEFAULT_MODEL if model is None else Path(model).name}")
-    task_names = (list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",")]) if tasks else []
+    task_names = _task_names(tasks) if tasks else []
     treeq.compare(
         model,
         [m.strip() for m in methods.split(",")],
