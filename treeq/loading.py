@@ -104,8 +104,9 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
         if isinstance(module, QuantLinear):
             module.select_kernel(device_type, dtype, kernel)
             chosen[module.kernel.name] += 1
-            for other, reason in explain(module.fmt, device_type, dtype).items():
-                if reason:
-                    log.debug("%s: kernel %s rejected: %s", name, other, reason)
+            if log.isEnabledFor(logging.DEBUG):  # every kernel's reasons, worked out only when shown
+                for other, reason in explain(module.fmt, device_type, dtype).items():
+                    if reason:
+                        log.debug("%s: kernel %s rejected: %s", name, other, reason)
     log.info("kernels on %s/%s: %s", device_type, dtype, ", ".join(f"{k} x{n}" for k, n in chosen.items()))
     return model, AutoTokenizer.from_pretrained(path)
