@@ -85,6 +85,11 @@ def _group_size(model: str | None, group_size: int | None) -> int:
     return DEFAULT_GROUP_SIZE if model is None else 128
 
 
+def _model_name(model: str | None) -> str:
+    """How default output directories name the model: its directory name, or the built-in's name."""
+    return DEFAULT_MODEL if model is None else Path(model).name
+
+
 def _task_names(tasks: str) -> list[str]:
     return list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",")]
 
@@ -210,8 +215,7 @@ def quantize(
         fallback_method=fallback_method,
     )
     if out is None:
-        name = DEFAULT_MODEL if builtin else Path(model).name
-        out = _free_path(Path("treeq-out") / f"{name}-{method}-w{bits}g{group_size}")
+        out = _free_path(Path("treeq-out") / f"{_model_name(model)}-{method}-w{bits}g{group_size}")
     elif out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
     click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
@@ -296,7 +300,7 @@ def compare(
     """Quantize MODEL with each method and bit width; one table of size, time, perplexity and tasks."""
     _set_threads(threads)
     group_size = _group_size(model, group_size)
-    out = out or _free_path(Path("treeq-out") / f"compare-{DEFAULT_MODEL if model is None else Path(model).name}")
+    out = out or _free_path(Path("treeq-out") / f"compare-{_model_name(model)}")
     task_names = _task_names(tasks) if tasks else []
     treeq.compare(
         model,
