@@ -13,6 +13,7 @@ import click
 import torch
 
 import treeq
+from treeq.calib_precision import CALIB_DTYPES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
@@ -116,7 +117,18 @@ def _print_ppl(label: str, result) -> None:
     show_default=True,
     help="quantization grid (see treeq/numerics.py)",
 )
-@click.option("--clip-search", is_flag=True, help="search each row's clip ratio minimising weight error")
+@click.option(
+    "--clip-search/--no-clip-search",
+    default=None,
+    help="search each row's clip ratio minimising weight error (default: on for gptq, off for the others)",
+)
+@click.option(
+    "--calib-dtype",
+    type=click.Choice(CALIB_DTYPES),
+    default="auto",
+    show_default=True,
+    help="dtype of the calibration forwards' matmuls; auto: bf16 where the device has it natively",
+)
 @click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="GPTQ act-order")
 @click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")
 @click.option("--damp", "damp_percent", type=float, default=0.01, show_default=True)
@@ -173,6 +185,7 @@ def quantize(
     sym,
     grid,
     clip_search,
+    calib_dtype,
     desc_act,
     static_groups,
     damp_percent,
@@ -203,6 +216,7 @@ def quantize(
         sym=sym,
         grid=grid,
         clip_search=clip_search,
+        calib_dtype=calib_dtype,
         desc_act=desc_act,
         static_groups=static_groups,
         damp_percent=damp_percent,

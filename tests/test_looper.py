@@ -8,7 +8,7 @@ import torch
 from conftest import make_model
 
 import treeq
-from treeq import looper
+from treeq import lockstep, looper
 from treeq.data import calibration_batches
 from treeq.experts import unfuse_experts
 from treeq.methods import make_method
@@ -77,12 +77,16 @@ def test_spec_out_of_execution_order_is_a_clear_error(tokenizer, text_file):
     spec = spec_for(model.config)
     swapped = spec.model_copy(update={"subsets": (spec.subsets[1], spec.subsets[0], *spec.subsets[2:])})
     cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32)
-    before = threading.active_count()
     with pytest.raises(treeq.TreeqError, match="'o' ran after a later one"):
         looper.quantize_layers(
             model, swapped, make_method(cfg), _batches(tokenizer, text_file), torch.device("cpu"), log=QuantLog(str)
         )
-    assert threading.active_count() == before
+    _assert_no_batch_left()
+
+
+def _assert_no_batch_left():
+    """Every lockstep worker thread is back in the idle pool, none paused inside a forward."""
+    assert len(lockstep._Worker.idle) == lockstep._Worker.started > 0
 
 
 def test_a_failing_method_leaves_no_paused_threads(tokenizer, text_file, monkeypatch):
@@ -93,7 +97,6 @@ def test_a_failing_method_leaves_no_paused_threads(tokenizer, text_file, monkeyp
         raise RuntimeError("method failed")
 
     monkeypatch.setattr(method, "quantize", boom)
-    before = threading.active_count()
     with pytest.raises(RuntimeError, match="method failed"):
         looper.quantize_layers(
             model,
@@ -103,4 +106,47 @@ def test_a_failing_method_leaves_no_paused_threads(tokenizer, text_file, monkeyp
             torch.device("cpu"),
             log=QuantLog(str),
         )
-    assert threading.active_count() == before
+    _assert_no_batch_left()
+
+
+def test_lockstep_reuses_its_worker_threads_across_layers(tokenizer, text_file):
+    model = make_model("llama")
+    batches = _batches(tokenizer, text_file)
+    method = make_method(treeq.QuantConfig(method="rtn", bits=4, group_size=32))
+    looper.quantize_layers(model, spec_for(model.config), method, batches, torch.device("cpu"), log=QuantLog(str))
+    started, threads = lockstep._Worker.started, threading.active_count()
+    looper.quantize_layers(model, spec_for(model.config), method, batches, torch.device("cpu"), log=QuantLog(str))
+    assert (lockstep._Worker.started, threading.active_count()) == (started, threads)
+    assert started <= len(batches) + 1
+
+
+@pytest.mark.parametrize("calib_dtype", ["float32", "bfloat16"])
+def test_calibration_forwards_autocast_to_calib_dtype(calib_dtype, tokenizer, text_file):
+    """The matmuls' outputs (here: down_proj's input, made from gate/up outputs) come out in the
+    calibration dtype, and the quantized codes stay close to the fp32 run's."""
+    cfg = treeq.QuantConfig(method="gptq", bits=4, group_size=32, calib_dtype=calib_dtype)
+    model = make_model("llama")
+    seen = set()
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+    spec, batches = spec_for(model.config), _batches(tokenizer, text_file)
+    dtype = getattr(torch, calib_dtype)
+    results = looper.quantize_layers(
+        model, spec, make_method(cfg), batches, torch.device("cpu"), log=QuantLog(str), autocast=dtype
+    )
+    assert seen == {dtype}
+    reference = make_model("llama")
+    exact = looper.quantize_layers(
+        reference, spec, make_method(cfg), batches, torch.device("cpu"), log=QuantLog(str)
+    )
+    agree = torch.cat([(results[n].codes == exact[n].codes).flatten() for n in exact]).float().mean()
+    assert agree == 1 if calib_dtype == "float32" else 0.9 < agree < 1
+
+
+def test_auto_calib_dtype_is_bf16_only_where_native(monkeypatch):
+    from treeq.calib_precision import calibration_dtype
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+        assert calibration_dtype("auto", torch.device("cpu")) == expected
+    assert calibration_dtype("float32", torch.device("cpu")) == torch.float32

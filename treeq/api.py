@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from . import data, packing
 from .atomic import atomic_directory
+from .calib_precision import calibration_dtype
 from .checkpoint import quantization_config, save_quantized, swap_in_quantized, write_metadata
 from .compare import compare
 from .config import QuantConfig
@@ -65,7 +66,9 @@ def load_fp_model(model: str | None = None, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_path(model)
-    fp = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    # Read, not memory-mapped: pages of a mapped checkpoint stay resident after the looper replaces
+    # the weights they hold, which on SmolLM2 added 400 MB of peak RSS by the last layer.
+    fp = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=True).eval()
     return fp, AutoTokenizer.from_pretrained(path)
 
 
@@ -164,19 +167,21 @@ def _calibrate_and_quantize(
     # The main method's options are not the fallback's (RTN takes none).
     fallback_method = make_method(config.model_copy(update={"method": config.fallback_method, "options": {}}))
     fallback = Fallback(fallback_method, math.ceil(config.fallback_fraction * calib_tokens))
+    device = resolve_device(device)
     with calibration_routing(model, spec, config.routing):
         return quantize_layers(
             model,
             spec,
             make_method(config),
             batches,
-            resolve_device(device),
+            device,
             config.true_sequential,
             log,
             workers or torch.get_num_threads(),
             fallback,
             parse_devices(devices),
             stream,
+            calibration_dtype(config.calib_dtype, device),
         )
 
 

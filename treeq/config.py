@@ -7,6 +7,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, Field, PositiveInt, field_validator, model_validator
 
+from .calib_precision import CALIB_DTYPES
 from .errors import from_validation
 from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 
@@ -21,13 +22,19 @@ class QuantConfig(BaseModel):
     grid: Literal[tuple(GRIDS)] = Field(  # type: ignore[valid-type]
         UniformGrid.name, description="quantization grid (treeq/numerics.py): " + ", ".join(GRIDS)
     )
-    clip_search: bool = Field(False, description="search each row's clip ratio minimising weight error")
+    clip_search: bool = Field(
+        None,  # type: ignore[assignment]  # filled in from the method's default before validation
+        description="search each row's clip ratio minimising weight error (default: the method's choice)",
+    )
     # On by default: on SmolLM2 4-bit it cut GPTQ's perplexity increase by ~40% (see bench/).
     desc_act: bool = Field(True, description="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
     static_groups: bool = Field(False, description="with desc_act, fix group params before the GPTQ sweep")
     damp_percent: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, gt=0)
     true_sequential: bool = Field(True, description="quantize subsets in order, each seeing the ones before")
+    calib_dtype: Literal[CALIB_DTYPES] = Field(  # type: ignore[valid-type]
+        "auto", description="dtype of the calibration forwards' matmuls (treeq/calib_precision.py); auto: bf16 where native"
+    )
     calib_samples: int = Field(128, gt=0)
     seqlen: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
@@ -41,6 +48,16 @@ class QuantConfig(BaseModel):
         0.005, ge=0, le=1, description="modules seeing fewer than this fraction of calibration tokens fall back"
     )
     fallback_method: str = Field("rtn", description="method for modules that saw too few calibration tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_clip_default(cls, data: Any) -> Any:
+        from .methods import METHODS
+
+        if isinstance(data, dict) and data.get("clip_search") is None:
+            method = METHODS.get(data.get("method", cls.model_fields["method"].default))
+            data = {**data, "clip_search": method.default_clip_search if method else False}
+        return data
 
     @field_validator("method", "fallback_method")
     @classmethod

@@ -26,11 +26,47 @@ class _Abort(BaseException):
     """Unwinds a paused batch thread when the caller gives up on the layer."""
 
 
-_local = threading.local()  # the _Batch whose thread is running
+_local = threading.local()  # per worker thread: its _Worker, and the _Batch it is running
+
+
+class _Worker:
+    """A daemon thread that runs one job after another. Starting a thread per batch and layer
+    costs ~20 ms each (the thread's OpenMP team and oneDNN state are built anew): on SmolLM2 a
+    third of a layer's bf16 forwards."""
+
+    idle: list["_Worker"] = []
+    started = 0
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        _Worker.started += 1
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        _local.worker = self
+        while True:
+            job = self._jobs.get()
+            job()
+            del job  # an idle worker keeps nothing of the batch alive
+
+    @classmethod
+    def start(cls, job: Callable[[], None]) -> None:
+        with cls._lock:
+            worker = cls.idle.pop() if cls.idle else None
+            if worker is None:
+                worker = cls()
+        worker._jobs.put(job)
+
+    @classmethod
+    def release_current(cls) -> None:
+        """A job's last act: its worker may take the next job."""
+        with cls._lock:
+            cls.idle.append(_local.worker)
 
 
 class _Batch:
-    """One calibration batch's forward, run in a thread that pauses at barriers."""
+    """One calibration batch's forward, run on a worker thread that pauses at barriers."""
 
     def __init__(self, run: Callable[[], Any]):
         self.position = -1  # index of the barrier it waits at; -1 before start
@@ -40,8 +76,8 @@ class _Batch:
         self._resume = threading.Semaphore(0)
         self._reports: queue.Queue = queue.Queue()
         self._abort = False
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._thread.start()
+        self._finished = threading.Event()
+        _Worker.start(self._main)
 
     def _main(self) -> None:
         _local.batch = self
@@ -56,6 +92,10 @@ class _Batch:
             pass
         except BaseException as e:  # handed to the caller's thread, which re-raises it
             self._reports.put(("error", e))
+        finally:
+            _local.batch = None
+            _Worker.release_current()
+            self._finished.set()
 
     def pause(self, position: int) -> None:
         """Called in this batch's thread: report the barrier reached, then wait for the baton."""
@@ -77,7 +117,7 @@ class _Batch:
     def abort(self) -> None:
         self._abort = True
         self._resume.release()
-        self._thread.join()
+        self._finished.wait()
 
 
 Barrier = tuple[str, list[torch.nn.Module], Callable[[torch.Tensor], None]]

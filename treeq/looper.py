@@ -40,13 +40,22 @@ class _Stop(Exception):
 class LayerInputs:
     hidden: list[torch.Tensor]  # one [batch, seq, hidden] tensor per calibration batch
     kwargs: list[list[dict[str, Any]]]  # [layer][batch] keyword arguments each layer was called with
+    # Layer forwards autocast to this dtype (float32: none, they run as the weights are); weights
+    # and the residual stream stay fp32, only the matmuls run in low precision.
+    autocast: torch.dtype = torch.float32
 
 
 def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_inputs(model: nn.Module, spec: TreeSpec, batches: list[torch.Tensor], device: torch.device) -> LayerInputs:
+def capture_inputs(
+    model: nn.Module,
+    spec: TreeSpec,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    autocast: torch.dtype = torch.float32,
+) -> LayerInputs:
     """Layer-0 hidden states and every layer's kwargs (masks, position embeddings), computed once.
 
     Layers are stood in for by a recorder that passes hidden states through, so nothing but the
@@ -91,11 +100,20 @@ def capture_inputs(model: nn.Module, spec: TreeSpec, batches: list[torch.Tensor]
             del layer.forward
         for m in surrounding:
             m.to("cpu")
-    return LayerInputs(hidden, kwargs)
+    return LayerInputs(hidden, kwargs, autocast)
+
+
+def _forward(layer, hidden, kwargs, autocast: torch.dtype):
+    # Autocast state is per thread, so it is entered here, inside each lockstep batch's thread.
+    with torch.autocast(hidden.device.type, dtype=autocast, enabled=autocast != torch.float32):
+        return layer(hidden, **kwargs)
 
 
 def _forwards(layer, inputs: LayerInputs, index: int) -> list:
-    return [functools.partial(layer, h, **kw) for h, kw in zip(inputs.hidden, inputs.kwargs[index])]
+    return [
+        functools.partial(_forward, layer, h, kw, inputs.autocast)
+        for h, kw in zip(inputs.hidden, inputs.kwargs[index])
+    ]
 
 
 @dataclass
@@ -178,6 +196,7 @@ def quantize_layers(
     fallback: Fallback | None = None,
     devices: list[torch.device] | None = None,
     stream=None,
+    autocast: torch.dtype = torch.float32,
 ) -> dict[str, QuantResult]:
     """Quantize every module the spec names; returns results by full module name.
 
@@ -189,6 +208,7 @@ def quantize_layers(
 
     A ``stream`` (:class:`treeq.streaming.LayerStream`) loads each layer's weights before it is
     quantized and takes its results afterwards; they are then not kept in the returned dict.
+    Layer forwards run under ``autocast`` to that dtype unless it is float32.
     """
     log = log or QuantLog()
     map_large_allocations()
@@ -197,7 +217,7 @@ def quantize_layers(
     results: dict[str, QuantResult] = {}
     workers = max(1, workers, len(devices))
     with torch.no_grad(), ThreadPoolExecutor(workers) as pool:
-        inputs = capture_inputs(model, spec, batches, device)
+        inputs = capture_inputs(model, spec, batches, device, autocast)
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
             if stream is not None:
                 stream.load(index, layer)

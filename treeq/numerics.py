@@ -22,10 +22,14 @@ import torch
 SCALE_DTYPE = torch.float16
 SUPPORTED_BITS = (2, 3, 4, 8)
 
-# GPTQ's mse observer: shrink the range by up to 80% in 100 steps, error measured as |w - q|^2.4,
-# which weighs large errors a little more than squared error.
-CLIP_RATIOS = torch.linspace(1.0, 0.2, 100).tolist()
+# GPTQ's mse observer shrinks the range by up to 80% in 100 steps, error measured as |w - q|^2.4,
+# which weighs large errors a little more than squared error. Here a coarse pass (steps of 0.04)
+# and a fine one (steps of 0.008 around each row's best) reach the same resolution in 32 tries.
+CLIP_COARSE = torch.linspace(1.0, 0.2, 21)
+CLIP_FINE = torch.linspace(-0.04, 0.04, 11)
+CLIP_RANGE = (0.2, 1.0)
 CLIP_NORM = 2.4
+CLIP_CHUNK = 4
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_INT4_EPS = 1e-6
@@ -68,19 +72,30 @@ class Grid:
     def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Storable scale and zero point per row of ``w`` (rows = output channels, columns = one group)."""
         w = w.float()
-        scale, zero = self.raw_params(w)
-        scale = _storable(scale)
         if not self.clip_search:
-            return scale, zero
-        best = torch.full_like(scale, float("inf"))
-        for ratio in CLIP_RATIOS:
-            s, z = self.raw_params(w * ratio)
-            s = _storable(s)
-            err = (w - self.fake_quantize(w, s[:, None], z[:, None])).abs().pow(CLIP_NORM).sum(dim=1)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
-        return scale, zero
+            scale, zero = self.raw_params(w)
+            return _storable(scale), zero
+        coarse = CLIP_COARSE.to(w.device)[:, None].expand(-1, w.shape[0])
+        err, scale, zero, ratio = self._best_clip(w, coarse)
+        fine = (ratio[None] + CLIP_FINE.to(w.device)[:, None]).clamp(*CLIP_RANGE)
+        err_f, scale_f, zero_f, _ = self._best_clip(w, fine)
+        better = err_f < err  # ties keep the coarse pick, so an unclipped row stays unclipped
+        return torch.where(better, scale_f, scale), torch.where(better, zero_f, zero)
+
+    def _best_clip(self, w: torch.Tensor, ratios: torch.Tensor):
+        """Per row of ``w``, the candidate of ``ratios`` [candidates, rows] with the least clipped
+        weight error: (error, scale, zero, ratio); the first candidate wins ties."""
+        rows, cols = w.shape
+        found = []
+        # A few candidates at a time keep the temporaries in cache: 3x faster than all at once.
+        for r in ratios.split(CLIP_CHUNK):
+            s, z = self.raw_params((w[None] * r[..., None]).reshape(-1, cols))
+            s, z = _storable(s).reshape(-1, rows, 1), z.reshape(-1, rows, 1)
+            err = (w[None] - self.fake_quantize(w[None], s, z)).abs_().pow_(CLIP_NORM).sum(dim=2)
+            found.append((err, s[..., 0], z[..., 0], r))
+        err, s, z, r = (torch.cat(t) for t in zip(*found))
+        best = err.argmin(dim=0, keepdim=True)
+        return tuple(t.gather(0, best)[0] for t in (err, s, z, r))
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes for ``w``; ``scale``/``zero`` broadcast against it."""

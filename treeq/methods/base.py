@@ -81,6 +81,9 @@ class Method(ABC):
     # Methods that rescale input channels get an fp pass over each layer first (see input_scales).
     rescales_inputs: ClassVar[bool] = False
 
+    # ``QuantConfig.clip_search`` when the user leaves it unset.
+    default_clip_search: ClassVar[bool] = False
+
     # The pydantic model that validates ``QuantConfig.options`` for this method; None: no options.
     Options: ClassVar[type[pydantic.BaseModel] | None] = None
 
