@@ -56,7 +56,8 @@ def main(methods, bits, variants, threads, calib_samples, seqlen, eval_windows, 
     fp, tok = treeq.load_fp_model()
     fp_ppl = treeq.evaluate_perplexity(fp, tok, max_windows=eval_windows)
     lines = [
-        f"threads={threads}  calibration: {calib_samples} x {seqlen} tokens of wiki-train  group=64  act-order on",
+        f"threads={threads}  calibration: {calib_samples} x {seqlen} tokens of wiki-train  group=64  act-order on  "
+        "clip search off (but in +clip rows)",
         f"eval: wiki-test, {fp_ppl.protocol()}",
         f"fp perplexity: {fp_ppl.ppl:.3f}",
         "loss: per-module output MSE E[(x (W - Q)^T)^2] on the calibration inputs, mean / median over modules",
@@ -78,7 +79,12 @@ def main(methods, bits, variants, threads, calib_samples, seqlen, eval_windows, 
     rows = {}
     for method, b, label in runs:
         cfg = treeq.QuantConfig(
-            method=method, bits=b, group_size=64, calib_samples=calib_samples, seqlen=seqlen, **VARIANTS[label]
+            method=method,
+            bits=b,
+            group_size=64,
+            calib_samples=calib_samples,
+            seqlen=seqlen,
+            **{"clip_search": False, **VARIANTS[label]},  # grids alone: GPTQ's default clip search off
         )
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

@@ -51,3 +51,12 @@ def test_forcing_an_unfit_kernel_says_why(monkeypatch):
         select_kernel(FMT, "cpu", torch.float32, force="int4-only")
     with pytest.raises(TreeqError, match="unknown kernel 'nope'"):
         select_kernel(FMT, "cpu", torch.float32, force="nope")
+
+
+def test_quantized_state_names_every_buffer_but_bias():
+    """inspect counts a checkpoint's fp16-equivalent size from this list; a new buffer must join it."""
+    from treeq.quant_linear import QuantLinear
+
+    fmt = LinearFormat(bits=4, group_size=32, sym=True, desc_act=False, in_features=64, out_features=32)
+    layer = QuantLinear(fmt, bias=True, krot=2, rotation_group_size=32)
+    assert {n for n, _ in layer.named_buffers()} - {"bias"} == set(QuantLinear.QUANTIZED_STATE)

@@ -30,7 +30,8 @@ def _naive_true_sequential(model, spec, method, batches, fallback=None):
                 looper._collect(layer, [bound], inputs, index)
                 for name, r in looper._quantize_subset(layer, bound, method, index, QuantLog(), pool, fallback):
                     results[f"{spec.layers}.{index}.{name}"] = r
-            inputs.hidden = [looper._first_output(f()) for f in looper._forwards(layer, inputs, index)]
+            for forward in looper._forwards(layer, inputs, index, advance=True):
+                forward()
     return results
 
 
@@ -150,3 +151,22 @@ def test_auto_calib_dtype_is_bf16_only_where_native(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
         assert calibration_dtype("auto", torch.device("cpu")) == expected
     assert calibration_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_rerunning_equals_lockstep(arch, tokenizer, text_file):
+    """The low-memory driver (rerun the layer up to each subset) records the same inputs."""
+    cfg = treeq.QuantConfig(method="gptq", bits=3, group_size=32)
+    batches = _batches(tokenizer, text_file)
+    runs = []
+    for lockstep_on in (True, False):
+        m = make_model(arch)
+        runs.append(
+            looper.quantize_layers(
+                m, spec_for(m.config), make_method(cfg), batches, torch.device("cpu"), log=QuantLog(str),
+                lockstep=lockstep_on,
+            )
+        )
+    assert runs[0].keys() == runs[1].keys()
+    for name in runs[0]:
+        assert torch.equal(runs[0][name].codes, runs[1][name].codes), name

@@ -182,6 +182,7 @@ def _calibrate_and_quantize(
             parse_devices(devices),
             stream,
             calibration_dtype(config.calib_dtype, device),
+            lockstep=stream is None,  # streaming is for memory, so it reruns layers instead
         )
 
 
@@ -267,11 +268,12 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                     in_f = shape[0] * 32 // qcfg["bits"]
                     fmt = linear_format_from(qcfg, in_f, shape[1])
                     fp16_bytes += in_f * shape[1] * 2
-                    kernels[name] = select_kernel(fmt, device, dtype).name
-                    for kname, reason in explain(fmt, device, dtype).items():
+                    reasons = explain(fmt, device, dtype)
+                    kernels[name] = select_kernel(fmt, device, dtype, reasons=reasons).name
+                    for kname, reason in reasons.items():
                         if reason:
                             rejected.setdefault(kname, {})[name] = reason
-                elif not key.endswith((".qzeros", ".scales", ".g_idx", ".channel_scales", ".pairs", ".theta")):
+                elif key.rpartition(".")[2] not in QuantLinear.QUANTIZED_STATE:
                     n = 1
                     for d in shape:
                         n *= d

@@ -24,16 +24,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import experts
-from .lockstep import run_lockstep
+from .lockstep import StopForward, run_lockstep, run_rerunning
 from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
 from .models import Subset, TreeSpec
 from .quant_log import ModuleRecord, QuantLog, peak_memory_mb
 from .scaling import can_fold, fold_input_scales
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once what it was run for has been seen."""
 
 
 @dataclass
@@ -79,7 +75,7 @@ def capture_inputs(
         return forward
 
     def stop(*_):
-        raise _Stop
+        raise StopForward
 
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)
@@ -92,7 +88,7 @@ def capture_inputs(
             for ids in batches:
                 try:
                     model(input_ids=ids.to(device), use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
     finally:
         handle.remove()
@@ -109,11 +105,18 @@ def _forward(layer, hidden, kwargs, autocast: torch.dtype):
         return layer(hidden, **kwargs)
 
 
-def _forwards(layer, inputs: LayerInputs, index: int) -> list:
-    return [
-        functools.partial(_forward, layer, h, kw, inputs.autocast)
-        for h, kw in zip(inputs.hidden, inputs.kwargs[index])
-    ]
+def _forwards(layer, inputs: LayerInputs, index: int, advance: bool = False) -> list:
+    """One callable per calibration batch running ``layer`` on it. With ``advance`` each replaces
+    its batch's hidden states by the layer's output as soon as it has it (and returns nothing), so
+    the calibration set's inputs and outputs are never all in memory at once."""
+
+    def run(b: int):
+        out = _forward(layer, inputs.hidden[b], inputs.kwargs[index][b], inputs.autocast)
+        if not advance:
+            return out
+        inputs.hidden[b] = _first_output(out)
+
+    return [functools.partial(run, b) for b in range(len(inputs.hidden))]
 
 
 @dataclass
@@ -197,6 +200,7 @@ def quantize_layers(
     devices: list[torch.device] | None = None,
     stream=None,
     autocast: torch.dtype = torch.float32,
+    lockstep: bool = True,
 ) -> dict[str, QuantResult]:
     """Quantize every module the spec names; returns results by full module name.
 
@@ -208,7 +212,9 @@ def quantize_layers(
 
     A ``stream`` (:class:`treeq.streaming.LayerStream`) loads each layer's weights before it is
     quantized and takes its results afterwards; they are then not kept in the returned dict.
-    Layer forwards run under ``autocast`` to that dtype unless it is float32.
+    Layer forwards run under ``autocast`` to that dtype unless it is float32. Without
+    ``lockstep``, true-sequential reruns the layer per subset (:func:`run_rerunning`): the same
+    results, slower, with one batch's activations in memory instead of every batch's.
     """
     log = log or QuantLog()
     map_large_allocations()
@@ -218,6 +224,8 @@ def quantize_layers(
     workers = max(1, workers, len(devices))
     with torch.no_grad(), ThreadPoolExecutor(workers) as pool:
         inputs = capture_inputs(model, spec, batches, device, autocast)
+        if stream is not None:
+            stream.inputs_captured()
         for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
             if stream is not None:
                 stream.load(index, layer)
@@ -233,15 +241,19 @@ def quantize_layers(
                         layer_results[f"{spec.layers}.{index}.{name}"] = result
                 b.groups.clear()  # frees the statistics
 
-            if true_sequential:
-                barriers = [(b.name, b.taps, b.record) for b in bound]
-                outputs = run_lockstep(_forwards(layer, inputs, index), barriers, lambda k: quantize(bound[k]))
+            barriers = [(b.name, b.taps, b.record) for b in bound]
+            if true_sequential and lockstep:
+                run_lockstep(_forwards(layer, inputs, index, advance=True), barriers, lambda k: quantize(bound[k]))
+            elif true_sequential:
+                run_rerunning(_forwards(layer, inputs, index), barriers, lambda k: quantize(bound[k]))
+                for forward in _forwards(layer, inputs, index, advance=True):
+                    forward()
             else:
                 _collect(layer, bound, inputs, index)
                 for b in bound:
                     quantize(b)
-                outputs = [forward() for forward in _forwards(layer, inputs, index)]
-            inputs.hidden = [_first_output(o) for o in outputs]
+                for forward in _forwards(layer, inputs, index, advance=True):
+                    forward()
             layer.to("cpu")
             if stream is not None:
                 stream.emit(index, layer, layer_results)

@@ -15,6 +15,9 @@ from .numerics import SCALE_DTYPE, dequantize_grouped
 
 
 class QuantLinear(nn.Module):
+    # Buffers that hold the quantized weight (all but bias), as named in checkpoints.
+    QUANTIZED_STATE = ("qweight", "qzeros", "scales", "g_idx", "channel_scales", "pairs", "theta")
+
     def __init__(
         self,
         fmt: LinearFormat,

@@ -80,6 +80,13 @@ class LayerStream:
         for path in (*self.spec.before, *self.spec.after):
             _check_loaded(self.model.get_submodule(path), path)
 
+    def inputs_captured(self) -> None:
+        """The looper has the layers' inputs: embeddings and head are not needed until the end,
+        and finish() copies them from the source shards. (On a 6 GB Llama they are 400 MB.)"""
+        for path in (*self.spec.before, *self.spec.after):
+            self.model.get_submodule(path).to("meta")
+        release_free_heap()
+
     def load(self, index: int, layer: nn.Module) -> None:
         release_free_heap()  # the calibration's tokenization garbage, before the first layer
         load_into(layer, f"{self.spec.layers}.{index}.", self.reader)

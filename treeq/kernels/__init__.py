@@ -17,7 +17,15 @@ def explain(fmt: LinearFormat, device: str, dtype: torch.dtype) -> dict[str, str
     return {name: k.rejects(fmt, device, dtype) for name, k in KERNELS.items()}
 
 
-def select_kernel(fmt: LinearFormat, device: str, dtype: torch.dtype, force: str | None = None) -> type[Kernel]:
+def select_kernel(
+    fmt: LinearFormat,
+    device: str,
+    dtype: torch.dtype,
+    force: str | None = None,
+    reasons: dict[str, str | None] | None = None,
+) -> type[Kernel]:
+    """The highest-priority kernel that accepts ``fmt``; ``reasons``: :func:`explain`'s answer, if
+    the caller already has it."""
     if force is not None:
         if force not in KERNELS:
             raise TreeqError(f"unknown kernel {force!r}; available: {', '.join(sorted(KERNELS))}")
@@ -25,7 +33,7 @@ def select_kernel(fmt: LinearFormat, device: str, dtype: torch.dtype, force: str
         if reason:
             raise TreeqError(f"kernel {force!r} cannot run this layer: {reason}")
         return KERNELS[force]
-    reasons = explain(fmt, device, dtype)
+    reasons = explain(fmt, device, dtype) if reasons is None else reasons
     fitting = [KERNELS[n] for n, r in reasons.items() if r is None]
     if not fitting:
         detail = "; ".join(f"{n}: {r}" for n, r in reasons.items())
