@@ -127,7 +127,7 @@ def _print_ppl(label: str, result) -> None:
     type=click.Choice(CALIB_DTYPES),
     default="auto",
     show_default=True,
-    help="dtype of the calibration forwards' matmuls; auto: bf16 where the device has it natively",
+    help="dtype of calibration matmul inputs (forwards, input statistics); auto: bf16 where native",
 )
 @click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="GPTQ act-order")
 @click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")

@@ -124,7 +124,7 @@ def test_lockstep_reuses_its_worker_threads_across_layers(tokenizer, text_file):
 @pytest.mark.parametrize("calib_dtype", ["float32", "bfloat16"])
 def test_calibration_forwards_autocast_to_calib_dtype(calib_dtype, tokenizer, text_file):
     """The matmuls' outputs (here: down_proj's input, made from gate/up outputs) come out in the
-    calibration dtype, and the quantized codes stay close to the fp32 run's."""
+    calibration dtype, and the quantized codes stay close to an fp32 run's."""
     cfg = treeq.QuantConfig(method="gptq", bits=4, group_size=32, calib_dtype=calib_dtype)
     model = make_model("llama")
     seen = set()
@@ -136,11 +136,11 @@ def test_calibration_forwards_autocast_to_calib_dtype(calib_dtype, tokenizer, te
     )
     assert seen == {dtype}
     reference = make_model("llama")
-    exact = looper.quantize_layers(
-        reference, spec, make_method(cfg), batches, torch.device("cpu"), log=QuantLog(str)
-    )
+    fp32 = make_method(cfg.model_copy(update={"calib_dtype": "float32"}))
+    exact = looper.quantize_layers(reference, spec, fp32, batches, torch.device("cpu"), log=QuantLog(str))
     agree = torch.cat([(results[n].codes == exact[n].codes).flatten() for n in exact]).float().mean()
-    assert agree == 1 if calib_dtype == "float32" else 0.9 < agree < 1
+    # A tiny random model has many weights near a rounding boundary: ~88% of codes agree.
+    assert agree == 1 if calib_dtype == "float32" else 0.8 < agree < 1
 
 
 def test_auto_calib_dtype_is_bf16_only_where_native(monkeypatch):

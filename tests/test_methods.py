@@ -95,3 +95,19 @@ def test_clip_search_defaults_to_the_methods_choice():
     assert QuantConfig(method="gptq", clip_search=False).clip_search is False
     assert QuantConfig(method="rtn", clip_search=True).clip_search is True
     assert make_method(QuantConfig(method="gptq")).grid.clip_search
+
+
+def test_bf16_statistics_are_the_gram_matrix_of_the_rounded_inputs():
+    """Fast bf16 statistics round the inputs, never the products, so H stays positive semi-definite."""
+    x = torch.randn(4, 256, 96) * torch.rand(96) * 5
+    stats = InputStats(96, torch.device("cpu"), torch.bfloat16)
+    for batch in x:
+        stats.add(batch)
+    rounded = x.reshape(-1, 96).bfloat16().float()
+    exact = rounded.T @ rounded / rounded.shape[0]
+    fp32 = InputStats(96, torch.device("cpu"))
+    fp32.add(x)
+    assert torch.allclose(stats.h, exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
+    assert not torch.allclose(fp32.h, exact, rtol=1e-5, atol=1e-6 * exact.abs().max())  # rounding is real
+    assert torch.linalg.eigvalsh(stats.h.double()).min() > -1e-9 * exact.abs().max()
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the setting is put back

@@ -1,9 +1,9 @@
-"""The dtype the calibration forwards' matmuls run in.
+"""The dtype calibration matmuls take their inputs in: the layer forwards and the input statistics.
 
-bf16 matmuls are 4-5x faster than fp32 ones on CPUs with native bf16 (AVX512-BF16, AMX) and on
-recent GPUs. Only the layer forwards autocast: weights, the residual stream and every method's own
-arithmetic stay fp32, and so do the input statistics. (A bf16 x^T x rounds each entry of H to 8
-bits; on SmolLM2 that made Cholesky need 5x the damping.)
+bf16 matmuls are 3-5x faster than fp32 ones on CPUs with native bf16 (AVX512-BF16, AMX) and on
+recent GPUs. The layer forwards autocast; the input statistics round x to bf16 but accumulate
+x^T x in fp32 (:class:`treeq.methods.InputStats`). Weights, the residual stream and every method's
+own arithmetic stay fp32.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class QuantConfig(BaseModel):
     block_size: int = Field(128, gt=0)
     true_sequential: bool = Field(True, description="quantize subsets in order, each seeing the ones before")
     calib_dtype: Literal[CALIB_DTYPES] = Field(  # type: ignore[valid-type]
-        "auto", description="dtype of the calibration forwards' matmuls (treeq/calib_precision.py); auto: bf16 where native"
+        "auto", description="dtype of calibration matmul inputs (treeq/calib_precision.py); auto: bf16 where native"
     )
     calib_samples: int = Field(128, gt=0)
     seqlen: int = Field(512, gt=1)

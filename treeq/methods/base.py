@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import pydantic
 import torch
 
+from ..calib_precision import calibration_dtype
 from ..input_transform import InputTransform
 from ..numerics import UniformGrid, dequantize_grouped, make_grid
 
@@ -44,12 +46,18 @@ class QuantResult:
 class InputStats:
     """Second moment H = E[x x^T] of a subset's input, accumulated in fp32 over calibration tokens.
 
+    With ``dtype`` bf16 (calibration forwards autocast to bf16, so the layer multiplies bf16-rounded
+    inputs anyway), each batch's x^T x on a CPU rounds x to bf16 and accumulates in fp32: 2.8x
+    faster with native bf16, and H stays the exact Gram matrix of the rounded inputs, so positive
+    semi-definite. (Rounding x^T x's output to bf16 instead made Cholesky need 5x the damping.)
+
     Per-subset derived quantities (a factorised inverse, a permutation) are cached here so modules
     that share an input compute them once.
     """
 
-    def __init__(self, in_features: int, device: torch.device):
+    def __init__(self, in_features: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.dtype = dtype
         self.tokens = 0
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -59,7 +67,8 @@ class InputStats:
         n = x.shape[0]
         # Running mean keeps H's scale independent of the token count.
         self.h.mul_(self.tokens / (self.tokens + n))
-        self.h.addmm_(x.T, x, alpha=1.0 / (self.tokens + n))
+        with _cpu_matmul_inputs(self.dtype if x.device.type == "cpu" else torch.float32):
+            self.h.addmm_(x.T, x, alpha=1.0 / (self.tokens + n))
         self.tokens += n
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -68,6 +77,22 @@ class InputStats:
             if key not in self._cache:
                 self._cache[key] = compute()
             return self._cache[key]
+
+
+@contextmanager
+def _cpu_matmul_inputs(dtype: torch.dtype):
+    """CPU fp32 matmuls round their inputs to ``dtype`` (bf16) and accumulate in fp32 (oneDNN).
+    The setting is process-wide; the looper never runs input statistics alongside other matmuls
+    (batches run one at a time, and methods only while every batch is paused)."""
+    if dtype == torch.float32:
+        yield
+        return
+    setting = torch.backends.mkldnn.matmul
+    before, setting.fp32_precision = setting.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        setting.fp32_precision = before
 
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
@@ -106,7 +131,7 @@ class Method(ABC):
             raise ValueError("; ".join(parts)) from None
 
     def stats(self, in_features: int, device: torch.device) -> InputStats:
-        return InputStats(in_features, device)
+        return InputStats(in_features, device, calibration_dtype(self.config.calib_dtype, device))
 
     def group_size(self, in_features: int) -> int:
         return in_features if self.config.group_size == -1 else self.config.group_size
