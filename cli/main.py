@@ -156,6 +156,14 @@ def _print_ppl(label: str, result) -> None:
     help="modules (experts) seeing fewer than this fraction of calibration tokens use --fallback-method",
 )
 @click.option("--fallback-method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
+@click.option(
+    "--format",
+    "checkpoint_format",
+    type=click.Choice(["gptq", "awq"]),
+    default="gptq",
+    show_default=True,
+    help="tensor layout: GPTQ, or AutoAWQ's GEMM layout (4-bit minmax, no act-order)",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output directory (must not exist)")
 @click.option("--device", default="auto", show_default=True)
 @click.option(
@@ -197,6 +205,7 @@ def quantize(
     routing,
     fallback_fraction,
     fallback_method,
+    checkpoint_format,
     out,
     device,
     devices,
@@ -227,6 +236,7 @@ def quantize(
         routing=routing,
         fallback_fraction=fallback_fraction,
         fallback_method=fallback_method,
+        checkpoint_format=checkpoint_format,
     )
     if out is None:
         out = _free_path(Path("treeq-out") / f"{_model_name(model)}-{method}-w{bits}g{group_size}")
@@ -416,7 +426,8 @@ def inspect(directory, explain, device, dtypes):
     q = info.quantization
     click.echo(f"checkpoint: {info.path}")
     click.echo(
-        f"format: {q['format']} ({q['checkpoint_format']}, pack {q['pack_dtype']})  method: {q.get('method')}  "
+        f"format: {q.get('format', q['quant_method'])} ({q['checkpoint_format']}, pack {q.get('pack_dtype', 'int32')})  "
+        f"method: {q.get('method', q['meta'].get('method'))}  "
         f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}  "
         f"grid: {q.get('grid', 'minmax')}"
     )

@@ -20,12 +20,15 @@ def _tensors(directory):
     return state
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
-def test_streamed_checkpoint_equals_the_in_memory_one(arch, tmp_path, tokenizer, text_file):
+@pytest.mark.parametrize(
+    "arch,layout", [("llama", {}), ("qwen2", {}), ("gemma3_text", {}), ("llama", {"checkpoint_format": "awq"})]
+)
+def test_streamed_checkpoint_equals_the_in_memory_one(arch, layout, tmp_path, tokenizer, text_file):
     src = save_model_dir(tmp_path / "src", arch, tokenizer)
     kw = dict(calib_text=str(text_file), log=QuantLog(str))
-    memory = treeq.quantize(str(src), quick_config(), tmp_path / "memory", **kw)
-    streamed = treeq.quantize(str(src), quick_config(), tmp_path / "streamed", low_memory=True, **kw)
+    cfg = quick_config(**layout, **({"static_groups": True} if layout else {}))
+    memory = treeq.quantize(str(src), cfg, tmp_path / "memory", **kw)
+    streamed = treeq.quantize(str(src), cfg, tmp_path / "streamed", low_memory=True, **kw)
     a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -21,7 +21,7 @@ from .errors import TreeqError
 from .eval_tasks import TASKS, run_tasks
 from .experts import calibration_routing, layer_modules, unfuse_experts
 from .kernels import explain, select_kernel
-from .loading import linear_format_from, load_quantized, read_quantization_config
+from .loading import linear_format_from, linear_shape, load_quantized, read_quantization_config
 from .looper import Fallback, quantize_layers
 from .methods import make_method
 from .models import check_spec, spec_for
@@ -265,9 +265,9 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                 shape = f.get_slice(key).get_shape()
                 if key.endswith(".qweight"):
                     name = key[: -len(".qweight")]
-                    in_f = shape[0] * 32 // qcfg["bits"]
-                    fmt = linear_format_from(qcfg, in_f, shape[1])
-                    fp16_bytes += in_f * shape[1] * 2
+                    in_f, out_f = linear_shape(qcfg, shape)
+                    fmt = linear_format_from(qcfg, in_f, out_f)
+                    fp16_bytes += in_f * out_f * 2
                     reasons = explain(fmt, device, dtype)
                     kernels[name] = select_kernel(fmt, device, dtype, reasons=reasons).name
                     for kname, reason in reasons.items():

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_directory
+from .awq_format import awq_quantization_config, to_awq
 from .config import QuantConfig
 from .kernels import LinearFormat
 from .methods import QuantResult
@@ -122,6 +123,8 @@ def quantization_config(config: QuantConfig, summary: FormatSummary, source: str
             "modules": list(summary.modules),
         },
     }
+    if config.checkpoint_format == "awq":
+        return awq_quantization_config(qcfg)
     transform = summary.transform
     if transform is not None:
         # y = rotate(x / channel_scales) @ dequant(qweight)^T: per module buffers channel_scales
@@ -140,6 +143,11 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(t.data_ptr())
         out[name] = t.detach().cpu().contiguous()
     return out
+
+
+def laid_out(tensors: dict[str, torch.Tensor], config: QuantConfig) -> dict[str, torch.Tensor]:
+    """A state dict in treeq's GPTQ layout, as ``config.checkpoint_format`` writes it."""
+    return to_awq(tensors, config.group_size) if config.checkpoint_format == "awq" else tensors
 
 
 def write_metadata(directory: Path, model_config, tokenizer, qcfg: dict, log: QuantLog) -> None:
@@ -165,6 +173,6 @@ def save_quantized(
     out = Path(out)
     qcfg = quantization_config(config, FormatSummary.of(results, config), source)
     with atomic_directory(out) as tmp:
-        save_file(_unique_tensors(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(laid_out(_unique_tensors(model), config), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         write_metadata(tmp, model.config, tokenizer, qcfg, log)
     return out

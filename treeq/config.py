@@ -38,6 +38,9 @@ class QuantConfig(BaseModel):
     calib_samples: int = Field(128, gt=0)
     seqlen: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
+    checkpoint_format: Literal["gptq", "awq"] = Field(
+        "gptq", description="tensor layout written: GPTQ (any setting) or AutoAWQ's GEMM (4-bit minmax, no act-order)"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
     routing: Literal["normal", "bypass", "all"] | PositiveInt = Field(
         "normal",
@@ -82,6 +85,23 @@ class QuantConfig(BaseModel):
             raise ValueError(f"grid {self.grid!r} needs bits in {list(allowed)}, not {self.bits}")
         if not self.sym and self.grid != UniformGrid.name:
             raise ValueError(f"sym=False (asymmetric) only applies to grid {UniformGrid.name!r}, not {self.grid!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _format_fits(self) -> "QuantConfig":
+        from .methods import METHODS
+
+        if self.checkpoint_format != "awq":
+            return self
+        method = METHODS[self.method]
+        if self.bits != 4 or self.grid != UniformGrid.name:
+            raise ValueError(f"checkpoint_format 'awq' holds 4-bit minmax grids only, not {self.bits}-bit {self.grid}")
+        if method.reorders_columns(self):
+            raise ValueError(
+                "checkpoint_format 'awq' has no g_idx for act-order groups; set static_groups=True or desc_act=False"
+            )
+        if method.adds_input_transform:
+            raise ValueError(f"checkpoint_format 'awq' cannot hold {self.method}'s input transform; use 'gptq'")
         return self
 
     @model_validator(mode="after")

@@ -12,6 +12,9 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import packing
+from .awq_format import as_treeq_config, from_awq
+from .awq_format import linear_shape as awq_linear_shape
 from .checkpoint import QUANT_CONFIG_NAME, set_module
 from .errors import TreeqError
 from .experts import unfuse_experts
@@ -30,13 +33,22 @@ def read_quantization_config(path: Path) -> dict:
     qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
     if qcfg is None and (path / QUANT_CONFIG_NAME).is_file():
         qcfg = json.loads((path / QUANT_CONFIG_NAME).read_text())
+    if qcfg is not None and qcfg.get("quant_method") == "awq":
+        return as_treeq_config(qcfg)
     if qcfg is None or qcfg.get("quant_method") != "gptq":
-        raise TreeqError(f"{path} is not a GPTQ-format quantized checkpoint (no gptq quantization_config)")
+        raise TreeqError(f"{path} is not a GPTQ- or AWQ-format quantized checkpoint (no such quantization_config)")
     if qcfg.get("checkpoint_format", "gptq") != "gptq_v2":
         raise TreeqError(
             f"{path}: checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported yet (gptq_v2 is)"
         )
     return qcfg
+
+
+def linear_shape(qcfg: dict, qweight_shape) -> tuple[int, int]:
+    """(in_features, out_features) of a quantized linear from its stored qweight's shape."""
+    if qcfg.get("checkpoint_format") == "awq_gemm":
+        return awq_linear_shape(qweight_shape)
+    return qweight_shape[0] * packing.WORD_BITS // qcfg["bits"], qweight_shape[1]
 
 
 def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> LinearFormat:
@@ -76,6 +88,8 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     del config.quantization_config
     spec = spec_for(config)  # unsupported architectures fail here, with the list of supported ones
     state = _state_dict(path)
+    if qcfg.get("checkpoint_format") == "awq_gemm":
+        state = from_awq(state, qcfg["group_size"])
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     unfuse_experts(model, spec)  # checkpoints hold one set of quantized tensors per expert

@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import FormatSummary, swap_in_quantized
+from .checkpoint import FormatSummary, laid_out, swap_in_quantized
 from .config import QuantConfig
 from .errors import TreeqError
 from .memory import release_free_heap
@@ -95,7 +95,8 @@ class LayerStream:
     def emit(self, index: int, layer: nn.Module, results: dict[str, QuantResult]) -> None:
         swap_in_quantized(self.model, results, self.config)
         prefix = f"{self.spec.layers}.{index}."
-        self._write({prefix + n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}, index + 1)
+        tensors = {prefix + n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}
+        self._write(laid_out(tensors, self.config), index + 1)
         self.summary = self.summary.merge(FormatSummary.of(results, self.config))
         layer.to("meta")
         release_free_heap()

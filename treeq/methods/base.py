@@ -106,6 +106,9 @@ class Method(ABC):
     # Methods that rescale input channels get an fp pass over each layer first (see input_scales).
     rescales_inputs: ClassVar[bool] = False
 
+    # True when results carry an input transform (QuantResult.transform) for the kernel to apply.
+    adds_input_transform: ClassVar[bool] = False
+
     # ``QuantConfig.clip_search`` when the user leaves it unset.
     default_clip_search: ClassVar[bool] = False
 
@@ -129,6 +132,11 @@ class Method(ABC):
         except pydantic.ValidationError as e:
             parts = [f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
             raise ValueError("; ".join(parts)) from None
+
+    @classmethod
+    def reorders_columns(cls, config) -> bool:
+        """Whether ``config`` makes groups other than contiguous runs of input channels (g_idx)."""
+        return False
 
     def stats(self, in_features: int, device: torch.device) -> InputStats:
         return InputStats(in_features, device, calibration_dtype(self.config.calib_dtype, device))

@@ -63,6 +63,10 @@ class GPTQ(Method):
     # more quantization time (bench/results/quantize_smollm2.md).
     default_clip_search = True
 
+    @classmethod
+    def reorders_columns(cls, config) -> bool:
+        return config.desc_act and not config.static_groups
+
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
         cfg = self.config
         prep: _Prepared = stats.cached("gptq", lambda: _prepare(stats.h, cfg.desc_act, cfg.damp_percent))

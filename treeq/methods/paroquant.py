@@ -208,6 +208,7 @@ def split_rows(rows: torch.Tensor, train: int, val: int) -> tuple[torch.Tensor, 
 class ParoQuant(Method):
     name = "paroquant"
     Options = ParoQuantOptions
+    adds_input_transform = True
 
     def __init__(self, config):
         super().__init__(config)
