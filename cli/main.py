@@ -426,7 +426,8 @@ def inspect(directory, explain, device, dtypes):
     q = info.quantization
     click.echo(f"checkpoint: {info.path}")
     click.echo(
-        f"format: {q.get('format', q['quant_method'])} ({q['checkpoint_format']}, pack {q.get('pack_dtype', 'int32')})  "
+        f"format: {q.get('format', q['quant_method'])} "
+        f"({q['checkpoint_format']}, pack {q.get('pack_dtype', 'int32')})  "
         f"method: {q.get('method', q['meta'].get('method'))}  "
         f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}  "
         f"grid: {q.get('grid', 'minmax')}"

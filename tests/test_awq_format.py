@@ -82,7 +82,13 @@ def test_an_awq_checkpoint_written_elsewhere_loads(tmp_path, tokenizer, text_fil
         if f.name not in ("model.safetensors", "quantize_config.json", "config.json"):
             (out / f.name).write_bytes(f.read_bytes())
     hf = json.loads((tmp_path / "g" / "config.json").read_text())
-    hf["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True}
+    hf["quantization_config"] = {
+        "quant_method": "awq",
+        "version": "gemm",
+        "bits": 4,
+        "group_size": 32,
+        "zero_point": True,
+    }
     (out / "config.json").write_text(json.dumps(hf))
     save_file(awq, out / "model.safetensors")
     a, _ = treeq.load(out)

@@ -163,7 +163,12 @@ def test_rerunning_equals_lockstep(arch, tokenizer, text_file):
         m = make_model(arch)
         runs.append(
             looper.quantize_layers(
-                m, spec_for(m.config), make_method(cfg), batches, torch.device("cpu"), log=QuantLog(str),
+                m,
+                spec_for(m.config),
+                make_method(cfg),
+                batches,
+                torch.device("cpu"),
+                log=QuantLog(str),
                 lockstep=lockstep_on,
             )
         )

@@ -23,6 +23,7 @@ from .experts import calibration_routing, layer_modules, unfuse_experts
 from .kernels import explain, select_kernel
 from .loading import linear_format_from, linear_shape, load_quantized, read_quantization_config
 from .looper import Fallback, quantize_layers
+from .memory import release_free_heap
 from .methods import make_method
 from .models import check_spec, spec_for
 from .perplexity import PerplexityResult, perplexity
@@ -144,7 +145,8 @@ def quantize(
     spec = spec_for(model.config)
     _prepare(model, spec, config)
     start = time.perf_counter()
-    results = _calibrate_and_quantize(model, spec, tokenizer, config, calib_text, device, log, workers, devices)
+    batches = _calibration_batches(tokenizer, config, calib_text)
+    results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices)
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start
     save_quantized(model, tokenizer, config, results, out, log, source=model.config._name_or_path or None)
@@ -157,12 +159,14 @@ def _prepare(model, spec, config: QuantConfig) -> None:
     check_quantizable(model, spec, config)
 
 
+def _calibration_batches(tokenizer, config: QuantConfig, calib_text: str) -> list[torch.Tensor]:
+    text = data.read_text(calib_text)
+    return data.calibration_batches(tokenizer, text, config.calib_samples, config.seqlen, config.batch_size)
+
+
 def _calibrate_and_quantize(
-    model, spec, tokenizer, config: QuantConfig, calib_text, device, log, workers, devices, stream=None
+    model, spec, batches, config: QuantConfig, device, log, workers, devices, stream=None
 ) -> dict:
-    batches = data.calibration_batches(
-        tokenizer, data.read_text(calib_text), config.calib_samples, config.seqlen, config.batch_size
-    )
     calib_tokens = sum(b.numel() for b in batches)
     # The main method's options are not the fallback's (RTN takes none).
     fallback_method = make_method(config.model_copy(update={"method": config.fallback_method, "options": {}}))
@@ -204,10 +208,13 @@ def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, devic
     tokenizer = AutoTokenizer.from_pretrained(path)
     _prepare(skeleton, spec, config)
     with atomic_directory(out) as tmp:
+        start = time.perf_counter()
+        batches = _calibration_batches(tokenizer, config, calib_text)
+        # Tokenizing the whole text leaves ~300 MB of freed heap; hand it back before the weights come.
+        release_free_heap()
         stream = LayerStream(skeleton, spec, config, ShardReader(path), tmp)
         stream.load_surroundings()
-        start = time.perf_counter()
-        _calibrate_and_quantize(skeleton, spec, tokenizer, config, calib_text, device, log, workers, devices, stream)
+        _calibrate_and_quantize(skeleton, spec, batches, config, device, log, workers, devices, stream)
         stream.finish()
         seconds = time.perf_counter() - start
         qcfg = quantization_config(config, stream.summary, str(path))

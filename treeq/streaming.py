@@ -88,7 +88,6 @@ class LayerStream:
         release_free_heap()
 
     def load(self, index: int, layer: nn.Module) -> None:
-        release_free_heap()  # the calibration's tokenization garbage, before the first layer
         load_into(layer, f"{self.spec.layers}.{index}.", self.reader)
         _check_loaded(layer, f"{self.spec.layers}.{index}")
 
