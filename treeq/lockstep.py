@@ -9,6 +9,9 @@ forward per layer gives both every subset's statistics and the next layer's inpu
 
 Only one batch thread runs at a time (the caller hands each the baton in turn), so torch's
 intra-op threads are not oversubscribed and results do not depend on timing.
+
+Paused batches hold their activations; where memory is the budget, :func:`run_rerunning` keeps
+the same contract by re-running the layer per subset instead.
 """
 
 from __future__ import annotations
