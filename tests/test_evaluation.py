@@ -113,3 +113,19 @@ def test_tasks_without_lm_eval_name_the_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(treeq.TreeqError, match=r"pip install -e \".\[eval\]\""):
         treeq.evaluate_tasks(torch.nn.Linear(1, 1), None, ["treeq_mmlu"])
+
+
+def test_compare_deltas_with_task_columns(tmp_path):
+    from treeq.compare import add_deltas, write_table
+
+    rows = [
+        dict(method="fp", ppl=10.0, **{"treeq_mmlu:acc": 0.5}),
+        dict(method="rtn", ppl=12.0, **{"treeq_mmlu:acc": 0.4}),
+        dict(method="gptq", ppl=11.0, **{"treeq_mmlu:acc": 0.45}),
+    ]
+    add_deltas(rows)
+    assert [r["d ppl"] for r in rows] == [0.0, 2.0, 1.0]
+    assert [round(r["d treeq_mmlu:acc"], 6) for r in rows] == [0.0, -0.1, -0.05]
+    assert all(set(r) == set(rows[0]) for r in rows)
+    write_table(rows, tmp_path)
+    assert "d treeq_mmlu:acc" in (tmp_path / "compare.csv").read_text().splitlines()[0]

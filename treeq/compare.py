@@ -64,11 +64,18 @@ def compare(
         row.update(_evaluate(report.model, tok, **evaluation))
         rows.append(row)
         del fp, report
-    for row in rows:
-        for key in [k for k in rows[0] if k == "ppl" or ":" in k]:
-            row[f"d {key}"] = row[key] - rows[0][key]
+    add_deltas(rows)
     write_table(rows, out)
     return rows
+
+
+def add_deltas(rows: list[dict]) -> None:
+    """A "d <metric>" column (row minus fp) for perplexity and every task metric."""
+    # Listed before any row changes: the fp row gains delta columns of its own.
+    metrics = [k for k in rows[0] if k == "ppl" or ":" in k]
+    for row in rows:
+        for key in metrics:
+            row[f"d {key}"] = row[key] - rows[0][key]
 
 
 def _cell(v) -> str:
