@@ -14,6 +14,7 @@ import torch
 
 import treeq
 from treeq.calib_precision import CALIB_DTYPES
+from treeq.config import CHECKPOINT_FORMATS
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
@@ -159,7 +160,7 @@ def _print_ppl(label: str, result) -> None:
 @click.option(
     "--format",
     "checkpoint_format",
-    type=click.Choice(["gptq", "awq"]),
+    type=click.Choice(CHECKPOINT_FORMATS),
     default="gptq",
     show_default=True,
     help="tensor layout: GPTQ, or AutoAWQ's GEMM layout (4-bit minmax, no act-order)",

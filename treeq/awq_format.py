@@ -19,6 +19,7 @@ import torch
 
 from . import packing
 from .errors import TreeqError
+from .numerics import group_width
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 BITS = 4
@@ -58,8 +59,7 @@ def to_awq(tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, torch
     for name in _linears(tensors):
         codes = packing.unpack(out.pop(f"{name}.qweight"), BITS)  # [in, out]
         g_idx = out.pop(f"{name}.g_idx").long()
-        gs = codes.shape[0] if group_size == -1 else group_size
-        if not torch.equal(g_idx, torch.arange(len(g_idx), device=g_idx.device) // gs):
+        if not torch.equal(g_idx, torch.arange(len(g_idx), device=g_idx.device) // group_width(group_size, len(g_idx))):
             raise TreeqError(f"{name}: act-order groups (g_idx) cannot be written in the AWQ layout")
         zeros = packing.unpack(out.pop(f"{name}.qzeros").T.contiguous(), BITS).T  # [groups, out]
         out[f"{name}.qweight"] = pack_rows(codes)
@@ -74,10 +74,9 @@ def from_awq(tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, tor
         codes = unpack_rows(out.pop(f"{name}.qweight"))  # [in, out]
         zeros = unpack_rows(out.pop(f"{name}.qzeros"))  # [groups, out]
         n_in = codes.shape[0]
-        gs = n_in if group_size == -1 else group_size
         out[f"{name}.qweight"] = packing.pack(codes, BITS)
         out[f"{name}.qzeros"] = packing.pack(zeros.T.contiguous(), BITS).T.contiguous()
-        out[f"{name}.g_idx"] = (torch.arange(n_in, dtype=torch.int32) // gs).to(codes.device)
+        out[f"{name}.g_idx"] = (torch.arange(n_in, dtype=torch.int32) // group_width(group_size, n_in)).to(codes.device)
     return out
 
 

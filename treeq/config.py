@@ -11,6 +11,8 @@ from .calib_precision import CALIB_DTYPES
 from .errors import from_validation
 from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 
+CHECKPOINT_FORMATS = ("gptq", "awq")
+
 
 class QuantConfig(BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
@@ -38,7 +40,7 @@ class QuantConfig(BaseModel):
     calib_samples: int = Field(128, gt=0)
     seqlen: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
-    checkpoint_format: Literal["gptq", "awq"] = Field(
+    checkpoint_format: Literal[CHECKPOINT_FORMATS] = Field(  # type: ignore[valid-type]
         "gptq", description="tensor layout written: GPTQ (any setting) or AutoAWQ's GEMM (4-bit minmax, no act-order)"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")

@@ -27,12 +27,16 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 # and a fine one (steps of 0.008 around each row's best) reach the same resolution in 32 tries.
 CLIP_COARSE = torch.linspace(1.0, 0.2, 21)
 CLIP_FINE = torch.linspace(-0.04, 0.04, 11)
-CLIP_RANGE = (0.2, 1.0)
 CLIP_NORM = 2.4
 CLIP_CHUNK = 4
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_INT4_EPS = 1e-6
+
+
+def group_width(group_size: int, in_features: int) -> int:
+    """Input channels per group: ``group_size``, or the whole row for -1."""
+    return in_features if group_size == -1 else group_size
 
 
 def _storable(scale: torch.Tensor) -> torch.Tensor:
@@ -77,7 +81,7 @@ class Grid:
             return _storable(scale), zero
         coarse = CLIP_COARSE.to(w.device)[:, None].expand(-1, w.shape[0])
         err, scale, zero, ratio = self._best_clip(w, coarse)
-        fine = (ratio[None] + CLIP_FINE.to(w.device)[:, None]).clamp(*CLIP_RANGE)
+        fine = (ratio[None] + CLIP_FINE.to(w.device)[:, None]).clamp(float(CLIP_COARSE.min()), float(CLIP_COARSE.max()))
         err_f, scale_f, zero_f, _ = self._best_clip(w, fine)
         better = err_f < err  # ties keep the coarse pick, so an unclipped row stays unclipped
         return torch.where(better, scale_f, scale), torch.where(better, zero_f, zero)

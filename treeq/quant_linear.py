@@ -11,7 +11,7 @@ from . import packing
 from .input_transform import InputTransform, apply_input_transform
 from .kernels import LinearFormat, select_kernel
 from .methods import QuantResult
-from .numerics import SCALE_DTYPE, dequantize_grouped
+from .numerics import SCALE_DTYPE, dequantize_grouped, group_width
 
 
 class QuantLinear(nn.Module):
@@ -31,7 +31,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.fmt = fmt
         self.in_features, self.out_features = fmt.in_features, fmt.out_features
-        gs = fmt.in_features if fmt.group_size == -1 else fmt.group_size
+        gs = group_width(fmt.group_size, fmt.in_features)
         groups = fmt.in_features // gs
         pack_rows = packing.period(fmt.bits)
         words_in = fmt.in_features // pack_rows[0] * pack_rows[1]

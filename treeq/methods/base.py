@@ -18,7 +18,7 @@ import torch
 
 from ..calib_precision import calibration_dtype
 from ..input_transform import InputTransform
-from ..numerics import UniformGrid, dequantize_grouped, make_grid
+from ..numerics import UniformGrid, dequantize_grouped, group_width, make_grid
 
 
 @dataclass
@@ -142,7 +142,7 @@ class Method(ABC):
         return InputStats(in_features, device, calibration_dtype(self.config.calib_dtype, device))
 
     def group_size(self, in_features: int) -> int:
-        return in_features if self.config.group_size == -1 else self.config.group_size
+        return group_width(self.config.group_size, in_features)
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
