@@ -1,10 +1,12 @@
 """Quantized CPU kernels against bf16, side by side in one process.
 
-1. Matmul: a 4096 x 4096 linear through QuantLinear with the int4 kernel (group 128) and the int8
-   kernel (per row), against bf16 F.linear, for M = 1, 4, 16, 64 tokens, at 1 and 2 threads.
+1. Matmul: a 4096 x 4096 linear through QuantLinear with the int4 kernel selection picks (group
+   128), torch's fused int4 op (cpu_int4) and the int8 kernel (per row), against bf16 F.linear, for
+   M = 1 to 64 tokens, at 1 and 2 threads.
 2. Decode: prefill and batch-1 greedy decode tokens/s of RTN 4-bit checkpoints loaded in bf16
-   (cpu_int4 kernel) against the same architecture in bf16: SmolLM2-135M (group 64), and a random
-   Llama with hidden 2048 x 16 layers (group 128) where the weights dominate the time.
+   (the selected kernel, and cpu_int4 forced) against the same architecture in bf16: SmolLM2-135M
+   (group 64), and a random Llama with hidden 2048 x 16 layers (group 128) where the weights
+   dominate the time.
 
 Usage: python bench/kernels.py [--threads 1,2] [--skip-decode]
 """
@@ -42,24 +44,28 @@ def _median_seconds(fns: list, repeats: int = 40) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
-def _quant_linear(bits: int, group_size: int, n: int) -> QuantLinear:
+def _quant_linear(bits: int, group_size: int, n: int, kernel: str | None = None) -> QuantLinear:
     w = torch.randn(n, n) * 0.02
     stats = InputStats(n, torch.device("cpu"))
     stats.add(torch.randn(64, n))
     result = make_method(QuantConfig(method="rtn", bits=bits, group_size=group_size)).quantize(w, stats)
     layer = QuantLinear.from_result(LinearFormat(bits, group_size, True, False, n, n), result, None)
-    layer.select_kernel("cpu", torch.bfloat16)
+    layer.select_kernel("cpu", torch.bfloat16, kernel)
     return layer
 
 
 def matmul_table(threads: list[int], n: int = 4096) -> None:
     dense = torch.randn(n, n, dtype=torch.bfloat16) * 0.02
-    layers = {"int4 g128": _quant_linear(4, 128, n), "int8 row": _quant_linear(8, -1, n)}
+    layers = {
+        "int4 g128": _quant_linear(4, 128, n),
+        "int4 op": _quant_linear(4, 128, n, "cpu_int4"),
+        "int8 row": _quant_linear(8, -1, n),
+    }
     print(f"\nmatmul {n}x{n}, median of 40 calls taken in turns, times in ms; ratio = bf16 time / kernel time")
     print(f"{'threads':>7} {'M':>4} {'bf16':>8} " + " ".join(f"{k:>10} {'ratio':>6}" for k in layers))
     for t in threads:
         torch.set_num_threads(t)
-        for m in (1, 4, 16, 64):
+        for m in (1, 2, 4, 8, 16, 64):
             x = torch.randn(m, n, dtype=torch.bfloat16)
             with torch.no_grad():
                 fns = [lambda: F.linear(x, dense)] + [lambda layer=layer: layer(x) for layer in layers.values()]
@@ -96,7 +102,7 @@ def decode_table(threads: int, new_tokens: int, repeats: int) -> None:
     fp, tok = treeq.load_fp_model()
     ids = tok(treeq.api.BENCH_PROMPT, return_tensors="pt").input_ids
     print(f"\ndecode: threads={threads}, prompt {ids.shape[1]} tokens, {new_tokens} greedy steps, median of {repeats}")
-    print(f"{'model':<28} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs bf16':>15}")
+    print(f"{'model':<31} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs bf16':>15}")
     with tempfile.TemporaryDirectory() as tmp:
         cases = {
             "SmolLM2-135M g64": (fp, lambda: treeq.load_fp_model(dtype=torch.bfloat16)[0], 64),
@@ -110,13 +116,17 @@ def decode_table(threads: int, new_tokens: int, repeats: int) -> None:
             out = Path(tmp) / name.split()[0]
             _rtn_checkpoint(model, tok, group_size, out)
             del model
-            qmodel, _ = treeq.load(out, device="cpu", dtype=torch.bfloat16)
-            speeds = measure_speeds({"int4": qmodel, "bf16": bf16_model()}, ids, new_tokens, repeats)
+            models = {
+                "int4": treeq.load(out, device="cpu", dtype=torch.bfloat16)[0],
+                "int4 op": treeq.load(out, device="cpu", dtype=torch.bfloat16, kernel="cpu_int4")[0],
+                "bf16": bf16_model(),
+            }
+            speeds = measure_speeds(models, ids, new_tokens, repeats)
             for kind, sp in speeds.items():
                 ratio = sp.decode_tokens_per_s / speeds["bf16"].decode_tokens_per_s
                 label = f"{name} {kind}"
-                print(f"{label:<28} {sp.prefill_tokens_per_s:>14.1f} {sp.decode_tokens_per_s:>13.2f} {ratio:>14.2f}x")
-            del qmodel, speeds
+                print(f"{label:<31} {sp.prefill_tokens_per_s:>14.1f} {sp.decode_tokens_per_s:>13.2f} {ratio:>14.2f}x")
+            del models, speeds
 
 
 @click.command()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from treeq.config import QuantConfig
-from treeq.kernels import LinearFormat, select_kernel
+from treeq.kernels import LinearFormat, cpu_int4_avx512, select_kernel
 from treeq.methods import InputStats, make_method
 from treeq.quant_linear import QuantLinear
 
@@ -65,7 +65,8 @@ def test_int8_per_row_matches_reference_within_bf16(sym):
 
 def test_selection_on_cpu():
     fmt = LinearFormat(4, 64, False, True, 576, 1536)
-    assert select_kernel(fmt, "cpu", torch.bfloat16).name == "cpu_int4"
+    fast = "cpu_int4" if cpu_int4_avx512.library()[0] is None else "cpu_int4_avx512"
+    assert select_kernel(fmt, "cpu", torch.bfloat16).name == fast
     assert select_kernel(fmt, "cpu", torch.float32).name == "torch"  # fp32 keeps the exact path
     assert select_kernel(LinearFormat(3, 64, True, False, 576, 1536), "cpu", torch.bfloat16).name == "torch"
     assert select_kernel(LinearFormat(8, -1, True, False, 576, 1536), "cpu", torch.bfloat16).name == "cpu_int8"

@@ -74,6 +74,15 @@ class Kernel(ABC):
         """y = x @ W^T + b for the QuantLinear ``layer``."""
 
 
+def contiguous_groups(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(perm, sorted g_idx): perm is None when groups already are contiguous runs. Fused kernels
+    need contiguous groups, so act-order checkpoints have their inputs permuted once by perm."""
+    if not bool((g_idx[1:] < g_idx[:-1]).any()):
+        return None, g_idx
+    perm = torch.argsort(g_idx, stable=True)
+    return perm, g_idx[perm]
+
+
 def matmul_2d(layer, x: torch.Tensor, compute_dtype: torch.dtype, matmul) -> torch.Tensor:
     """Run ``matmul`` on x flattened to [tokens, in] in ``compute_dtype``; add the bias; restore
     x's leading shape and dtype. The fused CPU kernels are fast only in bf16, so they compute there."""

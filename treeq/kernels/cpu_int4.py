@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TreeqError
-from .base import Kernel, matmul_2d
+from .base import Kernel, contiguous_groups, matmul_2d
 
 OP_GROUP_SIZES = (256, 128, 64, 32)
 INNER_K_TILES = 2
@@ -27,14 +27,6 @@ class _Int4State:
     scale_offset: torch.Tensor  # bf16 [groups, out, 2]
     group_size: int
     perm: torch.Tensor | None  # input-channel order that makes groups contiguous (act-order)
-
-
-def _contiguous_groups(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(perm, sorted g_idx): perm is None when groups already are contiguous runs."""
-    if not bool((g_idx[1:] < g_idx[:-1]).any()):
-        return None, g_idx
-    perm = torch.argsort(g_idx, stable=True)
-    return perm, g_idx[perm]
 
 
 class CpuInt4(Kernel):
@@ -53,7 +45,7 @@ class CpuInt4(Kernel):
         k = layer.in_features
         codes = layer.codes().to(torch.int32)  # [out, in]
         scales, zeros = layer.scales.float(), layer.zeros().float()  # [groups, out]
-        perm, g_idx = _contiguous_groups(layer.g_idx.long())
+        perm, g_idx = contiguous_groups(layer.g_idx.long())
         gs = k // scales.shape[0]
         if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // gs):
             raise TreeqError(f"{cls.name}: g_idx groups are not all {gs} channels; load with --kernel torch")

@@ -1,0 +1,231 @@
+// 4-bit weights times bf16 activations on x86 CPUs with AVX512-BF16 (and AMX-BF16 when present).
+//
+// Layout. Weights are kept in the operand layout of AMX's bf16 tile product: for a block of 16
+// output rows and 32 inputs, a 16 x 32 "B tile" whose row p holds, for each output row n, the
+// codes of inputs 2p and 2p+1. Rows 2t and 2t+1 of a tile share 32 bytes (low and high nibbles),
+// so one 32-byte load yields two tile rows. The same layout serves the vector path: a tile row is
+// 16 pairs, exactly what one AVX512 bf16 dot-product instruction consumes against a broadcast
+// activation pair, with the 16 output rows in the 16 lanes (no horizontal sums, scales applied
+// per lane).
+//
+// Numerics. A code q becomes the bf16 number q - 8 by a word permute (exact: small integers), and
+// the zero point enters once per group as -(zero - 8) * scale * sum(x over the group). Products of
+// bf16 numbers are exact in fp32, so the result differs from the fp32 reference only by fp32
+// accumulation order.
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace {
+
+constexpr int kTileN = 16;  // output rows per block (lanes)
+constexpr int kTileK = 32;  // inputs per tile
+constexpr int kBlockBytes = kTileN * kTileK / 2;
+
+__m512i centred_codes_table() {
+    alignas(64) uint16_t t[32] = {0};
+    for (int i = 0; i < 16; ++i) {
+        float v = float(i - 8);
+        uint32_t bits;
+        memcpy(&bits, &v, 4);
+        t[i] = uint16_t(bits >> 16);
+    }
+    return _mm512_load_si512(t);
+}
+
+// Two B-tile rows (2t, 2t+1) as bf16 (q - 8) from the 32 bytes that hold them.
+inline void unpack_pair(const uint8_t* src, __m512i table, __m512i* even, __m512i* odd) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)src));
+    *even = _mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x0F)), table);
+    *odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+}
+
+// Per-group sums of each token row: the zero-point term needs them.
+void group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t gs, float* out) {
+    const int64_t G = K / gs;
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            __m512 s = _mm512_setzero_ps();
+            for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+                const __m256i h = _mm256_loadu_si256((const __m256i*)(x + m * K + k));
+                s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+            }
+            out[m * G + g] = _mm512_reduce_add_ps(s);
+        }
+}
+
+// Vector path: R token rows against one block of 16 output rows, K inputs.
+template <int R>
+void block_vector(const uint16_t* x, int64_t K, const uint8_t* w, const float* scales, const float* offsets,
+                  const float* xsum, int64_t gs, float* y, int64_t N) {
+    const __m512i table = centred_codes_table();
+    const int64_t G = K / gs;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        // Two chains per token row hide the dot product's latency.
+        __m512 dot[R][2];
+        for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_ps();
+        for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += kTileK) {
+            const uint8_t* src = w + (k0 / kTileK) * kBlockBytes;
+            for (int t = 0; t < kTileK / 4; ++t) {
+                __m512i even, odd;
+                unpack_pair(src + 32 * t, table, &even, &odd);
+                for (int r = 0; r < R; ++r) {
+                    const uint32_t* xp = (const uint32_t*)(x + r * K + k0) + 2 * t;
+                    dot[r][0] = _mm512_dpbf16_ps(dot[r][0], (__m512bh)_mm512_set1_epi32(xp[0]), (__m512bh)even);
+                    dot[r][1] = _mm512_dpbf16_ps(dot[r][1], (__m512bh)_mm512_set1_epi32(xp[1]), (__m512bh)odd);
+                }
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(scales + g * kTileN), o = _mm512_loadu_ps(offsets + g * kTileN);
+        for (int r = 0; r < R; ++r) {
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(dot[r][0], dot[r][1]), s, acc[r]);
+            acc[r] = _mm512_fnmadd_ps(_mm512_set1_ps(xsum[r * G + g]), o, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
+}
+
+void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
+                 const float* offsets, const float* xsum, int64_t gs, float* y, int64_t N) {
+    const int64_t G = K / gs;
+    for (int64_t m = 0; m < M; m += 4) {
+        const uint16_t* xm = x + m * K;
+        const float* sm = xsum + m * G;
+        float* ym = y + m * N;
+        switch (M - m) {
+            case 1: block_vector<1>(xm, K, w, scales, offsets, sm, gs, ym, N); break;
+            case 2: block_vector<2>(xm, K, w, scales, offsets, sm, gs, ym, N); break;
+            case 3: block_vector<3>(xm, K, w, scales, offsets, sm, gs, ym, N); break;
+            default: block_vector<4>(xm, K, w, scales, offsets, sm, gs, ym, N); break;
+        }
+    }
+}
+
+// AMX path. Tiles: 0 C (16 token rows), 1 A (16 rows), 2 B, 3 C tail, 4 A tail (M % 16 rows).
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {0};
+    uint16_t colsb[16] = {0};
+    uint8_t rows[16] = {0};
+};
+
+void configure_tiles(int tail) {
+    TileConfig c;
+    for (int i = 0; i < 5; ++i) {
+        c.rows[i] = i < 3 || tail == 0 ? 16 : tail;
+        c.colsb[i] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+// One block of 16 output rows for all M token rows; acc: [M, 16] scratch.
+void block_amx(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
+               const float* offsets, const float* xsum, int64_t gs, float* y, int64_t N, uint16_t* bbuf,
+               float* acc) {
+    const __m512i table = centred_codes_table();
+    const int64_t G = K / gs, tiles = gs / kTileK;
+    alignas(64) float c[16 * 16];
+    memset(acc, 0, sizeof(float) * M * kTileN);
+    for (int64_t g = 0; g < G; ++g) {
+        // The group's B tiles once, reused by every 16 token rows.
+        for (int64_t i = 0; i < tiles; ++i) {
+            const uint8_t* src = w + (g * tiles + i) * kBlockBytes;
+            uint16_t* dst = bbuf + i * kTileN * kTileK;
+            for (int t = 0; t < kTileK / 4; ++t) {
+                __m512i even, odd;
+                unpack_pair(src + 32 * t, table, &even, &odd);
+                _mm512_store_si512(dst + 64 * t, even);
+                _mm512_store_si512(dst + 64 * t + 32, odd);
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(scales + g * kTileN), o = _mm512_loadu_ps(offsets + g * kTileN);
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+            const int64_t rows = M - m0 < 16 ? M - m0 : 16;
+            const uint16_t* xa = x + m0 * K + g * gs;
+            if (rows == 16) {
+                _tile_zero(0);
+                for (int64_t i = 0; i < tiles; ++i) {
+                    _tile_loadd(1, xa + i * kTileK, K * 2);
+                    _tile_loadd(2, bbuf + i * kTileN * kTileK, 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, c, 64);
+            } else {
+                _tile_zero(3);
+                for (int64_t i = 0; i < tiles; ++i) {
+                    _tile_loadd(4, xa + i * kTileK, K * 2);
+                    _tile_loadd(2, bbuf + i * kTileN * kTileK, 64);
+                    _tile_dpbf16ps(3, 4, 2);
+                }
+                _tile_stored(3, c, 64);
+            }
+            for (int64_t r = 0; r < rows; ++r) {
+                float* a = acc + (m0 + r) * kTileN;
+                __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c + r * 16), s, _mm512_loadu_ps(a));
+                _mm512_storeu_ps(a, _mm512_fnmadd_ps(_mm512_set1_ps(xsum[(m0 + r) * G + g]), o, v));
+            }
+        }
+    }
+    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N, acc + m * kTileN, sizeof(float) * kTileN);
+}
+
+bool amx_usable() {
+    static const bool ok = [] {
+        __builtin_cpu_init();
+        if (!__builtin_cpu_supports("amx-bf16")) return false;
+        // Linux hands out the tile state only to processes that ask for it (ARCH_REQ_XCOMP_PERM).
+        return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }();
+    return ok;
+}
+
+}  // namespace
+
+extern "C" int treeq_cpu_supported() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+}
+
+extern "C" int treeq_amx_supported() { return amx_usable(); }
+
+// y[M, N] fp32 = x[M, K] bf16 @ W^T with W = (q - zero) * scale per group of gs inputs.
+// w: the tile layout above, [N/16][K/32][256 bytes]; scales, offsets: [N/16][G][16] fp32 with
+// offset = (zero - 8) * scale. N is a multiple of 16; K and gs multiples of 32. amx_from: the
+// smallest M that takes the AMX path (if the CPU has it).
+extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
+                                  const float* offsets, int64_t N, int64_t gs, float* y, int threads,
+                                  int64_t amx_from) {
+    const int64_t G = K / gs, blocks = N / kTileN;
+    float* xsum = new float[M * G];
+    group_sums(x, M, K, gs, xsum);
+    const bool amx = M >= amx_from && amx_usable();
+#pragma omp parallel num_threads(threads)
+    {
+        uint16_t* bbuf = nullptr;
+        float* acc = nullptr;
+        if (amx) {
+            configure_tiles(int(M % 16));
+            bbuf = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * gs * kTileN);
+            acc = (float*)aligned_alloc(64, sizeof(float) * M * kTileN);
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            const uint8_t* wb = w + b * (K / kTileK) * kBlockBytes;
+            const float* sb = scales + b * G * kTileN;
+            const float* ob = offsets + b * G * kTileN;
+            if (amx)
+                block_amx(x, M, K, wb, sb, ob, xsum, gs, y + b * kTileN, N, bbuf, acc);
+            else
+                rows_vector(x, M, K, wb, sb, ob, xsum, gs, y + b * kTileN, N);
+        }
+        if (amx) {
+            _tile_release();
+            free(bbuf);
+            free(acc);
+        }
+    }
+    delete[] xsum;
+}

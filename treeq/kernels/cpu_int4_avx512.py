@@ -1,0 +1,126 @@
+"""CPU 4-bit kernel of our own for x86 with AVX512-BF16, using AMX tiles when the CPU has them.
+
+Weights stay 4-bit in memory and become bf16 only in registers or a 1 KB tile buffer; the source
+(``cpu_int4_avx512.cpp``) explains the layout. Against torch's fused int4 op it streams the weights
+faster at batch 1 and, through AMX, stays ahead of bf16 for the small batches of decoding, where
+torch's op falls behind bf16 from about 8 tokens on. Built with the system's g++ on first use;
+without a compiler or the instructions it declines and ``cpu_int4`` runs instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import TreeqError
+from . import _native
+from .base import Kernel, contiguous_groups, matmul_2d
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma", "-fopenmp")
+TILE_N, TILE_K = 16, 32
+# The AMX path wins from one token on where it exists; the vector path serves CPUs without AMX.
+AMX_FROM = 1
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str | None]:
+    lib, why = _native.build(SOURCE, FLAGS)
+    if lib is None:
+        return None, why
+    if not lib.treeq_cpu_supported():
+        return None, "this CPU lacks AVX512-BF16"
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.treeq_int4_matmul.argtypes = [p, i, i, p, p, p, i, i, p, ctypes.c_int, i]
+    lib.treeq_int4_matmul.restype = None
+    return lib, None
+
+
+def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes 0..15 -> uint8 [N/16, K/32, 256]: per 16x32 block the 16 tile rows (inputs 2p,
+    2p+1 for each of 16 outputs), rows 2t and 2t+1 in the low and high nibbles of the same bytes."""
+    n, k = codes.shape
+    t = codes.to(torch.uint8).view(n // TILE_N, TILE_N, k // TILE_K, TILE_K // 2, 2)
+    t = t.permute(0, 2, 3, 1, 4).reshape(n // TILE_N, k // TILE_K, TILE_K // 4, 2, 2 * TILE_N)
+    return (t[:, :, :, 0] | (t[:, :, :, 1] << 4)).reshape(n // TILE_N, k // TILE_K, -1).contiguous()
+
+
+def per_block(values: torch.Tensor) -> torch.Tensor:
+    """[groups, N] -> fp32 [N/16, groups, 16]: each block's 16 lanes contiguous per group."""
+    g, n = values.shape
+    return values.float().view(g, n // TILE_N, TILE_N).permute(1, 0, 2).contiguous()
+
+
+@dataclass
+class _State:
+    packed: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor  # (zero - 8) * scale, the kernel's codes being centred on 8
+    group_size: int
+    perm: torch.Tensor | None
+
+
+def matmul(st: _State, x: torch.Tensor, amx_from: int = AMX_FROM) -> torch.Tensor:
+    """fp32 [M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order)."""
+    lib, why = library()
+    if lib is None:
+        raise TreeqError(f"cpu_int4_avx512: {why}")
+    x = x.contiguous()
+    m, k = x.shape
+    n = st.packed.shape[0] * TILE_N
+    y = torch.empty(m, n)
+    lib.treeq_int4_matmul(
+        x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.offsets.data_ptr(),
+        n, st.group_size, y.data_ptr(), torch.get_num_threads(), amx_from,
+    )  # fmt: skip
+    return y
+
+
+class CpuInt4Avx512(Kernel):
+    name = "cpu_int4_avx512"
+    priority = 30  # above cpu_int4: faster at every batch size measured (bench/kernels.py)
+    bits = frozenset({4})
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.bfloat16, torch.float16})
+    in_multiple = TILE_K
+    out_multiple = TILE_N
+
+    @classmethod
+    def rejects(cls, fmt, device, dtype):
+        reason = super().rejects(fmt, device, dtype)
+        if reason is None and fmt.group_size != -1 and fmt.group_size % TILE_K:
+            reason = f"group_size={fmt.group_size} not a multiple of {TILE_K}"
+        return reason or library()[1]
+
+    @classmethod
+    def prepare(cls, layer) -> None:
+        k = layer.in_features
+        scales, zeros = layer.scales.float(), layer.zeros().float()  # [groups, out]
+        perm, g_idx = contiguous_groups(layer.g_idx.long())
+        gs = k // scales.shape[0]
+        if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // gs):
+            raise TreeqError(f"{cls.name}: g_idx groups are not all {gs} channels; load with --kernel torch")
+        codes = layer.codes()
+        layer.kernel_state = _State(
+            packed=pack_tiles(codes if perm is None else codes[:, perm]),
+            scales=per_block(scales),
+            offsets=per_block((zeros - 8) * scales),
+            group_size=gs,
+            perm=perm,
+        )
+
+    @staticmethod
+    def forward(layer, x: torch.Tensor) -> torch.Tensor:
+        st: _State = layer.kernel_state
+
+        def run(x2):
+            return matmul(st, x2 if st.perm is None else x2.index_select(1, st.perm))
+
+        return matmul_2d(layer, x, torch.bfloat16, run)
+
+
+KERNEL = CpuInt4Avx512
