@@ -105,71 +105,86 @@ void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, cons
     }
 }
 
-// AMX path. Tiles: 0 C (16 token rows), 1 A (16 rows), 2 B, 3 C tail, 4 A tail (M % 16 rows).
+// AMX path. Up to 4 blocks of 16 outputs share each activation tile: tile 0 holds 16 token rows
+// x 32 inputs, tiles 1 and 6 alternate as weight tiles, tiles 2..5 accumulate one block each.
+// All tiles are 16 rows; a last partial group of token rows is read from a zero-padded copy.
+constexpr int kMaxBlocks = 4;
+
 struct alignas(64) TileConfig {
     uint8_t palette = 1, start_row = 0, reserved[14] = {0};
     uint16_t colsb[16] = {0};
     uint8_t rows[16] = {0};
 };
 
-void configure_tiles(int tail) {
+void configure_tiles() {
     TileConfig c;
-    for (int i = 0; i < 5; ++i) {
-        c.rows[i] = i < 3 || tail == 0 ? 16 : tail;
+    for (int i = 0; i < 7; ++i) {
+        c.rows[i] = 16;
         c.colsb[i] = 64;
     }
     _tile_loadconfig(&c);
 }
 
-// One block of 16 output rows for all M token rows; acc: [M, 16] scratch.
-void block_amx(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const float* scales,
-               const float* offsets, const float* xsum, int64_t gs, float* y, int64_t N, uint16_t* bbuf,
-               float* acc) {
+// NB blocks of 16 outputs (weights w[b], per-group scale and offset vectors) for all M token rows.
+// bbuf: NB * gs * 16 bf16 scratch; acc: M * 16 * NB fp32 scratch; tail: the last M % 16 token rows
+// padded to 16 (or null).
+template <int NB>
+void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w,
+                const float* scales, const float* offsets, const float* xsum, int64_t gs, float* y, int64_t N,
+                uint16_t* bbuf, float* acc) {
     const __m512i table = centred_codes_table();
-    const int64_t G = K / gs, tiles = gs / kTileK;
+    const int64_t G = K / gs, tiles = gs / kTileK, block_bytes = (K / kTileK) * kBlockBytes;
+    constexpr int W = NB * kTileN;  // outputs handled here
     alignas(64) float c[16 * 16];
-    memset(acc, 0, sizeof(float) * M * kTileN);
+    memset(acc, 0, sizeof(float) * M * W);
     for (int64_t g = 0; g < G; ++g) {
-        // The group's B tiles once, reused by every 16 token rows.
-        for (int64_t i = 0; i < tiles; ++i) {
-            const uint8_t* src = w + (g * tiles + i) * kBlockBytes;
-            uint16_t* dst = bbuf + i * kTileN * kTileK;
-            for (int t = 0; t < kTileK / 4; ++t) {
-                __m512i even, odd;
-                unpack_pair(src + 32 * t, table, &even, &odd);
-                _mm512_store_si512(dst + 64 * t, even);
-                _mm512_store_si512(dst + 64 * t + 32, odd);
+        // The group's weight tiles once, reused by every 16 token rows.
+        for (int b = 0; b < NB; ++b)
+            for (int64_t i = 0; i < tiles; ++i) {
+                const uint8_t* src = w + b * block_bytes + (g * tiles + i) * kBlockBytes;
+                uint16_t* dst = bbuf + (b * tiles + i) * kTileN * kTileK;
+                for (int t = 0; t < kTileK / 4; ++t) {
+                    __m512i even, odd;
+                    unpack_pair(src + 32 * t, table, &even, &odd);
+                    _mm512_store_si512(dst + 64 * t, even);
+                    _mm512_store_si512(dst + 64 * t + 32, odd);
+                }
             }
-        }
-        const __m512 s = _mm512_loadu_ps(scales + g * kTileN), o = _mm512_loadu_ps(offsets + g * kTileN);
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
             const int64_t rows = M - m0 < 16 ? M - m0 : 16;
-            const uint16_t* xa = x + m0 * K + g * gs;
-            if (rows == 16) {
-                _tile_zero(0);
-                for (int64_t i = 0; i < tiles; ++i) {
-                    _tile_loadd(1, xa + i * kTileK, K * 2);
-                    _tile_loadd(2, bbuf + i * kTileN * kTileK, 64);
-                    _tile_dpbf16ps(0, 1, 2);
-                }
-                _tile_stored(0, c, 64);
-            } else {
-                _tile_zero(3);
-                for (int64_t i = 0; i < tiles; ++i) {
-                    _tile_loadd(4, xa + i * kTileK, K * 2);
-                    _tile_loadd(2, bbuf + i * kTileN * kTileK, 64);
-                    _tile_dpbf16ps(3, 4, 2);
-                }
-                _tile_stored(3, c, 64);
+            const uint16_t* xa = (rows == 16 ? x + m0 * K : tail) + g * gs;
+            _tile_zero(2);
+            if constexpr (NB > 1) _tile_zero(3);
+            if constexpr (NB > 2) _tile_zero(4);
+            if constexpr (NB > 3) _tile_zero(5);
+            for (int64_t i = 0; i < tiles; ++i) {
+                const uint16_t* bt = bbuf + i * kTileN * kTileK;
+                const int64_t stride = tiles * kTileN * kTileK;
+                _tile_loadd(0, xa + i * kTileK, K * 2);
+                _tile_loadd(1, bt, 64);
+                _tile_dpbf16ps(2, 0, 1);
+                if constexpr (NB > 1) { _tile_loadd(6, bt + stride, 64); _tile_dpbf16ps(3, 0, 6); }
+                if constexpr (NB > 2) { _tile_loadd(1, bt + 2 * stride, 64); _tile_dpbf16ps(4, 0, 1); }
+                if constexpr (NB > 3) { _tile_loadd(6, bt + 3 * stride, 64); _tile_dpbf16ps(5, 0, 6); }
             }
-            for (int64_t r = 0; r < rows; ++r) {
-                float* a = acc + (m0 + r) * kTileN;
-                __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c + r * 16), s, _mm512_loadu_ps(a));
-                _mm512_storeu_ps(a, _mm512_fnmadd_ps(_mm512_set1_ps(xsum[(m0 + r) * G + g]), o, v));
+            for (int b = 0; b < NB; ++b) {
+                switch (b) {
+                    case 0: _tile_stored(2, c, 64); break;
+                    case 1: _tile_stored(3, c, 64); break;
+                    case 2: _tile_stored(4, c, 64); break;
+                    default: _tile_stored(5, c, 64); break;
+                }
+                const __m512 s = _mm512_loadu_ps(scales + (b * G + g) * kTileN);
+                const __m512 o = _mm512_loadu_ps(offsets + (b * G + g) * kTileN);
+                for (int64_t r = 0; r < rows; ++r) {
+                    float* a = acc + (m0 + r) * W + b * kTileN;
+                    const __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c + r * 16), s, _mm512_loadu_ps(a));
+                    _mm512_storeu_ps(a, _mm512_fnmadd_ps(_mm512_set1_ps(xsum[(m0 + r) * G + g]), o, v));
+                }
             }
         }
     }
-    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N, acc + m * kTileN, sizeof(float) * kTileN);
+    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N, acc + m * W, sizeof(float) * W);
 }
 
 bool amx_usable() {
@@ -202,24 +217,39 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
     float* xsum = new float[M * G];
     group_sums(x, M, K, gs, xsum);
     const bool amx = M >= amx_from && amx_usable();
+    uint16_t* tail = nullptr;
+    if (amx && M % 16) {
+        tail = new uint16_t[16 * K]();
+        memcpy(tail, x + (M - M % 16) * K, sizeof(uint16_t) * (M % 16) * K);
+    }
+    const int64_t step = amx ? kMaxBlocks : 1, units = (blocks + step - 1) / step;
+    const int64_t block_bytes = (K / kTileK) * kBlockBytes;
 #pragma omp parallel num_threads(threads)
     {
         uint16_t* bbuf = nullptr;
         float* acc = nullptr;
         if (amx) {
-            configure_tiles(int(M % 16));
-            bbuf = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * gs * kTileN);
-            acc = (float*)aligned_alloc(64, sizeof(float) * M * kTileN);
+            configure_tiles();
+            bbuf = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * kMaxBlocks * gs * kTileN);
+            acc = (float*)aligned_alloc(64, sizeof(float) * M * kMaxBlocks * kTileN);
         }
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; ++b) {
-            const uint8_t* wb = w + b * (K / kTileK) * kBlockBytes;
+        for (int64_t u = 0; u < units; ++u) {
+            const int64_t b = u * step, nb = blocks - b < step ? blocks - b : step;
+            const uint8_t* wb = w + b * block_bytes;
             const float* sb = scales + b * G * kTileN;
             const float* ob = offsets + b * G * kTileN;
-            if (amx)
-                block_amx(x, M, K, wb, sb, ob, xsum, gs, y + b * kTileN, N, bbuf, acc);
-            else
-                rows_vector(x, M, K, wb, sb, ob, xsum, gs, y + b * kTileN, N);
+            float* yb = y + b * kTileN;
+            if (!amx) {
+                rows_vector(x, M, K, wb, sb, ob, xsum, gs, yb, N);
+                continue;
+            }
+            switch (nb) {
+                case 1: blocks_amx<1>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                case 2: blocks_amx<2>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                case 3: blocks_amx<3>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                default: blocks_amx<4>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+            }
         }
         if (amx) {
             _tile_release();
@@ -227,5 +257,6 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
             free(acc);
         }
     }
+    delete[] tail;
     delete[] xsum;
 }
