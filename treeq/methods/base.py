@@ -95,10 +95,14 @@ def _cpu_matmul_inputs(dtype: torch.dtype):
         setting.fp32_precision = before
 
 
-def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
-    """Mean squared error of the layer output, E[(x·(W - Q)^T)^2], from H without touching inputs."""
-    delta = weight.float() - quantized.float()
-    return float(((delta @ h) * delta).sum() / delta.shape[0])
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor, rows: int = 256) -> float:
+    """Mean squared error of the layer output, E[(x·(W - Q)^T)^2], from H without touching inputs.
+    Taken ``rows`` output rows at a time: whole-matrix temporaries were the peak of low-memory runs."""
+    total = 0.0
+    for w, q in zip(weight.split(rows), quantized.split(rows)):
+        delta = w.float() - q.float()
+        total += float(((delta @ h) * delta).sum())
+    return total / weight.shape[0]
 
 
 class Method(ABC):

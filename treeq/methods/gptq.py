@@ -26,35 +26,34 @@ class _Prepared:
 
 
 def _prepare(h: torch.Tensor, desc_act: bool, damp_percent: float) -> _Prepared:
-    h = h.clone()
-    dead = torch.diag(h) == 0
+    diag = torch.diag(h)
+    dead = diag == 0
     # A channel that never fires carries no information; a unit diagonal keeps H invertible.
-    h[dead, dead] = 1
-    perm = torch.argsort(torch.diag(h), descending=True) if desc_act else None
+    diag = torch.where(dead, torch.ones_like(diag), diag)
+    perm = torch.argsort(diag, descending=True) if desc_act else None
     if perm is not None:
-        h = h[perm][:, perm]
-    mean_diag = torch.mean(torch.diag(h))
-    undamped = torch.diag(h)
+        diag = diag[perm]
+    mean_diag = torch.mean(diag)
     damp = damp_percent
-    # Damping in place and freeing each factor once the next exists keeps at most three n x n
-    # matrices alive (n = 5632 on a 2048-wide Llama's down_proj: 127 MB each).
+    # Each factor overwrites its input (LAPACK works in place), so besides the caller's H at most
+    # two n x n matrices are alive (n = 5632 on a 2048-wide Llama's down_proj: 127 MB each).
     while True:
-        h.diagonal().copy_(undamped + damp * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(h)
+        a = h[perm[:, None], perm] if perm is not None else h.clone()
+        a.diagonal().copy_(diag + damp * mean_diag)
+        _, info = torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32)))
         if info == 0:
-            hinv = torch.cholesky_inverse(chol)
-            del chol
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
+            a = torch.cholesky_inverse(a.tril_())
+            _, info = torch.linalg.cholesky_ex(a, upper=True, out=(a, torch.empty((), dtype=torch.int32)))
             if info == 0:
                 break
+        del a
         if damp >= MAX_DAMP:
             raise RuntimeError(
                 f"Hessian stayed singular up to damp_percent={MAX_DAMP}: calibration inputs are degenerate"
             )
         log.warning("Cholesky failed with damp_percent=%.3f; retrying with more damping", damp)
         damp = min(MAX_DAMP, damp + 0.01 if damp < 0.1 else damp * 2)
-    return _Prepared(dead, perm, upper, damp)
+    return _Prepared(dead, perm, a.triu_(), damp)
 
 
 class GPTQ(Method):
@@ -91,7 +90,8 @@ class GPTQ(Method):
             group_of = identity // gs
             fixed = False
 
-        w = w[:, order]
+        if perm is not None:
+            w = w[:, perm]
         codes = torch.empty(out, n_in, dtype=torch.uint8, device=w.device)
         u = prep.hinv_upper
         for i1 in range(0, n_in, cfg.block_size):
