@@ -119,19 +119,28 @@ def _forwards(layer, inputs: LayerInputs, index: int, advance: bool = False) -> 
     return [functools.partial(run, b) for b in range(len(inputs.hidden))]
 
 
-@dataclass
 class BoundSubset:
     """A subset bound to one layer: the modules its input passes first (the lockstep barrier), and
     its module names in groups that share one input's statistics (one group per expert for routed
-    experts, each fed only its own tokens)."""
+    experts, each fed only its own tokens). The statistics are allocated when the subset's input
+    first arrives, so a layer's later subsets hold no memory while earlier ones are quantized."""
 
-    subset: Subset
-    taps: list[nn.Module]
-    groups: list[tuple[InputStats, list[str]]]
+    def __init__(self, subset: Subset, taps: list[nn.Module], make_groups):
+        self.subset, self.taps, self._make_groups = subset, taps, make_groups
+        self._groups: list[tuple[InputStats, list[str]]] | None = None
 
     @property
     def name(self) -> str:
         return self.subset.name
+
+    @property
+    def groups(self) -> list[tuple[InputStats, list[str]]]:
+        if self._groups is None:
+            self._groups = self._make_groups()
+        return self._groups
+
+    def release(self) -> None:
+        self._groups = []
 
     def record(self, x) -> None:
         if len(self.groups) == 1:
@@ -144,11 +153,15 @@ class BoundSubset:
 
 def bind(layer: nn.Module, spec: TreeSpec, subset: Subset, method: Method, devices: list) -> BoundSubset:
     """Statistics groups go round-robin over ``devices``; each module is quantized on its group's."""
-    groups = [
-        (method.stats(layer.get_submodule(names[0]).in_features, devices[j % len(devices)]), names)
-        for j, names in enumerate(experts.module_groups(layer, spec, subset))
-    ]
-    return BoundSubset(subset, experts.input_taps(layer, spec, subset), groups)
+    names = experts.module_groups(layer, spec, subset)
+
+    def make_groups():
+        return [
+            (method.stats(layer.get_submodule(group[0]).in_features, devices[j % len(devices)]), group)
+            for j, group in enumerate(names)
+        ]
+
+    return BoundSubset(subset, experts.input_taps(layer, spec, subset), make_groups)
 
 
 def bind_layer(layer: nn.Module, spec: TreeSpec, method: Method, devices: list) -> list[BoundSubset]:
@@ -239,7 +252,7 @@ def quantize_layers(
                 with _threads_per_job(sum(len(names) for _, names in b.groups), workers):
                     for name, result in _quantize_subset(layer, b, method, index, log, pool, fallback):
                         layer_results[f"{spec.layers}.{index}.{name}"] = result
-                b.groups.clear()  # frees the statistics
+                b.release()  # frees the statistics
 
             barriers = [(b.name, b.taps, b.record) for b in bound]
             if true_sequential and lockstep:
@@ -259,6 +272,9 @@ def quantize_layers(
                 stream.emit(index, layer, layer_results)
             else:
                 results.update(layer_results)
+            # Streamed out, the swapped-out fp modules (reachable from bound) and the codes are
+            # garbage; dropped now, not when the next layer rebinds, they never overlap its peak.
+            bound = layer_results = None
     return results
 
 
