@@ -2,7 +2,11 @@
 
 __version__ = "0.1.0"
 
-from .api import (
+from .reproducible import request_reproducible_blas
+
+request_reproducible_blas()  # before anything calls MKL
+
+from .api import (  # noqa: E402
     bench,
     compare,
     error_report,
@@ -13,7 +17,7 @@ from .api import (
     load,
     load_fp_model,
     quantize,
-)  # noqa: E402
+)
 from .config import QuantConfig  # noqa: E402
 from .errors import TreeqError  # noqa: E402
 

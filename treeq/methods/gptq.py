@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reproducible import single_threaded
 from .base import InputStats, Method, QuantResult, output_error
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,11 @@ class _Prepared:
 
 
 def _prepare(h: torch.Tensor, desc_act: bool, damp_percent: float) -> _Prepared:
+    with single_threaded():  # LAPACK's rounding depends on its thread count (treeq.reproducible)
+        return _factor(h, desc_act, damp_percent)
+
+
+def _factor(h: torch.Tensor, desc_act: bool, damp: float) -> _Prepared:
     diag = torch.diag(h)
     dead = diag == 0
     # A channel that never fires carries no information; a unit diagonal keeps H invertible.
@@ -34,7 +40,6 @@ def _prepare(h: torch.Tensor, desc_act: bool, damp_percent: float) -> _Prepared:
     if perm is not None:
         diag = diag[perm]
     mean_diag = torch.mean(diag)
-    damp = damp_percent
     # Each factor overwrites its input (LAPACK works in place), so besides the caller's H at most
     # two n x n matrices are alive (n = 5632 on a 2048-wide Llama's down_proj: 127 MB each).
     while True:
