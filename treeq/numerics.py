@@ -252,9 +252,16 @@ def make_grid(name: str, bits: int, sym: bool = True, clip_search: bool = False)
 def dequantize_grouped(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, grid: str = "minmax"
 ) -> torch.Tensor:
-    """Weight [out, in] from codes [out, in] and per-group params [groups, out] indexed by g_idx."""
-    g = g_idx.long()
-    return dequantize(codes, scales.float()[g].T, zeros.float()[g].T, GRIDS[grid].offset)
+    """Weight [out, in] from codes [out, in] and per-group params [groups, out] indexed by g_idx.
+    Taken 256 output rows at a time: whole-matrix gathers of the params and the chain of
+    temporaries were 5x the weight's size, the peak of low-memory runs."""
+    g, offset = g_idx.long(), GRIDS[grid].offset
+    w = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    for lo in range(0, codes.shape[0], 256):
+        hi = lo + 256
+        s, z = scales[:, lo:hi].float()[g].T, zeros[:, lo:hi].float()[g].T
+        w[lo:hi] = dequantize(codes[lo:hi], s, z, offset)
+    return w
 
 
 def _ste(value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:

@@ -40,14 +40,14 @@ def _factor(h: torch.Tensor, desc_act: bool, damp: float) -> _Prepared:
     if perm is not None:
         diag = diag[perm]
     mean_diag = torch.mean(diag)
-    # Each factor overwrites its input (LAPACK works in place), so besides the caller's H at most
-    # two n x n matrices are alive (n = 5632 on a 2048-wide Llama's down_proj: 127 MB each).
+    # Each step overwrites its input (LAPACK works in place), so besides the caller's H one n x n
+    # matrix is alive (n = 5632 on a 2048-wide Llama's down_proj: 127 MB).
     while True:
         a = h[perm[:, None], perm] if perm is not None else h.clone()
         a.diagonal().copy_(diag + damp * mean_diag)
         _, info = torch.linalg.cholesky_ex(a, out=(a, torch.empty((), dtype=torch.int32)))
         if info == 0:
-            a = torch.cholesky_inverse(a.tril_())
+            torch.cholesky_inverse(a.tril_(), out=a)
             _, info = torch.linalg.cholesky_ex(a, upper=True, out=(a, torch.empty((), dtype=torch.int32)))
             if info == 0:
                 break
