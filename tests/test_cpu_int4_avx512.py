@@ -34,9 +34,11 @@ def test_both_paths_match_fp32_reference(tokens, amx_from):
     gen = torch.Generator().manual_seed(tokens)
     n, k, gs = 48, 192, 64
     codes = torch.randint(0, 16, (n, k), generator=gen)
-    scales = torch.rand(k // gs, n, generator=gen) * 0.1
+    scales = (torch.rand(k // gs, n, generator=gen) * 0.1).half().float()  # checkpoints hold fp16 scales
     zeros = torch.randint(0, 16, (k // gs, n), generator=gen).float()
-    state = k4._State(k4.pack_tiles(codes), k4.per_block(scales), k4.per_block((zeros - 8) * scales), gs, None)
+    state = k4._State(
+        k4.pack_tiles(codes), k4.per_block(scales, torch.float16), k4.per_block(zeros, torch.uint8), gs, None
+    )
     x = torch.randn(tokens, k, generator=gen).bfloat16()
     y, ref = k4.matmul(state, x, amx_from), reference(codes, scales, zeros, gs, x)
     # Exact products, fp32 sums: only summation order separates the two.

@@ -49,17 +49,17 @@ def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
     return (t[:, :, :, 0] | (t[:, :, :, 1] << 4)).reshape(n // TILE_N, k // TILE_K, -1).contiguous()
 
 
-def per_block(values: torch.Tensor) -> torch.Tensor:
-    """[groups, N] -> fp32 [N/16, groups, 16]: each block's 16 lanes contiguous per group."""
+def per_block(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[groups, N] -> [N/16, groups, 16] in ``dtype``: each block's 16 lanes contiguous per group."""
     g, n = values.shape
-    return values.float().view(g, n // TILE_N, TILE_N).permute(1, 0, 2).contiguous()
+    return values.to(dtype).view(g, n // TILE_N, TILE_N).permute(1, 0, 2).contiguous()
 
 
 @dataclass
 class _State:
     packed: torch.Tensor
-    scales: torch.Tensor
-    offsets: torch.Tensor  # (zero - 8) * scale, the kernel's codes being centred on 8
+    scales: torch.Tensor  # fp16, exactly the checkpoint's
+    zeros: torch.Tensor  # uint8
     group_size: int
     perm: torch.Tensor | None
 
@@ -74,7 +74,7 @@ def matmul(st: _State, x: torch.Tensor, amx_from: int = AMX_FROM) -> torch.Tenso
     n = st.packed.shape[0] * TILE_N
     y = torch.empty(m, n)
     lib.treeq_int4_matmul(
-        x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.offsets.data_ptr(),
+        x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(),
         n, st.group_size, y.data_ptr(), torch.get_num_threads(), amx_from,
     )  # fmt: skip
     return y
@@ -99,7 +99,7 @@ class CpuInt4Avx512(Kernel):
     @classmethod
     def prepare(cls, layer) -> None:
         k = layer.in_features
-        scales, zeros = layer.scales.float(), layer.zeros().float()  # [groups, out]
+        scales, zeros = layer.scales, layer.zeros()  # [groups, out]
         perm, g_idx = contiguous_groups(layer.g_idx.long())
         gs = k // scales.shape[0]
         if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // gs):
@@ -107,8 +107,8 @@ class CpuInt4Avx512(Kernel):
         codes = layer.codes()
         layer.kernel_state = _State(
             packed=pack_tiles(codes if perm is None else codes[:, perm]),
-            scales=per_block(scales),
-            offsets=per_block((zeros - 8) * scales),
+            scales=per_block(scales, torch.float16),
+            zeros=per_block(zeros, torch.uint8),
             group_size=gs,
             perm=perm,
         )
