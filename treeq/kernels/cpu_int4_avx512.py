@@ -64,7 +64,7 @@ class _State:
     perm: torch.Tensor | None
 
 
-def matmul(st: _State, x: torch.Tensor, amx_from: int = AMX_FROM) -> torch.Tensor:
+def matmul(st: _State, x: torch.Tensor, amx_from: int | None = None) -> torch.Tensor:
     """fp32 [M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order)."""
     lib, why = library()
     if lib is None:
@@ -75,7 +75,7 @@ def matmul(st: _State, x: torch.Tensor, amx_from: int = AMX_FROM) -> torch.Tenso
     y = torch.empty(m, n)
     lib.treeq_int4_matmul(
         x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(),
-        n, st.group_size, y.data_ptr(), torch.get_num_threads(), amx_from,
+        n, st.group_size, y.data_ptr(), torch.get_num_threads(), AMX_FROM if amx_from is None else amx_from,
     )  # fmt: skip
     return y
 
