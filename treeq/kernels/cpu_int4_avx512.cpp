@@ -120,7 +120,7 @@ void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, cons
 
 // AMX path. Up to 4 blocks of 16 outputs share each activation tile: tile 0 holds 16 token rows
 // x 32 inputs, tiles 1 and 6 alternate as weight tiles, tiles 2..5 accumulate one block each.
-// All tiles are 16 rows; a last partial group of token rows is read from a zero-padded copy.
+// With M > 16 a last partial group of token rows is read from a zero-padded copy.
 constexpr int kMaxBlocks = 4;
 
 struct alignas(64) TileConfig {
@@ -129,13 +129,28 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {0};
 };
 
-void configure_tiles() {
+// Activation and accumulator tiles hold ``rows`` token rows (all of them when M < 16, so
+// decoding reads x in place); weight tiles always 16.
+void configure_tiles(int rows) {
     TileConfig c;
     for (int i = 0; i < 7; ++i) {
-        c.rows[i] = 16;
+        c.rows[i] = i == 1 || i == 6 ? 16 : rows;
         c.colsb[i] = 64;
     }
     _tile_loadconfig(&c);
+}
+
+// Per-thread scratch kept between calls, grown to the largest request: decoding calls the kernel
+// hundreds of times per token, and fresh allocations showed in small modules' time.
+void* scratch(int slot, size_t bytes) {
+    thread_local void* buf[4] = {nullptr, nullptr, nullptr, nullptr};
+    thread_local size_t cap[4] = {0, 0, 0, 0};
+    if (bytes > cap[slot]) {
+        free(buf[slot]);
+        cap[slot] = (bytes + 63) / 64 * 64;
+        buf[slot] = aligned_alloc(64, cap[slot]);
+    }
+    return buf[slot];
 }
 
 // NB blocks of 16 outputs (weights w[b], per-group scale and offset vectors) for all M token rows.
@@ -166,7 +181,7 @@ void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, c
             }
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
             const int64_t rows = M - m0 < 16 ? M - m0 : 16;
-            const uint16_t* xa = (rows == 16 ? x + m0 * K : tail) + g * gs;
+            const uint16_t* xa = (rows < 16 && tail ? tail : x + m0 * K) + g * gs;
             _tile_zero(2);
             if constexpr (NB > 1) _tile_zero(3);
             if constexpr (NB > 2) _tile_zero(4);
@@ -228,13 +243,15 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                                   const uint8_t* zeros, int64_t N, int64_t gs, float* y, int threads,
                                   int64_t amx_from) {
     const int64_t G = K / gs, blocks = N / kTileN;
-    float* xsum = new float[M * G];
+    float* xsum = (float*)scratch(0, sizeof(float) * M * G);
     group_sums(x, M, K, gs, xsum);
     const bool amx = M >= amx_from && amx_usable();
     uint16_t* tail = nullptr;
-    if (amx && M % 16) {
-        tail = new uint16_t[16 * K]();
-        memcpy(tail, x + (M - M % 16) * K, sizeof(uint16_t) * (M % 16) * K);
+    if (amx && M > 16 && M % 16) {
+        const int64_t r = M % 16;
+        tail = (uint16_t*)scratch(1, sizeof(uint16_t) * 16 * K);
+        memcpy(tail, x + (M - r) * K, sizeof(uint16_t) * r * K);
+        memset(tail + r * K, 0, sizeof(uint16_t) * (16 - r) * K);
     }
     const int64_t step = amx ? kMaxBlocks : 1, units = (blocks + step - 1) / step;
     const int64_t block_bytes = (K / kTileK) * kBlockBytes;
@@ -243,9 +260,9 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         uint16_t* bbuf = nullptr;
         float* acc = nullptr;
         if (amx) {
-            configure_tiles();
-            bbuf = (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * kMaxBlocks * gs * kTileN);
-            acc = (float*)aligned_alloc(64, sizeof(float) * M * kMaxBlocks * kTileN);
+            configure_tiles(M < 16 ? int(M) : 16);
+            bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * gs * kTileN);
+            acc = (float*)scratch(3, sizeof(float) * M * kMaxBlocks * kTileN);
         }
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) {
@@ -265,12 +282,6 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 default: blocks_amx<4>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
             }
         }
-        if (amx) {
-            _tile_release();
-            free(bbuf);
-            free(acc);
-        }
+        if (amx) _tile_release();
     }
-    delete[] tail;
-    delete[] xsum;
 }
