@@ -12,9 +12,8 @@ needs_kernel = pytest.mark.skipif(k4.library()[0] is None, reason=f"cpu_int4_avx
 
 def test_tile_layout_puts_input_pairs_of_16_outputs_in_each_row():
     codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
-    packed = k4.pack_tiles(codes)
-    assert packed.shape == (2, 2, 256)
-    block = packed[1, 0].view(8, 32)  # outputs 16..31, inputs 0..31
+    packed = k4.pack_tiles(codes).view(2, 2, 256)  # one unit of two blocks: [tile, block, bytes]
+    block = packed[0, 1].view(8, 32)  # outputs 16..31, inputs 0..31
     rows = torch.stack([block & 15, block >> 4], 1).reshape(16, 16, 2)  # [pair p, output n, j]
     assert torch.equal(rows[5, 3], codes[16 + 3, 10:12])
     assert torch.equal(rows.permute(1, 0, 2).reshape(16, 32), codes[16:32, :32])
@@ -28,11 +27,12 @@ def reference(codes, scales, zeros, gs, x):
 @needs_kernel
 @pytest.mark.parametrize("tokens", [1, 3, 16, 21, 40])
 @pytest.mark.parametrize("amx_from", [1, 10**6], ids=["amx", "vector"])
-def test_both_paths_match_fp32_reference(tokens, amx_from):
+@pytest.mark.parametrize("n", [48, 80])  # one partial unit of blocks; a full one and a partial one
+def test_both_paths_match_fp32_reference(tokens, amx_from, n):
     if amx_from == 1 and not k4.library()[0].treeq_amx_supported():
         pytest.skip("no AMX on this CPU")
     gen = torch.Generator().manual_seed(tokens)
-    n, k, gs = 48, 192, 64
+    k, gs = 192, 64
     codes = torch.randint(0, 16, (n, k), generator=gen)
     scales = (torch.rand(k // gs, n, generator=gen) * 0.1).half().float()  # checkpoints hold fp16 scales
     zeros = torch.randint(0, 16, (k // gs, n), generator=gen).float()

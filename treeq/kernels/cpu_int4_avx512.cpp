@@ -3,7 +3,9 @@
 // Layout. Weights are kept in the operand layout of AMX's bf16 tile product: for a block of 16
 // output rows and 32 inputs, a 16 x 32 "B tile" whose row p holds, for each output row n, the
 // codes of inputs 2p and 2p+1. Rows 2t and 2t+1 of a tile share 32 bytes (low and high nibbles),
-// so one 32-byte load yields two tile rows. The same layout serves the vector path: a tile row is
+// so one 32-byte load yields two tile rows. Blocks go in units of four (the last unit may have
+// fewer) whose tiles are interleaved, tile by tile, so a unit is one sequential stream for the AMX
+// path, which works on a unit at a time. The same tiles serve the vector path: a tile row is
 // 16 pairs, exactly what one AVX512 bf16 dot-product instruction consumes against a broadcast
 // activation pair, with the 16 output rows in the 16 lanes (no horizontal sums, scales applied
 // per lane).
@@ -22,9 +24,10 @@ namespace {
 
 constexpr int kTileN = 16;  // output rows per block (lanes)
 constexpr int kTileK = 32;  // inputs per tile
-constexpr int kBlockBytes = kTileN * kTileK / 2;
-// Each block's weights are one sequential stream; asking for them this far ahead keeps the
-// loads from waiting on memory, which the hardware prefetcher alone did not.
+constexpr int kBlockBytes = kTileN * kTileK / 2;  // one tile, 256 bytes
+constexpr int kMaxBlocks = 4;  // blocks per unit
+// A unit's weights are one sequential stream; asking for them this far ahead keeps the loads
+// from waiting on memory, which the hardware prefetcher alone did not.
 constexpr int kPrefetchBytes = 2048;
 
 __m512i centred_codes_table() {
@@ -69,8 +72,8 @@ void group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t gs, float* out)
 
 // Vector path: R token rows against one block of 16 output rows, K inputs.
 template <int R>
-void block_vector(const uint16_t* x, int64_t K, const uint8_t* w, const uint16_t* scales, const uint8_t* zeros,
-                  const float* xsum, int64_t gs, float* y, int64_t N) {
+void block_vector(const uint16_t* x, int64_t K, const uint8_t* w, int64_t stride, const uint16_t* scales,
+                  const uint8_t* zeros, const float* xsum, int64_t gs, float* y, int64_t N) {
     const __m512i table = centred_codes_table();
     const int64_t G = K / gs;
     __m512 acc[R];
@@ -80,7 +83,7 @@ void block_vector(const uint16_t* x, int64_t K, const uint8_t* w, const uint16_t
         __m512 dot[R][2];
         for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_ps();
         for (int64_t k0 = g * gs; k0 < (g + 1) * gs; k0 += kTileK) {
-            const uint8_t* src = w + (k0 / kTileK) * kBlockBytes;
+            const uint8_t* src = w + (k0 / kTileK) * stride;
             for (int t = 0; t < kTileK / 4; ++t) {
                 __m512i even, odd;
                 if (t % 2 == 0) _mm_prefetch((const char*)src + 32 * t + kPrefetchBytes, _MM_HINT_T0);
@@ -102,7 +105,8 @@ void block_vector(const uint16_t* x, int64_t K, const uint8_t* w, const uint16_t
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
 }
 
-void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+// w: the block's first tile; stride: bytes from one of its tiles to the next (its unit's width).
+void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t stride, const uint16_t* scales,
                  const uint8_t* zeros, const float* xsum, int64_t gs, float* y, int64_t N) {
     const int64_t G = K / gs;
     for (int64_t m = 0; m < M; m += 4) {
@@ -110,18 +114,17 @@ void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, cons
         const float* sm = xsum + m * G;
         float* ym = y + m * N;
         switch (M - m) {
-            case 1: block_vector<1>(xm, K, w, scales, zeros, sm, gs, ym, N); break;
-            case 2: block_vector<2>(xm, K, w, scales, zeros, sm, gs, ym, N); break;
-            case 3: block_vector<3>(xm, K, w, scales, zeros, sm, gs, ym, N); break;
-            default: block_vector<4>(xm, K, w, scales, zeros, sm, gs, ym, N); break;
+            case 1: block_vector<1>(xm, K, w, stride, scales, zeros, sm, gs, ym, N); break;
+            case 2: block_vector<2>(xm, K, w, stride, scales, zeros, sm, gs, ym, N); break;
+            case 3: block_vector<3>(xm, K, w, stride, scales, zeros, sm, gs, ym, N); break;
+            default: block_vector<4>(xm, K, w, stride, scales, zeros, sm, gs, ym, N); break;
         }
     }
 }
 
-// AMX path. Up to 4 blocks of 16 outputs share each activation tile: tile 0 holds 16 token rows
+// AMX path. A unit's blocks of 16 outputs share each activation tile: tile 0 holds 16 token rows
 // x 32 inputs, tiles 1 and 6 alternate as weight tiles, tiles 2..5 accumulate one block each.
 // With M > 16 a last partial group of token rows is read from a zero-padded copy.
-constexpr int kMaxBlocks = 4;
 
 struct alignas(64) TileConfig {
     uint8_t palette = 1, start_row = 0, reserved[14] = {0};
@@ -161,15 +164,15 @@ void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, c
                 const uint16_t* scales, const uint8_t* zeros, const float* xsum, int64_t gs, float* y, int64_t N,
                 uint16_t* bbuf, float* acc) {
     const __m512i table = centred_codes_table();
-    const int64_t G = K / gs, tiles = gs / kTileK, block_bytes = (K / kTileK) * kBlockBytes;
+    const int64_t G = K / gs, tiles = gs / kTileK;
     constexpr int W = NB * kTileN;  // outputs handled here
     alignas(64) float c[16 * 16];
     memset(acc, 0, sizeof(float) * M * W);
     for (int64_t g = 0; g < G; ++g) {
         // The group's weight tiles once, reused by every 16 token rows.
-        for (int b = 0; b < NB; ++b)
-            for (int64_t i = 0; i < tiles; ++i) {
-                const uint8_t* src = w + b * block_bytes + (g * tiles + i) * kBlockBytes;
+        for (int64_t i = 0; i < tiles; ++i)
+            for (int b = 0; b < NB; ++b) {
+                const uint8_t* src = w + ((g * tiles + i) * NB + b) * kBlockBytes;
                 uint16_t* dst = bbuf + (b * tiles + i) * kTileN * kTileK;
                 for (int t = 0; t < kTileK / 4; ++t) {
                     __m512i even, odd;
@@ -236,7 +239,7 @@ extern "C" int treeq_cpu_supported() {
 extern "C" int treeq_amx_supported() { return amx_usable(); }
 
 // y[M, N] fp32 = x[M, K] bf16 @ W^T with W = (q - zero) * scale per group of gs inputs.
-// w: the tile layout above, [N/16][K/32][256 bytes]; scales: [N/16][G][16] fp16; zeros: the same
+// w: the tile layout above, per unit of nb <= 4 blocks [K/32][nb][256 bytes]; scales: [N/16][G][16] fp16; zeros: the same
 // layout in uint8. N is a multiple of 16; K and gs multiples of 32. amx_from: the
 // smallest M that takes the AMX path (if the CPU has it).
 extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
@@ -253,8 +256,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         memcpy(tail, x + (M - r) * K, sizeof(uint16_t) * r * K);
         memset(tail + r * K, 0, sizeof(uint16_t) * (16 - r) * K);
     }
-    const int64_t step = amx ? kMaxBlocks : 1, units = (blocks + step - 1) / step;
-    const int64_t block_bytes = (K / kTileK) * kBlockBytes;
+    const int64_t units = (blocks + kMaxBlocks - 1) / kMaxBlocks, block_bytes = (K / kTileK) * kBlockBytes;
 #pragma omp parallel num_threads(threads)
     {
         uint16_t* bbuf = nullptr;
@@ -266,13 +268,15 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         }
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) {
-            const int64_t b = u * step, nb = blocks - b < step ? blocks - b : step;
-            const uint8_t* wb = w + b * block_bytes;
+            const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
+            const uint8_t* wb = w + b * block_bytes;  // every earlier unit is full
             const uint16_t* sb = scales + b * G * kTileN;
             const uint8_t* ob = zeros + b * G * kTileN;
             float* yb = y + b * kTileN;
             if (!amx) {
-                rows_vector(x, M, K, wb, sb, ob, xsum, gs, yb, N);
+                for (int64_t j = 0; j < nb; ++j)
+                    rows_vector(x, M, K, wb + j * kBlockBytes, nb * kBlockBytes, sb + j * G * kTileN,
+                                ob + j * G * kTileN, xsum, gs, yb + j * kTileN, N);
                 continue;
             }
             switch (nb) {

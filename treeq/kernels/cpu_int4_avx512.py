@@ -23,6 +23,7 @@ from .base import Kernel, contiguous_groups, matmul_2d
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma", "-fopenmp")
 TILE_N, TILE_K = 16, 32
+UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's kMaxBlocks)
 # The AMX path wins from one token on where it exists; the vector path serves CPUs without AMX.
 AMX_FROM = 1
 
@@ -41,12 +42,15 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] codes 0..15 -> uint8 [N/16, K/32, 256]: per 16x32 block the 16 tile rows (inputs 2p,
-    2p+1 for each of 16 outputs), rows 2t and 2t+1 in the low and high nibbles of the same bytes."""
+    """[N, K] codes 0..15 -> uint8 [N*K/2]: per 16x32 block the 16 tile rows (inputs 2p, 2p+1 for
+    each of 16 outputs), rows 2t and 2t+1 in the low and high nibbles of the same bytes; blocks in
+    units of four outputs blocks, their tiles interleaved tile by tile."""
     n, k = codes.shape
     t = codes.to(torch.uint8).view(n // TILE_N, TILE_N, k // TILE_K, TILE_K // 2, 2)
     t = t.permute(0, 2, 3, 1, 4).reshape(n // TILE_N, k // TILE_K, TILE_K // 4, 2, 2 * TILE_N)
-    return (t[:, :, :, 0] | (t[:, :, :, 1] << 4)).reshape(n // TILE_N, k // TILE_K, -1).contiguous()
+    blocks = (t[:, :, :, 0] | (t[:, :, :, 1] << 4)).reshape(n // TILE_N, k // TILE_K, -1)
+    units = blocks.split(UNIT_BLOCKS)  # [blocks, tiles, 256] each
+    return torch.cat([u.transpose(0, 1).reshape(-1) for u in units])
 
 
 def per_block(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -71,7 +75,7 @@ def matmul(st: _State, x: torch.Tensor, amx_from: int | None = None) -> torch.Te
         raise TreeqError(f"cpu_int4_avx512: {why}")
     x = x.contiguous()
     m, k = x.shape
-    n = st.packed.shape[0] * TILE_N
+    n = st.scales.shape[0] * TILE_N
     y = torch.empty(m, n)
     lib.treeq_int4_matmul(
         x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(),
