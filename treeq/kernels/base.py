@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from ..errors import TreeqError
 from ..numerics import INTEGER_ZERO_GRIDS, UniformGrid
 
 
@@ -75,18 +76,34 @@ class Kernel(ABC):
 
 
 def contiguous_groups(g_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(perm, sorted g_idx): perm is None when groups already are contiguous runs. Fused kernels
-    need contiguous groups, so act-order checkpoints have their inputs permuted once by perm."""
+    """(perm, sorted g_idx): perm is None when groups already are contiguous runs."""
     if not bool((g_idx[1:] < g_idx[:-1]).any()):
         return None, g_idx
     perm = torch.argsort(g_idx, stable=True)
     return perm, g_idx[perm]
 
 
-def matmul_2d(layer, x: torch.Tensor, compute_dtype: torch.dtype, matmul) -> torch.Tensor:
-    """Run ``matmul`` on x flattened to [tokens, in] in ``compute_dtype``; add the bias; restore
-    x's leading shape and dtype. The fused CPU kernels are fast only in bf16, so they compute there."""
-    y = matmul(x.reshape(-1, x.shape[-1]).to(compute_dtype))
+def grouped_codes(layer, kernel: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(codes [out, in] with every group's channels contiguous, the input permutation that makes
+    them so or None, the group width). Fused kernels need contiguous groups, so an act-order
+    checkpoint has its input channels permuted once here, and each input the same way."""
+    k = layer.in_features
+    perm, g_idx = contiguous_groups(layer.g_idx.long())
+    gs = k // layer.scales.shape[0]
+    if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // gs):
+        raise TreeqError(f"{kernel}: g_idx groups are not all {gs} channels; load with --kernel torch")
+    codes = layer.codes()
+    return (codes if perm is None else codes[:, perm]), perm, gs
+
+
+def matmul_2d(
+    layer, x: torch.Tensor, compute_dtype: torch.dtype, matmul, perm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run ``matmul`` on x flattened to [tokens, in] in ``compute_dtype`` (input channels in
+    ``perm``'s order, if given: see :func:`grouped_codes`); add the bias; restore x's leading shape
+    and dtype. The fused CPU kernels are fast only in bf16, so they compute there."""
+    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    y = matmul(x2 if perm is None else x2.index_select(1, perm))
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

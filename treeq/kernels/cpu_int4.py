@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import TreeqError
-from .base import Kernel, contiguous_groups, matmul_2d
+from .base import Kernel, grouped_codes, matmul_2d
 
 OP_GROUP_SIZES = (256, 128, 64, 32)
 INNER_K_TILES = 2
@@ -43,19 +42,13 @@ class CpuInt4(Kernel):
     @classmethod
     def prepare(cls, layer) -> None:
         k = layer.in_features
-        codes = layer.codes().to(torch.int32)  # [out, in]
+        codes, perm, gs = grouped_codes(layer, cls.name)
         scales, zeros = layer.scales.float(), layer.zeros().float()  # [groups, out]
-        perm, g_idx = contiguous_groups(layer.g_idx.long())
-        gs = k // scales.shape[0]
-        if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // gs):
-            raise TreeqError(f"{cls.name}: g_idx groups are not all {gs} channels; load with --kernel torch")
-        if perm is not None:
-            codes = codes[:, perm]
         op_gs = gs if gs in OP_GROUP_SIZES else next(g for g in OP_GROUP_SIZES if k % g == 0)
         repeat = gs // op_gs
         scale_offset = torch.stack([scales, (8 - zeros) * scales], dim=-1).repeat_interleave(repeat, dim=0)
         layer.kernel_state = _Int4State(
-            packed=torch._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES),
+            packed=torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), INNER_K_TILES),
             scale_offset=scale_offset.to(torch.bfloat16).contiguous(),
             group_size=op_gs,
             perm=perm,
@@ -66,11 +59,9 @@ class CpuInt4(Kernel):
         st: _Int4State = layer.kernel_state
 
         def matmul(x2):
-            if st.perm is not None:
-                x2 = x2.index_select(1, st.perm)
             return torch._weight_int4pack_mm_for_cpu(x2, st.packed, st.group_size, st.scale_offset)
 
-        return matmul_2d(layer, x, torch.bfloat16, matmul)
+        return matmul_2d(layer, x, torch.bfloat16, matmul, st.perm)
 
 
 KERNEL = CpuInt4

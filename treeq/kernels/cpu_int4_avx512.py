@@ -18,7 +18,7 @@ import torch
 
 from ..errors import TreeqError
 from . import _native
-from .base import Kernel, contiguous_groups, matmul_2d
+from .base import Kernel, grouped_codes, matmul_2d
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma", "-fopenmp")
@@ -102,17 +102,11 @@ class CpuInt4Avx512(Kernel):
 
     @classmethod
     def prepare(cls, layer) -> None:
-        k = layer.in_features
-        scales, zeros = layer.scales, layer.zeros()  # [groups, out]
-        perm, g_idx = contiguous_groups(layer.g_idx.long())
-        gs = k // scales.shape[0]
-        if not torch.equal(g_idx, torch.arange(k, device=g_idx.device) // gs):
-            raise TreeqError(f"{cls.name}: g_idx groups are not all {gs} channels; load with --kernel torch")
-        codes = layer.codes()
+        codes, perm, gs = grouped_codes(layer, cls.name)
         layer.kernel_state = _State(
-            packed=pack_tiles(codes if perm is None else codes[:, perm]),
-            scales=per_block(scales, torch.float16),
-            zeros=per_block(zeros, torch.uint8),
+            packed=pack_tiles(codes),
+            scales=per_block(layer.scales, torch.float16),
+            zeros=per_block(layer.zeros(), torch.uint8),
             group_size=gs,
             perm=perm,
         )
@@ -120,11 +114,7 @@ class CpuInt4Avx512(Kernel):
     @staticmethod
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         st: _State = layer.kernel_state
-
-        def run(x2):
-            return matmul(st, x2 if st.perm is None else x2.index_select(1, st.perm))
-
-        return matmul_2d(layer, x, torch.bfloat16, run)
+        return matmul_2d(layer, x, torch.bfloat16, lambda x2: matmul(st, x2), st.perm)
 
 
 KERNEL = CpuInt4Avx512
