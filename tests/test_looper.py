@@ -175,3 +175,36 @@ def test_rerunning_equals_lockstep(arch, tokenizer, text_file):
     assert runs[0].keys() == runs[1].keys()
     for name in runs[0]:
         assert torch.equal(runs[0][name].codes, runs[1][name].codes), name
+
+
+def test_a_subsets_statistics_exist_only_from_its_first_input_until_it_is_quantized(tokenizer, text_file):
+    """Memory: down_proj's Hessian must not be allocated while q/k/v/o/gate/up are quantized."""
+    model = make_model("llama")
+    spec = spec_for(model.config)
+    method = make_method(treeq.QuantConfig(method="gptq", bits=4, group_size=32))
+    bound = looper.bind_layer(model.get_submodule(spec.layers)[0], spec, method, [torch.device("cpu")])
+    assert [b._groups for b in bound] == [None] * len(bound)
+    seen = []
+    real = looper._quantize_subset
+
+    def spy(layer, b, *args, **kwargs):
+        seen.append([other.name for other in bound_of_layer if other._groups])  # allocated right now
+        yield from real(layer, b, *args, **kwargs)
+
+    bound_of_layer = []
+    real_bind = looper.bind_layer
+
+    def bind_spy(*args):
+        bound_of_layer[:] = real_bind(*args)
+        return bound_of_layer
+
+    looper._quantize_subset, looper.bind_layer = spy, bind_spy
+    try:
+        looper.quantize_layers(
+            model, spec, method, _batches(tokenizer, text_file), torch.device("cpu"), log=QuantLog(str)
+        )
+    finally:
+        looper._quantize_subset, looper.bind_layer = real, real_bind
+    names = [b.name for b in bound]
+    # When subset k is quantized, only its own statistics exist (earlier ones were released).
+    assert seen[: len(names)] == [[name] for name in names]
