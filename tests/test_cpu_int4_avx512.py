@@ -43,6 +43,7 @@ def test_both_paths_match_fp32_reference(tokens, amx_from, n):
     y, ref = k4.matmul(state, x, amx_from), reference(codes, scales, zeros, gs, x)
     # Exact products, fp32 sums: only summation order separates the two.
     assert float((y - ref).norm() / ref.norm()) < 1e-5
+    assert k4.matmul(state, x[:0], amx_from).shape == (0, n)
 
 
 @needs_kernel

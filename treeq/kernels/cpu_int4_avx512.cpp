@@ -16,6 +16,7 @@
 // accumulation order.
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -239,12 +240,13 @@ extern "C" int treeq_cpu_supported() {
 extern "C" int treeq_amx_supported() { return amx_usable(); }
 
 // y[M, N] fp32 = x[M, K] bf16 @ W^T with W = (q - zero) * scale per group of gs inputs.
-// w: the tile layout above, per unit of nb <= 4 blocks [K/32][nb][256 bytes]; scales: [N/16][G][16] fp16; zeros: the same
-// layout in uint8. N is a multiple of 16; K and gs multiples of 32. amx_from: the
-// smallest M that takes the AMX path (if the CPU has it).
+// w: the tile layout above, per unit of nb <= 4 blocks [K/32][nb][256 bytes]; scales: [N/16][G][16]
+// fp16; zeros: the same layout in uint8. N is a multiple of 16; K and gs multiples of 32.
+// amx_from: the smallest M that takes the AMX path (if the CPU has it).
 extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                                   const uint8_t* zeros, int64_t N, int64_t gs, float* y, int threads,
                                   int64_t amx_from) {
+    if (M == 0) return;  // a tile of zero rows is an invalid configuration
     const int64_t G = K / gs, blocks = N / kTileN;
     float* xsum = (float*)scratch(0, sizeof(float) * M * G);
     group_sums(x, M, K, gs, xsum);
