@@ -44,7 +44,7 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
 def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
     """[N, K] codes 0..15 -> uint8 [N*K/2]: per 16x32 block the 16 tile rows (inputs 2p, 2p+1 for
     each of 16 outputs), rows 2t and 2t+1 in the low and high nibbles of the same bytes; blocks in
-    units of four outputs blocks, their tiles interleaved tile by tile."""
+    units of four, their tiles interleaved tile by tile."""
     n, k = codes.shape
     t = codes.to(torch.uint8).view(n // TILE_N, TILE_N, k // TILE_K, TILE_K // 2, 2)
     t = t.permute(0, 2, 3, 1, 4).reshape(n // TILE_N, k // TILE_K, TILE_K // 4, 2, 2 * TILE_N)
