@@ -32,6 +32,8 @@ CLIP_CHUNK = 4
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_INT4_EPS = 1e-6
+# Output rows per step where a whole weight-sized temporary would set a low-memory run's peak.
+ROW_CHUNK = 256
 
 
 def group_width(group_size: int, in_features: int) -> int:
@@ -253,12 +255,12 @@ def dequantize_grouped(
     codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, grid: str = "minmax"
 ) -> torch.Tensor:
     """Weight [out, in] from codes [out, in] and per-group params [groups, out] indexed by g_idx.
-    Taken 256 output rows at a time: whole-matrix gathers of the params and the chain of
+    Taken ROW_CHUNK output rows at a time: whole-matrix gathers of the params and the chain of
     temporaries were 5x the weight's size, the peak of low-memory runs."""
     g, offset = g_idx.long(), GRIDS[grid].offset
     w = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
-    for lo in range(0, codes.shape[0], 256):
-        hi = lo + 256
+    for lo in range(0, codes.shape[0], ROW_CHUNK):
+        hi = lo + ROW_CHUNK
         s, z = scales[:, lo:hi].float()[g].T, zeros[:, lo:hi].float()[g].T
         w[lo:hi] = dequantize(codes[lo:hi], s, z, offset)
     return w

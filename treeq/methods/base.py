@@ -18,7 +18,7 @@ import torch
 
 from ..calib_precision import calibration_dtype
 from ..input_transform import InputTransform
-from ..numerics import UniformGrid, dequantize_grouped, group_width, make_grid
+from ..numerics import ROW_CHUNK, UniformGrid, dequantize_grouped, group_width, make_grid
 
 
 @dataclass
@@ -95,11 +95,11 @@ def _cpu_matmul_inputs(dtype: torch.dtype):
         setting.fp32_precision = before
 
 
-def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor, rows: int = 256) -> float:
-    """Mean squared error of the layer output, E[(x·(W - Q)^T)^2], from H without touching inputs.
-    Taken ``rows`` output rows at a time: whole-matrix temporaries were the peak of low-memory runs."""
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
+    """Mean squared error of the layer output, E[(x·(W - Q)^T)^2], from H without touching inputs,
+    ROW_CHUNK output rows at a time."""
     total = 0.0
-    for w, q in zip(weight.split(rows), quantized.split(rows)):
+    for w, q in zip(weight.split(ROW_CHUNK), quantized.split(ROW_CHUNK)):
         delta = w.float() - q.float()
         total += float(((delta @ h) * delta).sum())
     return total / weight.shape[0]
