@@ -243,7 +243,7 @@ def main(threads, epochs, large_epochs, shapes, real, skip_official):
         variants = (
             ("treeq default", {}),
             ("treeq schedule=random", {"schedule": "random"}),
-            ("treeq reference lrs", {"lr_weight": 1e-5, "lr_quantizer": 1e-6}),
+            ("treeq reference lrs", {"lr_rotation": 0.05, "lr_weight": 1e-5, "lr_quantizer": 1e-6}),
         )
         for label, kw in variants:
             w_hat, sec = run_treeq("paroquant", w, xt, xv, gs, ep, **kw)
