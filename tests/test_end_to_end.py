@@ -42,6 +42,18 @@ def test_quantize_save_load_gives_the_same_logits(arch, tmp_path, tokenizer, tex
     assert torch.nn.functional.cosine_similarity(mem_logits.flatten(), fp_logits.flatten(), dim=0) > 0.9
 
 
+def test_loading_in_bf16_puts_every_unquantized_tensor_in_bf16(tmp_path, tokenizer, text_file):
+    model = make_model("llama")
+    treeq.quantize(model, quick_config(), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
+    loaded, _ = treeq.load(tmp_path / "q", dtype=torch.bfloat16)
+    quantized = {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    outside = {n: p.dtype for n, p in loaded.named_parameters() if n.rsplit(".", 1)[0] not in quantized}
+    assert "lm_head.weight" in outside or "model.embed_tokens.weight" in outside
+    assert set(outside.values()) == {torch.bfloat16}, outside
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert logits(loaded, ids).dtype == torch.bfloat16
+
+
 def test_fake_quant_weight_in_memory_equals_what_the_kernel_reconstructs(tmp_path, tokenizer, text_file):
     model = make_model("llama")
     results = {}

@@ -104,6 +104,10 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
             krot = 0 if pairs is None else pairs.shape[0]
         layer = QuantLinear(fmt, linear.bias is not None, dtype, krot, rotation.get("group_size", 0))
         set_module(model, name, layer)
+    # Assigning takes each tensor's own dtype; the rest of the model (embeddings, norms, lm_head)
+    # must run in ``dtype`` too, or an fp32 lm_head dominates a bf16 decode step.
+    inside = tuple(f"{name}." for name in quantized)
+    state = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(inside) else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise TreeqError(f"{path}: weights not in the model: {', '.join(result.unexpected_keys[:5])}")
