@@ -23,16 +23,24 @@ def test_smollm2_gptq_end_to_end(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, report.model(ids).logits, rtol=1e-4, atol=1e-4)
 
-    # The fused bf16 kernels against the reference kernel on the same bf16 checkpoint: the issue's
-    # "logits within bf16 tolerance on SmolLM2".
+    # The "logits within bf16 tolerance on SmolLM2": running the checkpoint in bf16 moves
+    # the logits away from its fp32 run even through the reference kernel; that distance is the
+    # tolerance, and each fused bf16 kernel must stay within it (a margin for rounding that falls
+    # differently).
     ids = tok2(treeq.api.BENCH_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
-        ref = treeq.load(tmp_path / "q", dtype=torch.bfloat16, kernel="torch")[0](ids).logits.float()
+        exact = treeq.load(tmp_path / "q", kernel="torch")[0](ids).logits
+
+        def distance(kernel):
+            logits = treeq.load(tmp_path / "q", dtype=torch.bfloat16, kernel=kernel)[0](ids).logits.float()
+            rel = float((logits - exact).norm() / exact.norm())
+            agree = float((logits.argmax(-1) == exact.argmax(-1)).float().mean())
+            print(f"{kernel} in bf16 vs torch in fp32: logits relative error {rel:.2e}, top-1 agreement {agree:.3f}")
+            return rel, agree
+
+        tolerance, tolerance_agree = distance("torch")
         for kernel in ("cpu_int4", "cpu_int4_avx512"):
             if KERNELS[kernel].rejects(loaded.model.layers[0].mlp.up_proj.fmt, "cpu", torch.bfloat16):
                 continue
-            logits = treeq.load(tmp_path / "q", dtype=torch.bfloat16, kernel=kernel)[0](ids).logits.float()
-            rel = float((logits - ref).norm() / ref.norm())
-            agree = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
-            print(f"{kernel}: logits relative error {rel:.2e}, top-1 agreement {agree:.3f}")
-            assert rel < 3e-2 and agree > 0.9, kernel
+            rel, agree = distance(kernel)
+            assert rel < 1.25 * tolerance and agree >= tolerance_agree - 0.05, kernel
