@@ -24,7 +24,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import experts
-from .lockstep import StopForward, run_lockstep, run_rerunning
+from .lockstep import StopForward, batch_threads, run_lockstep, run_rerunning
 from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
 from .models import Subset, TreeSpec
@@ -235,7 +235,7 @@ def quantize_layers(
     devices = devices or [device]
     results: dict[str, QuantResult] = {}
     workers = max(1, workers, len(devices))
-    with torch.no_grad(), ThreadPoolExecutor(workers) as pool:
+    with torch.no_grad(), ThreadPoolExecutor(workers) as pool, batch_threads():
         inputs = capture_inputs(model, spec, batches, device, autocast)
         if stream is not None:
             stream.inputs_captured()
