@@ -181,9 +181,12 @@ def run_lockstep(
     handles = [
         m.register_forward_pre_hook(_hook(i, rec, names)) for i, (_, mods, rec) in enumerate(barriers) for m in mods
     ]
-    batches = [_Batch(run) for run in forwards]
-    running = set(range(len(batches)))
+    batches: list[_Batch] = []
+    running: set[int] = set()
     try:
+        for run in forwards:  # inside the try: batches already started are aborted if one fails
+            batches.append(_Batch(run))
+            running.add(len(batches) - 1)
         for k in range(len(barriers) + 1):
             for b in sorted(running):
                 batch = batches[b]

@@ -3,8 +3,9 @@
 Weights stay 4-bit in memory and become bf16 only in registers or a per-thread tile buffer; the
 source (``cpu_int4_avx512.cpp``) explains the layout. Through AMX it stays 2.7-3.7x ahead of bf16 up
 to 16 tokens on a 4096-wide layer (bench/results/kernels.md), where torch's fused op falls behind
-bf16 from 8 tokens on; at one token on small (576-wide) layers the op is still slightly faster. Built with the system's g++ on first use;
-without a compiler or the instructions it declines and ``cpu_int4`` runs instead.
+bf16 from 8 tokens on; at one token on small (576-wide) layers the op is still slightly faster.
+Built with the system's g++ on first use; without a compiler or the instructions it declines and
+``cpu_int4`` runs instead.
 """
 
 from __future__ import annotations
