@@ -242,7 +242,7 @@ def main(threads, epochs, large_epochs, shapes, real, skip_official):
             rows["  (its schedule setup)"] = (setup, float("nan"))
         variants = (
             ("treeq default", {}),
-            ("treeq schedule=random", {"schedule": "random"}),
+            ("treeq schedule=round_robin", {"schedule": "round_robin"}),
             ("treeq reference lrs", {"lr_rotation": 0.05, "lr_weight": 1e-5, "lr_quantizer": 1e-6}),
         )
         for label, kw in variants:

@@ -32,8 +32,10 @@ class ParoQuantOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     krot: int = Field(8, ge=0, description="rotation layers per group")
+    # random, each group its own seeded shuffle, gave every benchmarked module a 2-6% lower loss
+    # than round_robin's shared tournament rounds, and SmolLM2 perplexity 19.58 against 19.73.
     schedule: Literal["round_robin", "random"] = Field(
-        "round_robin", description="round_robin: tournament rounds; random: the reference shuffle + greedy"
+        "random", description="random: the reference shuffle + greedy; round_robin: tournament rounds"
     )
     epochs: tuple[int, int] = Field((10, 10), description="stage 1 (scales, angles) and stage 2 (weight, grid)")
     # The reference uses 0.05 and 1e-5 / 1e-6 with many more optimizer steps (whole layers,
