@@ -215,3 +215,21 @@ def test_a_subsets_statistics_exist_only_from_its_first_input_until_it_is_quanti
     names = [b.name for b in bound]
     # When subset k is quantized, only its own statistics exist (earlier ones were released).
     assert seen[: len(names)] == [[name] for name in names]
+
+
+def test_a_worker_released_after_retirement_begins_does_not_stay_in_the_idle_pool():
+    """A batch reports "done" before its worker rejoins the idle pool; retiring in between must
+    not leave the ended worker there, where the next run would hand it a job that never runs."""
+    gate = threading.Event()
+
+    def job():
+        gate.wait()
+        lockstep._Worker.release_current()
+
+    lockstep._Worker.start(job)
+    retiring = threading.Thread(target=lockstep._Worker.retire_all)
+    retiring.start()
+    retiring.join(timeout=0.2)  # retirement has begun and waits for the job
+    gate.set()
+    retiring.join()
+    assert lockstep._Worker.idle == [] and _lockstep_threads() == []
