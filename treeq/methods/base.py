@@ -64,6 +64,10 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.dtype != torch.float32:
+            # Rounded here, not left to oneDNN's bf16 matmul mode: CPUs without AMX (Zen 4) ignore
+            # that mode and would accumulate the unrounded inputs.
+            x = x.to(self.dtype).float()
         n = x.shape[0]
         # Running mean keeps H's scale independent of the token count.
         self.h.mul_(self.tokens / (self.tokens + n))
