@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -282,9 +283,17 @@ def _rescale_inputs(layer, spec: TreeSpec, method: Method, inputs: LayerInputs, 
     """One pass over the fp layer gathers every subset's input; the method picks per-channel scales
     for each subset whose feeding op can absorb them, and they are folded in before quantizing.
 
-    Routed experts are left unscaled: their gate/up input comes from a norm that also feeds the
-    router and every other expert, so no one expert's scales can be folded into it."""
-    bound = [b for b in bind_layer(layer, spec, method, [device]) if not b.subset.per_expert]
+    A subset is scaled only when it alone reads its feeding op's output in this layer. Routed
+    experts never are: their gate/up input comes from a norm that also feeds the router and every
+    other expert. Nor is a shared expert beside them (Qwen2-MoE, DeepSeek-V3): its scales folded
+    into that norm would change the router's and the routed experts' inputs too."""
+    present = [s for s in spec.subsets if experts.present(layer, spec, s)]
+    readers = Counter(s.fed_by for s in present)
+    bound = [
+        b
+        for b in bind_layer(layer, spec, method, [device])
+        if not b.subset.per_expert and readers[b.subset.fed_by] == 1
+    ]
     _collect(layer, bound, inputs, index)
     for b in bound:
         s, (stats, _) = b.subset, b.groups[0]
