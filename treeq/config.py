@@ -9,9 +9,11 @@ from pydantic import BaseModel, Field, PositiveInt, field_validator, model_valid
 
 from .calib_precision import CALIB_DTYPES
 from .errors import from_validation
-from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
+from .numerics import GRIDS, INTEGER_ZERO_GRIDS, SUPPORTED_BITS, UniformGrid
 
-CHECKPOINT_FORMATS = ("gptq", "awq")
+CHECKPOINT_FORMATS = ("gptq", "awq", "compressed-tensors")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+COMPRESSED_TENSORS_BITS = (4, 8)
 
 
 class QuantConfig(BaseModel):
@@ -41,7 +43,17 @@ class QuantConfig(BaseModel):
     seqlen: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
     checkpoint_format: Literal[CHECKPOINT_FORMATS] = Field(  # type: ignore[valid-type]
-        "gptq", description="tensor layout written: GPTQ (any setting) or AutoAWQ's GEMM (4-bit minmax, no act-order)"
+        "gptq",
+        description="tensor layout written: GPTQ (any setting), AutoAWQ's GEMM (4-bit minmax, no act-order) or "
+        "compressed-tensors pack-quantized (4/8-bit integer grids)",
+    )
+    gptq_version: Literal[1, 2] = Field(
+        1,
+        description="zero points of symmetric GPTQ checkpoints: 1 stores zero - 1 as most loaders expect, 2 as "
+        "is; asymmetric ones are always written as 2 (v1 cannot store a zero point of 0)",
+    )
+    storage_dtype: Literal[STORAGE_DTYPES] = Field(  # type: ignore[valid-type]
+        "float16", description="checkpoint dtype of the unquantized tensors (embeddings, norms, lm_head, biases)"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
     routing: Literal["normal", "bypass", "all"] | PositiveInt = Field(
@@ -93,9 +105,18 @@ class QuantConfig(BaseModel):
     def _format_fits(self) -> "QuantConfig":
         from .methods import METHODS
 
+        method = METHODS[self.method]
+        if self.checkpoint_format == "compressed-tensors":
+            if self.bits not in COMPRESSED_TENSORS_BITS or self.grid not in INTEGER_ZERO_GRIDS:
+                raise ValueError(
+                    f"checkpoint_format 'compressed-tensors' holds 4- or 8-bit integer grids, not {self.bits}-bit "
+                    f"{self.grid}; use 'gptq'"
+                )
+            if method.adds_input_transform:
+                raise ValueError(f"checkpoint_format 'compressed-tensors' cannot hold {self.method}'s input transform")
+            return self
         if self.checkpoint_format != "awq":
             return self
-        method = METHODS[self.method]
         if self.bits != 4 or self.grid != UniformGrid.name:
             raise ValueError(f"checkpoint_format 'awq' holds 4-bit minmax grids only, not {self.bits}-bit {self.grid}")
         if method.reorders_columns(self):
