@@ -94,6 +94,15 @@ class QuantConfig(BaseModel):
 
     @model_validator(mode="after")
     def _grid_fits(self) -> "QuantConfig":
+        from .methods import METHODS
+
+        for role in ("method", "fallback_method"):
+            grids = METHODS[getattr(self, role)].grids
+            if grids is not None and self.grid not in grids:
+                raise ValueError(
+                    f"{role} {getattr(self, role)!r} quantizes onto grid {' or '.join(map(repr, grids))} only, "
+                    f"not {self.grid!r}; choose that grid or another method"
+                )
         allowed = GRIDS[self.grid].bits_allowed
         if self.bits not in allowed:
             raise ValueError(f"grid {self.grid!r} needs bits in {list(allowed)}, not {self.bits}")

@@ -117,6 +117,10 @@ class Method(ABC):
     # True when results carry an input transform (QuantResult.transform) for the kernel to apply.
     adds_input_transform: ClassVar[bool] = False
 
+    # Grids whose codes the method produces; None: any grid in treeq.numerics.GRIDS. A method with a
+    # grid of its own must list only it, or checkpoints would record a grid the codes are not on.
+    grids: ClassVar[tuple[str, ...] | None] = None
+
     # ``QuantConfig.clip_search`` when the user leaves it unset.
     default_clip_search: ClassVar[bool] = False
 

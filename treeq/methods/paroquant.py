@@ -213,6 +213,7 @@ class ParoQuant(Method):
     name = "paroquant"
     Options = ParoQuantOptions
     adds_input_transform = True
+    grids = (UniformGrid.name,)  # its learned scale and zero point are a minmax grid's
 
     def __init__(self, config):
         super().__init__(config)
