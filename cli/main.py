@@ -374,7 +374,8 @@ def spec_check(model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from treeq.experts import layer_modules, unfuse_experts
-    from treeq.models import check_spec, spec_for
+    from treeq.models import spec_for
+    from treeq.spec_check import check_spec
 
     config = AutoConfig.from_pretrained(treeq.api.model_path(model))
     config.__dict__.pop("quantization_config", None)

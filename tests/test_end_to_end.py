@@ -6,8 +6,9 @@ import torch
 from conftest import ARCHS, make_model
 
 import treeq
-from treeq.models import check_spec, spec_for
+from treeq.models import spec_for
 from treeq.quant_linear import QuantLinear
+from treeq.spec_check import check_spec
 
 
 def quick_config(**kw):

@@ -12,9 +12,10 @@ from test_end_to_end import logits, quick_config
 
 import treeq
 from treeq.experts import UnfusedExperts, unfuse_experts
-from treeq.models import check_spec, spec_for
+from treeq.models import spec_for
 from treeq.quant_linear import QuantLinear
 from treeq.quant_log import QuantLog
+from treeq.spec_check import check_spec
 
 
 def quantize(model, tmp_path, tokenizer, text_file, name="q", workers=None, devices=None, **kw):

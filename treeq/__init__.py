@@ -1,14 +1,12 @@
 """treeq: post-training quantization of Hugging Face causal LMs, driven by declarative tree specs."""
 
-__version__ = "0.1.0"
-
 from .reproducible import request_reproducible_blas
+from .version import __version__
 
 request_reproducible_blas()  # before anything calls MKL
 
 from .api import (  # noqa: E402
     bench,
-    compare,
     error_report,
     evaluate_perplexity,
     evaluate_tasks,
@@ -18,6 +16,7 @@ from .api import (  # noqa: E402
     load_fp_model,
     quantize,
 )
+from .compare import compare  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .errors import TreeqError  # noqa: E402
 

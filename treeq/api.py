@@ -14,7 +14,6 @@ from . import data, packing
 from .atomic import atomic_directory
 from .calib_precision import calibration_dtype
 from .checkpoint import quantization_config, save_quantized, swap_in_quantized, write_metadata
-from .compare import compare
 from .config import QuantConfig
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
@@ -25,11 +24,12 @@ from .loading import linear_format_from, linear_shape, load_quantized, read_quan
 from .looper import Fallback, quantize_layers
 from .memory import release_free_heap
 from .methods import make_method
-from .models import check_spec, spec_for
+from .models import spec_for
 from .perplexity import PerplexityResult, perplexity
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
 from .report import ErrorReport, error_report
+from .spec_check import check_spec
 from .speed import Speed, generate, measure_speeds
 from .streaming import LayerStream, ShardReader
 
@@ -295,7 +295,6 @@ __all__ = [
     "QuantLinear",
     "TASKS",
     "ErrorReport",
-    "compare",
     "error_report",
     "evaluate_tasks",
     "bench",

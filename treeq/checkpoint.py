@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from . import __version__
+from .version import __version__
 from .atomic import atomic_directory
 from .awq_format import awq_quantization_config, to_awq
 from .config import QuantConfig

@@ -1,22 +1,73 @@
-"""Tree specs, one module per architecture family; each module defines ``SPEC``.
+"""Tree specs: where each architecture's specs come from, and which one a model gets.
 
-Adding an architecture means adding a file here: the registry picks up every ``SPEC`` it finds.
+Three sources, later ones winning for the same ``model_type``:
+* the files of this package, each defining ``SPEC`` (the built-in architectures);
+* installed plug-in packages, through the entry-point group ``treeq.specs`` (each entry a TreeSpec,
+  or a module defining ``SPEC``);
+* the user's own, at run time: :func:`register_spec` from Python, or a file given to ``--spec``
+  (:func:`load_spec_file`), so adding an architecture never means editing the installed package.
 """
 
 from __future__ import annotations
 
-import torch.nn as nn
+import importlib.util
+import logging
+from importlib.metadata import entry_points
+from pathlib import Path
 
-from .. import experts as _experts
 from ..errors import TreeqError
 from ..registry import discover
-from .spec import EACH_EXPERT, ExpertGroup, Subset, TreeSpec
+from .spec import ExpertGroup, Subset, TreeSpec
 
-SPECS: dict[str, TreeSpec] = {
-    t: spec for spec in discover(__name__, __path__, "SPEC") if isinstance(spec, TreeSpec) for t in spec.model_types
-}
+log = logging.getLogger(__name__)
 
-HOW_TO_ADD = "write a TreeSpec in a new file under treeq/models/ (see treeq/models/llama.py)"
+ENTRY_POINT_GROUP = "treeq.specs"
+HOW_TO_ADD = (
+    "write a TreeSpec (see treeq/models/llama.py) in a file defining SPEC and pass it with --spec FILE, "
+    "or call treeq.register_spec(spec)"
+)
+
+SPECS: dict[str, TreeSpec] = {}
+
+
+def register_spec(spec: TreeSpec) -> TreeSpec:
+    """Make ``spec`` the one used for each of its ``model_types`` (replacing any registered before)."""
+    if not isinstance(spec, TreeSpec):
+        raise TreeqError(f"register_spec takes a treeq TreeSpec, not {type(spec).__name__}")
+    for model_type in spec.model_types:
+        SPECS[model_type] = spec
+    return spec
+
+
+def _spec_of(value, where: str) -> TreeSpec:
+    spec = getattr(value, "SPEC", value)
+    if not isinstance(spec, TreeSpec):
+        raise TreeqError(f"{where} defines no SPEC = TreeSpec(...); {HOW_TO_ADD}")
+    return spec
+
+
+def load_spec_file(path: str | Path) -> TreeSpec:
+    """Import a Python file that defines ``SPEC`` and register that spec."""
+    path = Path(path)
+    if not path.is_file():
+        raise TreeqError(f"spec file {path} does not exist; give a .py file defining SPEC = TreeSpec(...)")
+    module_spec = importlib.util.spec_from_file_location(f"treeq_user_spec_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise TreeqError(f"spec file {path} is not an importable Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a user's file: whatever it raises is reported in one line
+        raise TreeqError(f"spec file {path} failed to import: {type(e).__name__}: {e}") from None
+    return register_spec(_spec_of(module, f"spec file {path}"))
+
+
+def _load_plugins() -> None:
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register_spec(_spec_of(entry.load(), f"plug-in {entry.value!r}"))
+        except Exception as e:  # one broken plug-in must not take the built-in architectures down
+            log.warning("treeq spec plug-in %s (%s) not loaded: %s", entry.name, entry.value, e)
 
 
 def spec_for(config) -> TreeSpec:
@@ -28,56 +79,8 @@ def spec_for(config) -> TreeSpec:
     return SPECS[model_type]
 
 
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+for _builtin in discover(__name__, __path__, "SPEC"):
+    register_spec(_builtin)
+_load_plugins()
 
-
-def _layer_problems(layer: nn.Module, spec: TreeSpec, prefix: str) -> list[str]:
-    problems = []
-    declared = set(spec.keep_fp)
-    for s in spec.subsets:
-        if not _experts.present(layer, spec, s):
-            continue
-        if s.per_expert:
-            group = layer.get_submodule(spec.experts.path)
-            if _experts.expert_count(group, spec.experts) is None:
-                problems.append(f"{prefix}.{spec.experts.path} holds no 3-D {spec.experts.gate_up!r} experts tensor")
-                continue
-            if not isinstance(group, _experts.UnfusedExperts):
-                continue  # fused: its per-expert linears appear when unfused for calibration
-        for path in (m for g in _experts.module_groups(layer, spec, s) for m in g):
-            declared.add(path)
-            if not _has(layer, path):
-                problems.append(f"missing module '{prefix}.{path}' named by the spec")
-            elif not isinstance(layer.get_submodule(path), nn.Linear):
-                problems.append(f"{prefix}.{path} is {type(layer.get_submodule(path)).__name__}, not nn.Linear")
-        if EACH_EXPERT not in s.fed_by.split(".") and not _has(layer, s.fed_by):
-            problems.append(f"missing module '{prefix}.{s.fed_by}' named as fed_by of subset {s.name!r}")
-    for name, mod in layer.named_modules():
-        if isinstance(mod, nn.Linear) and name not in declared:
-            problems.append(f"Linear {prefix}.{name} is not covered by any subset of the spec")
-    return problems
-
-
-def spec_problems(model: nn.Module, spec: TreeSpec) -> list[str]:
-    """Everything that keeps ``spec`` from describing ``model`` exactly; empty when it fits."""
-    problems = [f"missing module {p!r}" for p in (spec.layers, *spec.before, *spec.after) if not _has(model, p)]
-    if problems:
-        return problems
-    for i, layer in enumerate(model.get_submodule(spec.layers)):
-        problems += _layer_problems(layer, spec, f"{spec.layers}.{i}")
-    return problems
-
-
-def check_spec(model: nn.Module, spec: TreeSpec) -> None:
-    problems = spec_problems(model, spec)
-    if problems:
-        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-        raise TreeqError(f"spec for {spec.model_types[0]} does not fit the model: {shown}")
-
-
-__all__ = ["SPECS", "ExpertGroup", "Subset", "TreeSpec", "check_spec", "spec_for", "spec_problems"]
+__all__ = ["SPECS", "ExpertGroup", "Subset", "TreeSpec", "load_spec_file", "register_spec", "spec_for"]
