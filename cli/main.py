@@ -19,6 +19,7 @@ from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
 from treeq.methods import METHODS
+from treeq.models import load_spec_file
 from treeq.numerics import GRIDS, SUPPORTED_BITS
 
 
@@ -42,6 +43,29 @@ def threads_option(fn):
         default=os.cpu_count(),
         show_default=True,
         help="torch intra-op threads (CPU work)",
+    )(fn)
+
+
+def _register_spec_file(_ctx, _param, path):
+    if path is not None:
+        try:
+            load_spec_file(path)
+        except TreeqError as e:
+            raise click.BadParameter(str(e)) from None
+    return path
+
+
+def spec_option(fn):
+    """``--spec FILE``: a tree spec of the user's, registered before the command runs."""
+    return click.option(
+        "--spec",
+        "spec_file",
+        type=click.Path(path_type=Path),
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_register_spec_file,
+        help="a Python file defining SPEC = TreeSpec(...) for an architecture treeq does not know",
     )(fn)
 
 
@@ -184,6 +208,7 @@ def _print_ppl(label: str, result) -> None:
     help="perplexity before and after (default: on for the built-in model)",
 )
 @click.option("--eval-windows", type=int, default=32, show_default=True)
+@spec_option
 @threads_option
 @user_errors
 def quantize(
@@ -272,6 +297,7 @@ def quantize(
 @click.option("--kernel", default=None, help="force a kernel by name")
 @click.option("--tasks", default=None, help=f"lm-eval tasks, comma-separated, or 'all': {', '.join(TASKS)}")
 @click.option("--limit", type=click.IntRange(1), default=None, help="at most this many documents per task")
+@spec_option
 @threads_option
 @user_errors
 def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, tasks, limit, threads):
@@ -367,6 +393,7 @@ def spec() -> None:
 
 @spec.command("check")
 @click.argument("model")
+@spec_option
 @user_errors
 def spec_check(model):
     """Verify the spec for MODEL (a local directory) covers every Linear of each decoder layer once."""

@@ -19,6 +19,7 @@ from .api import (  # noqa: E402
 from .compare import compare  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .errors import TreeqError  # noqa: E402
+from .models import register_spec  # noqa: E402
 
 __all__ = [
     "QuantConfig",
@@ -34,4 +35,5 @@ __all__ = [
     "load",
     "load_fp_model",
     "quantize",
+    "register_spec",
 ]
