@@ -48,6 +48,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("theta", torch.zeros(krot, n // 2) if krot else None)
         self.kernel = None
         self.kernel_state = None
+        # Fake-quantizes the matmul's input (treeq.runtime.activations); None: inputs as they come.
+        self.input_quantizer = None
 
     @classmethod
     def from_result(cls, fmt: LinearFormat, result: QuantResult, bias: torch.Tensor | None) -> "QuantLinear":
@@ -95,6 +97,8 @@ class QuantLinear(nn.Module):
             self.select_kernel(x.device.type, x.dtype)
         if self.channel_scales is not None:
             x = apply_input_transform(x, self.channel_scales, self.pairs, self.theta, self.rotation_group_size)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         return self.kernel.forward(self, x)
 
     def extra_repr(self) -> str:

@@ -40,15 +40,44 @@ def _layer_problems(layer: nn.Module, spec: TreeSpec, prefix: str) -> list[str]:
                 problems.append(f"{prefix}.{path} is {type(layer.get_submodule(path)).__name__}, not nn.Linear")
         if EACH_EXPERT not in s.fed_by.split(".") and not _has(layer, s.fed_by):
             problems.append(f"missing module '{prefix}.{s.fed_by}' named as fed_by of subset {s.name!r}")
+    problems += _attention_problems(layer, spec, prefix)
     for name, mod in layer.named_modules():
         if isinstance(mod, nn.Linear) and name not in declared:
             problems.append(f"Linear {prefix}.{name} is not covered by any subset of the spec")
     return problems
 
 
+def _attention_problems(layer: nn.Module, spec: TreeSpec, prefix: str) -> list[str]:
+    block = spec.attention
+    if block is None:
+        return []
+    if not _has(layer, block.path):
+        return [f"missing attention block '{prefix}.{block.path}' named by the spec"]
+    projections = [p for p in (block.k_proj, block.v_proj) if p is not None]
+    return [
+        f"missing module '{prefix}.{block.path}.{p}' named as the attention's k/v projection"
+        for p in projections
+        if not _has(layer, f"{block.path}.{p}")
+    ]
+
+
+def _model_problems(model: nn.Module, spec: TreeSpec) -> list[str]:
+    paths = (spec.layers, *spec.before, *spec.after)
+    problems = [f"missing module {p!r}" for p in paths if not _has(model, p)]
+    block = spec.attention
+    if block is not None:
+        if block.rotary is not None and not _has(model, block.rotary):
+            problems.append(f"missing rotary module {block.rotary!r} named by the attention block")
+        config = getattr(model, "config", None)
+        for attr in (block.num_heads, block.num_kv_heads, block.head_dim):
+            if config is not None and getattr(config, attr, None) is None:
+                problems.append(f"the model config has no {attr!r}, named by the attention block")
+    return problems
+
+
 def spec_problems(model: nn.Module, spec: TreeSpec) -> list[str]:
     """Everything that keeps ``spec`` from describing ``model`` exactly; empty when it fits."""
-    problems = [f"missing module {p!r}" for p in (spec.layers, *spec.before, *spec.after) if not _has(model, p)]
+    problems = _model_problems(model, spec)
     if problems:
         return problems
     for i, layer in enumerate(model.get_submodule(spec.layers)):

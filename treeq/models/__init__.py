@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import TreeqError
 from ..registry import discover
-from .spec import ExpertGroup, Subset, TreeSpec
+from .spec import AttentionBlock, ExpertGroup, Subset, TreeSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,4 +83,13 @@ for _builtin in discover(__name__, __path__, "SPEC"):
     register_spec(_builtin)
 _load_plugins()
 
-__all__ = ["SPECS", "ExpertGroup", "Subset", "TreeSpec", "load_spec_file", "register_spec", "spec_for"]
+__all__ = [
+    "SPECS",
+    "AttentionBlock",
+    "ExpertGroup",
+    "Subset",
+    "TreeSpec",
+    "load_spec_file",
+    "register_spec",
+    "spec_for",
+]

@@ -2,7 +2,7 @@
 dense MLPs in the first ``first_k_dense_replace`` layers, then routed experts and a shared expert."""
 
 from .moe import DENSE_MLP, EXPERTS, gated_mlp
-from .spec import Subset, TreeSpec
+from .spec import AttentionBlock, Subset, TreeSpec
 
 SPEC = TreeSpec(
     model_types=("deepseek_v3",),
@@ -21,4 +21,6 @@ SPEC = TreeSpec(
         *gated_mlp("mlp.shared_experts"),
     ),
     experts=EXPERTS,
+    # Keys and values both come out of kv_b_proj's latent expansion, concatenated with RoPE'd parts.
+    attention=AttentionBlock(k_proj=None, v_proj=None),
 )

@@ -61,6 +61,24 @@ class ExpertGroup(BaseModel):
         )
 
 
+class AttentionBlock(BaseModel):
+    """Where a layer's attention is, for the parts that act on it rather than on its linears: a
+    KV-cache quantizer (keys quantized before RoPE need the rotary module) and activation statistics
+    of keys and values. Paths are relative to a decoder layer, except ``rotary`` (relative to the
+    model); the head counts are attributes of the model's config."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = "self_attn"
+    # None where keys and values are not one projection's output each (DeepSeek's latent attention).
+    k_proj: str | None = "k_proj"
+    v_proj: str | None = "v_proj"
+    rotary: str | None = "model.rotary_emb"
+    num_heads: str = "num_attention_heads"
+    num_kv_heads: str = "num_key_value_heads"
+    head_dim: str = "head_dim"
+
+
 class TreeSpec(BaseModel):
     """Where a model's decoder layers are, what surrounds them, and each layer's subsets in order.
 
@@ -79,6 +97,7 @@ class TreeSpec(BaseModel):
     keep_fp: tuple[str, ...] = ()
     # Norms compute x_normed * (offset + weight); Gemma's use offset 1. Scale folding needs to know.
     norm_weight_offset: float = 0.0
+    attention: AttentionBlock | None = AttentionBlock()
 
     @model_validator(mode="after")
     def _each_module_once(self) -> "TreeSpec":

@@ -1,0 +1,1 @@
+"""What runs a quantized model: quantizers of layer inputs (activations) and of the KV cache."""
