@@ -1,0 +1,123 @@
+"""Hash every checkpoint a commit writes, so a refactor can be shown to change no byte.
+
+For the commit given (default: the working tree), in a detached worktree of its own: run the
+default test suite with a kept base temp directory and hash every checkpoint the tests leave there
+(each directory holding a config.json with a quantization_config); optionally quantize the built-in
+SmolLM2-135M as GPTQ 4-bit, AWQ 4-bit and RTN 3-bit (group 64) and hash those too. Prints one line
+per file, ``sha256  checkpoint/file``; weights and metadata are listed apart, since a settings
+record (meta.settings in the JSON) may change shape while every tensor stays the same.
+
+    python bench/checkpoint_hashes.py --commit 6e88f0e --smollm2 > before.txt
+    python bench/checkpoint_hashes.py --smollm2 > after.txt
+    python bench/checkpoint_hashes.py --compare before.txt after.txt
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_RUNS = (("gptq", 4), ("awq", 4), ("rtn", 3))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoints(root: Path) -> list[Path]:
+    found = []
+    for cfg in root.rglob("config.json"):
+        try:
+            if "quantization_config" in json.loads(cfg.read_text()):
+                found.append(cfg.parent)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return sorted(found)
+
+
+def hash_lines(root: Path) -> list[str]:
+    lines = []
+    for ckpt in checkpoints(root):
+        for f in sorted(ckpt.iterdir()):
+            if f.suffix in (".safetensors", ".json"):
+                kind = "weights" if f.suffix == ".safetensors" else "metadata"
+                lines.append(f"{kind} {_sha256(f)}  {ckpt.relative_to(root)}/{f.name}")
+    return lines
+
+
+SMOLLM2_SCRIPT = """
+import sys, treeq
+from treeq.quant_log import QuantLog
+method, bits, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = treeq.QuantConfig(method=method, bits=bits, group_size=64)
+treeq.quantize(None, cfg, out, log=QuantLog(echo=lambda _: None))
+"""
+
+
+def run_in(tree: Path, work: Path, smollm2: bool) -> None:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    tests = work / "tests"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tests}", "-x"],
+        cwd=tree,
+        env=env,
+        check=True,
+        stdout=sys.stderr,
+    )
+    if smollm2:
+        for method, bits in SMOLLM2_RUNS:
+            out = work / "smollm2" / f"{method}-w{bits}g64"
+            subprocess.run(
+                [sys.executable, "-c", SMOLLM2_SCRIPT, method, str(bits), str(out)], cwd=tree, env=env, check=True
+            )
+
+
+def compare(before: Path, after: Path) -> None:
+    def read(p):
+        return {line.split("  ", 1)[1]: line.split()[1] for line in p.read_text().splitlines() if "  " in line}
+
+    a, b = read(before), read(after)
+    shared = sorted(set(a) & set(b))
+    differ = [k for k in shared if a[k] != b[k]]
+    print(f"files in both: {len(shared)}; identical: {len(shared) - len(differ)}; different: {len(differ)}")
+    print(f"only before: {len(set(a) - set(b))}; only after: {len(set(b) - set(a))}")
+    for k in differ:
+        print(f"  differs: {k}")
+
+
+@click.command()
+@click.option("--commit", default=None, help="git revision to build and run (default: the working tree)")
+@click.option("--smollm2", is_flag=True, help="also quantize SmolLM2-135M GPTQ w4, AWQ w4, RTN w3 (minutes)")
+@click.option("--compare", "pair", nargs=2, type=click.Path(exists=True, path_type=Path), default=None)
+def main(commit, smollm2, pair):
+    if pair:
+        compare(*pair)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tree = REPO
+        if commit:
+            tree = tmp / "tree"
+            subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True)
+        try:
+            run_in(tree, tmp / "work", smollm2)
+            print("\n".join(hash_lines(tmp / "work")))
+        finally:
+            if commit:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
+
+
+if __name__ == "__main__":
+    main()
