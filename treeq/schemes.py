@@ -1,0 +1,132 @@
+"""Schemes: *what* is quantized, apart from *how* (the method).
+
+A :class:`WeightScheme` says how a linear's weight is stored (bits, groups, grid, storage format);
+an :class:`ActivationScheme` how a linear's input is quantized; a :class:`KVCacheScheme` how the
+attention's keys and values are kept. :class:`ModuleOverride` entries change the weight scheme of
+the modules whose name they match (mixed precision), or leave them in full precision.
+
+Override patterns follow GPTQModel's and vLLM's ``dynamic`` rule, so a recipe means the same there:
+``re.match`` against the module's full name (anchored at the start only), first match wins.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+
+from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
+
+ACTIVATION_BITS = (4, 6, 8)
+ACTIVATION_GRANULARITIES = ("per-token", "per-tensor", "per-group")
+KV_GRANULARITIES = ("per-channel", "per-token")
+
+
+class _Scheme(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightScheme(_Scheme):
+    bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
+    group_size: int = Field(128, description="input channels per scale; -1 for one group per row")
+    sym: bool = Field(True, description="for the minmax grid: zero point pinned to the middle code")
+    grid: Literal[tuple(GRIDS)] = Field(  # type: ignore[valid-type]
+        UniformGrid.name, description="quantization grid (treeq/numerics.py): " + ", ".join(GRIDS)
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and v <= 0:
+            raise ValueError("group_size must be -1 (per row) or a positive number of input channels")
+        return v
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> "WeightScheme":
+        allowed = GRIDS[self.grid].bits_allowed
+        if self.bits not in allowed:
+            raise ValueError(f"grid {self.grid!r} needs bits in {list(allowed)}, not {self.bits}")
+        if not self.sym and self.grid != UniformGrid.name:
+            raise ValueError(f"sym=False (asymmetric) only applies to grid {UniformGrid.name!r}, not {self.grid!r}")
+        return self
+
+
+class ActivationScheme(_Scheme):
+    bits: Literal[ACTIVATION_BITS] = 8  # type: ignore[valid-type]
+    granularity: Literal[ACTIVATION_GRANULARITIES] = "per-token"  # type: ignore[valid-type]
+    group_size: PositiveInt | None = Field(None, description="input channels per scale, for per-group only")
+    sym: bool = True
+    dynamic: bool = Field(True, description="ranges from each input at run time; False: calibrated once")
+    outlier_threshold: float | None = Field(
+        None, gt=0, description="input columns whose magnitude exceeds this in any token stay in full precision"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ActivationScheme":
+        if (self.granularity == "per-group") != (self.group_size is not None):
+            raise ValueError("group_size is required with granularity 'per-group' and only allowed there")
+        if not self.dynamic and self.granularity == "per-token":
+            raise ValueError("a calibrated (dynamic=False) range cannot be per-token; use per-tensor or per-group")
+        return self
+
+
+class KVCacheScheme(_Scheme):
+    key_bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
+    value_bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
+    key_granularity: Literal[KV_GRANULARITIES] = "per-channel"  # type: ignore[valid-type]
+    value_granularity: Literal[KV_GRANULARITIES] = "per-token"  # type: ignore[valid-type]
+    group_size: PositiveInt = Field(32, description="tokens (per-channel) or channels (per-token) per scale")
+    residual: NonNegativeInt = Field(128, description="newest tokens kept in full precision")
+    sym: bool = False
+    pre_rope_keys: bool = Field(False, description="quantize keys before RoPE; the cache applies it on read")
+
+
+class ModuleOverride(_Scheme):
+    """The weight scheme of the modules whose full name ``pattern`` matches (re.match), or ``skip``."""
+
+    pattern: str
+    skip: bool = False
+    bits: Literal[SUPPORTED_BITS] | None = None  # type: ignore[valid-type]
+    group_size: int | None = None
+    sym: bool | None = None
+    grid: Literal[tuple(GRIDS)] | None = None  # type: ignore[valid-type]
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression ({e})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _says_something(self) -> "ModuleOverride":
+        changes = self.changes()
+        if self.skip and changes:
+            raise ValueError(f"a skipped module keeps full precision; drop {sorted(changes)} or skip")
+        if not self.skip and not changes:
+            raise ValueError("an override sets skip=True or at least one of bits, group_size, sym, grid")
+        return self
+
+    def changes(self) -> dict:
+        return {
+            k: v for k, v in self.model_dump(include={"bits", "group_size", "sym", "grid"}).items() if v is not None
+        }
+
+    def matches(self, module: str) -> bool:
+        return re.match(self.pattern, module) is not None
+
+    def apply(self, base: WeightScheme) -> WeightScheme | None:
+        """The scheme for a matched module: None when it is skipped. Validated as a whole, so an
+        override that makes an impossible scheme (3-bit fp8-int4) names the field."""
+        return None if self.skip else WeightScheme(**{**base.model_dump(), **self.changes()})
+
+
+def scheme_for(module: str, base: WeightScheme, overrides: tuple[ModuleOverride, ...]) -> WeightScheme | None:
+    """The weight scheme of ``module``: the first matching override's, else ``base``; None: skip."""
+    for override in overrides:
+        if override.matches(module):
+            return override.apply(base)
+    return base
