@@ -21,7 +21,7 @@ RECIPE = (
         ("model.layers.0.mlp.up_proj", None),
         ("model.layers.2.mlp.down_proj", BASE.model_copy(update={"group_size": 32, "sym": False})),
         ("model.layers.2.mlp.up_proj", BASE),
-        ("self_attn.q_proj", BASE),  # re.match is anchored at the start, as GPTQModel's dynamic is
+        ("lm.model.layers.0.mlp.up_proj", BASE),  # re.match is anchored at the start, as GPTQModel's dynamic is
     ],
 )
 def test_first_matching_override_decides_the_scheme(module, expected):
