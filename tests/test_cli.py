@@ -61,7 +61,7 @@ def test_quantize_inspect_eval_round_trip(model_dir, text_file, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.startswith("The river") and len(r.output.strip()) > len("The river")
 
-    r = run("bench", out, "--new-tokens", 3, "--repeats", 1, "--threads", 2)
+    r = run("bench", out, "--fp", model_dir, "--new-tokens", 3, "--repeats", 1, "--threads", 2)
     assert r.exit_code == 0, r.output
     rows = {line.split()[0]: line for line in r.output.splitlines() if line.startswith(("quantized ", "fp bf16 "))}
     assert set(rows) == {"quantized", "fp"} and rows["fp"].endswith("1.00x"), r.output

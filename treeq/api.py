@@ -13,14 +13,15 @@ from tqdm.auto import tqdm
 from . import data, packing
 from .atomic import atomic_directory
 from .calib_precision import calibration_dtype
-from .checkpoint import quantization_config, save_quantized, swap_in_quantized, write_metadata
+from .compressed_tensors_format import QUANTIZED_STATE as CT_QUANTIZED_STATE
+from .checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
 from .config import QuantConfig
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
 from .eval_tasks import TASKS, run_tasks
 from .experts import calibration_routing, layer_modules, unfuse_experts
 from .kernels import explain, select_kernel
-from .loading import linear_format_from, linear_shape, load_quantized, read_quantization_config
+from .loading import linear_format_from, linear_shape, load_quantized, packed_weight_suffix, read_quantization_config
 from .looper import Fallback, quantize_layers
 from .memory import release_free_heap
 from .methods import make_method
@@ -149,7 +150,7 @@ def quantize(
     results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices)
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start
-    save_quantized(model, tokenizer, config, results, out, log, source=model.config._name_or_path or None)
+    save_quantized(model, tokenizer, config, results, out, log, source=source_name(model.config._name_or_path))
     return QuantizeReport(out, seconds, log, model, tokenizer)
 
 
@@ -217,8 +218,7 @@ def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, devic
         _calibrate_and_quantize(skeleton, spec, batches, config, device, log, workers, devices, stream)
         stream.finish()
         seconds = time.perf_counter() - start
-        qcfg = quantization_config(config, stream.summary, str(path))
-        write_metadata(tmp, skeleton.config, tokenizer, qcfg, log)
+        write_metadata(tmp, skeleton, tokenizer, config, stream.summary, log, source_name(path))
     return QuantizeReport(out, seconds, log, None, tokenizer)
 
 
@@ -259,10 +259,13 @@ class CheckpointInfo:
 
 
 def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
+    """Format, size on disk against the same model in fp16, and each module's kernel."""
     from safetensors import safe_open
 
     path = Path(path)
     qcfg = read_quantization_config(path)
+    suffix = packed_weight_suffix(qcfg)
+    quantized_state = (*QuantLinear.QUANTIZED_STATE, *CT_QUANTIZED_STATE)
     fp16_bytes = 0
     kernels: dict[str, str] = {}
     rejected: dict[str, dict[str, str]] = {}
@@ -270,8 +273,8 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
         with safe_open(weights, "pt") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
-                if key.endswith(".qweight"):
-                    name = key[: -len(".qweight")]
+                if key.endswith(suffix):
+                    name = key[: -len(suffix)]
                     in_f, out_f = linear_shape(qcfg, shape)
                     fmt = linear_format_from(qcfg, in_f, out_f)
                     fp16_bytes += in_f * out_f * 2
@@ -280,11 +283,8 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                     for kname, reason in reasons.items():
                         if reason:
                             rejected.setdefault(kname, {})[name] = reason
-                elif key.rpartition(".")[2] not in QuantLinear.QUANTIZED_STATE:
-                    n = 1
-                    for d in shape:
-                        n *= d
-                    fp16_bytes += n * 2
+                elif key.rpartition(".")[2] not in quantized_state:
+                    fp16_bytes += math.prod(shape) * 2
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected)
 

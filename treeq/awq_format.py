@@ -80,16 +80,9 @@ def from_awq(tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, tor
     return out
 
 
-def awq_quantization_config(qcfg: dict) -> dict:
-    """treeq's quantization_config, restated as AutoAWQ / transformers read an AWQ checkpoint."""
-    return {
-        "quant_method": "awq",
-        "version": "gemm",
-        "bits": qcfg["bits"],
-        "group_size": qcfg["group_size"],
-        "zero_point": True,
-        "meta": qcfg["meta"],
-    }
+def awq_quantization_config(bits: int, group_size: int, meta: dict) -> dict:
+    """The quantization_config AutoAWQ / transformers read for an AWQ GEMM checkpoint."""
+    return {"quant_method": "awq", "version": "gemm", "bits": bits, "group_size": group_size, "zero_point": True, "meta": meta}
 
 
 def as_treeq_config(qcfg: dict) -> dict:

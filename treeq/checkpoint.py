@@ -1,7 +1,9 @@
-"""GPTQ-format checkpoints: packed safetensors, quantize_config.json, and the matching config.json.
+"""Checkpoints: packed safetensors, quantize_config.json, the matching config.json and a model card.
 
-Zero points are stored as they are (`checkpoint_format: gptq_v2`), not minus one as GPTQ v1 did,
-so asymmetric grids with a zero point of 0 survive the round trip.
+In memory every quantized linear is in treeq's GPTQ layout with zero points as they are (GPTQ v2);
+``laid_out`` turns that into what ``QuantConfig.checkpoint_format`` names: GPTQ v1 or v2
+(:mod:`treeq.gptq_format`), AutoAWQ's GEMM layout or compressed-tensors' pack-quantized one. The
+unquantized tensors are stored in ``QuantConfig.storage_dtype`` (fp16 by default).
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .version import __version__
+from . import compressed_tensors_format, gptq_format
 from .atomic import atomic_directory
 from .awq_format import awq_quantization_config, to_awq
 from .config import QuantConfig
+from .errors import TreeqError
 from .kernels import LinearFormat
-from .methods import QuantResult
-from .numerics import make_grid
+from .methods import METHODS, QuantResult
+from .model_card import QUANT_CONFIG_NAME, write_model_card
+from .numerics import INTEGER_ZERO_GRIDS, make_grid
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
 
 WEIGHTS_NAME = "model.safetensors"
-QUANT_CONFIG_NAME = "quantize_config.json"
+TREEQ_QUANT_METHOD = "treeq"  # checkpoints only treeq.load computes correctly
 
 
 def linear_format(config: QuantConfig, linear: nn.Linear, desc_act: bool, sym: bool) -> LinearFormat:
@@ -99,11 +104,45 @@ def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config:
         set_module(model, name, QuantLinear.from_result(fmt, result, linear.bias))
 
 
-def quantization_config(config: QuantConfig, summary: FormatSummary, source: str | None = None) -> dict:
+def other_loaders_run(config: QuantConfig) -> bool:
+    """Whether GPTQ loaders (GPTQModel, transformers, vLLM) compute what treeq does with this
+    checkpoint: integer zero points without a grid offset, and no input transform."""
+    return config.grid in INTEGER_ZERO_GRIDS and not METHODS[config.method].adds_input_transform
+
+
+def zero_point_version(config: QuantConfig) -> str:
+    """GPTQ v1 for symmetric checkpoints other loaders run (unless v2 is asked for); v2 otherwise,
+    since v1 cannot hold an asymmetric zero point of 0."""
+    v1 = config.gptq_version == 1 and config.sym and other_loaders_run(config)
+    return gptq_format.V1 if v1 else gptq_format.V2
+
+
+def treeq_meta(config: QuantConfig, summary: FormatSummary, source: str | None) -> dict:
+    """treeq's own record, under ``meta`` where GPTQ loaders do not mistake it for their fields."""
+    meta = {
+        "quantizer": [f"treeq:{__version__}"],
+        "treeq_version": __version__,
+        "method": config.method,
+        "settings": config.model_dump(),
+        "source": source,
+        "modules": list(summary.modules),
+    }
+    if config.checkpoint_format == "gptq":
+        meta["zero_points"] = zero_point_version(config)
+    return meta
+
+
+def gptq_quantization_config(config: QuantConfig, summary: FormatSummary, meta: dict) -> dict:
+    if summary.transform is not None and other_loaders_run(config):
+        raise ValueError(f"{config.method} wrote an input transform it does not declare (adds_input_transform)")
+    version = zero_point_version(config)
     qcfg = {
-        "quant_method": "gptq",
-        "format": "gptq",
-        "checkpoint_format": "gptq_v2",
+        # Loaders that would run an offset grid or an input transform as plain GPTQ do not know
+        # this method name, so they refuse the checkpoint instead of computing wrong outputs.
+        "quant_method": "gptq" if other_loaders_run(config) else TREEQ_QUANT_METHOD,
+        # GPTQModel reads `format`, older tools `checkpoint_format`: both say the same.
+        "format": version,
+        "checkpoint_format": version,
         "pack_dtype": "int32",
         "bits": config.bits,
         "group_size": config.group_size,
@@ -112,25 +151,29 @@ def quantization_config(config: QuantConfig, summary: FormatSummary, source: str
         "static_groups": config.static_groups,
         "true_sequential": config.true_sequential,
         "damp_percent": config.damp_percent,
-        "method": config.method,
         **make_grid(config.grid, config.bits, config.sym).describe(),
-        "meta": {
-            "quantizer": [f"treeq:{__version__}"],
-            "treeq_version": __version__,
-            "method": config.method,
-            "settings": config.model_dump(),
-            "source": source,
-            "modules": list(summary.modules),
-        },
+        "meta": meta,
     }
-    if config.checkpoint_format == "awq":
-        return awq_quantization_config(qcfg)
-    transform = summary.transform
-    if transform is not None:
+    if summary.transform is not None:
         # y = rotate(x / channel_scales) @ dequant(qweight)^T: per module buffers channel_scales
         # (fp32 [in]) and, with rotation, pairs (int16 [krot, in]) and theta (fp32 [krot, in/2]).
-        qcfg["input_transform"] = transform
+        qcfg["input_transform"] = summary.transform
     return qcfg
+
+
+def quantization_config(
+    config: QuantConfig, summary: FormatSummary, source: str | None = None, unquantized: list[str] = ()
+) -> dict:
+    """What config.json's quantization_config (and quantize_config.json) say, in the terms of the
+    loaders of ``config.checkpoint_format``. ``unquantized``: the linears left in full precision."""
+    meta = treeq_meta(config, summary, source)
+    if config.checkpoint_format == "awq":
+        return awq_quantization_config(config.bits, config.group_size, meta)
+    if config.checkpoint_format == "compressed-tensors":
+        return compressed_tensors_format.quantization_config(
+            config.bits, summary.sym, config.group_size, list(unquantized), meta
+        )
+    return gptq_quantization_config(config, summary, meta)
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -145,20 +188,72 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _unquantized_floats(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors outside the quantized state (a quantized linear's bias is
+    outside it; its scales stay fp16 and its input transform fp32)."""
+    quantized = tuple(k[: -len("qweight")] for k in tensors if k.endswith(".qweight"))
+    return [
+        k
+        for k, t in tensors.items()
+        if t.is_floating_point() and not (k.startswith(quantized) and not k.endswith(".bias"))
+    ]
+
+
+def in_storage_dtype(tensors: dict[str, torch.Tensor], dtype_name: str) -> dict[str, torch.Tensor]:
+    """The unquantized tensors cast to the checkpoint's storage dtype."""
+    dtype = getattr(torch, dtype_name)
+    out = dict(tensors)
+    for key in _unquantized_floats(tensors):
+        cast = tensors[key].to(dtype)
+        if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensors[key]).all()):
+            raise TreeqError(f"{key} has values beyond {dtype_name}'s range; store it with --dtype bfloat16")
+        out[key] = cast
+    return out
+
+
+def round_to_storage_(model: nn.Module, dtype_name: str) -> None:
+    """Round the model's unquantized tensors, in place and in their own dtype, to the values the
+    checkpoint stores, so the model in memory computes what the checkpoint does."""
+    state = model.state_dict()
+    for key, value in in_storage_dtype({k: state[k] for k in _unquantized_floats(state)}, dtype_name).items():
+        state[key].copy_(value)
+
+
 def laid_out(tensors: dict[str, torch.Tensor], config: QuantConfig) -> dict[str, torch.Tensor]:
-    """A state dict in treeq's GPTQ layout, as ``config.checkpoint_format`` writes it."""
-    return to_awq(tensors, config.group_size) if config.checkpoint_format == "awq" else tensors
+    """A state dict in treeq's GPTQ layout (v2 zero points), as ``config`` says to write it."""
+    tensors = in_storage_dtype(tensors, config.storage_dtype)
+    if config.checkpoint_format == "awq":
+        return to_awq(tensors, config.group_size)
+    if config.checkpoint_format == "compressed-tensors":
+        return compressed_tensors_format.to_compressed_tensors(tensors, config.bits, config.sym, config.group_size)
+    if zero_point_version(config) == gptq_format.V1:
+        return gptq_format.to_v1(tensors, config.bits)
+    return tensors
 
 
-def write_metadata(directory: Path, model_config, tokenizer, qcfg: dict, log: QuantLog) -> None:
-    """Everything of a checkpoint but its weights: config.json with quantization_config,
-    quantize_config.json, the tokenizer and quant_log.csv."""
-    cfg = json.loads(model_config.to_json_string())
+def source_name(model_path: str | Path | None) -> str | None:
+    """How a checkpoint names the model it came from: the directory's name, never a local path."""
+    return Path(model_path).name if model_path else None
+
+
+def unquantized_linears(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def write_metadata(
+    directory: Path, model, tokenizer, config: QuantConfig, summary: FormatSummary, log: QuantLog, source: str | None
+) -> None:
+    """Everything of a checkpoint but its weights: config.json with quantization_config (and the
+    storage dtype), quantize_config.json, the tokenizer, quant_log.csv and the model card."""
+    qcfg = quantization_config(config, summary, source, unquantized_linears(model))
+    cfg = json.loads(model.config.to_json_string())
+    cfg["dtype"] = config.storage_dtype
     cfg["quantization_config"] = qcfg
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     (directory / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
     tokenizer.save_pretrained(directory)
     log.save(directory)
+    write_model_card(directory, qcfg)
 
 
 def save_quantized(
@@ -171,8 +266,8 @@ def save_quantized(
     source: str | None = None,
 ) -> Path:
     out = Path(out)
-    qcfg = quantization_config(config, FormatSummary.of(results, config), source)
+    round_to_storage_(model, config.storage_dtype)
     with atomic_directory(out) as tmp:
         save_file(laid_out(_unique_tensors(model), config), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        write_metadata(tmp, model.config, tokenizer, qcfg, log)
+        write_metadata(tmp, model, tokenizer, config, FormatSummary.of(results, config), log, source)
     return out

@@ -12,10 +12,8 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import packing
-from .awq_format import as_treeq_config, from_awq
-from .awq_format import linear_shape as awq_linear_shape
-from .checkpoint import QUANT_CONFIG_NAME, set_module
+from . import awq_format, compressed_tensors_format, gptq_format, packing
+from .checkpoint import QUANT_CONFIG_NAME, TREEQ_QUANT_METHOD, set_module
 from .errors import TreeqError
 from .experts import unfuse_experts
 from .kernels import LinearFormat, explain
@@ -27,28 +25,55 @@ log = logging.getLogger(__name__)
 
 
 def read_quantization_config(path: Path) -> dict:
+    """The checkpoint's quantization_config in the terms the loader reads: bits, group_size, sym,
+    desc_act, grid, and ``checkpoint_format`` naming the stored layout (GPTQ v1 ``gptq`` or
+    ``gptq_v2``, ``awq_gemm``, or ``pack-quantized``)."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise TreeqError(f"{path} has no config.json; give a directory written by `treeq quantize`")
     qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
     if qcfg is None and (path / QUANT_CONFIG_NAME).is_file():
         qcfg = json.loads((path / QUANT_CONFIG_NAME).read_text())
-    if qcfg is not None and qcfg.get("quant_method") == "awq":
-        return as_treeq_config(qcfg)
-    if qcfg is None or qcfg.get("quant_method") != "gptq":
-        raise TreeqError(f"{path} is not a GPTQ- or AWQ-format quantized checkpoint (no such quantization_config)")
-    if qcfg.get("checkpoint_format", "gptq") != "gptq_v2":
+    method = None if qcfg is None else qcfg.get("quant_method")
+    if method == "awq":
+        return awq_format.as_treeq_config(qcfg)
+    if method == compressed_tensors_format.QUANT_METHOD:
+        return compressed_tensors_format.as_treeq_config(qcfg)
+    if method not in ("gptq", TREEQ_QUANT_METHOD):
         raise TreeqError(
-            f"{path}: checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported yet (gptq_v2 is)"
+            f"{path} is not a GPTQ-, AWQ- or compressed-tensors-format quantized checkpoint (quant_method {method!r})"
         )
-    return qcfg
+    if qcfg.get("pack_dtype", "int32") != "int32":
+        raise TreeqError(f"{path}: pack_dtype {qcfg['pack_dtype']!r} is not supported; treeq reads int32 words")
+    version = gptq_format.stored_version(qcfg)
+    return {**qcfg, "format": version, "checkpoint_format": version, "meta": qcfg.get("meta", {})}
 
 
-def linear_shape(qcfg: dict, qweight_shape) -> tuple[int, int]:
-    """(in_features, out_features) of a quantized linear from its stored qweight's shape."""
-    if qcfg.get("checkpoint_format") == "awq_gemm":
-        return awq_linear_shape(qweight_shape)
-    return qweight_shape[0] * packing.WORD_BITS // qcfg["bits"], qweight_shape[1]
+def packed_weight_suffix(qcfg: dict) -> str:
+    """How the checkpoint names a quantized linear's packed codes."""
+    return ".weight_packed" if qcfg["checkpoint_format"] == compressed_tensors_format.FORMAT else ".qweight"
+
+
+def linear_shape(qcfg: dict, packed_shape) -> tuple[int, int]:
+    """(in_features, out_features) of a quantized linear from its stored packed codes' shape."""
+    layout = qcfg["checkpoint_format"]
+    if layout == "awq_gemm":
+        return awq_format.linear_shape(packed_shape)
+    if layout == compressed_tensors_format.FORMAT:
+        return compressed_tensors_format.linear_shape(packed_shape, qcfg["bits"])
+    return packed_shape[0] * packing.WORD_BITS // qcfg["bits"], packed_shape[1]
+
+
+def in_runtime_layout(state: dict[str, torch.Tensor], qcfg: dict) -> dict[str, torch.Tensor]:
+    """A stored state dict converted, exactly, to treeq's GPTQ layout with v2 zero points."""
+    layout = qcfg["checkpoint_format"]
+    if layout == "awq_gemm":
+        return awq_format.from_awq(state, qcfg["group_size"])
+    if layout == compressed_tensors_format.FORMAT:
+        return compressed_tensors_format.from_compressed_tensors(state, qcfg)
+    if layout == gptq_format.V1:
+        return gptq_format.from_v1(state, qcfg["bits"])
+    return state
 
 
 def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> LinearFormat:
@@ -87,9 +112,7 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     spec = spec_for(config)  # unsupported architectures fail here, with the list of supported ones
-    state = _state_dict(path)
-    if qcfg.get("checkpoint_format") == "awq_gemm":
-        state = from_awq(state, qcfg["group_size"])
+    state = in_runtime_layout(_state_dict(path), qcfg)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     unfuse_experts(model, spec)  # checkpoints hold one set of quantized tensors per expert

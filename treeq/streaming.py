@@ -101,9 +101,10 @@ class LayerStream:
         release_free_heap()
 
     def finish(self) -> None:
-        """The tensors outside the decoder layers, as stored, and the shard index."""
+        """The tensors outside the decoder layers, from the source in the storage dtype, and the
+        shard index."""
         self.model.to("meta")  # its loaded copies of those tensors
         release_free_heap()
         rest = [k for k in self.reader.where if not k.startswith(f"{self.spec.layers}.")]
-        self._write({k: self.reader.get(k) for k in rest}, self.shards)
+        self._write(laid_out({k: self.reader.get(k) for k in rest}, self.config), self.shards)
         (self.out / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=2))

@@ -1,0 +1,111 @@
+"""The model card (README.md) written into every checkpoint directory: what the model is, how it
+was quantized, what it measured, and how each engine loads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CARD_NAME = "README.md"
+QUANT_CONFIG_NAME = "quantize_config.json"
+
+# How each engine is told to run a checkpoint, by the quant_method its quantization_config names.
+LOADERS = {
+    "gptq": ("the `gptqmodel` package", "vllm serve {dir} --dtype float16"),
+    "awq": ("the `autoawq` or `gptqmodel` package", "vllm serve {dir} --dtype float16"),
+    "compressed-tensors": ("the `compressed-tensors` package", "vllm serve {dir}"),
+}
+
+
+def _format_line(qcfg: dict) -> str:
+    method = qcfg["quant_method"]
+    if method == "gptq":
+        return f"GPTQ, `format: {qcfg['format']}`"
+    if method == "awq":
+        return "AutoAWQ GEMM"
+    if method == "compressed-tensors":
+        return f"compressed-tensors `{qcfg['format']}`"
+    return f"treeq's own (`quant_method: {method}`, GPTQ layout, `format: {qcfg['format']}`)"
+
+
+def _settings_table(qcfg: dict) -> list[str]:
+    s = qcfg["meta"]["settings"]
+    rows = [
+        ("method", s["method"]),
+        ("bits", s["bits"]),
+        ("group size", "per row" if s["group_size"] == -1 else s["group_size"]),
+        ("grid", s["grid"] + ("" if s["grid"] != "minmax" else (" symmetric" if s["sym"] else " asymmetric"))),
+        ("act-order", s["desc_act"] and s["method"] == "gptq"),
+        ("calibration", f"{s['calib_samples']} sequences of {s['seqlen']} tokens"),
+        ("checkpoint format", _format_line(qcfg)),
+        ("unquantized tensors", s["storage_dtype"]),
+    ]
+    if s["options"]:
+        rows.append(("method options", json.dumps(s["options"])))
+    return ["| setting | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _loading(qcfg: dict) -> list[str]:
+    lines = [
+        "```python",
+        "import treeq",
+        'model, tokenizer = treeq.load("DIR")  # dtype=torch.bfloat16 for the fused CPU kernels',
+        "```",
+    ]
+    loader = LOADERS.get(qcfg["quant_method"])
+    if loader is None:
+        reasons = [f"grid `{qcfg.get('grid')}`" if qcfg.get("grid_offset") else None]
+        reasons.append("an input transform before each matmul" if qcfg.get("input_transform") else None)
+        why = " and ".join(r for r in reasons if r)
+        return [
+            *lines,
+            "",
+            f"Only treeq computes this checkpoint correctly ({why}); other engines do not know its "
+            f"`quant_method` and refuse it rather than run it wrongly.",
+        ]
+    package, vllm = loader
+    return [
+        *lines,
+        "",
+        f"transformers (with {package} installed):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("DIR", dtype="float16")',
+        "```",
+        "",
+        "vLLM:",
+        "",
+        "```bash",
+        vllm.format(dir="DIR"),
+        "```",
+    ]
+
+
+def card_text(qcfg: dict, perplexity: dict[str, str] | None = None) -> str:
+    meta = qcfg["meta"]
+    source = meta.get("source")
+    s = meta["settings"]
+    front = ["---", "library_name: transformers", "tags: [quantized, treeq, " + qcfg["quant_method"] + "]"]
+    if source:
+        front.append(f"base_model: {source}")
+    title = f"# {source or 'model'}: {s['method']} {s['bits']}-bit, quantized with treeq {meta['treeq_version']}"
+    lines = [*front, "---", "", title, "", *_settings_table(qcfg), ""]
+    if perplexity:
+        lines += ["## Perplexity", "", "| model | perplexity |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in perplexity.items()]
+        lines.append("")
+    lines += ["## Loading", "", "`DIR` is this directory.", "", *_loading(qcfg), ""]
+    return "\n".join(lines)
+
+
+def write_model_card(directory: Path, qcfg: dict, perplexity: dict[str, str] | None = None) -> None:
+    (Path(directory) / CARD_NAME).write_text(card_text(qcfg, perplexity))
+
+
+def record_perplexity(directory: Path, fp, quantized) -> None:
+    """Rewrite the card of a checkpoint with the perplexities measured after quantizing
+    (:class:`treeq.perplexity.PerplexityResult` of the fp and the quantized model)."""
+    qcfg = json.loads((Path(directory) / QUANT_CONFIG_NAME).read_text())
+    rows = {label: f"{r.ppl:.3f} ({r.protocol()})" for label, r in (("fp", fp), ("quantized", quantized))}
+    write_model_card(directory, qcfg, rows)
