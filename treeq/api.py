@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from . import data, packing
 from .atomic import atomic_directory
 from .calib_precision import calibration_dtype
-from .compressed_tensors_format import QUANTIZED_STATE as CT_QUANTIZED_STATE
 from .checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
+from .compressed_tensors_format import QUANTIZED_STATE as CT_QUANTIZED_STATE
 from .config import QuantConfig
 from .default_model import DEFAULT_MODEL, default_model_path
 from .errors import TreeqError

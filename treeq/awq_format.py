@@ -82,7 +82,14 @@ def from_awq(tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, tor
 
 def awq_quantization_config(bits: int, group_size: int, meta: dict) -> dict:
     """The quantization_config AutoAWQ / transformers read for an AWQ GEMM checkpoint."""
-    return {"quant_method": "awq", "version": "gemm", "bits": bits, "group_size": group_size, "zero_point": True, "meta": meta}
+    return {
+        "quant_method": "awq",
+        "version": "gemm",
+        "bits": bits,
+        "group_size": group_size,
+        "zero_point": True,
+        "meta": meta,
+    }
 
 
 def as_treeq_config(qcfg: dict) -> dict:

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .version import __version__
 from . import compressed_tensors_format, gptq_format
 from .atomic import atomic_directory
 from .awq_format import awq_quantization_config, to_awq
@@ -28,6 +27,7 @@ from .model_card import QUANT_CONFIG_NAME, write_model_card
 from .numerics import INTEGER_ZERO_GRIDS, make_grid
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
+from .version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 TREEQ_QUANT_METHOD = "treeq"  # checkpoints only treeq.load computes correctly

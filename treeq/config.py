@@ -114,26 +114,23 @@ class QuantConfig(BaseModel):
     def _format_fits(self) -> "QuantConfig":
         from .methods import METHODS
 
-        method = METHODS[self.method]
-        if self.checkpoint_format == "compressed-tensors":
-            if self.bits not in COMPRESSED_TENSORS_BITS or self.grid not in INTEGER_ZERO_GRIDS:
-                raise ValueError(
-                    f"checkpoint_format 'compressed-tensors' holds 4- or 8-bit integer grids, not {self.bits}-bit "
-                    f"{self.grid}; use 'gptq'"
-                )
-            if method.adds_input_transform:
-                raise ValueError(f"checkpoint_format 'compressed-tensors' cannot hold {self.method}'s input transform")
+        name, method = self.checkpoint_format, METHODS[self.method]
+        if name == "gptq":
             return self
-        if self.checkpoint_format != "awq":
-            return self
-        if self.bits != 4 or self.grid != UniformGrid.name:
+        if name == "awq" and (self.bits != 4 or self.grid != UniformGrid.name):
             raise ValueError(f"checkpoint_format 'awq' holds 4-bit minmax grids only, not {self.bits}-bit {self.grid}")
+        integer = self.bits in COMPRESSED_TENSORS_BITS and self.grid in INTEGER_ZERO_GRIDS
+        if name == "compressed-tensors" and not integer:
+            raise ValueError(
+                f"checkpoint_format {name!r} holds 4- or 8-bit integer grids, not {self.bits}-bit {self.grid}"
+            )
         if method.reorders_columns(self):
             raise ValueError(
-                "checkpoint_format 'awq' has no g_idx for act-order groups; set static_groups=True or desc_act=False"
+                f"checkpoint_format {name!r} has no g_idx for act-order groups; "
+                "set static_groups=True or desc_act=False"
             )
         if method.adds_input_transform:
-            raise ValueError(f"checkpoint_format 'awq' cannot hold {self.method}'s input transform; use 'gptq'")
+            raise ValueError(f"checkpoint_format {name!r} cannot hold {self.method}'s input transform; use 'gptq'")
         return self
 
     @model_validator(mode="after")
