@@ -1,13 +1,37 @@
-"""Our AVX512/AMX int4 kernel: its layout, both of its paths, and the layer it serves."""
+"""Our AVX512/AMX int4 kernel: its layout, each of its paths, and the layer it serves.
+
+How each path is forced, so that every machine tests every path its CPU can run:
+- the ``kernel_path`` fixture replaces ``k4.path`` (the per-call choice) by one that returns the
+  path under test: "vector", "expanded" and "gemm" run wherever AVX512-BF16 exists, "amx" where
+  AMX exists too (skipped elsewhere);
+- the choice itself is tested with ``TREEQ_CPU_ISA=avx512_bf16``, which forbids AMX (a machine with
+  AMX stands in for one without), and unset where the CPU has AMX;
+- an AVX2-only CPU is stood in for by ``TREEQ_CPU_ISA=avx2``: the kernel declines with the reason
+  and ``cpu_int4`` runs; a missing compiler by ``CXX`` naming none.
+"""
 
 import pytest
 import torch
-from test_cpu_kernels import quant_linear, relative_error
+from test_cpu_kernels import BF16_TOLERANCE, error_ratio, quant_linear
 
-from treeq.kernels import LinearFormat, explain, select_kernel
+import treeq.kernels.blocked_gemm as gemm_blocks
+from treeq.errors import TreeqError
+from treeq.kernels import LinearFormat, cpu_isa, explain, select_kernel
 from treeq.kernels import cpu_int4_avx512 as k4
 
 needs_kernel = pytest.mark.skipif(k4.library()[0] is None, reason=f"cpu_int4_avx512: {k4.library()[1]}")
+has_amx = k4.library()[0] is not None and bool(k4.library()[0].treeq_amx_supported())
+# The kernel's own paths compute in fp32 from exact products; what separates them from the fp32
+# reference is summation order. A bf16 rounding anywhere costs ~1e-3.
+FP32_PATH_TOLERANCE = 1e-5
+
+
+@pytest.fixture(params=["vector", "expanded", "amx", "gemm"])
+def kernel_path(request, monkeypatch):
+    if request.param == "amx" and not has_amx:
+        pytest.skip("no AMX on this CPU")
+    monkeypatch.setattr(k4, "path", lambda tokens: request.param)
+    return request.param
 
 
 def test_tile_layout_puts_input_pairs_of_16_outputs_in_each_row():
@@ -19,41 +43,76 @@ def test_tile_layout_puts_input_pairs_of_16_outputs_in_each_row():
     assert torch.equal(rows.permute(1, 0, 2).reshape(16, 32), codes[16:32, :32])
 
 
-def reference(codes, scales, zeros, gs, x):
-    w = (codes.float() - zeros.repeat_interleave(gs, 0).t()) * scales.repeat_interleave(gs, 0).t()
-    return x.float() @ w.t()
-
-
-@needs_kernel
-@pytest.mark.parametrize("tokens", [1, 3, 16, 21, 40])
-@pytest.mark.parametrize("amx_from", [1, 10**6], ids=["amx", "vector"])
-@pytest.mark.parametrize("n", [48, 80])  # one partial unit of blocks; a full one and a partial one
-def test_both_paths_match_fp32_reference(tokens, amx_from, n):
-    if amx_from == 1 and not k4.library()[0].treeq_amx_supported():
-        pytest.skip("no AMX on this CPU")
-    gen = torch.Generator().manual_seed(tokens)
-    k, gs = 192, 64
+def random_state(n, k, gs, seed):
+    """(kernel state, fp32 weight) for random codes, fp16 scales (as checkpoints hold) and zero points."""
+    gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (n, k), generator=gen)
-    scales = (torch.rand(k // gs, n, generator=gen) * 0.1).half().float()  # checkpoints hold fp16 scales
+    scales = (torch.rand(k // gs, n, generator=gen) * 0.1).half().float()
     zeros = torch.randint(0, 16, (k // gs, n), generator=gen).float()
     state = k4._State(
         k4.pack_tiles(codes), k4.per_block(scales, torch.float16), k4.per_block(zeros, torch.uint8), gs, None
     )
-    x = torch.randn(tokens, k, generator=gen).bfloat16()
-    y, ref = k4.matmul(state, x, amx_from), reference(codes, scales, zeros, gs, x)
-    # Exact products, fp32 sums: summation order and the kernel's offset codes (1 + q/16) separate the two.
-    assert float((y - ref).norm() / ref.norm()) < 1e-5
-    assert k4.matmul(state, x[:0], amx_from).shape == (0, n)
+    w = (codes.float() - zeros.repeat_interleave(gs, 0).t()) * scales.repeat_interleave(gs, 0).t()
+    return state, w
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 3, 16, 21, 40, 100])
+@pytest.mark.parametrize("n", [48, 80])  # one partial unit of blocks; a full one and a partial one
+def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
+    # Checked to fail: with zeros + 1 in group_params (all paths but gemm), with the vector and
+    # expanded paths' dot products rounded to bf16 after each group (2e-3), and for gemm with zeros
+    # + 1 in dequantize_tile.
+    monkeypatch.setattr(gemm_blocks, "GEMM_ROWS", 32)  # several blocks, the last one partial
+    state, w = random_state(n, 192, 64, tokens)
+    x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(n)).bfloat16()
+    y, exact = k4.matmul(state, x), x.float() @ w.t()
+    if kernel_path == "gemm":  # the reference kernel's bf16 weight and product, exactly
+        assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.functional.linear(x, w.bfloat16()))
+    else:
+        assert float((y - exact).norm() / exact.norm()) < FP32_PATH_TOLERANCE
+    assert k4.matmul(state, x[:0]).shape == (0, n)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size", [32, 64, -1])
+def test_dequantized_rows_are_the_reference_weight_exactly(group_size):
+    """The gemm path's weight: every row block equals the reference kernel's bf16 weight, zero
+    points (asymmetric) and act-order's input order included."""
+    # Checked to fail with zeros + 1 in dequantize_tile, and with the fp32 product truncated to
+    # bf16 instead of rounded to nearest even.
+    layer = quant_linear(4, group_size, False, group_size == 64)
+    layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
+    st = layer.kernel_state
+    reference = layer.dequantized_weight().to(torch.bfloat16)
+    if st.perm is not None:
+        reference = reference[:, st.perm]
+    out = torch.empty(32, 256, dtype=torch.bfloat16)
+    for lo in range(0, 96, 32):
+        assert torch.equal(k4.dequantize_rows(st, lo, lo + 32, out), reference[lo : lo + 32])
 
 
 @needs_kernel
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group_size,desc_act", [(32, False), (64, True), (128, True), (-1, False)])
 @pytest.mark.parametrize("tokens", [1, 5, 33])
-def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, tokens):
+def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, tokens, kernel_path):
+    # Checked to fail (ratio 10-60) with the act-order permutation dropped in prepare, and with
+    # zeros + 1 in prepare.
     layer = quant_linear(4, group_size, sym, desc_act)
     x = torch.randn(2, tokens, 256).to(torch.bfloat16)
-    assert relative_error(layer, "cpu_int4_avx512", x) < 1e-2
+    assert error_ratio(layer, k4.KERNEL.name, x) < BF16_TOLERANCE
+
+
+@needs_kernel
+def test_path_follows_the_token_count(monkeypatch):
+    monkeypatch.setenv(cpu_isa.ENV, "avx512_bf16")  # as on a CPU without AMX
+    assert [k4.path(m) for m in (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, 2048)] == [
+        "vector", "vector", "expanded", "expanded"
+    ]  # fmt: skip
+    if has_amx:
+        monkeypatch.delenv(cpu_isa.ENV)
+        assert [k4.path(m) for m in (1, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)] == ["amx", "amx", "gemm"]
 
 
 @needs_kernel
@@ -62,6 +121,27 @@ def test_chosen_first_on_cpu_bf16_and_declines_what_it_cannot_run():
     assert explain(LinearFormat(4, 16, True, False, 576, 1536), "cpu", torch.bfloat16)[k4.KERNEL.name] == (
         "group_size=16 not a multiple of 32"
     )
+
+
+def test_declines_without_avx512_bf16_and_cpu_int4_runs(monkeypatch):
+    """An AVX2-only CPU, stood in for by TREEQ_CPU_ISA=avx2 (read at each selection)."""
+    monkeypatch.setenv(cpu_isa.ENV, "avx2")
+    fmt = LinearFormat(4, 64, False, True, 256, 96)
+    reason = explain(fmt, "cpu", torch.bfloat16)[k4.KERNEL.name]
+    assert reason in ("avx512_bf16 instructions forbidden by TREEQ_CPU_ISA=avx2", k4.library()[1])
+    layer = quant_linear(4, 64, False, True)
+    x = torch.randn(2, 5, 256).to(torch.bfloat16)
+    assert error_ratio(layer, "cpu_int4", x) < BF16_TOLERANCE
+    layer.select_kernel("cpu", torch.bfloat16)
+    assert layer.kernel.name == "cpu_int4"
+    with pytest.raises(TreeqError, match=f"kernel '{k4.KERNEL.name}' cannot run this layer: .*avx512_bf16|AVX512"):
+        layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
+
+
+def test_an_unknown_cpu_cap_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv(cpu_isa.ENV, "avx9000")
+    with pytest.raises(TreeqError, match=r"^TREEQ_CPU_ISA='avx9000' is not one of avx2, avx512_bf16, amx; unset"):
+        select_kernel(LinearFormat(4, 128, True, False, 256, 256), "cpu", torch.bfloat16)
 
 
 def test_declines_with_the_reason_when_it_cannot_be_built(monkeypatch, tmp_path):

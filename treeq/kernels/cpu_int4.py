@@ -6,6 +6,9 @@ maps to offset = (8 - zero) * scale; asymmetric zero points cost nothing. Act-or
 have their input channels permuted once here (and each input permuted the same way), which makes
 every group a contiguous run as the fused op requires. Per-row groups become groups of the largest
 size the op takes that divides in_features, each carrying the row's scale.
+
+The op's cost grows with the tokens much faster than a GEMM's, so from ``GEMM_FROM`` tokens on the
+layer runs as a bf16 GEMM over blocks of the reference kernel's own dequantized weight instead.
 """
 
 from __future__ import annotations
@@ -14,10 +17,24 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import packing
+from ..numerics import dequantize_grouped
 from .base import Kernel, grouped_codes, matmul_2d
+from .blocked_gemm import blocked_gemm
 
 OP_GROUP_SIZES = (256, 128, 64, 32)
 INNER_K_TILES = 2
+# The op fell behind bf16 from 8 tokens on a 4096-wide layer and to 0.37x at 1024, where the
+# blocked GEMM, its dequantization in torch costing ~250 ms a call, was at 0.5x (Zen 4, 1 thread).
+# Read at each call, so tests can force either path.
+GEMM_FROM = 1024
+
+
+def dequantize_rows(layer, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+    """Output rows lo..hi of the reference kernel's weight (treeq.numerics, in fp32) into bf16 ``out``."""
+    codes = packing.unpack(layer.qweight[:, lo:hi], layer.fmt.bits).T
+    zeros = packing.unpack(layer.qzeros[:, lo // 8 : hi // 8].T.contiguous(), layer.fmt.bits).T
+    return out.copy_(dequantize_grouped(codes, layer.scales[:, lo:hi], zeros, layer.g_idx, layer.fmt.grid))
 
 
 @dataclass
@@ -61,6 +78,11 @@ class CpuInt4(Kernel):
         def matmul(x2):
             return torch._weight_int4pack_mm_for_cpu(x2, st.packed, st.group_size, st.scale_offset)
 
+        def gemm(x2):
+            return blocked_gemm(x2, layer.out_features, lambda lo, hi, out: dequantize_rows(layer, lo, hi, out))
+
+        if x.numel() // x.shape[-1] >= GEMM_FROM:  # in the checkpoint's channel order: no permutation
+            return matmul_2d(layer, x, torch.bfloat16, gemm)
         return matmul_2d(layer, x, torch.bfloat16, matmul, st.perm)
 
 

@@ -18,6 +18,11 @@
 // -(16 + zero) * scale * sum(x over the group). Products of bf16 numbers are exact in fp32; the
 // summed terms are up to four times the centred codes' size, which costs the fp32 sums up to two
 // bits (max difference from the fp32 reference ~1e-6 of the output on a 4096-wide layer).
+//
+// Long prompts. Without AMX the vector path re-expands every code once per four token rows, and
+// from a few dozen rows on a bf16 GEMM library outruns it; treeq_int4_dequantize then writes
+// blocks of the bf16 weight for such a GEMM, each weight rounded once from the fp32 product
+// (q - zero) * scale as the reference kernel rounds it.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -128,6 +133,82 @@ void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int6
     }
 }
 
+// Paths that expand each group's codes of a unit once per call into a per-thread buffer bbuf
+// (NB * gs * 16 bf16): block b's tile rows in order, one pair of inputs for 16 outputs per 64
+// bytes, then multiply every token row with it.
+
+template <int NB>
+void expand_group(const uint8_t* w, int64_t g, int64_t tiles, uint16_t* bbuf) {
+    for (int64_t i = 0; i < tiles; ++i)
+        for (int b = 0; b < NB; ++b) {
+            const uint8_t* src = w + ((g * tiles + i) * NB + b) * kBlockBytes;
+            uint16_t* dst = bbuf + (b * tiles + i) * kTileN * kTileK;
+            for (int t = 0; t < kTileK / 4; ++t) {
+                __m512i even, odd;
+                if (t % 2 == 0) prefetch_stream(src + 32 * t);
+                unpack_pair(src + 32 * t, &even, &odd);
+                _mm512_store_si512(dst + 64 * t, even);
+                _mm512_store_si512(dst + 64 * t + 32, odd);
+            }
+        }
+}
+
+// Expanded vector path: R token rows (x at the first one's group start) against the NB expanded
+// blocks of one group; the group's dot products, scaled and offset, added to y (row stride N).
+// R x NB sums stay in registers (24 of the 32 at 6 x 4) so the dot-product units, not their
+// latency or the loads, set the pace, as in a GEMM library's inner kernel.
+template <int NB, int R>
+void group_rows_expanded(const uint16_t* x, int64_t K, const uint16_t* bbuf, int64_t pairs, const __m512* s,
+                         const __m512* o, const float* xsum, int64_t G, float* y, int64_t N) {
+    __m512 dot[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < NB; ++b) dot[r][b] = _mm512_setzero_ps();
+    const uint32_t* xp = (const uint32_t*)x;
+    for (int64_t p = 0; p < pairs; ++p) {
+        __m512bh wv[NB];
+        for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_load_si512(bbuf + (b * pairs + p) * 2 * kTileN);
+        for (int r = 0; r < R; ++r) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(xp[r * K / 2 + p]);
+            for (int b = 0; b < NB; ++b) dot[r][b] = _mm512_dpbf16_ps(dot[r][b], xb, wv[b]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < NB; ++b) {
+            float* a = y + r * N + b * kTileN;
+            const __m512 v = _mm512_fmadd_ps(dot[r][b], s[b], _mm512_loadu_ps(a));
+            _mm512_storeu_ps(a, _mm512_fnmadd_ps(_mm512_set1_ps(xsum[r * G]), o[b], v));
+        }
+}
+
+constexpr int kExpandedRows = 6;
+
+// All M token rows against one unit of NB blocks (the caller keeps M small enough for these rows'
+// inputs to stay in L2 across units: see kExpandedRowBlock).
+template <int NB>
+void blocks_expanded(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                     const uint8_t* zeros, const float* xsum, int64_t gs, float* y, int64_t N, uint16_t* bbuf) {
+    const int64_t G = K / gs, tiles = gs / kTileK, pairs = gs / 2;
+    for (int64_t m = 0; m < M; ++m) memset(y + m * N, 0, sizeof(float) * NB * kTileN);
+    for (int64_t g = 0; g < G; ++g) {
+        expand_group<NB>(w, g, tiles, bbuf);
+        __m512 s[NB], o[NB];
+        for (int b = 0; b < NB; ++b) group_params(scales + (b * G + g) * kTileN, zeros + (b * G + g) * kTileN, &s[b], &o[b]);
+        for (int64_t m0 = 0; m0 < M; m0 += kExpandedRows) {
+            const uint16_t* xm = x + m0 * K + g * gs;
+            const float* sm = xsum + m0 * G + g;
+            float* ym = y + m0 * N;
+            switch (M - m0) {
+                case 1: group_rows_expanded<NB, 1>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
+                case 2: group_rows_expanded<NB, 2>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
+                case 3: group_rows_expanded<NB, 3>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
+                case 4: group_rows_expanded<NB, 4>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
+                case 5: group_rows_expanded<NB, 5>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
+                default: group_rows_expanded<NB, kExpandedRows>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
+            }
+        }
+    }
+}
+
 // AMX path. A unit's blocks of 16 outputs share each activation tile: tile 0 holds 16 token rows
 // x 32 inputs, tiles 1 and 6 alternate as weight tiles, tiles 2..5 accumulate one block each.
 // With M > 16 a last partial group of token rows is read from a zero-padded copy.
@@ -174,19 +255,7 @@ void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, c
     alignas(64) float c[16 * 16];
     memset(acc, 0, sizeof(float) * M * W);
     for (int64_t g = 0; g < G; ++g) {
-        // The group's weight tiles once, reused by every 16 token rows.
-        for (int64_t i = 0; i < tiles; ++i)
-            for (int b = 0; b < NB; ++b) {
-                const uint8_t* src = w + ((g * tiles + i) * NB + b) * kBlockBytes;
-                uint16_t* dst = bbuf + (b * tiles + i) * kTileN * kTileK;
-                for (int t = 0; t < kTileK / 4; ++t) {
-                    __m512i even, odd;
-                    if (t % 2 == 0) prefetch_stream(src + 32 * t);
-                    unpack_pair(src + 32 * t, &even, &odd);
-                    _mm512_store_si512(dst + 64 * t, even);
-                    _mm512_store_si512(dst + 64 * t + 32, odd);
-                }
-            }
+        expand_group<NB>(w, g, tiles, bbuf);  // once, reused by every 16 token rows
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
             const int64_t rows = M - m0 < 16 ? M - m0 : 16;
             const uint16_t* xa = (rows < 16 && tail ? tail : x + m0 * K) + g * gs;
@@ -224,6 +293,57 @@ void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, c
     for (int64_t m = 0; m < M; ++m) memcpy(y + m * N, acc + m * W, sizeof(float) * W);
 }
 
+// The 16 x 16 32-bit matrix r transposed in place (r[i] lane j <-> r[j] lane i).
+void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    // Now u[4a + c] holds, in 128-bit lane l, column 4l + c of rows 4a..4a+3.
+    for (int h = 0; h < 16; h += 8)
+        for (int c = 0; c < 4; ++c) {
+            t[h + c] = _mm512_shuffle_i32x4(u[h + c], u[h + 4 + c], 0x88);
+            t[h + 4 + c] = _mm512_shuffle_i32x4(u[h + c], u[h + 4 + c], 0xdd);
+        }
+    for (int c = 0; c < 8; ++c) {
+        r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+    }
+}
+
+// One 16 x 32 tile of block rows as 16 rows of 32 bf16 at out (row stride K).
+void dequantize_tile(const uint8_t* src, __m512 scale, __m512i zero, uint16_t* out, int64_t K) {
+    // Element 2n takes lane n of the first converted vector, 2n + 1 lane n of the second.
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i nibble = _mm512_set1_epi32(15);
+    __m512i rows[16];  // tile row p: per output lane, the bf16 pair of inputs 2p, 2p + 1
+    for (int t = 0; t < kTileK / 4; ++t) {
+        // Lane n: byte 2n (inputs 4t, 4t + 2 in its nibbles) and byte 2n + 1 (inputs 4t + 1, 4t + 3).
+        const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + 32 * t)));
+        __m512 f[4];
+        const int shifts[4] = {0, 8, 4, 12};
+        for (int c = 0; c < 4; ++c) {
+            const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, shifts[c]), nibble);
+            f[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zero)), scale);
+        }
+        rows[2 * t] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
+        rows[2 * t + 1] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
+    }
+    transpose16(rows);
+    for (int n = 0; n < kTileN; ++n) _mm512_storeu_si512(out + n * K, rows[n]);
+}
+
+// Token rows per pass of the expanded path; their inputs (384 KiB at 4096 wide) stay in L2.
+constexpr int64_t kExpandedRowBlock = 8 * kExpandedRows;
+
 bool amx_usable() {
     static const bool ok = [] {
         __builtin_cpu_init();
@@ -246,15 +366,15 @@ extern "C" int treeq_amx_supported() { return amx_usable(); }
 // y[M, N] fp32 = x[M, K] bf16 @ W^T with W = (q - zero) * scale per group of gs inputs.
 // w: the tile layout above, per unit of nb <= 4 blocks [K/32][nb][256 bytes]; scales: [N/16][G][16]
 // fp16; zeros: the same layout in uint8. N is a multiple of 16; K and gs multiples of 32.
-// amx_from: the smallest M that takes the AMX path (if the CPU has it).
+// path: 0 streams the codes through the vector units (few tokens), 1 expands them once per call
+// for the vector units, 2 for AMX tiles (falling back to 1 where the CPU has no AMX).
 extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                                  const uint8_t* zeros, int64_t N, int64_t gs, float* y, int threads,
-                                  int64_t amx_from) {
+                                  const uint8_t* zeros, int64_t N, int64_t gs, float* y, int threads, int path) {
     if (M == 0) return;  // a tile of zero rows is an invalid configuration
     const int64_t G = K / gs, blocks = N / kTileN;
     float* xsum = (float*)scratch(0, sizeof(float) * M * G);
     group_sums(x, M, K, gs, xsum);
-    const bool amx = M >= amx_from && amx_usable();
+    const bool amx = path == 2 && amx_usable(), expanded = path == 1 || (path == 2 && !amx);
     uint16_t* tail = nullptr;
     if (amx && M > 16 && M % 16) {
         const int64_t r = M % 16;
@@ -267,31 +387,72 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
     {
         uint16_t* bbuf = nullptr;
         float* acc = nullptr;
+        if (amx || expanded) bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * gs * kTileN);
         if (amx) {
             configure_tiles(M < 16 ? int(M) : 16);
-            bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * gs * kTileN);
             acc = (float*)scratch(3, sizeof(float) * M * kMaxBlocks * kTileN);
         }
+        // Expanded path: a block of token rows through every unit, then the next block, so each
+        // block's inputs are read from memory once rather than once per unit.
+        for (int64_t m1 = 0; expanded && m1 < M; m1 += kExpandedRowBlock) {
+            const int64_t rows = M - m1 < kExpandedRowBlock ? M - m1 : kExpandedRowBlock;
+            const uint16_t* xm = x + m1 * K;
+            const float* sm = xsum + m1 * G;
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < units; ++u) {
-            const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
-            const uint8_t* wb = w + b * block_bytes;  // every earlier unit is full
-            const uint16_t* sb = scales + b * G * kTileN;
-            const uint8_t* ob = zeros + b * G * kTileN;
-            float* yb = y + b * kTileN;
-            if (!amx) {
-                for (int64_t j = 0; j < nb; ++j)
-                    rows_vector(x, M, K, wb + j * kBlockBytes, nb * kBlockBytes, sb + j * G * kTileN,
-                                ob + j * G * kTileN, xsum, gs, yb + j * kTileN, N);
-                continue;
+            for (int64_t u = 0; u < units; ++u) {
+                const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
+                const uint8_t* wb = w + b * block_bytes;
+                const uint16_t* sb = scales + b * G * kTileN;
+                const uint8_t* ob = zeros + b * G * kTileN;
+                float* ym = y + m1 * N + b * kTileN;
+                switch (nb) {
+                    case 1: blocks_expanded<1>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf); break;
+                    case 2: blocks_expanded<2>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf); break;
+                    case 3: blocks_expanded<3>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf); break;
+                    default: blocks_expanded<4>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf); break;
+                }
             }
-            switch (nb) {
-                case 1: blocks_amx<1>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                case 2: blocks_amx<2>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                case 3: blocks_amx<3>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                default: blocks_amx<4>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+        }
+        if (!expanded) {
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < units; ++u) {
+                const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
+                const uint8_t* wb = w + b * block_bytes;  // every earlier unit is full
+                const uint16_t* sb = scales + b * G * kTileN;
+                const uint8_t* ob = zeros + b * G * kTileN;
+                float* yb = y + b * kTileN;
+                if (!amx) {
+                    for (int64_t j = 0; j < nb; ++j)
+                        rows_vector(x, M, K, wb + j * kBlockBytes, nb * kBlockBytes, sb + j * G * kTileN,
+                                    ob + j * G * kTileN, xsum, gs, yb + j * kTileN, N);
+                    continue;
+                }
+                switch (nb) {
+                    case 1: blocks_amx<1>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                    case 2: blocks_amx<2>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                    case 3: blocks_amx<3>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                    default: blocks_amx<4>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                }
             }
         }
         if (amx) _tile_release();
     }
+}
+
+
+// Rows n0..n1 (multiples of 16) of the weight as bf16 [n1 - n0][K], in the layout above.
+extern "C" void treeq_int4_dequantize(const uint8_t* w, const uint16_t* scales, const uint8_t* zeros, int64_t N,
+                                      int64_t K, int64_t gs, int64_t n0, int64_t n1, uint16_t* out, int threads) {
+    const int64_t G = K / gs, blocks = N / kTileN, tiles = K / kTileK, block_bytes = tiles * kBlockBytes;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t b = n0 / kTileN; b < n1 / kTileN; ++b)
+        for (int64_t i = 0; i < tiles; ++i) {
+            const int64_t unit = b / kMaxBlocks, j = b % kMaxBlocks, first = unit * kMaxBlocks;
+            const int64_t nb = blocks - first < kMaxBlocks ? blocks - first : kMaxBlocks;
+            const uint8_t* src = w + first * block_bytes + (i * nb + j) * kBlockBytes;
+            const int64_t g = i * kTileK / gs;
+            const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scales + (b * G + g) * kTileN)));
+            const __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zeros + (b * G + g) * kTileN)));
+            dequantize_tile(src, scale, zero, out + (b * kTileN - n0) * K + i * kTileK, K);
+        }
 }

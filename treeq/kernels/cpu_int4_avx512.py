@@ -6,6 +6,12 @@ to 16 tokens on a 4096-wide layer (bench/results/kernels.md), where torch's fuse
 bf16 from 8 tokens on; at one token on small (576-wide) layers the op is still slightly faster.
 Built with the system's g++ on first use; without a compiler or the instructions it declines and
 ``cpu_int4`` runs instead.
+
+Paths, chosen per call by the number of tokens (:func:`path`): without AMX, AVX512 dot products
+on codes streamed from memory ("vector") or, from a few tokens on, expanded once per block of
+tokens ("expanded"); with AMX, tiles ("amx") and for long prompts a bf16 GEMM over blocks of the
+weight dequantized exactly ("gemm"). ``$TREEQ_CPU_ISA`` (:mod:`.cpu_isa`) forbids AMX or
+AVX512-BF16 where the CPU has them, so one machine tests the paths of older ones.
 """
 
 from __future__ import annotations
@@ -18,15 +24,25 @@ from pathlib import Path
 import torch
 
 from ..errors import TreeqError
-from . import _native
+from . import _native, cpu_isa
 from .base import Kernel, grouped_codes, matmul_2d
+from .blocked_gemm import blocked_gemm
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma", "-fopenmp")
 TILE_N, TILE_K = 16, 32
 UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's kMaxBlocks)
-# The AMX path wins from one token on where it exists; the vector path serves CPUs without AMX.
-AMX_FROM = 1
+# Token counts from which the next path takes over (bench/kernels.py on a 4096-wide layer; figures
+# in bench/results/kernels.md). Without AMX the vector path streams the codes, expanding them once
+# per four token rows; the expanded path expands them once per 48 rows into a buffer and keeps 24
+# sums in registers, as a GEMM library's inner kernel does, which pays from a few tokens on. With
+# AMX the AMX path was 2x bf16 at 64 tokens, the most measured there; it re-reads every input once
+# per 64 outputs, which halved the expanded path's speed at 1024 tokens before it took its inputs in
+# blocks, so from AMX_GEMM_FROM on an AMX bf16 GEMM over blocks of the weight dequantized exactly
+# runs instead. Module attributes, read at each call.
+EXPANDED_FROM = 8
+AMX_GEMM_FROM = 256
+PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2}  # the .cpp's path argument
 
 
 @functools.cache
@@ -36,10 +52,30 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, why
     if not lib.treeq_cpu_supported():
         return None, "this CPU lacks AVX512-BF16"
-    p, i = ctypes.c_void_p, ctypes.c_int64
-    lib.treeq_int4_matmul.argtypes = [p, i, i, p, p, p, i, i, p, ctypes.c_int, i]
-    lib.treeq_int4_matmul.restype = None
+    p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.treeq_int4_matmul.argtypes = [p, i, i, p, p, p, i, i, p, c_int, c_int]
+    lib.treeq_int4_dequantize.argtypes = [p, p, p, i, i, i, i, i, p, c_int]
+    lib.treeq_int4_matmul.restype = lib.treeq_int4_dequantize.restype = None
     return lib, None
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run here (read afresh each time: the cap may change); None if it can."""
+    return library()[1] or cpu_isa.forbidden("avx512_bf16")
+
+
+def _library() -> ctypes.CDLL:
+    why = unavailable()
+    if why:
+        raise TreeqError(f"cpu_int4_avx512: {why}")
+    return library()[0]
+
+
+def path(tokens: int) -> str:
+    """The path a call with ``tokens`` rows takes: "vector", "expanded", "amx" or "gemm"."""
+    if cpu_isa.allows("amx") and _library().treeq_amx_supported():
+        return "gemm" if tokens >= AMX_GEMM_FROM else "amx"
+    return "expanded" if tokens >= EXPANDED_FROM else "vector"
 
 
 def pack_tiles(codes: torch.Tensor) -> torch.Tensor:
@@ -69,18 +105,35 @@ class _State:
     perm: torch.Tensor | None
 
 
-def matmul(st: _State, x: torch.Tensor, amx_from: int | None = None) -> torch.Tensor:
-    """fp32 [M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order)."""
-    lib, why = library()
-    if lib is None:
-        raise TreeqError(f"cpu_int4_avx512: {why}")
+def _shape(st: _State) -> tuple[int, int]:
+    n = st.scales.shape[0] * TILE_N
+    return n, st.packed.numel() * 2 // n
+
+
+def dequantize_rows(st: _State, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+    """Output rows lo..hi (multiples of 16) of the weight into bf16 ``out`` [hi - lo, K], inputs
+    in kernel order: (code - zero) * scale in fp32 rounded once, the reference kernel's bf16 weight."""
+    n, k = _shape(st)
+    _library().treeq_int4_dequantize(
+        st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(), n, k, st.group_size, lo, hi,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
+    """[M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order); fp32 from
+    the kernel's own paths, bf16 from the GEMM."""
+    lib, chosen = _library(), path(x.shape[0])
     x = x.contiguous()
     m, k = x.shape
-    n = st.scales.shape[0] * TILE_N
+    n = _shape(st)[0]
+    if chosen == "gemm":
+        return blocked_gemm(x, n, lambda lo, hi, out: dequantize_rows(st, lo, hi, out))
     y = torch.empty(m, n)
     lib.treeq_int4_matmul(
         x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(),
-        n, st.group_size, y.data_ptr(), torch.get_num_threads(), AMX_FROM if amx_from is None else amx_from,
+        n, st.group_size, y.data_ptr(), torch.get_num_threads(), PATH_CODES[chosen],
     )  # fmt: skip
     return y
 
@@ -99,7 +152,7 @@ class CpuInt4Avx512(Kernel):
         reason = super().rejects(fmt, device, dtype)
         if reason is None and fmt.group_size != -1 and fmt.group_size % TILE_K:
             reason = f"group_size={fmt.group_size} not a multiple of {TILE_K}"
-        return reason or library()[1]
+        return reason or unavailable()
 
     @classmethod
     def prepare(cls, layer) -> None:
