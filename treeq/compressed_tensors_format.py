@@ -75,6 +75,7 @@ def from_compressed_tensors(tensors: dict[str, torch.Tensor], qcfg: dict) -> dic
         if not torch.equal(scales.to(scale.dtype), scale.T):
             raise TreeqError(f"{name}: weight_scale is not exactly representable in fp16, which treeq's kernels take")
         out[f"{name}.qweight"] = packed.T.contiguous()
+        out[f"{name}.scales"] = scales
         zero_point = out.pop(f"{name}.weight_zero_point", None)
         if sym:
             middle = torch.full((scales.shape[0], n_out), _middle(bits), dtype=torch.uint8)
