@@ -13,28 +13,50 @@ layer runs as a bf16 GEMM over blocks of the reference kernel's own dequantized 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .. import packing
-from ..numerics import dequantize_grouped
+from ..errors import TreeqError
+from . import _native
 from .base import Kernel, grouped_codes, matmul_2d
 from .blocked_gemm import blocked_gemm
 
 OP_GROUP_SIZES = (256, 128, 64, 32)
 INNER_K_TILES = 2
-# The op fell behind bf16 from 8 tokens on a 4096-wide layer and to 0.37x at 1024, where the
-# blocked GEMM, its dequantization in torch costing ~250 ms a call, was at 0.5x (Zen 4, 1 thread).
-# Read at each call, so tests can force either path.
-GEMM_FROM = 1024
+# The op fell behind bf16 from 8 tokens on a 4096-wide layer and stays at ~0.4x beyond; the blocked
+# GEMM, its dequantization costing about as much as 20 tokens of bf16 GEMM, overtakes it at ~64
+# (Zen 4, bench/results/kernels.md). Read at each call, so tests can force either path.
+GEMM_FROM = 64
+DEQUANTIZE_SOURCE = Path(__file__).with_name("gptq4_dequantize.cpp")
 
 
-def dequantize_rows(layer, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-    """Output rows lo..hi of the reference kernel's weight (treeq.numerics, in fp32) into bf16 ``out``."""
-    codes = packing.unpack(layer.qweight[:, lo:hi], layer.fmt.bits).T
-    zeros = packing.unpack(layer.qzeros[:, lo // 8 : hi // 8].T.contiguous(), layer.fmt.bits).T
-    return out.copy_(dequantize_grouped(codes, layer.scales[:, lo:hi], zeros, layer.g_idx, layer.fmt.grid))
+@functools.cache
+def dequantizer() -> tuple[ctypes.CDLL | None, str | None]:
+    """The native dequantization (built on first use, any x86 CPU); without it the op runs always."""
+    lib, why = _native.build(DEQUANTIZE_SOURCE, ("-fopenmp",))
+    if lib is not None:
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        lib.treeq_gptq4_dequantize.argtypes = [p, p, p, p, i, i, i, i, p, ctypes.c_int]
+        lib.treeq_gptq4_dequantize.restype = None
+    return lib, why
+
+
+def dequantize_rows(layer, scales: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+    """Output rows lo..hi of the reference kernel's weight in bf16 into ``out``; ``scales``: the
+    checkpoint's, in fp32."""
+    lib, why = dequantizer()
+    if lib is None:
+        raise TreeqError(f"cpu_int4: {why}")
+    qweight, qzeros, g_idx = (t.contiguous() for t in (layer.qweight, layer.qzeros, layer.g_idx))
+    lib.treeq_gptq4_dequantize(
+        qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), g_idx.data_ptr(),
+        layer.in_features, layer.out_features, lo, hi, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
 
 
 @dataclass
@@ -79,9 +101,11 @@ class CpuInt4(Kernel):
             return torch._weight_int4pack_mm_for_cpu(x2, st.packed, st.group_size, st.scale_offset)
 
         def gemm(x2):
-            return blocked_gemm(x2, layer.out_features, lambda lo, hi, out: dequantize_rows(layer, lo, hi, out))
+            scales = layer.scales.float()
+            return blocked_gemm(x2, layer.out_features, lambda lo, hi, out: dequantize_rows(layer, scales, lo, hi, out))
 
-        if x.numel() // x.shape[-1] >= GEMM_FROM:  # in the checkpoint's channel order: no permutation
+        # The GEMM takes inputs in the checkpoint's channel order: no permutation.
+        if x.numel() // x.shape[-1] >= GEMM_FROM and dequantizer()[0] is not None:
             return matmul_2d(layer, x, torch.bfloat16, gemm)
         return matmul_2d(layer, x, torch.bfloat16, matmul, st.perm)
 
