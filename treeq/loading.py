@@ -134,6 +134,11 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise TreeqError(f"{path}: weights not in the model: {', '.join(result.unexpected_keys[:5])}")
+    # A quantized linear's buffers start as zeros, not on the meta device, so a missing one would
+    # compute silently wrong; only g_idx may be absent (contiguous groups, its default).
+    lacking = [k for k in result.missing_keys if k.startswith(inside) and not k.endswith(".g_idx")]
+    if lacking:
+        raise TreeqError(f"{path}: checkpoint lacks quantized tensors {', '.join(lacking[:5])}")
     model.tie_weights()
     still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_empty:
