@@ -9,7 +9,7 @@ from conftest import make_model
 from safetensors.torch import load_file, save_file
 
 import treeq
-from treeq import packing
+from treeq import gptq_format, packing
 from treeq.checkpoint import FormatSummary, quantization_config
 from treeq.quant_linear import QuantLinear
 
@@ -89,8 +89,10 @@ def test_gptq_v1_from_other_tools_and_treeqs_earlier_v2_checkpoints_load(tmp_pat
         (v1_dir / f.name).write_bytes(f.read_bytes())
     state = load_file(v2_dir / "model.safetensors")
     for key in [k for k in state if k.endswith(".qzeros")]:
-        zeros = packing.unpack(state[key].T.contiguous(), 4).T.long()
-        state[key] = packing.pack(((zeros - 1) % 16).T.contiguous(), 4).T.contiguous()  # a wrapped -1 for 0
+        # v1 as GPTQModel writes it: 1 taken from every field by one subtraction per word, so a zero
+        # point of 0 borrows from its neighbour.
+        words = (state[key].long() - 0x11111111) % 2**32
+        state[key] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     save_file(state, v1_dir / "model.safetensors")
     (v1_dir / "quantize_config.json").unlink()
     for labels in (dict(format=None, checkpoint_format="gptq", meta=None), dict(format="gptq", checkpoint_format=None)):
@@ -176,3 +178,21 @@ def test_perplexity_measured_after_quantizing_goes_into_the_card(tmp_path, token
     card = (tmp_path / "q" / "README.md").read_text()
     assert "| fp | 20.500" in card and "| quantized | 22.250" in card
     assert sum(isinstance(m, QuantLinear) for m in treeq.load(tmp_path / "q")[0].modules()) == 14
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_v1_zero_points_round_trip_including_gptqmodels_borrows(bits):
+    zeros = torch.randint(0, 2**bits, (4, 96), generator=torch.Generator().manual_seed(bits))
+    zeros[:, :3] = torch.tensor([0, 2**bits - 1, 0])  # a 0 beside the largest code: a borrow across fields
+    qzeros = packing.pack(zeros.T.contiguous(), bits).T.contiguous()
+    if bits == 3:  # fields straddle words; GPTQModel shifts each field on its own
+        v1 = packing.pack(((zeros - 1) % 8).T.contiguous(), 3).T.contiguous()
+    else:  # one subtraction per word, as GPTQModel writes v1
+        ones = sum(1 << (bits * i) for i in range(32 // bits))
+        words = (qzeros.long() - ones) % 2**32
+        v1 = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    restored = gptq_format.from_v1({"m.qzeros": v1}, bits)["m.qzeros"]
+    assert torch.equal(restored, qzeros)
+    nonzero = zeros.clamp(min=1)
+    packed = packing.pack(nonzero.T.contiguous(), bits).T.contiguous()
+    assert torch.equal(gptq_format.from_v1(gptq_format.to_v1({"m.qzeros": packed}, bits), bits)["m.qzeros"], packed)

@@ -41,12 +41,22 @@ def to_v1(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor
     return out
 
 
+def _ones(bits: int) -> int:
+    """A word with 1 in every whole ``bits``-wide field."""
+    return sum(1 << (bits * i) for i in range(packing.WORD_BITS // bits))
+
+
 def from_v1(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_v1`. A stored -1 (the 2^bits - 1 a v1 writer wraps a zero point of 0
-    to) comes back as 0, the only zero point it can have meant."""
+    """Inverse of v1's zero - 1, as GPTQModel undoes it: for 2/4/8 bits one add per word, which also
+    undoes the borrow its word-wise subtraction left where a zero point was 0; 3-bit fields
+    straddle words, so each is shifted on its own."""
     out = dict(tensors)
     for key in _qzeros_keys(tensors):
-        out[key] = _packed_zeros((_zeros(out[key], bits) + 1) % 2**bits, bits)
+        if packing.WORD_BITS % bits:
+            out[key] = _packed_zeros((_zeros(out[key], bits) + 1) % 2**bits, bits)
+        else:
+            words = (out[key].to(torch.int64) + _ones(bits)) % 2**packing.WORD_BITS
+            out[key] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return out
 
 
