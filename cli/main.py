@@ -15,6 +15,7 @@ import torch
 import treeq
 from treeq.calib_precision import CALIB_DTYPES
 from treeq.config import CHECKPOINT_FORMATS
+from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
@@ -297,10 +298,17 @@ def quantize(
 @click.option("--kernel", default=None, help="force a kernel by name")
 @click.option("--tasks", default=None, help=f"lm-eval tasks, comma-separated, or 'all': {', '.join(TASKS)}")
 @click.option("--limit", type=click.IntRange(1), default=None, help="at most this many documents per task")
+@click.option(
+    "--bos",
+    type=click.Choice(BOS_RULES),
+    default=BOS_RULES[0],
+    show_default=True,
+    help="a BOS before each perplexity window: auto where the tokenizer adds one to text",
+)
 @spec_option
 @threads_option
 @user_errors
-def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, tasks, limit, threads):
+def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, tasks, limit, bos, threads):
     """Evaluate TARGET: a treeq checkpoint, a local fp model, or (omitted) the built-in model."""
     _set_threads(threads)
     if target is not None and treeq.api.is_quantized_checkpoint(target):
@@ -309,7 +317,7 @@ def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, tasks, limi
         model, tok = treeq.load_fp_model(target)
         model.to(treeq.api.resolve_device(device))
     if ppl:
-        _print_ppl(target or DEFAULT_MODEL, treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows))
+        _print_ppl(target or DEFAULT_MODEL, treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows, bos))
     if tasks:
         for task, metrics in treeq.evaluate_tasks(model, tok, _task_names(tasks), limit).items():
             click.echo(f"{task}: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))

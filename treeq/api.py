@@ -223,9 +223,16 @@ def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, devic
 
 
 def evaluate_perplexity(
-    model, tokenizer, text: str = "wiki-test", seqlen: int = 1024, max_windows: int | None = 32
+    model,
+    tokenizer,
+    text: str = "wiki-test",
+    seqlen: int = 1024,
+    max_windows: int | None = 32,
+    bos: str = data.BOS_RULES[0],
 ) -> PerplexityResult:
-    return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows)
+    """``bos``: "auto" starts each window with a BOS where the tokenizer adds one; "always" / "never" force it."""
+    start = data.bos_for(tokenizer, bos)
+    return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start)
 
 
 BENCH_PROMPT = (

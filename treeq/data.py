@@ -3,6 +3,10 @@
 The built-in corpus is the English Wikipedia sample and the Lee news corpus shipped in gensim's test
 data (`pip install --no-deps gensim==4.4.0`). The files are read directly; gensim is never imported.
 Wikipedia articles are split by position: the first 80% calibrate, the last 20% evaluate.
+
+Windows cut from a token stream (calibration here, perplexity in :mod:`treeq.perplexity`) start
+with a BOS where the model's tokenizer adds one to text (Gemma), and without where it does not
+(SmolLM2): a model trained always to see a BOS first is far off its training distribution without.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import functools
 import importlib.util
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz
 NEWS_FILE = "lee_background.cor"
 HELD_OUT_FRACTION = 0.2
 BUILTIN_TEXTS = ("wiki-train", "wiki-test", "news")
+BOS_RULES = ("auto", "always", "never")  # the first is the default
 
 
 def package_dir(package: str, pip_spec: str) -> Path:
@@ -113,17 +119,59 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
+@dataclass(frozen=True)
+class Bos:
+    """The token each window starts with (None: windows are plain text) and why, for protocol lines."""
+
+    token_id: int | None
+    reason: str
+
+    def prepend(self, windows: torch.Tensor) -> torch.Tensor:
+        """[n, w] text windows -> [n, w + 1] with the BOS in front (unchanged without one)."""
+        if self.token_id is None:
+            return windows
+        return torch.cat([windows.new_full((windows.shape[0], 1), self.token_id), windows], dim=1)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether encoding text with special tokens (as the model saw it in training) starts with BOS.
+
+    Asked of the tokenizer's behaviour, not its ``add_bos_token`` attribute: Gemma's reports False
+    once saved and reloaded, yet still adds the BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def bos_for(tokenizer, rule: str = BOS_RULES[0]) -> Bos:
+    """``auto``: a BOS per window where the tokenizer adds one to text; ``always`` / ``never`` force it."""
+    if rule not in BOS_RULES:
+        raise TreeqError(f"bos={rule!r} is not one of {', '.join(BOS_RULES)}; use auto to follow the tokenizer")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if rule == "never":
+        return Bos(None, "bos=never")
+    if rule == "always":
+        if bos is None:
+            raise TreeqError("bos=always but the tokenizer has no BOS token; use bos=auto or never")
+        return Bos(bos, "bos=always")
+    if tokenizer_adds_bos(tokenizer):
+        return Bos(bos, "bos=auto: the tokenizer adds one")
+    return Bos(None, "bos=auto: the tokenizer adds none")
+
+
 def calibration_batches(
-    tokenizer, text: str, samples: int, seqlen: int, batch_size: int, seed: int = 0
+    tokenizer, text: str, samples: int, seqlen: int, batch_size: int, seed: int = 0, bos: str = BOS_RULES[0]
 ) -> list[torch.Tensor]:
-    """``samples`` windows of ``seqlen`` tokens at seeded random offsets, stacked into batches."""
+    """``samples`` windows of ``seqlen`` tokens at seeded random offsets, stacked into batches; with
+    a BOS (:func:`bos_for`), the BOS and ``seqlen - 1`` text tokens."""
+    start_token = bos_for(tokenizer, bos)
+    width = seqlen - (start_token.token_id is not None)
     ids = tokenize(tokenizer, text)
-    if ids.numel() < seqlen:
+    if ids.numel() < width:
         raise TreeqError(
             f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; "
             "use more text or a smaller --seqlen"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (samples,), generator=gen)
-    windows = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - width + 1, (samples,), generator=gen)
+    windows = start_token.prepend(torch.stack([ids[s : s + width] for s in starts.tolist()]))
     return list(windows.split(batch_size))
