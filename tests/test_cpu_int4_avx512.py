@@ -60,9 +60,9 @@ def random_state(n, k, gs, seed):
 @pytest.mark.parametrize("tokens", [1, 3, 16, 21, 40, 100])
 @pytest.mark.parametrize("n", [48, 80])  # one partial unit of blocks; a full one and a partial one
 def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
-    # Checked to fail: with zeros + 1 in group_params (all paths but gemm), with the vector and
-    # expanded paths' dot products rounded to bf16 after each group (2e-3), and for gemm with zeros
-    # + 1 in dequantize_tile.
+    # Checked to fail: every case of the kernel's own paths with (17 + zero) * scale as the group
+    # offset in group_params; every case of the vector or the expanded path with its sums rounded to
+    # bf16 after each group; every gemm case with zero + 1 in dequantize_tile.
     monkeypatch.setattr(gemm_blocks, "GEMM_ROWS", 32)  # several blocks, the last one partial
     state, w = random_state(n, 192, 64, tokens)
     x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(n)).bfloat16()
@@ -79,8 +79,8 @@ def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
 def test_dequantized_rows_are_the_reference_weight_exactly(group_size):
     """The gemm path's weight: every row block equals the reference kernel's bf16 weight, zero
     points (asymmetric) and act-order's input order included."""
-    # Checked to fail with zeros + 1 in dequantize_tile, and with the fp32 product truncated to
-    # bf16 instead of rounded to nearest even.
+    # Checked to fail with zero + 1 in dequantize_tile, and with the fp32 products truncated to bf16
+    # instead of rounded to nearest even.
     layer = quant_linear(4, group_size, False, group_size == 64)
     layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
     st = layer.kernel_state
@@ -97,8 +97,9 @@ def test_dequantized_rows_are_the_reference_weight_exactly(group_size):
 @pytest.mark.parametrize("group_size,desc_act", [(32, False), (64, True), (128, True), (-1, False)])
 @pytest.mark.parametrize("tokens", [1, 5, 33])
 def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, tokens, kernel_path):
-    # Checked to fail (ratio 10-60) with the act-order permutation dropped in prepare, and with
-    # zeros + 1 in prepare.
+    # Checked to fail: every act-order case with the permutation dropped in prepare; every case with
+    # zeros + 1 in prepare; every case but gemm's with (17 + zero) * scale in group_params, and
+    # gemm's with zero + 1 in dequantize_tile.
     layer = quant_linear(4, group_size, sym, desc_act)
     x = torch.randn(2, tokens, 256).to(torch.bfloat16)
     assert error_ratio(layer, k4.KERNEL.name, x) < BF16_TOLERANCE

@@ -70,8 +70,9 @@ def int4_op_path(request, monkeypatch):
 @pytest.mark.parametrize("group_size,desc_act", [(32, False), (64, True), (128, True), (-1, False)])
 @pytest.mark.parametrize("tokens", [1, 5, 33])
 def test_int4_matches_reference_within_bf16(sym, group_size, desc_act, tokens, int4_op_path):
-    # Fails (ratio 3-40) with an off-by-one zero point in CpuInt4.prepare ((7 - zeros) * scales), or
-    # in dequantize_rows (zeros + 1), or with the op's partial sums rounded to bf16 every 32 inputs.
+    # Checked to fail: every op case with an off-by-one zero point in CpuInt4.prepare ((7 - zeros) *
+    # scales); every gemm case with zero + 1 in gptq4_dequantize.cpp; 16 of the 24 gemm cases with
+    # the GEMM's sums rounded to bf16 every 32 inputs (blocked_gemm summing F.linear over slices).
     layer = quant_linear(4, group_size, sym, desc_act)
     assert (layer.kernel_state is None) and bool(layer.fmt.desc_act) == desc_act
     x = torch.randn(2, tokens, 256).to(torch.bfloat16)
@@ -82,7 +83,8 @@ def test_int4_matches_reference_within_bf16(sym, group_size, desc_act, tokens, i
 def test_int4_gemm_path_uses_the_reference_weight_exactly():
     """Every output row block of the GEMM path's weight equals the reference kernel's in bf16,
     asymmetric zero points and act-order included."""
-    # Fails with zeros + 1 in cpu_int4.dequantize_rows, or with the weight rounded through fp16.
+    # Checked to fail with zero + 1 in gptq4_dequantize.cpp, and with its fp32 products truncated to
+    # bf16 instead of rounded to nearest even.
     layer = quant_linear(4, 64, False, True)
     reference = layer.dequantized_weight().to(torch.bfloat16)
     scales, out = layer.scales.float(), torch.empty(32, 256, dtype=torch.bfloat16)
@@ -107,8 +109,9 @@ def test_int4_act_order_permutation_matters():
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_int8_per_row_matches_reference_within_bf16(sym):
-    # Fails (ratio 2-30) with the offset taken as (127 - zero) * scale in CpuInt8.prepare, or with
-    # the row sums of x rounded to bf16 before the offset term.
+    # Checked to fail: the asymmetric case with the offset (127 - zero) * scale in CpuInt8.prepare;
+    # both with codes - 127 as the signed weight, and with the op's sums rounded to bf16 every 32
+    # inputs (summing the op over slices).
     layer = quant_linear(8, -1, sym, False)
     x = torch.randn(4, 7, 256).to(torch.bfloat16)
     assert error_ratio(layer, "cpu_int8", x) < BF16_TOLERANCE
