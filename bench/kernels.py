@@ -1,8 +1,10 @@
 """Quantized CPU kernels against bf16, side by side in one process.
 
 1. Matmul: a 4096 x 4096 linear through QuantLinear with the int4 kernel selection picks (group
-   128), torch's fused int4 op (cpu_int4) and the int8 kernel (per row), against bf16 F.linear, for
-   M = 1 to 64 tokens, at 1 and 2 threads.
+   128), cpu_int4 (torch's fused int4 op, a blocked bf16 GEMM for long prompts) and the int8 kernel
+   (per row), against bf16 F.linear, for M = 1 to 2048 tokens, at 1 and 2 threads; each cell names
+   the kernel path that ran. The header names the CPU and its AMX / AVX512-BF16 (the selection
+   honours $TREEQ_CPU_ISA, so an AMX machine can measure its non-AMX paths too).
 2. Decode: prefill and batch-1 greedy decode tokens/s of RTN 4-bit checkpoints loaded in bf16
    (the selected kernel, and cpu_int4 forced) against the same architecture in bf16: SmolLM2-135M
    (group 64), and a random Llama with hidden 2048 x 16 layers (group 128) where the weights
@@ -24,11 +26,15 @@ import torch.nn.functional as F
 
 import treeq
 from treeq.config import QuantConfig
-from treeq.kernels import LinearFormat
+from treeq.kernels import LinearFormat, cpu_int4, cpu_int4_avx512, cpu_isa
 from treeq.methods import InputStats, make_method
 from treeq.quant_linear import QuantLinear
 from treeq.quant_log import QuantLog
 from treeq.speed import measure_speeds
+
+MATMUL_TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 2048)
+# The kernels that choose a path per call by the number of tokens; the others have one.
+PATHS = {"cpu_int4_avx512": cpu_int4_avx512.path, "cpu_int4": cpu_int4.path}
 
 
 def _median_seconds(fns: list, repeats: int = 40) -> list[float]:
@@ -61,17 +67,20 @@ def matmul_table(threads: list[int], n: int = 4096) -> None:
         "int4 op": _quant_linear(4, 128, n, "cpu_int4"),
         "int8 row": _quant_linear(8, -1, n),
     }
-    print(f"\nmatmul {n}x{n}, median of 40 calls taken in turns, times in ms; ratio = bf16 time / kernel time")
-    print(f"{'threads':>7} {'M':>4} {'bf16':>8} " + " ".join(f"{k:>10} {'ratio':>6}" for k in layers))
+    print(f"\n{cpu_isa.describe()}")
+    print(f"matmul {n}x{n}, median of 40 calls (8 from 256 tokens on) taken in turns, times in ms;")
+    print("ratio = bf16 time / kernel time; path: the kernel's path for that many tokens")
+    print(f"{'threads':>7} {'M':>4} {'bf16':>8} " + " ".join(f"{k:>10} {'ratio':>6} {'path':>8}" for k in layers))
     for t in threads:
         torch.set_num_threads(t)
-        for m in (1, 2, 4, 8, 16, 64):
+        for m in MATMUL_TOKENS:
             x = torch.randn(m, n, dtype=torch.bfloat16)
             with torch.no_grad():
                 fns = [lambda: F.linear(x, dense)] + [lambda layer=layer: layer(x) for layer in layers.values()]
-                base, *kernel_times = _median_seconds(fns)
-            cells = [f"{s * 1e3:>10.3f} {base / s:>5.2f}x" for s in kernel_times]
-            print(f"{t:>7} {m:>4} {base * 1e3:>8.3f} " + " ".join(cells))
+                base, *kernel_times = _median_seconds(fns, 40 if m < 256 else 8)
+            paths = [PATHS.get(layer.kernel.name, lambda _: "op")(m) for layer in layers.values()]
+            cells = [f"{s * 1e3:>10.3f} {base / s:>5.2f}x {p:>8}" for s, p in zip(kernel_times, paths)]
+            print(f"{t:>7} {m:>4} {base * 1e3:>8.3f} " + " ".join(cells), flush=True)
     print(f"kernels: {', '.join(f'{k} -> {v.kernel.name}' for k, v in layers.items())}")
 
 

@@ -45,6 +45,11 @@ def dequantizer() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, why
 
 
+def path(tokens: int) -> str:
+    """The path a call with ``tokens`` rows takes: "op" or "gemm"."""
+    return "gemm" if tokens >= GEMM_FROM and dequantizer()[0] is not None else "op"
+
+
 def dequantize_rows(layer, scales: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
     """Output rows lo..hi of the reference kernel's weight in bf16 into ``out``; ``scales``: the
     checkpoint's, in fp32."""
@@ -105,7 +110,7 @@ class CpuInt4(Kernel):
             return blocked_gemm(x2, layer.out_features, lambda lo, hi, out: dequantize_rows(layer, scales, lo, hi, out))
 
         # The GEMM takes inputs in the checkpoint's channel order: no permutation.
-        if x.numel() // x.shape[-1] >= GEMM_FROM and dequantizer()[0] is not None:
+        if path(x.numel() // x.shape[-1]) == "gemm":
             return matmul_2d(layer, x, torch.bfloat16, gemm)
         return matmul_2d(layer, x, torch.bfloat16, matmul, st.perm)
 
