@@ -12,7 +12,6 @@ from conftest import make_model
 from safetensors.torch import load_file, save_file
 
 import treeq
-from treeq import packing
 from treeq.quant_linear import QuantLinear
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -101,7 +100,8 @@ def test_a_compressed_tensors_checkpoint_written_elsewhere_loads(tmp_path, token
         if kind == "qweight":
             layer = gptq.get_submodule(name)
             state[f"{name}.weight_packed"] = pack_like_compressed_tensors(layer.codes().long() - 8, 4)
-            state[f"{name}.weight_zero_point"] = pack_like_compressed_tensors(layer.zeros().long() - 8, 4).T.contiguous()
+            zero_point = pack_like_compressed_tensors(layer.zeros().long() - 8, 4)  # along the outputs
+            state[f"{name}.weight_zero_point"] = zero_point.T.contiguous()
             state[f"{name}.weight_scale"] = layer.scales.T.contiguous()
             state[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features])
         elif kind not in ("qzeros", "scales", "g_idx"):
