@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_model_dir
+from conftest import make_model, save_model_dir
 from safetensors.torch import load_file
 from test_cli import one_line_error, quantize_args, run
 from test_end_to_end import logits, quick_config
@@ -51,3 +51,27 @@ def test_cli_low_memory_and_its_limits(tmp_path, tokenizer, text_file):
     assert r.exit_code == 0 and "torch for 14 modules" in r.output, r.output
     moe = save_model_dir(tmp_path / "moe", "mixtral", tokenizer)
     one_line_error(run(*quantize_args(moe, text_file, tmp_path / "m", "--low-memory")), "MoE", "without --low-memory")
+
+
+def test_fp32_and_bf16_sources_of_the_same_weights_give_the_same_fp16_checkpoint(tmp_path, tokenizer, text_file):
+    """Published models come in bf16; quantized from there or from fp32 copies of the same values,
+    in memory or streamed, the checkpoint's tensors (unquantized ones in fp16) are identical."""
+    model = make_model("llama")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    outputs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        src = tmp_path / f"src-{dtype}"
+        model.to(dtype).save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        for low_memory in (False, True):
+            out = tmp_path / f"q-{dtype}-{low_memory}"
+            treeq.quantize(
+                str(src), quick_config(), out, calib_text=str(text_file), log=QuantLog(str), low_memory=low_memory
+            )
+            outputs.append(_tensors(out))
+    assert outputs[0]["model.embed_tokens.weight"].dtype == torch.float16
+    for other in outputs[1:]:
+        assert other.keys() == outputs[0].keys()
+        assert all(other[k].dtype == outputs[0][k].dtype and torch.equal(other[k], outputs[0][k]) for k in other)
