@@ -19,10 +19,12 @@
 // summed terms are up to four times the centred codes' size, which costs the fp32 sums up to two
 // bits (max difference from the fp32 reference ~1e-6 of the output on a 4096-wide layer).
 //
-// Long prompts. Without AMX the vector path re-expands every code once per four token rows, and
-// from a few dozen rows on a bf16 GEMM library outruns it; treeq_int4_dequantize then writes
-// blocks of the bf16 weight for such a GEMM, each weight rounded once from the fp32 product
-// (q - zero) * scale as the reference kernel rounds it.
+// Paths. The vector path streams the codes and expands them once per four token rows; the
+// expanded path expands each group of a unit once per block of token rows into a buffer that the
+// vector units then multiply with every row; the AMX path does the same with tiles. For long
+// prompts on AMX CPUs treeq_int4_dequantize writes blocks of the bf16 weight for a bf16 GEMM (AMX
+// too), each weight rounded once from the fp32 product (q - zero) * scale as the reference kernel
+// rounds it.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>

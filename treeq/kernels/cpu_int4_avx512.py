@@ -1,9 +1,10 @@
 """CPU 4-bit kernel of our own for x86 with AVX512-BF16, using AMX tiles when the CPU has them.
 
-Weights stay 4-bit in memory and become bf16 only in registers or a per-thread tile buffer; the
-source (``cpu_int4_avx512.cpp``) explains the layout. Through AMX it stays 2.7-3.7x ahead of bf16 up
-to 16 tokens on a 4096-wide layer (bench/results/kernels.md), where torch's fused op falls behind
-bf16 from 8 tokens on; at one token on small (576-wide) layers the op is still slightly faster.
+Weights stay 4-bit in memory and become bf16 only in registers, a per-thread buffer, or (long
+prompts on AMX) one block of rows per call; the source (``cpu_int4_avx512.cpp``) explains the
+layout. It runs ahead of bf16 and of torch's fused op from one token to long prompts on a
+4096-wide layer (bench/results/kernels.md); at one token on small (576-wide) layers the op can
+still be slightly faster.
 Built with the system's g++ on first use; without a compiler or the instructions it declines and
 ``cpu_int4`` runs instead.
 
@@ -32,15 +33,16 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma", "-fopenmp")
 TILE_N, TILE_K = 16, 32
 UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's kMaxBlocks)
-# Token counts from which the next path takes over (bench/kernels.py on a 4096-wide layer; figures
-# in bench/results/kernels.md). Without AMX the vector path streams the codes, expanding them once
-# per four token rows; the expanded path expands them once per 48 rows into a buffer and keeps 24
-# sums in registers, as a GEMM library's inner kernel does, which pays from a few tokens on. With
-# AMX the AMX path was 2x bf16 at 64 tokens, the most measured there; it re-reads every input once
-# per 64 outputs, which halved the expanded path's speed at 1024 tokens before it took its inputs in
-# blocks, so from AMX_GEMM_FROM on an AMX bf16 GEMM over blocks of the weight dequantized exactly
-# runs instead. Module attributes, read at each call.
-EXPANDED_FROM = 8
+# Token counts from which the next path takes over (bench/kernels.py; figures in
+# bench/results/kernels.md). Without AMX the vector path streams the codes, expanding them once per
+# four token rows; the expanded path expands them once per 48 rows into a buffer and keeps 24 sums
+# in registers, as a GEMM library's inner kernel does. At 1 token the two were within noise of each
+# other (either ahead, by layer shape, on a Zen 4); from 8 tokens the expanded path was ahead on
+# every shape. With AMX the AMX path was 2x bf16 at 64 tokens, the most measured there; it re-reads
+# every input once per 64 outputs, which halved the expanded path's speed at 1024 tokens before
+# that path took its inputs in blocks, so from AMX_GEMM_FROM on an AMX bf16 GEMM over blocks of the
+# weight dequantized exactly runs instead. Module attributes, read at each call.
+EXPANDED_FROM = 4
 AMX_GEMM_FROM = 256
 PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2}  # the .cpp's path argument
 
