@@ -7,6 +7,8 @@ blocked GEMM by setting ``cpu_int4.GEMM_FROM`` (the op by setting it beyond the 
 ``cpu_int4_avx512``'s paths in tests/test_cpu_int4_avx512.py.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -16,8 +18,9 @@ from treeq.methods import InputStats, make_method
 from treeq.quant_linear import QuantLinear
 
 
-def quant_linear(bits, group_size, sym, desc_act, in_f=256, out_f=96, bias=True, seed=0):
-    """A QuantLinear from a real GPTQ run (act-order gives a genuinely permuted g_idx)."""
+@functools.cache
+def _gptq(bits, group_size, sym, desc_act, in_f, out_f, bias, seed):
+    """(format, result, bias) of a real GPTQ run, once per setting: kernel tests reuse each many times."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen) * 0.05
     x = torch.randn(512, in_f, generator=gen) * torch.linspace(0.2, 3, in_f)
@@ -26,8 +29,12 @@ def quant_linear(bits, group_size, sym, desc_act, in_f=256, out_f=96, bias=True,
     cfg = QuantConfig(method="gptq", bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
     result = make_method(cfg).quantize(w, stats)
     fmt = LinearFormat(bits, group_size, sym, result.reorders, in_f, out_f)
-    b = torch.randn(out_f, generator=gen) if bias else None
-    return QuantLinear.from_result(fmt, result, b)
+    return fmt, result, torch.randn(out_f, generator=gen) if bias else None
+
+
+def quant_linear(bits, group_size, sym, desc_act, in_f=256, out_f=96, bias=True, seed=0):
+    """A fresh QuantLinear from a real GPTQ run (act-order gives a genuinely permuted g_idx)."""
+    return QuantLinear.from_result(*_gptq(bits, group_size, sym, desc_act, in_f, out_f, bias, seed))
 
 
 # Measured worst case 1.35: the fused ops' bf16 scales and offsets, a second rounding where the
