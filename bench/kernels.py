@@ -34,7 +34,10 @@ from treeq.speed import measure_speeds
 
 MATMUL_TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 2048)
 # The kernels that choose a path per call by the number of tokens; the others have one.
-PATHS = {"cpu_int4_avx512": cpu_int4_avx512.path, "cpu_int4": cpu_int4.path}
+PATHS = {
+    "cpu_int4_avx512": lambda layer, m: cpu_int4_avx512.path(m, layer.kernel_state.amx),
+    "cpu_int4": lambda layer, m: cpu_int4.path(m),
+}
 
 
 def _median_seconds(fns: list, repeats: int = 40) -> list[float]:
@@ -78,7 +81,7 @@ def matmul_table(threads: list[int], n: int = 4096) -> None:
             with torch.no_grad():
                 fns = [lambda: F.linear(x, dense)] + [lambda layer=layer: layer(x) for layer in layers.values()]
                 base, *kernel_times = _median_seconds(fns, 40 if m < 256 else 8)
-            paths = [PATHS.get(layer.kernel.name, lambda _: "op")(m) for layer in layers.values()]
+            paths = [PATHS.get(layer.kernel.name, lambda *_: "op")(layer, m) for layer in layers.values()]
             cells = [f"{s * 1e3:>10.3f} {base / s:>5.2f}x {p:>8}" for s, p in zip(kernel_times, paths)]
             print(f"{t:>7} {m:>4} {base * 1e3:>8.3f} " + " ".join(cells), flush=True)
     print(f"kernels: {', '.join(f'{k} -> {v.kernel.name}' for k, v in layers.items())}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections import Counter
@@ -13,15 +12,16 @@ import click
 import torch
 
 import treeq
-from treeq.calib_precision import CALIB_DTYPES
-from treeq.config import CHECKPOINT_FORMATS
+from treeq.config import CalibrationSettings, CheckpointSettings
 from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
 from treeq.methods import METHODS
 from treeq.models import load_spec_file
-from treeq.numerics import GRIDS, SUPPORTED_BITS
+from treeq.schemes import WeightScheme
+
+from .config_options import derived_options, parse_key_values, settings_from
 
 
 def user_errors(fn):
@@ -74,20 +74,6 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _parse_options(pairs: tuple[str, ...]) -> dict:
-    """``KEY=VALUE`` strings to a dict; values are read as JSON when they parse, else as text."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise TreeqError(f"--option {pair!r} is not KEY=VALUE; e.g. --option krot=8")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _free_path(base: Path) -> Path:
     """``base`` or ``base-2``, ``base-3``...: a default output never overwrites an earlier run."""
     path, n = base, 1
@@ -105,13 +91,6 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _group_size(model: str | None, group_size: int | None) -> int:
-    """The user's choice, else 128, or 64 for the built-in model (its hidden size 576 is no multiple of 128)."""
-    if group_size is not None:
-        return group_size
-    return DEFAULT_GROUP_SIZE if model is None else 128
-
-
 def _model_name(model: str | None) -> str:
     """How default output directories name the model: its directory name, or the built-in's name."""
     return DEFAULT_MODEL if model is None else Path(model).name
@@ -125,71 +104,32 @@ def _print_ppl(label: str, result) -> None:
     click.echo(f"{label} perplexity: {result.ppl:.3f}  [{result.protocol()}]")
 
 
+SETTINGS = {
+    "weights": [WeightScheme],
+    "calibration": [CalibrationSettings],
+    "checkpoint": [CheckpointSettings],
+    "options": [m.Options for m in METHODS.values() if m.Options is not None],
+}
+
+
 @main.command()
 @click.argument("model", required=False)
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="gptq", show_default=True)
-@click.option("--bits", type=click.Choice([str(b) for b in SUPPORTED_BITS]), default="4", show_default=True)
-@click.option(
-    "--group-size",
-    type=int,
-    default=None,
-    help=f"-1 for per-row; default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)",
-)
-@click.option("--sym/--asym", default=True, show_default=True, help="minmax grid: zero point pinned to the middle")
-@click.option(
-    "--grid",
-    type=click.Choice(list(GRIDS)),
-    default="minmax",
-    show_default=True,
-    help="quantization grid (see treeq/numerics.py)",
-)
-@click.option(
-    "--clip-search/--no-clip-search",
-    default=None,
-    help="search each row's clip ratio minimising weight error (default: on for gptq, off for the others)",
-)
-@click.option(
-    "--calib-dtype",
-    type=click.Choice(CALIB_DTYPES),
-    default="auto",
-    show_default=True,
-    help="dtype of calibration matmul inputs (forwards, input statistics); auto: bf16 where native",
-)
-@click.option("--desc-act/--no-desc-act", default=True, show_default=True, help="GPTQ act-order")
-@click.option("--static-groups", is_flag=True, help="with --desc-act, fix group params before the sweep")
-@click.option("--damp", "damp_percent", type=float, default=0.01, show_default=True)
+@derived_options(SETTINGS)
 @click.option(
     "--option",
     "options",
     multiple=True,
     help="method setting KEY=VALUE (repeatable), e.g. --option krot=8 --option epochs=[10,10]",
 )
-@click.option("--calib-samples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=512, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="calibration sequences per forward")
+@click.option(
+    "--override",
+    "overrides",
+    multiple=True,
+    help="PATTERN=skip or PATTERN=KEY:VALUE,... (repeatable): the weight scheme of modules whose name "
+    "PATTERN matches (re.match, first match wins), e.g. '.*self_attn=bits:8' or 'model\\.layers\\.0\\.=skip'",
+)
 @click.option("--calib-text", default="wiki-train", show_default=True, help="wiki-train, news, or a text file")
-@click.option(
-    "--routing",
-    default="normal",
-    show_default=True,
-    help="MoE calibration routing: normal, bypass (every expert sees every token), all, or a top-k number",
-)
-@click.option(
-    "--fallback-fraction",
-    type=float,
-    default=0.005,
-    show_default=True,
-    help="modules (experts) seeing fewer than this fraction of calibration tokens use --fallback-method",
-)
-@click.option("--fallback-method", type=click.Choice(sorted(METHODS)), default="rtn", show_default=True)
-@click.option(
-    "--format",
-    "checkpoint_format",
-    type=click.Choice(CHECKPOINT_FORMATS),
-    default="gptq",
-    show_default=True,
-    help="tensor layout: GPTQ, or AutoAWQ's GEMM layout (4-bit minmax, no act-order)",
-)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="output directory (must not exist)")
 @click.option("--device", default="auto", show_default=True)
 @click.option(
@@ -212,61 +152,18 @@ def _print_ppl(label: str, result) -> None:
 @spec_option
 @threads_option
 @user_errors
-def quantize(
-    model,
-    method,
-    bits,
-    group_size,
-    sym,
-    grid,
-    clip_search,
-    calib_dtype,
-    desc_act,
-    static_groups,
-    damp_percent,
-    options,
-    calib_samples,
-    seqlen,
-    batch_size,
-    calib_text,
-    routing,
-    fallback_fraction,
-    fallback_method,
-    checkpoint_format,
-    out,
-    device,
-    devices,
-    low_memory,
-    evaluate,
-    eval_windows,
-    threads,
-):
+def quantize(model, method, options, overrides, calib_text, out, device, devices, low_memory, evaluate, eval_windows,
+             threads, **settings):
     """Quantize MODEL (a local HF directory; omit it for the built-in SmolLM2-135M) and save it."""
     _set_threads(threads)
     builtin = model is None
-    group_size = _group_size(model, group_size)
-    config = treeq.QuantConfig.build(
-        method=method,
-        bits=int(bits),
-        group_size=group_size,
-        sym=sym,
-        grid=grid,
-        clip_search=clip_search,
-        calib_dtype=calib_dtype,
-        desc_act=desc_act,
-        static_groups=static_groups,
-        damp_percent=damp_percent,
-        options=_parse_options(options),
-        calib_samples=calib_samples,
-        seqlen=seqlen,
-        batch_size=batch_size,
-        routing=routing,
-        fallback_fraction=fallback_fraction,
-        fallback_method=fallback_method,
-        checkpoint_format=checkpoint_format,
-    )
+    nested = settings_from(settings)
+    nested["options"] = {**nested.get("options", {}), **parse_key_values(options)}
+    config = treeq.QuantConfig.build(method=method, overrides=[parse_override(o) for o in overrides], **nested)
+    config = treeq.api.for_model(config, model)
+    w = config.weights
     if out is None:
-        out = _free_path(Path("treeq-out") / f"{_model_name(model)}-{method}-w{bits}g{group_size}")
+        out = _free_path(Path("treeq-out") / f"{_model_name(model)}-{method}-w{w.bits}g{w.group_size}")
     elif out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
     click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
@@ -284,8 +181,21 @@ def quantize(
     if fp_ppl is not None:
         q_ppl = treeq.evaluate_perplexity(report.model, tok, max_windows=eval_windows)
         _print_ppl("fp       ", fp_ppl)
-        _print_ppl(f"{method} w{bits}", q_ppl)
+        _print_ppl(f"{method} w{w.bits}", q_ppl)
         click.echo(f"increase over fp: {q_ppl.ppl - fp_ppl.ppl:+.3f}")
+
+
+def parse_override(text: str) -> dict:
+    """``PATTERN=skip`` or ``PATTERN=KEY:VALUE,KEY:VALUE`` -> ModuleOverride fields."""
+    pattern, sep, rest = text.rpartition("=")
+    if not sep or not pattern or not rest:
+        raise TreeqError(f"--override {text!r} is not PATTERN=skip or PATTERN=KEY:VALUE,...; e.g. '.*mlp=bits:8'")
+    if rest == "skip":
+        return {"pattern": pattern, "skip": True}
+    pairs = [p.partition(":") for p in rest.split(",")]
+    if any(not sep or not k for k, sep, _ in pairs):
+        raise TreeqError(f"--override {text!r}: write each change as KEY:VALUE, e.g. bits:8,group_size:64")
+    return {"pattern": pattern, **parse_key_values(tuple(f"{k}={v}" for k, _, v in pairs))}
 
 
 @main.command("eval")
@@ -358,7 +268,6 @@ def compare(
 ):
     """Quantize MODEL with each method and bit width; one table of size, time, perplexity and tasks."""
     _set_threads(threads)
-    group_size = _group_size(model, group_size)
     out = out or _free_path(Path("treeq-out") / f"compare-{_model_name(model)}")
     task_names = _task_names(tasks) if tasks else []
     treeq.compare(

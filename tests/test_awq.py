@@ -9,6 +9,7 @@ from treeq.experts import unfuse_experts
 from treeq.looper import _rescale_inputs, capture_inputs
 from treeq.methods import InputStats, make_method, output_error
 from treeq.models import spec_for
+from treeq.plan import MethodPlan
 from treeq.scaling import can_fold, fold_input_scales
 
 
@@ -49,7 +50,7 @@ def test_awq_folding_leaves_every_architectures_fp_layer_unchanged(arch):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     inputs = capture_inputs(model, spec, [ids], torch.device("cpu"))
     h, kwargs = inputs.hidden[0], inputs.kwargs[index][0]
-    awq = make_method(treeq.QuantConfig(method="awq", bits=4, group_size=32))
+    awq = MethodPlan(treeq.QuantConfig(method="awq", bits=4, group_size=32))
     with torch.no_grad():
         before = layer(h, **kwargs)
         _rescale_inputs(layer, spec, awq, inputs, index, torch.device("cpu"))

@@ -4,8 +4,9 @@ How each path is forced, so that every machine tests every path its CPU can run:
 - the ``kernel_path`` fixture replaces ``k4.path`` (the per-call choice) by one that returns the
   path under test: "vector", "expanded" and "gemm" run wherever AVX512-BF16 exists, "amx" where
   AMX exists too (skipped elsewhere);
-- the choice itself is tested with ``TREEQ_CPU_ISA=avx512_bf16``, which forbids AMX (a machine with
-  AMX stands in for one without), and unset where the CPU has AMX;
+- the choice by token count is tested for both kinds of CPU; whether AMX is used is read when the
+  kernel is chosen, and ``TREEQ_CPU_ISA=avx512_bf16`` forbids it (a machine with AMX stands in for
+  one without);
 - an AVX2-only CPU is stood in for by ``TREEQ_CPU_ISA=avx2``: the kernel declines with the reason
   and ``cpu_int4`` runs; a missing compiler by ``CXX`` naming none.
 The whole file also passes with ``TREEQ_CPU_ISA`` set for the run (``avx512_bf16``: AMX cases
@@ -33,7 +34,7 @@ FP32_PATH_TOLERANCE = 1e-5
 def kernel_path(request, monkeypatch):
     if request.param == "amx" and not has_amx:
         pytest.skip("no AMX on this CPU")
-    monkeypatch.setattr(k4, "path", lambda tokens: request.param)
+    monkeypatch.setattr(k4, "path", lambda tokens, amx: request.param)
     return request.param
 
 
@@ -53,7 +54,7 @@ def random_state(n, k, gs, seed):
     scales = (torch.rand(k // gs, n, generator=gen) * 0.1).half().float()
     zeros = torch.randint(0, 16, (k // gs, n), generator=gen).float()
     state = k4._State(
-        k4.pack_tiles(codes), k4.per_block(scales, torch.float16), k4.per_block(zeros, torch.uint8), gs, None
+        k4.pack_tiles(codes), k4.per_block(scales, torch.float16), k4.per_block(zeros, torch.uint8), gs, None, has_amx
     )
     w = (codes.float() - zeros.repeat_interleave(gs, 0).t()) * scales.repeat_interleave(gs, 0).t()
     return state, w
@@ -108,15 +109,21 @@ def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, t
     assert error_ratio(layer, k4.KERNEL.name, x) < BF16_TOLERANCE
 
 
-@needs_kernel
-def test_path_follows_the_token_count(monkeypatch):
-    monkeypatch.setenv(cpu_isa.ENV, "avx512_bf16")  # as on a CPU without AMX
-    assert [k4.path(m) for m in (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, 2048)] == [
+def test_path_follows_the_token_count():
+    assert [k4.path(m, False) for m in (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, 2048)] == [
         "vector", "vector", "expanded", "expanded"
     ]  # fmt: skip
-    if has_amx:
-        monkeypatch.delenv(cpu_isa.ENV)
-        assert [k4.path(m) for m in (1, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)] == ["amx", "amx", "gemm"]
+    assert [k4.path(m, True) for m in (1, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)] == ["amx", "amx", "gemm"]
+
+
+@needs_kernel
+def test_amx_is_used_where_the_cpu_has_it_unless_forbidden(monkeypatch):
+    layer = quant_linear(4, 64, True, False)
+    layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
+    assert layer.kernel_state.amx == has_amx
+    monkeypatch.setenv(cpu_isa.ENV, "avx512_bf16")  # as on a CPU without AMX, from the next selection
+    layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
+    assert layer.kernel_state.amx is False
 
 
 @needs_kernel

@@ -7,6 +7,7 @@ from conftest import ARCHS, make_model
 
 import treeq
 from treeq.models import spec_for
+from treeq.plan import MethodPlan
 from treeq.quant_linear import QuantLinear
 from treeq.spec_check import check_spec
 
@@ -60,11 +61,10 @@ def test_fake_quant_weight_in_memory_equals_what_the_kernel_reconstructs(tmp_pat
     results = {}
     from treeq.data import calibration_batches
     from treeq.looper import quantize_layers
-    from treeq.methods import make_method
 
     cfg = quick_config(desc_act=True, sym=False, bits=3)
     batches = calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)
-    results = quantize_layers(model, spec_for(model.config), make_method(cfg), batches, torch.device("cpu"))
+    results = quantize_layers(model, spec_for(model.config), MethodPlan(cfg), batches, torch.device("cpu"))
     from treeq.checkpoint import swap_in_quantized
 
     fake = {name: model.get_submodule(name).weight.detach().clone() for name in results}
@@ -138,7 +138,6 @@ def test_failed_run_leaves_no_output(tmp_path, tokenizer, text_file, monkeypatch
 def test_parallel_workers_give_bit_identical_results(tokenizer, text_file):
     from treeq.data import calibration_batches
     from treeq.looper import quantize_layers
-    from treeq.methods import make_method
 
     cfg = quick_config(desc_act=True)
     batches = calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)
@@ -147,7 +146,7 @@ def test_parallel_workers_give_bit_identical_results(tokenizer, text_file):
         model = make_model("llama")
         runs.append(
             quantize_layers(
-                model, spec_for(model.config), make_method(cfg), batches, torch.device("cpu"), workers=workers
+                model, spec_for(model.config), MethodPlan(cfg), batches, torch.device("cpu"), workers=workers
             )
         )
     assert runs[0].keys() == runs[1].keys()

@@ -13,9 +13,9 @@ from treeq.data import calibration_batches
 from treeq.errors import TreeqError
 from treeq.kernels import Kernel, LinearFormat, select_kernel
 from treeq.looper import quantize_layers
-from treeq.methods import make_method
 from treeq.models import spec_for
 from treeq.numerics import GRIDS, SUPPORTED_BITS, HalfStepGrid, StretchedGrid, make_grid
+from treeq.plan import MethodPlan
 from treeq.quant_linear import QuantLinear
 from treeq.quant_log import QuantLog
 
@@ -156,8 +156,9 @@ def test_kernels_refuse_offset_grids_unless_they_declare_them():
 def quantize_and_save(tmp_path, tokenizer, text_file, **settings):
     cfg = treeq.QuantConfig(group_size=32, calib_samples=4, seqlen=32, batch_size=4, **settings)
     model = make_model("llama", num_hidden_layers=1)
-    batches = calibration_batches(tokenizer, text_file.read_text(), cfg.calib_samples, cfg.seqlen, cfg.batch_size)
-    results = quantize_layers(model, spec_for(model.config), make_method(cfg), batches, torch.device("cpu"))
+    c = cfg.calibration
+    batches = calibration_batches(tokenizer, text_file.read_text(), c.calib_samples, c.seqlen, c.batch_size)
+    results = quantize_layers(model, spec_for(model.config), MethodPlan(cfg), batches, torch.device("cpu"))
     fake = {name: model.get_submodule(name).weight.detach().clone() for name in results}
     swap_in_quantized(model, results, cfg)
     save_quantized(model, tokenizer, cfg, results, tmp_path / "q", QuantLog())
@@ -187,7 +188,7 @@ def test_stretched_checkpoint_records_its_lut(tmp_path, tokenizer, text_file):
     quantize_and_save(tmp_path, tokenizer, text_file, method="rtn", grid="stretched", bits=2)
     qcfg = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
     assert qcfg["lut"] == {"table": [-3, -1, 1, 3], "table_scale": 0.5}
-    assert qcfg["meta"]["settings"]["grid"] == "stretched"
+    assert qcfg["meta"]["settings"]["weights"]["grid"] == "stretched"
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import treeq
 from treeq import lockstep, looper
 from treeq.data import calibration_batches
 from treeq.experts import unfuse_experts
-from treeq.methods import make_method
 from treeq.models import spec_for
+from treeq.plan import MethodPlan
 from treeq.quant_log import QuantLog
 
 
@@ -20,16 +20,19 @@ def _batches(tokenizer, text_file):
     return calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)
 
 
-def _naive_true_sequential(model, spec, method, batches, fallback=None):
+def _naive_true_sequential(model, spec, plan, batches, fallback_below=0):
     """Per subset: rerun every batch through the layer from its start, then quantize; replay at the end."""
     results = {}
     inputs = looper.capture_inputs(model, spec, batches, torch.device("cpu"))
     with torch.no_grad(), ThreadPoolExecutor(1) as pool:
         for index, layer in enumerate(model.get_submodule(spec.layers)):
-            for bound in looper.bind_layer(layer, spec, method, [torch.device("cpu")]):
+            prefix = f"{spec.layers}.{index}."
+            for bound in looper.bind_layer(layer, spec, plan.default, [torch.device("cpu")]):
                 looper._collect(layer, [bound], inputs, index)
-                for name, r in looper._quantize_subset(layer, bound, method, index, QuantLog(), pool, fallback):
-                    results[f"{spec.layers}.{index}.{name}"] = r
+                for name, r in looper._quantize_subset(
+                    layer, bound, plan, prefix, index, QuantLog(), pool, fallback_below
+                ):
+                    results[prefix + name] = r
             for forward in looper._forwards(layer, inputs, index, advance=True):
                 forward()
     return results
@@ -45,10 +48,9 @@ def test_lockstep_equals_rerunning_the_layer_for_each_subset(arch, tokenizer, te
     spec = spec_for(a.config)
     for m in (a, b):
         unfuse_experts(m, spec)
-    fallback = looper.Fallback(make_method(cfg.model_copy(update={"method": "rtn"})), 40)
     log = QuantLog(echo=str)
-    fast = looper.quantize_layers(a, spec, make_method(cfg), batches, torch.device("cpu"), log=log, fallback=fallback)
-    slow = _naive_true_sequential(b, spec, make_method(cfg), batches, fallback)
+    fast = looper.quantize_layers(a, spec, MethodPlan(cfg), batches, torch.device("cpu"), log=log, fallback_below=40)
+    slow = _naive_true_sequential(b, spec, MethodPlan(cfg), batches, fallback_below=40)
     if arch == "qwen2_moe":
         assert 0 < sum(bool(r.fallback) for r in log.records) < len(log.records) / 2
     assert fast.keys() == slow.keys()
@@ -65,7 +67,7 @@ def test_true_sequential_differs_from_one_pass(tokenizer, text_file):
     for seq in (True, False):
         m = make_model("llama")
         runs[seq] = looper.quantize_layers(
-            m, spec_for(m.config), make_method(cfg), batches, torch.device("cpu"), seq, QuantLog(echo=str)
+            m, spec_for(m.config), MethodPlan(cfg), batches, torch.device("cpu"), seq, QuantLog(echo=str)
         )
     first = "model.layers.0.self_attn.q_proj"
     later = "model.layers.0.mlp.down_proj"
@@ -80,7 +82,7 @@ def test_spec_out_of_execution_order_is_a_clear_error(tokenizer, text_file):
     cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32)
     with pytest.raises(treeq.TreeqError, match="'o' ran after a later one"):
         looper.quantize_layers(
-            model, swapped, make_method(cfg), _batches(tokenizer, text_file), torch.device("cpu"), log=QuantLog(str)
+            model, swapped, MethodPlan(cfg), _batches(tokenizer, text_file), torch.device("cpu"), log=QuantLog(str)
         )
     _assert_no_batch_left()
 
@@ -97,7 +99,7 @@ def _assert_no_batch_left():
 
 def test_a_failing_method_leaves_no_paused_threads(tokenizer, text_file, monkeypatch):
     model = make_model("llama")
-    method = make_method(treeq.QuantConfig(method="rtn", bits=4, group_size=32))
+    method = MethodPlan(treeq.QuantConfig(method="rtn", bits=4, group_size=32))
 
     def boom(weight, stats):
         raise RuntimeError("method failed")
@@ -119,7 +121,7 @@ def test_lockstep_reuses_its_worker_threads_across_layers_and_ends_them_after(to
     model = make_model("llama")
     assert model.config.num_hidden_layers > 1
     batches = _batches(tokenizer, text_file)
-    method = make_method(treeq.QuantConfig(method="rtn", bits=4, group_size=32))
+    method = MethodPlan(treeq.QuantConfig(method="rtn", bits=4, group_size=32))
     before, threads = lockstep._Worker.started, threading.active_count()
     looper.quantize_layers(model, spec_for(model.config), method, batches, torch.device("cpu"), log=QuantLog(str))
     assert 0 < lockstep._Worker.started - before <= len(batches) + 1
@@ -139,11 +141,11 @@ def test_calibration_forwards_autocast_to_calib_dtype(calib_dtype, tokenizer, te
     spec, batches = spec_for(model.config), _batches(tokenizer, text_file)
     dtype = getattr(torch, calib_dtype)
     results = looper.quantize_layers(
-        model, spec, make_method(cfg), batches, torch.device("cpu"), log=QuantLog(str), autocast=dtype
+        model, spec, MethodPlan(cfg), batches, torch.device("cpu"), log=QuantLog(str), autocast=dtype
     )
     assert seen == {dtype}
     reference = make_model("llama")
-    fp32 = make_method(cfg.model_copy(update={"calib_dtype": "float32"}))
+    fp32 = MethodPlan(treeq.QuantConfig(method="gptq", bits=4, group_size=32, calib_dtype="float32"))
     exact = looper.quantize_layers(reference, spec, fp32, batches, torch.device("cpu"), log=QuantLog(str))
     agree = torch.cat([(results[n].codes == exact[n].codes).flatten() for n in exact]).float().mean()
     # A tiny random model has many weights near a rounding boundary: ~88% of codes agree.
@@ -172,7 +174,7 @@ def test_rerunning_equals_lockstep(arch, tokenizer, text_file):
             looper.quantize_layers(
                 m,
                 spec_for(m.config),
-                make_method(cfg),
+                MethodPlan(cfg),
                 batches,
                 torch.device("cpu"),
                 log=QuantLog(str),
@@ -188,7 +190,7 @@ def test_a_subsets_statistics_exist_only_from_its_first_input_until_it_is_quanti
     """Memory: down_proj's Hessian must not be allocated while q/k/v/o/gate/up are quantized."""
     model = make_model("llama")
     spec = spec_for(model.config)
-    method = make_method(treeq.QuantConfig(method="gptq", bits=4, group_size=32))
+    method = MethodPlan(treeq.QuantConfig(method="gptq", bits=4, group_size=32))
     bound = looper.bind_layer(model.get_submodule(spec.layers)[0], spec, method, [torch.device("cpu")])
     assert [b._groups for b in bound] == [None] * len(bound)
     seen = []

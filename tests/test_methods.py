@@ -90,10 +90,10 @@ def test_methods_registry_lists_rtn_and_gptq():
 
 
 def test_clip_search_defaults_to_the_methods_choice():
-    assert QuantConfig(method="gptq").clip_search is True
-    assert QuantConfig(method="rtn").clip_search is False
-    assert QuantConfig(method="gptq", clip_search=False).clip_search is False
-    assert QuantConfig(method="rtn", clip_search=True).clip_search is True
+    assert QuantConfig(method="gptq").weights.clip_search is True
+    assert QuantConfig(method="rtn").weights.clip_search is False
+    assert QuantConfig(method="gptq", clip_search=False).weights.clip_search is False
+    assert QuantConfig(method="rtn", clip_search=True).weights.clip_search is True
     assert make_method(QuantConfig(method="gptq")).grid.clip_search
 
 

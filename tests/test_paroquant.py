@@ -13,6 +13,7 @@ from treeq.loading import load_quantized
 from treeq.looper import quantize_layers
 from treeq.methods import make_method
 from treeq.models import spec_for
+from treeq.plan import MethodPlan
 from treeq.quant_linear import QuantLinear
 from treeq.quant_log import QuantLog
 
@@ -65,7 +66,7 @@ def test_exported_layer_computes_the_fake_quant_weight():
     w, stats, result = fitted()
     from treeq.checkpoint import linear_format
 
-    fmt = linear_format(config(), torch.nn.Linear(128, 64), desc_act=False, sym=False)
+    fmt = linear_format(config().weights, torch.nn.Linear(128, 64), desc_act=False, sym=False)
     layer = QuantLinear.from_result(fmt, result, None)
     torch.testing.assert_close(layer.effective_weight(), result.weight(), rtol=0, atol=1e-6)
     x = outlier_inputs(8, 128, seed=9)
@@ -76,7 +77,7 @@ def test_saved_checkpoint_loads_to_the_in_memory_pseudo_quantized_logits(tmp_pat
     model, cfg = make_model("llama"), config()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     batches = calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)
-    results = quantize_layers(model, spec_for(model.config), make_method(cfg), batches, torch.device("cpu"), workers=2)
+    results = quantize_layers(model, spec_for(model.config), MethodPlan(cfg), batches, torch.device("cpu"), workers=2)
     with torch.no_grad():
         pseudo = model(input_ids=ids).logits
     swap_in_quantized(model, results, cfg)

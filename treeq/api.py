@@ -16,20 +16,21 @@ from .calib_precision import calibration_dtype
 from .checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
 from .compressed_tensors_format import QUANTIZED_STATE as CT_QUANTIZED_STATE
 from .config import QuantConfig
-from .default_model import DEFAULT_MODEL, default_model_path
+from .default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
 from .eval_tasks import TASKS, run_tasks
 from .experts import calibration_routing, layer_modules, unfuse_experts
 from .kernels import explain, select_kernel
 from .loading import linear_format_from, linear_shape, load_quantized, packed_weight_suffix, read_quantization_config
-from .looper import Fallback, quantize_layers
+from .looper import quantize_layers
 from .memory import release_free_heap
-from .methods import make_method
 from .models import spec_for
 from .perplexity import PerplexityResult, perplexity
+from .plan import MethodPlan
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
 from .report import ErrorReport, error_report
+from .schemes import WeightScheme, scheme_for
 from .spec_check import check_spec
 from .speed import Speed, generate, measure_speeds
 from .streaming import LayerStream, ShardReader
@@ -84,24 +85,29 @@ def is_quantized_checkpoint(path) -> bool:
 
 
 def check_quantizable(model, spec, config: QuantConfig) -> None:
-    """Fail before any work if a module's shape does not fit the grid or the packing."""
-    codes_per_period, _ = packing.period(config.bits)
+    """Fail before any work if a module's shape does not fit its scheme's groups or packing."""
     for i, layer in enumerate(model.get_submodule(spec.layers)):
         for name in layer_modules(layer, spec):
-            lin = layer.get_submodule(name)
             where = f"{spec.layers}.{i}.{name}"
-            if config.group_size != -1 and lin.in_features % config.group_size:
-                divisors = [g for g in (32, 64, 128) if lin.in_features % g == 0]
-                raise TreeqError(
-                    f"group_size={config.group_size} does not divide in_features={lin.in_features} of {where}; "
-                    f"use one of {divisors or [-1]} (or -1 for per-row groups)"
-                )
-            for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
-                if n % codes_per_period:
-                    raise TreeqError(
-                        f"{where} has {what}={n}, not a multiple of {codes_per_period} as {config.bits}-bit "
-                        f"GPTQ packing needs; try other bits"
-                    )
+            scheme = scheme_for(where, config.weights, config.overrides)
+            if scheme is not None:
+                _check_fits(layer.get_submodule(name), where, scheme)
+
+
+def _check_fits(lin, where: str, scheme: WeightScheme) -> None:
+    codes_per_period, _ = packing.period(scheme.bits)
+    if scheme.group_size != -1 and lin.in_features % scheme.group_size:
+        divisors = [g for g in (32, 64, 128) if lin.in_features % g == 0]
+        raise TreeqError(
+            f"group_size={scheme.group_size} does not divide in_features={lin.in_features} of {where}; "
+            f"use one of {divisors or [-1]} (or -1 for per-row groups)"
+        )
+    for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
+        if n % codes_per_period:
+            raise TreeqError(
+                f"{where} has {what}={n}, not a multiple of {codes_per_period} as {scheme.bits}-bit "
+                f"GPTQ packing needs; try other bits"
+            )
 
 
 @dataclass
@@ -134,7 +140,7 @@ def quantize(
     the same bit for bit whatever the workers and devices. ``low_memory`` streams a model directory
     one decoder layer at a time (:mod:`treeq.streaming`); the report then holds no model.
     """
-    config = config or QuantConfig()
+    config = for_model(config or QuantConfig(), model)
     out = Path(out)
     if out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
@@ -154,6 +160,16 @@ def quantize(
     return QuantizeReport(out, seconds, log, model, tokenizer)
 
 
+def for_model(config: QuantConfig, model) -> QuantConfig:
+    """``config`` with the built-in model's group size where the user chose none: its hidden size,
+    576, is no multiple of the usual 128."""
+    builtin = model is None or model == DEFAULT_MODEL
+    if not builtin or "group_size" in config.weights.model_fields_set:
+        return config
+    weights = config.weights.model_copy(update={"group_size": DEFAULT_GROUP_SIZE})
+    return config.model_copy(update={"weights": weights})
+
+
 def _prepare(model, spec, config: QuantConfig) -> None:
     check_spec(model, spec)
     unfuse_experts(model, spec)
@@ -162,31 +178,30 @@ def _prepare(model, spec, config: QuantConfig) -> None:
 
 def _calibration_batches(tokenizer, config: QuantConfig, calib_text: str) -> list[torch.Tensor]:
     text = data.read_text(calib_text)
-    return data.calibration_batches(tokenizer, text, config.calib_samples, config.seqlen, config.batch_size)
+    c = config.calibration
+    return data.calibration_batches(tokenizer, text, c.calib_samples, c.seqlen, c.batch_size)
 
 
 def _calibrate_and_quantize(
     model, spec, batches, config: QuantConfig, device, log, workers, devices, stream=None
 ) -> dict:
+    calib = config.calibration
     calib_tokens = sum(b.numel() for b in batches)
-    # The main method's options are not the fallback's (RTN takes none).
-    fallback_method = make_method(config.model_copy(update={"method": config.fallback_method, "options": {}}))
-    fallback = Fallback(fallback_method, math.ceil(config.fallback_fraction * calib_tokens))
     device = resolve_device(device)
-    with calibration_routing(model, spec, config.routing):
+    with calibration_routing(model, spec, calib.routing):
         return quantize_layers(
             model,
             spec,
-            make_method(config),
+            MethodPlan(config),
             batches,
             device,
-            config.true_sequential,
+            calib.true_sequential,
             log,
             workers or torch.get_num_threads(),
-            fallback,
+            math.ceil(calib.fallback_fraction * calib_tokens),
             parse_devices(devices),
             stream,
-            calibration_dtype(config.calib_dtype, device),
+            calibration_dtype(calib.calib_dtype, device),
             lockstep=stream is None,  # streaming is for memory, so it reruns layers instead
         )
 

@@ -1,9 +1,9 @@
 """Checkpoints: packed safetensors, quantize_config.json, the matching config.json and a model card.
 
 In memory every quantized linear is in treeq's GPTQ layout with zero points as they are (GPTQ v2);
-``laid_out`` turns that into what ``QuantConfig.checkpoint_format`` names: GPTQ v1 or v2
+``laid_out`` turns that into what the weight scheme's ``format`` names: GPTQ v1 or v2
 (:mod:`treeq.gptq_format`), AutoAWQ's GEMM layout or compressed-tensors' pack-quantized one. The
-unquantized tensors are stored in ``QuantConfig.storage_dtype`` (fp16 by default).
+unquantized tensors are stored in ``QuantConfig.checkpoint.storage_dtype`` (fp16 by default).
 """
 
 from __future__ import annotations
@@ -27,22 +27,38 @@ from .model_card import QUANT_CONFIG_NAME, write_model_card
 from .numerics import INTEGER_ZERO_GRIDS, make_grid
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
+from .schemes import WeightScheme, scheme_for
 from .version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
+# Method options that GPTQ loaders' quantize_config also names, recorded where a method has them.
+GPTQ_METHOD_FIELDS = ("static_groups", "damp_percent")
 TREEQ_QUANT_METHOD = "treeq"  # checkpoints only treeq.load computes correctly
 
 
-def linear_format(config: QuantConfig, linear: nn.Linear, desc_act: bool, sym: bool) -> LinearFormat:
+def linear_format(scheme: WeightScheme, linear: nn.Linear, desc_act: bool, sym: bool) -> LinearFormat:
     return LinearFormat(
-        bits=config.bits,
-        group_size=config.group_size,
+        bits=scheme.bits,
+        group_size=scheme.group_size,
         sym=sym,
         desc_act=desc_act,
         in_features=linear.in_features,
         out_features=linear.out_features,
-        grid=config.grid,
+        grid=scheme.grid,
     )
+
+
+def module_scheme(config: QuantConfig, name: str) -> WeightScheme:
+    """The weight scheme a quantized module ``name`` was written with."""
+    scheme = scheme_for(name, config.weights, config.overrides)
+    if scheme is None:
+        raise ValueError(f"{name} was quantized although an override skips it")
+    return scheme
+
+
+def schemes(config: QuantConfig) -> list[WeightScheme]:
+    """Every weight scheme the config can give a module: its own and each override's."""
+    return [config.weights] + [o.apply(config.weights) for o in config.overrides if not o.skip]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -59,8 +75,11 @@ def reorders(results: dict[str, QuantResult]) -> bool:
 def symmetric(results: dict[str, QuantResult], config: QuantConfig) -> bool:
     """The checkpoint's sym: true only if every zero point written is the middle code, so kernels
     that ignore qzeros stay exact (a method may learn zero points even when ``sym`` was asked)."""
-    mid = 2 ** (config.bits - 1)
-    return config.sym and all(bool((r.zeros == mid).all()) for r in results.values())
+    def pinned(name: str, r: QuantResult) -> bool:
+        scheme = module_scheme(config, name)
+        return scheme.sym and bool((r.zeros == 2 ** (scheme.bits - 1)).all())
+
+    return all(pinned(name, r) for name, r in results.items())
 
 
 def input_transform(results: dict[str, QuantResult]) -> dict | None:
@@ -100,20 +119,22 @@ def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config:
     desc_act, sym = reorders(results), symmetric(results, config)
     for name, result in results.items():
         linear = model.get_submodule(name)
-        fmt = linear_format(config, linear, desc_act, sym)
+        fmt = linear_format(module_scheme(config, name), linear, desc_act, sym)
         set_module(model, name, QuantLinear.from_result(fmt, result, linear.bias))
 
 
 def other_loaders_run(config: QuantConfig) -> bool:
     """Whether GPTQ loaders (GPTQModel, transformers, vLLM) compute what treeq does with this
     checkpoint: integer zero points without a grid offset, and no input transform."""
-    return config.grid in INTEGER_ZERO_GRIDS and not METHODS[config.method].adds_input_transform
+    grids_run = all(s.grid in INTEGER_ZERO_GRIDS for s in schemes(config))
+    return grids_run and not METHODS[config.method].adds_input_transform
 
 
 def zero_point_version(config: QuantConfig) -> str:
     """GPTQ v1 for symmetric checkpoints other loaders run (unless v2 is asked for); v2 otherwise,
     since v1 cannot hold an asymmetric zero point of 0."""
-    v1 = config.gptq_version == 1 and config.sym and other_loaders_run(config)
+    all_sym = all(s.sym for s in schemes(config))
+    v1 = config.checkpoint.gptq_version == 1 and all_sym and other_loaders_run(config)
     return gptq_format.V1 if v1 else gptq_format.V2
 
 
@@ -127,15 +148,24 @@ def treeq_meta(config: QuantConfig, summary: FormatSummary, source: str | None) 
         "source": source,
         "modules": list(summary.modules),
     }
-    if config.checkpoint_format == "gptq":
+    if config.weights.format == "gptq":
         meta["zero_points"] = zero_point_version(config)
     return meta
+
+
+def gptq_dynamic(overrides) -> dict:
+    """Per-module overrides in GPTQModel's and vLLM's ``dynamic`` form: "-:" skips, "+:" changes
+    fields; patterns keep their meaning, since both sides match with re.match, first match first."""
+    return {("-:" if o.skip else "+:") + o.pattern: o.changes() for o in overrides}
 
 
 def gptq_quantization_config(config: QuantConfig, summary: FormatSummary, meta: dict) -> dict:
     if summary.transform is not None and other_loaders_run(config):
         raise ValueError(f"{config.method} wrote an input transform it does not declare (adds_input_transform)")
     version = zero_point_version(config)
+    w = config.weights
+    options = METHODS[config.method].parse_options(config.options)
+    method_fields = {k: v for k, v in (options.model_dump() if options else {}).items() if k in GPTQ_METHOD_FIELDS}
     qcfg = {
         # Loaders that would run an offset grid or an input transform as plain GPTQ do not know
         # this method name, so they refuse the checkpoint instead of computing wrong outputs.
@@ -144,16 +174,17 @@ def gptq_quantization_config(config: QuantConfig, summary: FormatSummary, meta: 
         "format": version,
         "checkpoint_format": version,
         "pack_dtype": "int32",
-        "bits": config.bits,
-        "group_size": config.group_size,
+        "bits": w.bits,
+        "group_size": w.group_size,
         "desc_act": summary.desc_act,
         "sym": summary.sym,
-        "static_groups": config.static_groups,
-        "true_sequential": config.true_sequential,
-        "damp_percent": config.damp_percent,
-        **make_grid(config.grid, config.bits, config.sym).describe(),
+        **method_fields,
+        "true_sequential": config.calibration.true_sequential,
+        **make_grid(w.grid, w.bits, w.sym).describe(),
         "meta": meta,
     }
+    if config.overrides:
+        qcfg["dynamic"] = gptq_dynamic(config.overrides)
     if summary.transform is not None:
         # y = rotate(x / channel_scales) @ dequant(qweight)^T: per module buffers channel_scales
         # (fp32 [in]) and, with rotation, pairs (int16 [krot, in]) and theta (fp32 [krot, in/2]).
@@ -166,13 +197,11 @@ def quantization_config(
 ) -> dict:
     """What config.json's quantization_config (and quantize_config.json) say, in the terms of the
     loaders of ``config.checkpoint_format``. ``unquantized``: the linears left in full precision."""
-    meta = treeq_meta(config, summary, source)
-    if config.checkpoint_format == "awq":
-        return awq_quantization_config(config.bits, config.group_size, meta)
-    if config.checkpoint_format == "compressed-tensors":
-        return compressed_tensors_format.quantization_config(
-            config.bits, summary.sym, config.group_size, list(unquantized), meta
-        )
+    meta, w = treeq_meta(config, summary, source), config.weights
+    if w.format == "awq":
+        return awq_quantization_config(w.bits, w.group_size, meta)
+    if w.format == "compressed-tensors":
+        return compressed_tensors_format.quantization_config(w.bits, summary.sym, w.group_size, list(unquantized), meta)
     return gptq_quantization_config(config, summary, meta)
 
 
@@ -221,13 +250,13 @@ def round_to_storage_(model: nn.Module, dtype_name: str) -> None:
 
 def laid_out(tensors: dict[str, torch.Tensor], config: QuantConfig) -> dict[str, torch.Tensor]:
     """A state dict in treeq's GPTQ layout (v2 zero points), as ``config`` says to write it."""
-    tensors = in_storage_dtype(tensors, config.storage_dtype)
-    if config.checkpoint_format == "awq":
-        return to_awq(tensors, config.group_size)
-    if config.checkpoint_format == "compressed-tensors":
-        return compressed_tensors_format.to_compressed_tensors(tensors, config.bits, config.sym, config.group_size)
+    tensors, w = in_storage_dtype(tensors, config.checkpoint.storage_dtype), config.weights
+    if w.format == "awq":
+        return to_awq(tensors, w.group_size)
+    if w.format == "compressed-tensors":
+        return compressed_tensors_format.to_compressed_tensors(tensors, w.bits, w.sym, w.group_size)
     if zero_point_version(config) == gptq_format.V1:
-        return gptq_format.to_v1(tensors, config.bits)
+        return gptq_format.to_v1(tensors, w.bits)
     return tensors
 
 
@@ -247,7 +276,7 @@ def write_metadata(
     storage dtype), quantize_config.json, the tokenizer, quant_log.csv and the model card."""
     qcfg = quantization_config(config, summary, source, unquantized_linears(model))
     cfg = json.loads(model.config.to_json_string())
-    cfg["dtype"] = config.storage_dtype
+    cfg["dtype"] = config.checkpoint.storage_dtype
     cfg["quantization_config"] = qcfg
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     (directory / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
@@ -266,7 +295,7 @@ def save_quantized(
     source: str | None = None,
 ) -> Path:
     out = Path(out)
-    round_to_storage_(model, config.storage_dtype)
+    round_to_storage_(model, config.checkpoint.storage_dtype)
     with atomic_directory(out) as tmp:
         save_file(laid_out(_unique_tensors(model), config), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         write_metadata(tmp, model, tokenizer, config, FormatSummary.of(results, config), log, source)

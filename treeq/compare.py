@@ -33,7 +33,7 @@ def compare(
     methods: list[str],
     bits: list[int],
     out,
-    group_size: int = 128,
+    group_size: int | None = None,
     tasks: tuple[str, ...] = (),
     limit: int | None = None,
     calib_text: str = "wiki-train",
@@ -49,7 +49,9 @@ def compare(
     out = Path(out)
     if out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
-    configs = [QuantConfig.build(method=m, bits=b, group_size=group_size, **settings) for b in bits for m in methods]
+    if group_size is not None:
+        settings["group_size"] = group_size
+    configs = [api.for_model(QuantConfig.build(method=m, bits=b, **settings), model) for b in bits for m in methods]
     fp, tok = api.load_fp_model(model)
     rows = [dict(method="fp", bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)]
     evaluation = dict(tasks=tasks, limit=limit, text=eval_text, seqlen=eval_seqlen, windows=eval_windows)
@@ -57,10 +59,11 @@ def compare(
     del fp
     for cfg in configs:
         fp, tok = api.load_fp_model(model)
-        target = out / f"{cfg.method}-w{cfg.bits}g{cfg.group_size}"
+        w = cfg.weights
+        target = out / f"{cfg.method}-w{w.bits}g{w.group_size}"
         report = api.quantize(fp, cfg, target, tokenizer=tok, calib_text=calib_text)
         size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
-        row = dict(method=cfg.method, bits=cfg.bits, group=cfg.group_size, size_mb=size / 2**20, quant_s=report.seconds)
+        row = dict(method=cfg.method, bits=w.bits, group=w.group_size, size_mb=size / 2**20, quant_s=report.seconds)
         row.update(_evaluate(report.model, tok, **evaluation))
         rows.append(row)
         del fp, report

@@ -1,61 +1,38 @@
-"""Validated quantization settings shared by the Python API and the CLI."""
+"""Validated quantization settings shared by the Python API and the CLI.
+
+A :class:`QuantConfig` is a method (how to quantize) applied to schemes (what is quantized:
+:mod:`treeq.schemes`), with calibration and checkpoint settings and the method's own ``options``
+(checked by the method's ``Options`` model). Flat keyword arguments are shorthand for the nested
+fields they name, so ``QuantConfig(method="gptq", bits=3, desc_act=False, seqlen=256)`` means
+``weights.bits=3``, ``options.desc_act=False`` and ``calibration.seqlen=256``.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from .calib_precision import CALIB_DTYPES
 from .errors import from_validation
-from .numerics import GRIDS, INTEGER_ZERO_GRIDS, SUPPORTED_BITS, UniformGrid
+from .numerics import INTEGER_ZERO_GRIDS, UniformGrid
+from .schemes import ActivationScheme, KVCacheScheme, ModuleOverride, WeightScheme
 
-CHECKPOINT_FORMATS = ("gptq", "awq", "compressed-tensors")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 COMPRESSED_TENSORS_BITS = (4, 8)
 
 
-class QuantConfig(BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+class CalibrationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str = "gptq"
-    bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
-    group_size: int = Field(128, description="input channels per scale; -1 for one group per row")
-    sym: bool = Field(True, description="for the minmax grid: zero point pinned to the middle code")
-    grid: Literal[tuple(GRIDS)] = Field(  # type: ignore[valid-type]
-        UniformGrid.name, description="quantization grid (treeq/numerics.py): " + ", ".join(GRIDS)
-    )
-    clip_search: bool = Field(
-        None,  # type: ignore[assignment]  # filled in from the method's default before validation
-        description="search each row's clip ratio minimising weight error (default: the method's choice)",
-    )
-    # On by default: on SmolLM2 4-bit it cut GPTQ's perplexity increase by ~40% (see bench/).
-    desc_act: bool = Field(True, description="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
-    static_groups: bool = Field(False, description="with desc_act, fix group params before the GPTQ sweep")
-    damp_percent: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, gt=0)
-    true_sequential: bool = Field(True, description="quantize subsets in order, each seeing the ones before")
+    calib_samples: int = Field(128, gt=0, description="calibration sequences")
+    seqlen: int = Field(512, gt=1, description="tokens per calibration sequence")
+    batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
     calib_dtype: Literal[CALIB_DTYPES] = Field(  # type: ignore[valid-type]
         "auto", description="dtype of calibration matmul inputs (treeq/calib_precision.py); auto: bf16 where native"
     )
-    calib_samples: int = Field(128, gt=0)
-    seqlen: int = Field(512, gt=1)
-    batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
-    checkpoint_format: Literal[CHECKPOINT_FORMATS] = Field(  # type: ignore[valid-type]
-        "gptq",
-        description="tensor layout written: GPTQ (any setting), AutoAWQ's GEMM (4-bit minmax, no act-order) or "
-        "compressed-tensors pack-quantized (4/8-bit integer grids)",
-    )
-    gptq_version: Literal[1, 2] = Field(
-        1,
-        description="zero points of symmetric GPTQ checkpoints: 1 stores zero - 1 as most loaders expect, 2 as "
-        "is; asymmetric ones are always written as 2 (v1 cannot store a zero point of 0)",
-    )
-    storage_dtype: Literal[STORAGE_DTYPES] = Field(  # type: ignore[valid-type]
-        "float16", description="checkpoint dtype of the unquantized tensors (embeddings, norms, lm_head, biases)"
-    )
-    options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
+    true_sequential: bool = Field(True, description="quantize subsets in order, each seeing the ones before")
     routing: Literal["normal", "bypass", "all"] | PositiveInt = Field(
         "normal",
         description="MoE calibration routing: the model's own; bypass (every expert sees every token, outputs "
@@ -66,78 +43,135 @@ class QuantConfig(BaseModel):
     )
     fallback_method: str = Field("rtn", description="method for modules that saw too few calibration tokens")
 
+
+class CheckpointSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gptq_version: Literal[1, 2] = Field(
+        1,
+        description="zero points of symmetric GPTQ checkpoints: 1 stores zero - 1 as most loaders expect, 2 as "
+        "is; asymmetric ones are always written as 2 (v1 cannot store a zero point of 0)",
+    )
+    storage_dtype: Literal[STORAGE_DTYPES] = Field(  # type: ignore[valid-type]
+        "float16", description="checkpoint dtype of the unquantized tensors (embeddings, norms, lm_head, biases)"
+    )
+
+
+# Where each flat shorthand key goes. Method options are whatever the method's Options model names.
+NESTED_FIELDS = {
+    "weights": WeightScheme,
+    "calibration": CalibrationSettings,
+    "checkpoint": CheckpointSettings,
+}
+FORMAT_SHORTHAND = {"checkpoint_format": "format"}  # the weight scheme's storage format, by its older name
+
+
+def _as_dict(value) -> dict:
+    return value.model_dump() if isinstance(value, BaseModel) else dict(value or {})
+
+
+def _option_names(method) -> set[str]:
+    return set(method.Options.model_fields) if method.Options is not None else set()
+
+
+def _known_methods():
+    from .methods import METHODS  # the registry imports every method, and methods import schemes
+
+    return METHODS
+
+
+class QuantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = "gptq"
+    weights: WeightScheme = WeightScheme()
+    activations: ActivationScheme | None = None
+    kv_cache: KVCacheScheme | None = None
+    overrides: tuple[ModuleOverride, ...] = Field((), description="per-module weight schemes; first match wins")
+    calibration: CalibrationSettings = CalibrationSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
+
     @model_validator(mode="before")
     @classmethod
-    def _method_clip_default(cls, data: Any) -> Any:
-        from .methods import METHODS
+    def _nest_shorthand(cls, data: Any) -> Any:
+        """Flat keys into the nested model or the method options that own them; the clip search the
+        method prefers where the user left it unset."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        nested = {name: _as_dict(data.pop(name, None)) for name in NESTED_FIELDS}
+        options = _as_dict(data.pop("options", None))
+        methods = _known_methods()
+        method = methods.get(data.get("method", cls.model_fields["method"].default))
+        for key in list(data):
+            target = FORMAT_SHORTHAND.get(key, key)
+            owner = next((n for n, model in NESTED_FIELDS.items() if target in model.model_fields), None)
+            if owner is not None:
+                nested[owner][target] = data.pop(key)
+            elif method is not None and key in _option_names(method):
+                options[key] = data.pop(key)
+            elif key not in cls.model_fields:
+                owners = sorted(name for name, m in methods.items() if key in _option_names(m))
+                if owners:
+                    raise ValueError(
+                        f"{key} is a setting of method {' and '.join(owners)}, not of {data.get('method')!r}"
+                    )
+        if method is not None and nested["weights"].get("clip_search") is None:
+            nested["weights"]["clip_search"] = method.default_clip_search
+        return {**data, **nested, "options": options}
 
-        if isinstance(data, dict) and data.get("clip_search") is None:
-            method = METHODS.get(data.get("method", cls.model_fields["method"].default))
-            data = {**data, "clip_search": method.default_clip_search if method else False}
-        return data
+    @model_validator(mode="after")
+    def _method_options(self) -> "QuantConfig":
+        _known_methods()[self.method].parse_options(self.options)
+        return self
 
-    @field_validator("method", "fallback_method")
+    @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from .methods import METHODS
-
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(sorted(METHODS))}")
+        if v not in _known_methods():
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(sorted(_known_methods()))}")
         return v
 
-    @field_validator("group_size")
+    @field_validator("calibration")
     @classmethod
-    def _group(cls, v: int) -> int:
-        if v != -1 and v <= 0:
-            raise ValueError("group_size must be -1 (per row) or a positive number of input channels")
+    def _known_fallback(cls, v: CalibrationSettings) -> CalibrationSettings:
+        if v.fallback_method not in _known_methods():
+            raise ValueError(
+                f"unknown fallback_method {v.fallback_method!r}; choose one of {', '.join(sorted(_known_methods()))}"
+            )
         return v
 
     @model_validator(mode="after")
-    def _grid_fits(self) -> "QuantConfig":
-        from .methods import METHODS
-
-        for role in ("method", "fallback_method"):
-            grids = METHODS[getattr(self, role)].grids
-            if grids is not None and self.grid not in grids:
+    def _grid_fits_methods(self) -> "QuantConfig":
+        grid = self.weights.grid
+        for role, name in (("method", self.method), ("fallback_method", self.calibration.fallback_method)):
+            grids = _known_methods()[name].grids
+            if grids is not None and grid not in grids:
                 raise ValueError(
-                    f"{role} {getattr(self, role)!r} quantizes onto grid {' or '.join(map(repr, grids))} only, "
-                    f"not {self.grid!r}; choose that grid or another method"
+                    f"{role} {name!r} quantizes onto grid {' or '.join(map(repr, grids))} only, "
+                    f"not {grid!r}; choose that grid or another method"
                 )
-        allowed = GRIDS[self.grid].bits_allowed
-        if self.bits not in allowed:
-            raise ValueError(f"grid {self.grid!r} needs bits in {list(allowed)}, not {self.bits}")
-        if not self.sym and self.grid != UniformGrid.name:
-            raise ValueError(f"sym=False (asymmetric) only applies to grid {UniformGrid.name!r}, not {self.grid!r}")
         return self
 
     @model_validator(mode="after")
     def _format_fits(self) -> "QuantConfig":
-        from .methods import METHODS
-
-        name, method = self.checkpoint_format, METHODS[self.method]
+        w, method = self.weights, _known_methods()[self.method]
+        name = w.format
         if name == "gptq":
             return self
-        if name == "awq" and (self.bits != 4 or self.grid != UniformGrid.name):
-            raise ValueError(f"checkpoint_format 'awq' holds 4-bit minmax grids only, not {self.bits}-bit {self.grid}")
-        integer = self.bits in COMPRESSED_TENSORS_BITS and self.grid in INTEGER_ZERO_GRIDS
+        if name == "awq" and (w.bits != 4 or w.grid != UniformGrid.name):
+            raise ValueError(f"checkpoint_format 'awq' holds 4-bit minmax grids only, not {w.bits}-bit {w.grid}")
+        integer = w.bits in COMPRESSED_TENSORS_BITS and w.grid in INTEGER_ZERO_GRIDS
         if name == "compressed-tensors" and not integer:
-            raise ValueError(
-                f"checkpoint_format {name!r} holds 4- or 8-bit integer grids, not {self.bits}-bit {self.grid}"
-            )
-        if method.reorders_columns(self):
+            raise ValueError(f"checkpoint_format {name!r} holds 4- or 8-bit integer grids, not {w.bits}-bit {w.grid}")
+        if method.reorders_columns(method.parse_options(self.options)):
             raise ValueError(
                 f"checkpoint_format {name!r} has no g_idx for act-order groups; "
                 "set static_groups=True or desc_act=False"
             )
         if method.adds_input_transform:
             raise ValueError(f"checkpoint_format {name!r} cannot hold {self.method}'s input transform; use 'gptq'")
-        return self
-
-    @model_validator(mode="after")
-    def _method_options(self) -> "QuantConfig":
-        from .methods import METHODS
-
-        METHODS[self.method].parse_options(self.options)
         return self
 
     @classmethod

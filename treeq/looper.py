@@ -29,6 +29,7 @@ from .lockstep import StopForward, batch_threads, run_lockstep, run_rerunning
 from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
 from .models import Subset, TreeSpec
+from .plan import MethodPlan
 from .quant_log import ModuleRecord, QuantLog, peak_memory_mb
 from .scaling import can_fold, fold_input_scales
 
@@ -192,31 +193,25 @@ def _collect(layer, bound: list[BoundSubset], inputs: LayerInputs, index: int):
             handle.remove()
 
 
-@dataclass
-class Fallback:
-    """Modules whose input statistics hold fewer than ``min_samples`` tokens (experts the router
-    rarely picks) are quantized by ``method`` instead, and the log says so."""
-
-    method: Method
-    min_samples: int
-
-
 def quantize_layers(
     model: nn.Module,
     spec: TreeSpec,
-    method: Method,
+    plan: MethodPlan,
     batches: list[torch.Tensor],
     device: torch.device,
     true_sequential: bool = True,
     log: QuantLog | None = None,
     workers: int = 1,
-    fallback: Fallback | None = None,
+    fallback_below: int = 0,
     devices: list[torch.device] | None = None,
     stream=None,
     autocast: torch.dtype = torch.float32,
     lockstep: bool = True,
 ) -> dict[str, QuantResult]:
-    """Quantize every module the spec names; returns results by full module name.
+    """Quantize every module the spec names with the method ``plan`` gives it (skipping those it
+    gives none); returns results by full module name. Modules whose input statistics hold fewer
+    than ``fallback_below`` tokens (experts the router rarely picks) get the plan's fallback method,
+    and the log says so.
 
     On return each quantized module holds its fake-quantized weight, which equals bit for bit what
     a kernel reconstructs from the packed result. ``workers`` threads (at least one per entry of
@@ -245,14 +240,15 @@ def quantize_layers(
                 stream.load(index, layer)
             layer.to(device)
             layer_results: dict[str, QuantResult] = {}
-            if method.rescales_inputs:
-                _rescale_inputs(layer, spec, method, inputs, index, device)
-            bound = bind_layer(layer, spec, method, devices)
+            if plan.default.rescales_inputs:
+                _rescale_inputs(layer, spec, plan, inputs, index, device)
+            bound = bind_layer(layer, spec, plan.default, devices)
 
             def quantize(b: BoundSubset) -> None:
                 with _threads_per_job(sum(len(names) for _, names in b.groups), workers):
-                    for name, result in _quantize_subset(layer, b, method, index, log, pool, fallback):
-                        layer_results[f"{spec.layers}.{index}.{name}"] = result
+                    prefix = f"{spec.layers}.{index}."
+                    for name, result in _quantize_subset(layer, b, plan, prefix, index, log, pool, fallback_below):
+                        layer_results[prefix + name] = result
                 b.release()  # frees the statistics
 
             barriers = [(b.name, b.taps, b.record) for b in bound]
@@ -279,7 +275,7 @@ def quantize_layers(
     return results
 
 
-def _rescale_inputs(layer, spec: TreeSpec, method: Method, inputs: LayerInputs, index: int, device) -> None:
+def _rescale_inputs(layer, spec: TreeSpec, plan: MethodPlan, inputs: LayerInputs, index: int, device) -> None:
     """One pass over the fp layer gathers every subset's input; the method picks per-channel scales
     for each subset whose feeding op can absorb them, and they are folded in before quantizing.
 
@@ -291,7 +287,7 @@ def _rescale_inputs(layer, spec: TreeSpec, method: Method, inputs: LayerInputs, 
     readers = Counter(s.fed_by for s in present)
     bound = [
         b
-        for b in bind_layer(layer, spec, method, [device])
+        for b in bind_layer(layer, spec, plan.default, [device])
         if not b.subset.per_expert and readers[b.subset.fed_by] == 1
     ]
     _collect(layer, bound, inputs, index)
@@ -299,6 +295,8 @@ def _rescale_inputs(layer, spec: TreeSpec, method: Method, inputs: LayerInputs, 
         s, (stats, _) = b.subset, b.groups[0]
         if can_fold(layer, s.fed_by, stats.h.shape[0]):
             weights = [layer.get_submodule(m).weight.data for m in s.modules]
+            # The scales suit the first module's scheme; those of a subset differ only by override.
+            method = plan.method(f"{spec.layers}.{index}.{s.modules[0]}") or plan.default
             scales = method.input_scales(weights, stats)
             fold_input_scales(layer, s.modules, s.fed_by, scales, spec.norm_weight_offset)
 
@@ -321,15 +319,18 @@ def _threads_per_job(jobs: int, workers: int):
 
 
 def _quantize_subset(
-    layer, bound: BoundSubset, method: Method, index: int, log: QuantLog, pool, fallback: Fallback | None = None
+    layer, bound: BoundSubset, plan: MethodPlan, prefix: str, index: int, log: QuantLog, pool, fallback_below: int = 0
 ):
     """Quantize a subset's modules concurrently (they are independent given their stats), then
-    install the fake-quantized weights and log in spec order, so results do not depend on timing."""
+    install the fake-quantized weights and log in spec order, so results do not depend on timing.
+    Modules the plan gives no method (``prefix`` + name: the full name) keep their fp weights."""
     planned = []
     for stats, names in bound.groups:
-        starved = fallback is not None and stats.tokens < fallback.min_samples
-        chosen = fallback.method if starved else method
-        planned += [(name, layer.get_submodule(name), stats, chosen, chosen.name if starved else "") for name in names]
+        starved = stats.tokens < fallback_below
+        for name in names:
+            chosen = plan.method(prefix + name, fallback=starved)
+            if chosen is not None:
+                planned.append((name, layer.get_submodule(name), stats, chosen, chosen.name if starved else ""))
     futures = [pool.submit(_timed_quantize, q, m.weight.data.to(st.h.device), st) for _, m, st, q, _ in planned]
     for (name, module, stats, _, fell_back), future in zip(planned, futures):
         result, seconds = future.result()

@@ -28,18 +28,26 @@ def _format_line(qcfg: dict) -> str:
     return f"treeq's own (`quant_method: {method}`, GPTQ layout, `format: {qcfg['format']}`)"
 
 
+def _override_line(override: dict) -> str:
+    if override["skip"]:
+        return "kept in full precision"
+    changes = {k: v for k, v in override.items() if k not in ("pattern", "skip") and v is not None}
+    return ", ".join(f"{k} {v}" for k, v in changes.items())
+
+
 def _settings_table(qcfg: dict) -> list[str]:
     s = qcfg["meta"]["settings"]
+    w, calib = s["weights"], s["calibration"]
     rows = [
         ("method", s["method"]),
-        ("bits", s["bits"]),
-        ("group size", "per row" if s["group_size"] == -1 else s["group_size"]),
-        ("grid", s["grid"] + ("" if s["grid"] != "minmax" else (" symmetric" if s["sym"] else " asymmetric"))),
-        ("act-order", s["desc_act"] and s["method"] == "gptq"),
-        ("calibration", f"{s['calib_samples']} sequences of {s['seqlen']} tokens"),
+        ("bits", w["bits"]),
+        ("group size", "per row" if w["group_size"] == -1 else w["group_size"]),
+        ("grid", w["grid"] + ("" if w["grid"] != "minmax" else (" symmetric" if w["sym"] else " asymmetric"))),
+        ("calibration", f"{calib['calib_samples']} sequences of {calib['seqlen']} tokens"),
         ("checkpoint format", _format_line(qcfg)),
-        ("unquantized tensors", s["storage_dtype"]),
+        ("unquantized tensors", s["checkpoint"]["storage_dtype"]),
     ]
+    rows += [(f"override `{o['pattern']}`", _override_line(o)) for o in s["overrides"]]
     if s["options"]:
         rows.append(("method options", json.dumps(s["options"])))
     return ["| setting | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]
@@ -89,7 +97,8 @@ def card_text(qcfg: dict, perplexity: dict[str, str] | None = None) -> str:
     front = ["---", "library_name: transformers", "tags: [quantized, treeq, " + qcfg["quant_method"] + "]"]
     if source:
         front.append(f"base_model: {source}")
-    title = f"# {source or 'model'}: {s['method']} {s['bits']}-bit, quantized with treeq {meta['treeq_version']}"
+    bits = s["weights"]["bits"]
+    title = f"# {source or 'model'}: {s['method']} {bits}-bit, quantized with treeq {meta['treeq_version']}"
     lines = [*front, "---", "", title, "", *_settings_table(qcfg), ""]
     if perplexity:
         lines += ["## Perplexity", "", "| model | perplexity |", "| --- | --- |"]

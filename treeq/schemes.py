@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 
 from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 
+CHECKPOINT_FORMATS = ("gptq", "awq", "compressed-tensors")
 ACTIVATION_BITS = (4, 6, 8)
 ACTIVATION_GRANULARITIES = ("per-token", "per-tensor", "per-group")
 KV_GRANULARITIES = ("per-channel", "per-token")
@@ -29,10 +30,24 @@ class _Scheme(BaseModel):
 
 class WeightScheme(_Scheme):
     bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
-    group_size: int = Field(128, description="input channels per scale; -1 for one group per row")
-    sym: bool = Field(True, description="for the minmax grid: zero point pinned to the middle code")
+    group_size: int = Field(
+        128,
+        description="input channels per scale; -1 for one group per row (64 for the built-in SmolLM2, whose "
+        "width 576 is no multiple of 128)",
+    )
+    sym: bool = Field(
+        True, description="minmax grid: zero point pinned to the middle code", json_schema_extra={"cli": "--sym/--asym"}
+    )
     grid: Literal[tuple(GRIDS)] = Field(  # type: ignore[valid-type]
         UniformGrid.name, description="quantization grid (treeq/numerics.py): " + ", ".join(GRIDS)
+    )
+    clip_search: bool | None = Field(
+        None, description="search each row's clip ratio minimising weight error (default: the method's choice)"
+    )
+    format: Literal[CHECKPOINT_FORMATS] = Field(  # type: ignore[valid-type]
+        "gptq",
+        description="tensor layout written: GPTQ (any setting), AutoAWQ's GEMM (4-bit minmax, no act-order) or "
+        "compressed-tensors pack-quantized (4/8-bit integer grids)",
     )
 
     @field_validator("group_size")

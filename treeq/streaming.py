@@ -64,7 +64,7 @@ class LayerStream:
         self.model, self.spec, self.config, self.reader, self.out = model, spec, config, reader, out
         self.shards = len(model.get_submodule(spec.layers)) + 1  # one per layer, one for the rest
         self.weight_map: dict[str, str] = {}
-        self.summary = FormatSummary((), False, config.sym, None)
+        self.summary = FormatSummary((), False, True, None)  # the identity of merge
 
     def _shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.shards:05d}.safetensors"

@@ -62,20 +62,27 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def unavailable() -> str | None:
-    """Why the kernel cannot run here (read afresh each time: the cap may change); None if it can."""
+    """Why the kernel cannot run here (read afresh at each selection: the cap may change); None if
+    it can."""
     return library()[1] or cpu_isa.forbidden("avx512_bf16")
 
 
 def _library() -> ctypes.CDLL:
-    why = unavailable()
-    if why:
+    lib, why = library()
+    if lib is None:
         raise TreeqError(f"cpu_int4_avx512: {why}")
-    return library()[0]
+    return lib
 
 
-def path(tokens: int) -> str:
+def amx_allowed() -> bool:
+    """Whether the CPU has AMX and ``$TREEQ_CPU_ISA`` lets the kernel use it; read once when the
+    kernel is chosen (per call it cost more than a small layer's decode step can spare)."""
+    return cpu_isa.allows("amx") and bool(_library().treeq_amx_supported())
+
+
+def path(tokens: int, amx: bool) -> str:
     """The path a call with ``tokens`` rows takes: "vector", "expanded", "amx" or "gemm"."""
-    if cpu_isa.allows("amx") and _library().treeq_amx_supported():
+    if amx:
         return "gemm" if tokens >= AMX_GEMM_FROM else "amx"
     return "expanded" if tokens >= EXPANDED_FROM else "vector"
 
@@ -105,6 +112,7 @@ class _State:
     zeros: torch.Tensor  # uint8
     group_size: int
     perm: torch.Tensor | None
+    amx: bool  # amx_allowed() when the kernel was chosen
 
 
 def _shape(st: _State) -> tuple[int, int]:
@@ -126,7 +134,7 @@ def dequantize_rows(st: _State, lo: int, hi: int, out: torch.Tensor) -> torch.Te
 def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
     """[M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order); fp32 from
     the kernel's own paths, bf16 from the GEMM."""
-    lib, chosen = _library(), path(x.shape[0])
+    lib, chosen = _library(), path(x.shape[0], st.amx)
     x = x.contiguous()
     m, k = x.shape
     n = _shape(st)[0]
@@ -165,6 +173,7 @@ class CpuInt4Avx512(Kernel):
             zeros=per_block(layer.zeros(), torch.uint8),
             group_size=gs,
             perm=perm,
+            amx=amx_allowed(),
         )
 
     @staticmethod

@@ -19,6 +19,7 @@ import torch
 from ..calib_precision import calibration_dtype
 from ..input_transform import InputTransform
 from ..numerics import ROW_CHUNK, UniformGrid, dequantize_grouped, group_width, make_grid
+from ..schemes import WeightScheme
 
 
 @dataclass
@@ -127,9 +128,12 @@ class Method(ABC):
     # The pydantic model that validates ``QuantConfig.options`` for this method; None: no options.
     Options: ClassVar[type[pydantic.BaseModel] | None] = None
 
-    def __init__(self, config):
+    def __init__(self, config, scheme: WeightScheme | None = None):
+        """``scheme``: the weight scheme of the modules this instance quantizes (a per-module
+        override's), by default the config's."""
         self.config = config
-        self.grid = make_grid(config.grid, config.bits, config.sym, config.clip_search)
+        self.scheme = scheme or config.weights
+        self.grid = make_grid(self.scheme.grid, self.scheme.bits, self.scheme.sym, bool(self.scheme.clip_search))
         self.options = self.parse_options(config.options)
 
     @classmethod
@@ -146,15 +150,16 @@ class Method(ABC):
             raise ValueError("; ".join(parts)) from None
 
     @classmethod
-    def reorders_columns(cls, config) -> bool:
-        """Whether ``config`` makes groups other than contiguous runs of input channels (g_idx)."""
+    def reorders_columns(cls, options: pydantic.BaseModel | None) -> bool:
+        """Whether these (parsed) options make groups other than contiguous runs of input channels
+        (g_idx)."""
         return False
 
     def stats(self, in_features: int, device: torch.device) -> InputStats:
-        return InputStats(in_features, device, calibration_dtype(self.config.calib_dtype, device))
+        return InputStats(in_features, device, calibration_dtype(self.config.calibration.calib_dtype, device))
 
     def group_size(self, in_features: int) -> int:
-        return group_width(self.config.group_size, in_features)
+        return group_width(self.scheme.group_size, in_features)
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..reproducible import single_threaded
 from .base import InputStats, Method, QuantResult, output_error
@@ -61,18 +62,29 @@ def _factor(h: torch.Tensor, desc_act: bool, damp: float) -> _Prepared:
     return _Prepared(dead, perm, a.triu_(), damp)
 
 
+class GPTQOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # On by default: on SmolLM2 4-bit it cut GPTQ's perplexity increase by ~40% (see bench/).
+    desc_act: bool = Field(True, description="act-order: quantize columns by decreasing Hessian diagonal")
+    static_groups: bool = Field(False, description="with desc_act, fix group params before the sweep")
+    damp_percent: float = Field(0.01, gt=0, lt=1, description="damping added to H's diagonal, as its mean's share")
+    block_size: int = Field(128, gt=0, description="columns updated together (lazy batch updates)")
+
+
 class GPTQ(Method):
     name = "gptq"
+    Options = GPTQOptions
     # On SmolLM2 4-bit g64 it cut GPTQ's perplexity increase from 0.60 to 0.51 of RTN's, for ~20%
     # more quantization time (bench/results/quantize_smollm2.md).
     default_clip_search = True
 
     @classmethod
-    def reorders_columns(cls, config) -> bool:
-        return config.desc_act and not config.static_groups
+    def reorders_columns(cls, options: GPTQOptions) -> bool:
+        return options.desc_act and not options.static_groups
 
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
-        cfg = self.config
+        cfg = self.options
         prep: _Prepared = stats.cached("gptq", lambda: _prepare(stats.h, cfg.desc_act, cfg.damp_percent))
         w = self.grid.prepare(weight.float()).clone()
         out, n_in = w.shape

@@ -215,10 +215,10 @@ class ParoQuant(Method):
     adds_input_transform = True
     grids = (UniformGrid.name,)  # its learned scale and zero point are a minmax grid's
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, scheme=None):
+        super().__init__(config, scheme)
         # The learned zero point makes the grid asymmetric whatever ``sym`` says.
-        self.grid = UniformGrid(config.bits, sym=False)
+        self.grid = UniformGrid(self.scheme.bits, sym=False)
 
     def stats(self, in_features: int, device: torch.device) -> InputStats:
         o = self.options

@@ -1,0 +1,41 @@
+"""Which method instance quantizes each module.
+
+The config's method runs on each module's own weight scheme (the first override matching the
+module's name, else the config's scheme); modules whose statistics saw too few calibration tokens
+get the fallback method on the same scheme; modules an override skips get none and stay in full
+precision. The engine asks by module name and never learns why.
+"""
+
+from __future__ import annotations
+
+from .config import QuantConfig
+from .methods import Method, make_method
+from .schemes import WeightScheme, scheme_for
+
+
+class MethodPlan:
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        # The fallback's options are not the main method's (RTN takes none).
+        self._fallback_config = config.model_copy(
+            update={"method": config.calibration.fallback_method, "options": {}}
+        )
+        self._made: dict[tuple[str, WeightScheme], Method] = {}
+        self.default = self._method(config, config.weights)
+
+    def scheme(self, module: str) -> WeightScheme | None:
+        """``module``'s weight scheme (full module name); None: left in full precision."""
+        return scheme_for(module, self.config.weights, self.config.overrides)
+
+    def method(self, module: str, fallback: bool = False) -> Method | None:
+        scheme = self.scheme(module)
+        if scheme is None:
+            return None
+        return self._method(self._fallback_config if fallback else self.config, scheme)
+
+    def _method(self, config: QuantConfig, scheme: WeightScheme) -> Method:
+        # One instance per (method, scheme): instances may cache per-scheme work.
+        key = (config.method, scheme)
+        if key not in self._made:
+            self._made[key] = make_method(config, scheme)
+        return self._made[key]
