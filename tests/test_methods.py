@@ -97,17 +97,68 @@ def test_clip_search_defaults_to_the_methods_choice():
     assert make_method(QuantConfig(method="gptq")).grid.clip_search
 
 
-def test_bf16_statistics_are_the_gram_matrix_of_the_rounded_inputs():
-    """Fast bf16 statistics round the inputs, never the products, so H stays positive semi-definite."""
-    x = torch.randn(4, 256, 96) * torch.rand(96) * 5
-    stats = InputStats(96, torch.device("cpu"), torch.bfloat16)
+def _has_avx512_bf16() -> bool:
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+# Each CPU's route, forced on this machine: ``TREEQ_CPU_ISA`` caps the instruction sets treeq may
+# use (avx512_bf16: as a CPU without AMX, avx2: as one without native bf16). AMX cannot be switched
+# on where it is missing, so its route is forced by name; oneDNN then ignores the bf16 mode it
+# sets, but the route's rounding and the restored setting are still checked.
+ROUTES = [
+    pytest.param(
+        "avx512_bf16",
+        "kernel",
+        marks=pytest.mark.skipif(not _has_avx512_bf16(), reason="no AVX512-BF16 on this CPU"),
+        id="avx512_bf16-kernel",
+    ),
+    pytest.param("avx2", "fp32", id="avx2-fp32"),
+    pytest.param(None, "onednn", id="amx-onednn"),
+]
+
+
+@pytest.mark.parametrize("isa, route", ROUTES)
+def test_bf16_statistics_are_the_gram_matrix_of_the_rounded_inputs(monkeypatch, isa, route):
+    """bf16 statistics round the inputs, never the products, so H stays positive semi-definite."""
+    if isa is None:
+        monkeypatch.setattr("treeq.methods.base.cpu_statistics", lambda: route)
+    else:
+        monkeypatch.setenv("TREEQ_CPU_ISA", isa)
+    x = torch.randn(4, 255, 100) * torch.rand(100) * 5  # odd token and feature counts
+    stats = InputStats(100, torch.device("cpu"), torch.bfloat16)
+    assert stats.route == route
     for batch in x:
         stats.add(batch)
-    rounded = x.reshape(-1, 96).bfloat16().float()
+    rounded = x.reshape(-1, 100).bfloat16().double()
     exact = rounded.T @ rounded / rounded.shape[0]
-    fp32 = InputStats(96, torch.device("cpu"))
+    fp32 = InputStats(100, torch.device("cpu"))
     fp32.add(x)
-    assert torch.allclose(stats.h, exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
-    assert not torch.allclose(fp32.h, exact, rtol=1e-5, atol=1e-6 * exact.abs().max())  # rounding is real
+    tol = dict(rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
+    assert torch.allclose(stats.h.double(), exact, **tol)
+    assert not torch.allclose(fp32.h.double(), exact, **tol)  # rounding is real
     assert torch.linalg.eigvalsh(stats.h.double()).min() > -1e-9 * exact.abs().max()
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"  # the setting is put back
+
+
+def test_auto_calibrates_in_fp32_where_the_cpu_lacks_native_bf16(monkeypatch):
+    from treeq.calib_precision import calibration_dtype
+
+    monkeypatch.setenv("TREEQ_CPU_ISA", "avx2")
+    assert calibration_dtype("auto", torch.device("cpu")) == torch.float32
+    assert InputStats(8, torch.device("cpu"), calibration_dtype("auto", torch.device("cpu"))).route == "fp32"
+    if _has_avx512_bf16():
+        monkeypatch.setenv("TREEQ_CPU_ISA", "avx512_bf16")
+        assert calibration_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows, group", [(600, 64), (40, 4096)])
+def test_clip_search_picks_each_rows_params_on_its_own(rows, group):
+    """The search takes rows a few hundred at a time; no row's pick may depend on the others."""
+    from treeq.numerics import make_grid
+
+    grid = make_grid("minmax", 4, sym=False, clip_search=True)
+    w = torch.randn(rows, group) * torch.rand(rows, 1) + torch.randn(rows, 1) * 0.1
+    scale, zero = grid.params(w)
+    one_by_one = [grid.params(w[i : i + 1]) for i in range(0, rows, 7)]
+    assert torch.equal(scale[::7], torch.cat([s for s, _ in one_by_one]))
+    assert torch.equal(zero[::7], torch.cat([z for _, z in one_by_one]))

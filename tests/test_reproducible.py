@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from treeq.kernels import gram_bf16
 from treeq.methods.gptq import _prepare
 
 
@@ -44,3 +45,19 @@ def test_the_factor_alone_would_differ_without_single_threading():
     if same == "True":
         pytest.skip("this MKL's Cholesky is thread-independent already")
     assert same == "False"
+
+
+@pytest.mark.skipif(not gram_bf16.library()[0], reason="the bf16 Gram kernel needs AVX512-BF16")
+def test_bf16_gram_kernel_does_not_depend_on_threads():
+    x = (torch.randn(1001, 300, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            h = torch.zeros(300, 300)
+            gram_bf16.gram_update(h, x, 0.0, 1.0 / 1001)
+            results.append(h)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

@@ -16,8 +16,9 @@ from typing import Any, Callable, ClassVar
 import pydantic
 import torch
 
-from ..calib_precision import calibration_dtype
+from ..calib_precision import calibration_dtype, cpu_statistics
 from ..input_transform import InputTransform
+from ..kernels import gram_bf16
 from ..numerics import ROW_CHUNK, UniformGrid, dequantize_grouped, group_width, make_grid
 from ..schemes import WeightScheme
 
@@ -48,9 +49,10 @@ class InputStats:
     """Second moment H = E[x x^T] of a subset's input, accumulated in fp32 over calibration tokens.
 
     With ``dtype`` bf16 (calibration forwards autocast to bf16, so the layer multiplies bf16-rounded
-    inputs anyway), each batch's x^T x on a CPU rounds x to bf16 and accumulates in fp32: 2.8x
-    faster with native bf16, and H stays the exact Gram matrix of the rounded inputs, so positive
-    semi-definite. (Rounding x^T x's output to bf16 instead made Cholesky need 5x the damping.)
+    inputs anyway), each batch's x^T x rounds x to bf16 and sums the exact products in fp32, so H
+    is the Gram matrix of the rounded inputs and positive semi-definite; on a CPU by the fastest
+    route it has (:func:`treeq.calib_precision.cpu_statistics`). (Rounding a bf16 GEMM's output to
+    bf16 instead made Cholesky need 5x the damping.)
 
     Per-subset derived quantities (a factorised inverse, a permutation) are cached here so modules
     that share an input compute them once.
@@ -59,21 +61,27 @@ class InputStats:
     def __init__(self, in_features: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.dtype = dtype
+        # How x^T x of the rounded inputs is accumulated in fp32 (treeq.calib_precision.cpu_statistics).
+        low_precision_cpu = dtype != torch.float32 and torch.device(device).type == "cpu"
+        self.route = cpu_statistics() if low_precision_cpu else "fp32"
         self.tokens = 0
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        if self.dtype != torch.float32:
-            # Rounded here, not left to oneDNN's bf16 matmul mode: CPUs without AMX (Zen 4) ignore
-            # that mode and would accumulate the unrounded inputs.
-            x = x.to(self.dtype).float()
+        x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
         # Running mean keeps H's scale independent of the token count.
-        self.h.mul_(self.tokens / (self.tokens + n))
-        with _cpu_matmul_inputs(self.dtype if x.device.type == "cpu" else torch.float32):
-            self.h.addmm_(x.T, x, alpha=1.0 / (self.tokens + n))
+        keep, alpha = self.tokens / (self.tokens + n), 1.0 / (self.tokens + n)
+        if self.route == "kernel":
+            gram_bf16.gram_update(self.h, x if x.dtype == torch.bfloat16 else x.float(), keep, alpha)
+        else:
+            # Rounded here, not left to oneDNN's bf16 matmul mode: CPUs without AMX ignore that
+            # mode and would accumulate the unrounded inputs.
+            x = x.to(self.dtype).float()
+            self.h.mul_(keep)
+            with _cpu_matmul_inputs(torch.bfloat16 if self.route == "onednn" else torch.float32):
+                self.h.addmm_(x.T, x, alpha=alpha)
         self.tokens += n
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -86,9 +94,10 @@ class InputStats:
 
 @contextmanager
 def _cpu_matmul_inputs(dtype: torch.dtype):
-    """CPU fp32 matmuls round their inputs to ``dtype`` (bf16) and accumulate in fp32 (oneDNN).
-    The setting is process-wide; the looper never runs input statistics alongside other matmuls
-    (batches run one at a time, and methods only while every batch is paused)."""
+    """CPU fp32 matmuls round their inputs to ``dtype`` (bf16) and accumulate in fp32 (oneDNN; only
+    AMX CPUs apply it, the others ignore it). The setting is process-wide; the looper never runs
+    input statistics alongside other matmuls (batches run one at a time, and methods only while
+    every batch is paused)."""
     if dtype == torch.float32:
         yield
         return
