@@ -111,6 +111,8 @@ class GPTQ(Method):
             w = w[:, perm]
         codes = torch.empty(out, n_in, dtype=torch.uint8, device=w.device)
         u = prep.hinv_upper
+        # Python ints: a tensor index would make every column's params a gather, not a view.
+        group_list = group_of.tolist()
         for i1 in range(0, n_in, cfg.block_size):
             i2 = min(i1 + cfg.block_size, n_in)
             w1 = w[:, i1:i2].clone()
@@ -122,7 +124,7 @@ class GPTQ(Method):
                     # The group's params come from the weights as GPTQ has updated them so far.
                     current = torch.cat([w1[:, i:], w[:, i2 : col + gs]], dim=1)[:, :gs]
                     scales[col // gs], zeros[col // gs] = self.grid.params(current)
-                g = group_of[col]
+                g = group_list[col]
                 s, z = scales[g], zeros[g]
                 q = self.grid.quantize(w1[:, i], s, z)
                 codes[:, col] = q
