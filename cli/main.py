@@ -18,6 +18,7 @@ from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
 from treeq.methods import METHODS
+from treeq.model_card import record_perplexity
 from treeq.models import load_spec_file
 from treeq.schemes import WeightScheme
 
@@ -183,6 +184,7 @@ def quantize(model, method, options, overrides, calib_text, out, device, devices
         _print_ppl("fp       ", fp_ppl)
         _print_ppl(f"{method} w{w.bits}", q_ppl)
         click.echo(f"increase over fp: {q_ppl.ppl - fp_ppl.ppl:+.3f}")
+        record_perplexity(report.out, fp_ppl, q_ppl)
 
 
 def parse_override(text: str) -> dict:
