@@ -356,6 +356,7 @@ def dtype_option(default: str, multiple: bool = False):
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--explain", is_flag=True, help="why each other kernel was rejected")
+@click.option("--modules", "list_modules", is_flag=True, help="list every module under its scheme")
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--dtype",
@@ -367,7 +368,7 @@ def dtype_option(default: str, multiple: bool = False):
     help="activation dtypes to show kernel choices for (repeatable)",
 )
 @user_errors
-def inspect(directory, explain, device, dtypes):
+def inspect(directory, explain, list_modules, device, dtypes):
     """Format, size and kernel choice of a treeq checkpoint."""
     infos = {d: treeq.inspect_checkpoint(directory, device, DTYPES[d]) for d in dtypes}
     info = next(iter(infos.values()))
@@ -391,13 +392,35 @@ def inspect(directory, explain, device, dtypes):
         f"size on disk: {info.size_bytes / 2**20:.1f} MiB vs fp16 {info.fp16_bytes / 2**20:.1f} MiB "
         f"({info.size_bytes / info.fp16_bytes:.2f}x)"
     )
+    for scheme, modules in _by_scheme(info.formats).items():
+        click.echo(f"scheme {scheme}: {len(modules)} modules, e.g. {modules[0]}")
+        if list_modules:
+            click.echo("".join(f"  {m}\n" for m in modules), nl=False)
     for dtype, info in infos.items():
         for name, count in Counter(info.kernels.values()).items():
             click.echo(f"kernel on {device}/{dtype}: {name} for {count} modules")
         if explain:
             for kernel, reasons in info.rejected.items():
-                for module, reason in sorted(reasons.items()):
-                    click.echo(f"  {kernel} rejected for {module}: {reason}")
+                # One line per distinct reason: SmolLM2's 210 modules share a handful.
+                for reason, modules in _grouped(reasons).items():
+                    click.echo(f"  {kernel} rejected for {len(modules)} modules (e.g. {modules[0]}): {reason}")
+
+
+def _scheme_text(fmt) -> str:
+    group = "per-row" if fmt.group_size == -1 else f"g{fmt.group_size}"
+    return f"{fmt.bits}-bit {group} {'sym' if fmt.sym else 'asym'} {fmt.grid}"
+
+
+def _by_scheme(formats: dict) -> dict[str, list[str]]:
+    return _grouped({name: _scheme_text(fmt) for name, fmt in formats.items()})
+
+
+def _grouped(values: dict[str, str]) -> dict[str, list[str]]:
+    """value -> the sorted keys that have it."""
+    out: dict[str, list[str]] = {}
+    for key in sorted(values):
+        out.setdefault(values[key], []).append(key)
+    return out
 
 
 @main.command()

@@ -55,7 +55,10 @@ def test_quantize_inspect_eval_round_trip(model_dir, text_file, tmp_path):
     assert "kernel on cpu/float32: torch for 14 modules" in r.output
     fast = select_kernel(LinearFormat(4, 32, False, True, 64, 64), "cpu", torch.bfloat16).name  # what this CPU gets
     assert f"kernel on cpu/bfloat16: {fast} for 14 modules" in r.output
-    assert "torch rejected" not in r.output and "cpu_int4 rejected for model.layers.0.mlp.up_proj: dtype" in r.output
+    assert "torch rejected" not in r.output
+    # One line per distinct reason, not one per module.
+    assert "cpu_int4 rejected for 14 modules (e.g. model.layers.0.mlp.down_proj): dtype" in r.output
+    assert "scheme 4-bit g32 asym minmax: 14 modules" in r.output
 
     r = run("generate", out, "--prompt", "The river", "--max-new-tokens", 5, "--threads", 2)
     assert r.exit_code == 0, r.output

@@ -20,8 +20,15 @@ from .default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
 from .eval_tasks import TASKS, run_tasks
 from .experts import calibration_routing, layer_modules, unfuse_experts
-from .kernels import explain, select_kernel
-from .loading import linear_format_from, linear_shape, load_quantized, packed_weight_suffix, read_quantization_config
+from .kernels import LinearFormat, explain, select_kernel
+from .loading import (
+    linear_format_from,
+    linear_shape,
+    load_quantized,
+    packed_weight_suffix,
+    quantized_module_qcfg,
+    read_quantization_config,
+)
 from .looper import quantize_layers
 from .memory import release_free_heap
 from .models import spec_for
@@ -278,6 +285,7 @@ class CheckpointInfo:
     fp16_bytes: int
     kernels: dict[str, str]  # module -> chosen kernel
     rejected: dict[str, dict[str, str]]  # kernel -> {module: reason}, for --explain
+    formats: dict[str, LinearFormat]  # module -> its stored format (bits, groups, grid...)
 
 
 def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
@@ -291,14 +299,17 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
     fp16_bytes = 0
     kernels: dict[str, str] = {}
     rejected: dict[str, dict[str, str]] = {}
+    formats: dict[str, LinearFormat] = {}
     for weights in sorted(path.glob("*.safetensors")):  # one file, or the shards --low-memory writes
         with safe_open(weights, "pt") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
                 if key.endswith(suffix):
                     name = key[: -len(suffix)]
-                    in_f, out_f = linear_shape(qcfg, shape)
-                    fmt = linear_format_from(qcfg, in_f, out_f)
+                    module = quantized_module_qcfg(qcfg, name)
+                    in_f, out_f = linear_shape(module, shape)
+                    fmt = linear_format_from(module, in_f, out_f)
+                    formats[name] = fmt
                     fp16_bytes += in_f * out_f * 2
                     reasons = explain(fmt, device, dtype)
                     kernels[name] = select_kernel(fmt, device, dtype, reasons=reasons).name
@@ -308,7 +319,7 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                 elif key.rpartition(".")[2] not in quantized_state:
                     fp16_bytes += math.prod(shape) * 2
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected)
+    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected, formats)
 
 
 evaluate_tasks = run_tasks

@@ -256,7 +256,7 @@ def laid_out(tensors: dict[str, torch.Tensor], config: QuantConfig) -> dict[str,
     if w.format == "compressed-tensors":
         return compressed_tensors_format.to_compressed_tensors(tensors, w.bits, w.sym, w.group_size)
     if zero_point_version(config) == gptq_format.V1:
-        return gptq_format.to_v1(tensors, w.bits)
+        return gptq_format.to_v1(tensors, lambda name: module_scheme(config, name).bits)
     return tensors
 
 

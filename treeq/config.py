@@ -160,6 +160,8 @@ class QuantConfig(BaseModel):
         name = w.format
         if name == "gptq":
             return self
+        if any(not o.skip for o in self.overrides):
+            raise ValueError(f"per-module schemes need checkpoint_format 'gptq'; {name!r} holds one scheme")
         if name == "awq" and (w.bits != 4 or w.grid != UniformGrid.name):
             raise ValueError(f"checkpoint_format 'awq' holds 4-bit minmax grids only, not {w.bits}-bit {w.grid}")
         integer = w.bits in COMPRESSED_TENSORS_BITS and w.grid in INTEGER_ZERO_GRIDS

@@ -8,6 +8,8 @@ symmetric checkpoints (zero point = the middle code) and v2 for everything else.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import packing
@@ -30,14 +32,16 @@ def _qzeros_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k in tensors if k.endswith(".qzeros")]
 
 
-def to_v1(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
-    """A state dict with v2 zero points -> the same with v1's (zero - 1)."""
+def to_v1(tensors: dict[str, torch.Tensor], bits: int | Callable[[str], int]) -> dict[str, torch.Tensor]:
+    """A state dict with v2 zero points -> the same with v1's (zero - 1). ``bits``: every module's,
+    or a function of the module's name (per-module overrides)."""
     out = dict(tensors)
     for key in _qzeros_keys(tensors):
-        zeros = _zeros(out[key], bits)
+        b = _bits(bits, key)
+        zeros = _zeros(out[key], b)
         if bool((zeros == 0).any()):
             raise ValueError(f"{key}: a zero point of 0 cannot be written as GPTQ v1; write gptq_v2")
-        out[key] = _packed_zeros(zeros - 1, bits)
+        out[key] = _packed_zeros(zeros - 1, b)
     return out
 
 
@@ -46,18 +50,23 @@ def _ones(bits: int) -> int:
     return sum(1 << (bits * i) for i in range(packing.WORD_BITS // bits))
 
 
-def from_v1(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+def from_v1(tensors: dict[str, torch.Tensor], bits: int | Callable[[str], int]) -> dict[str, torch.Tensor]:
     """Inverse of v1's zero - 1, as GPTQModel undoes it: for 2/4/8 bits one add per word, which also
     undoes the borrow its word-wise subtraction left where a zero point was 0; 3-bit fields
-    straddle words, so each is shifted on its own."""
+    straddle words, so each is shifted on its own. ``bits`` as for :func:`to_v1`."""
     out = dict(tensors)
     for key in _qzeros_keys(tensors):
-        if packing.WORD_BITS % bits:
-            out[key] = _packed_zeros((_zeros(out[key], bits) + 1) % 2**bits, bits)
+        b = _bits(bits, key)
+        if packing.WORD_BITS % b:
+            out[key] = _packed_zeros((_zeros(out[key], b) + 1) % 2**b, b)
         else:
-            words = (out[key].to(torch.int64) + _ones(bits)) % 2**packing.WORD_BITS
+            words = (out[key].to(torch.int64) + _ones(b)) % 2**packing.WORD_BITS
             out[key] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return out
+
+
+def _bits(bits: int | Callable[[str], int], qzeros_key: str) -> int:
+    return bits if isinstance(bits, int) else bits(qzeros_key[: -len(".qzeros")])
 
 
 def stored_version(qcfg: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -72,8 +73,24 @@ def in_runtime_layout(state: dict[str, torch.Tensor], qcfg: dict) -> dict[str, t
     if layout == compressed_tensors_format.FORMAT:
         return compressed_tensors_format.from_compressed_tensors(state, qcfg)
     if layout == gptq_format.V1:
-        return gptq_format.from_v1(state, qcfg["bits"])
+        return gptq_format.from_v1(state, lambda name: module_qcfg(qcfg, name)["bits"])
     return state
+
+
+def module_qcfg(qcfg: dict, name: str) -> dict | None:
+    """``qcfg`` as it applies to the module ``name``: the first entry of GPTQModel's ``dynamic``
+    whose pattern matches (re.match) overrides the checkpoint-wide fields; None where a "-:" entry
+    leaves the module unquantized. A changed grid brings its own offset."""
+    for pattern, fields in qcfg.get("dynamic", {}).items():
+        if not re.match(pattern.removeprefix("-:").removeprefix("+:"), name):
+            continue
+        if pattern.startswith("-:"):
+            return None
+        out = {**qcfg, **fields}
+        if "grid" in fields:
+            out.pop("grid_offset", None)
+        return out
+    return qcfg
 
 
 def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> LinearFormat:
@@ -93,6 +110,13 @@ def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> Linea
         out_features=out_features,
         grid=grid,
     )
+
+
+def quantized_module_qcfg(qcfg: dict, name: str) -> dict:
+    found = module_qcfg(qcfg, name)
+    if found is None:
+        raise TreeqError(f"{name} has quantized tensors, but the checkpoint's dynamic says it is not quantized")
+    return found
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -120,7 +144,7 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     rotation = qcfg.get("input_transform", {}).get("rotation", {})
     for name in quantized:
         linear = model.get_submodule(name)
-        fmt = linear_format_from(qcfg, linear.in_features, linear.out_features)
+        fmt = linear_format_from(quantized_module_qcfg(qcfg, name), linear.in_features, linear.out_features)
         krot = None
         if f"{name}.channel_scales" in state:
             pairs = state.get(f"{name}.pairs")
