@@ -35,7 +35,7 @@ TILE_N, TILE_K = 16, 32
 UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's kMaxBlocks)
 # Token counts from which the next path takes over (bench/kernels.py; figures in
 # bench/results/kernels.md). Without AMX the vector path streams the codes, expanding them once per
-# four token rows; the expanded path expands them once per 48 rows into a buffer and keeps 24 sums
+# four token rows; the expanded path expands them once per 96 rows into a buffer and keeps 24 sums
 # in registers, as a GEMM library's inner kernel does. At 1 token the two were within noise of each
 # other (either ahead, by layer shape, on a Zen 4); from 8 tokens the expanded path was ahead on
 # every shape. With AMX the AMX path was 2x bf16 at 64 tokens, the most measured there; it re-reads
