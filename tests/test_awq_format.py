@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 import treeq
 from treeq import packing
-from treeq.awq_format import pack_rows, unpack_rows
 from treeq.errors import TreeqError
+from treeq.formats.awq import pack_rows, unpack_rows
 from treeq.quant_linear import QuantLinear
 
 # AutoAWQ's word layout, written out by hand: nibble i of word c holds output channel 8c + ORDER[i].

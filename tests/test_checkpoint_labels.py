@@ -9,8 +9,10 @@ from conftest import make_model
 from safetensors.torch import load_file, save_file
 
 import treeq
-from treeq import gptq_format, packing
-from treeq.checkpoint import FormatSummary, quantization_config
+from treeq import packing
+from treeq.checkpoint import quantization_config
+from treeq.formats import FormatSummary
+from treeq.formats import gptq as gptq_format
 from treeq.quant_linear import QuantLinear
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))

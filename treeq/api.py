@@ -14,7 +14,6 @@ from . import data, packing
 from .atomic import atomic_directory
 from .calib_precision import calibration_dtype
 from .checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
-from .compressed_tensors_format import QUANTIZED_STATE as CT_QUANTIZED_STATE
 from .config import QuantConfig
 from .default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL, default_model_path
 from .errors import TreeqError
@@ -25,9 +24,9 @@ from .loading import (
     linear_format_from,
     linear_shape,
     load_quantized,
-    packed_weight_suffix,
     quantized_module_qcfg,
     read_quantization_config,
+    stored_format,
 )
 from .looper import quantize_layers
 from .memory import release_free_heap
@@ -294,8 +293,8 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
 
     path = Path(path)
     qcfg = read_quantization_config(path)
-    suffix = packed_weight_suffix(qcfg)
-    quantized_state = (*QuantLinear.QUANTIZED_STATE, *CT_QUANTIZED_STATE)
+    stored = stored_format(qcfg)
+    suffix, quantized_state = stored.packed_suffix, (*QuantLinear.QUANTIZED_STATE, *stored.stored_state)
     fp16_bytes = 0
     kernels: dict[str, str] = {}
     rejected: dict[str, dict[str, str]] = {}

@@ -16,11 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 
 from .calib_precision import CALIB_DTYPES
 from .errors import from_validation
-from .numerics import INTEGER_ZERO_GRIDS, UniformGrid
-from .schemes import ActivationScheme, KVCacheScheme, ModuleOverride, WeightScheme
+from .formats import FORMATS
+from .schemes import ActivationScheme, KVCacheScheme, ModuleOverride, WeightScheme, scheme_for
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
-COMPRESSED_TENSORS_BITS = (4, 8)
 
 
 class CalibrationSettings(BaseModel):
@@ -156,25 +155,24 @@ class QuantConfig(BaseModel):
 
     @model_validator(mode="after")
     def _format_fits(self) -> "QuantConfig":
-        w, method = self.weights, _known_methods()[self.method]
-        name = w.format
-        if name == "gptq":
-            return self
-        if any(not o.skip for o in self.overrides):
-            raise ValueError(f"per-module schemes need checkpoint_format 'gptq'; {name!r} holds one scheme")
-        if name == "awq" and (w.bits != 4 or w.grid != UniformGrid.name):
-            raise ValueError(f"checkpoint_format 'awq' holds 4-bit minmax grids only, not {w.bits}-bit {w.grid}")
-        integer = w.bits in COMPRESSED_TENSORS_BITS and w.grid in INTEGER_ZERO_GRIDS
-        if name == "compressed-tensors" and not integer:
-            raise ValueError(f"checkpoint_format {name!r} holds 4- or 8-bit integer grids, not {w.bits}-bit {w.grid}")
-        if method.reorders_columns(method.parse_options(self.options)):
-            raise ValueError(
-                f"checkpoint_format {name!r} has no g_idx for act-order groups; "
-                "set static_groups=True or desc_act=False"
-            )
-        if method.adds_input_transform:
-            raise ValueError(f"checkpoint_format {name!r} cannot hold {self.method}'s input transform; use 'gptq'")
+        reason = FORMATS[self.weights.format].refuses(self)
+        if reason:
+            raise ValueError(reason)
         return self
+
+    def method_class(self):
+        return _known_methods()[self.method]
+
+    def all_schemes(self) -> list[WeightScheme]:
+        """Every weight scheme a module can get: the config's own and each override's."""
+        return [self.weights] + [o.apply(self.weights) for o in self.overrides if not o.skip]
+
+    def quantized_scheme(self, module: str) -> WeightScheme:
+        """The weight scheme a quantized module was quantized with (full module name)."""
+        scheme = scheme_for(module, self.weights, self.overrides)
+        if scheme is None:
+            raise ValueError(f"{module} was quantized although an override skips it")
+        return scheme
 
     @classmethod
     def build(cls, **kwargs) -> "QuantConfig":

@@ -13,10 +13,11 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import awq_format, compressed_tensors_format, gptq_format, packing
-from .checkpoint import QUANT_CONFIG_NAME, TREEQ_QUANT_METHOD, set_module
+from . import formats
+from .checkpoint import QUANT_CONFIG_NAME, set_module
 from .errors import TreeqError
 from .experts import unfuse_experts
+from .formats import CheckpointFormat
 from .kernels import LinearFormat, explain
 from .models import spec_for
 from .numerics import GRIDS, UniformGrid
@@ -26,55 +27,36 @@ log = logging.getLogger(__name__)
 
 
 def read_quantization_config(path: Path) -> dict:
-    """The checkpoint's quantization_config in the terms the loader reads: bits, group_size, sym,
-    desc_act, grid, and ``checkpoint_format`` naming the stored layout (GPTQ v1 ``gptq`` or
-    ``gptq_v2``, ``awq_gemm``, or ``pack-quantized``)."""
+    """The checkpoint's quantization_config in the terms the loader reads (bits, group_size, sym,
+    desc_act, grid), with ``reader`` naming the format (:mod:`treeq.formats`) that stored it."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise TreeqError(f"{path} has no config.json; give a directory written by `treeq quantize`")
     qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
     if qcfg is None and (path / QUANT_CONFIG_NAME).is_file():
         qcfg = json.loads((path / QUANT_CONFIG_NAME).read_text())
-    method = None if qcfg is None else qcfg.get("quant_method")
-    if method == "awq":
-        return awq_format.as_treeq_config(qcfg)
-    if method == compressed_tensors_format.QUANT_METHOD:
-        return compressed_tensors_format.as_treeq_config(qcfg)
-    if method not in ("gptq", TREEQ_QUANT_METHOD):
-        raise TreeqError(
-            f"{path} is not a GPTQ-, AWQ- or compressed-tensors-format quantized checkpoint (quant_method {method!r})"
-        )
-    if qcfg.get("pack_dtype", "int32") != "int32":
-        raise TreeqError(f"{path}: pack_dtype {qcfg['pack_dtype']!r} is not supported; treeq reads int32 words")
-    version = gptq_format.stored_version(qcfg)
-    return {**qcfg, "format": version, "checkpoint_format": version, "meta": qcfg.get("meta", {})}
+    if qcfg is None:
+        raise TreeqError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
+    try:
+        fmt = formats.reading(qcfg)
+        return {**fmt.reader_config(qcfg), "reader": fmt.name}
+    except TreeqError as e:
+        raise TreeqError(f"{path}: {e}") from None
 
 
-def packed_weight_suffix(qcfg: dict) -> str:
-    """How the checkpoint names a quantized linear's packed codes."""
-    return ".weight_packed" if qcfg["checkpoint_format"] == compressed_tensors_format.FORMAT else ".qweight"
+def stored_format(qcfg: dict) -> CheckpointFormat:
+    return formats.FORMATS[qcfg["reader"]]
 
 
 def linear_shape(qcfg: dict, packed_shape) -> tuple[int, int]:
-    """(in_features, out_features) of a quantized linear from its stored packed codes' shape."""
-    layout = qcfg["checkpoint_format"]
-    if layout == "awq_gemm":
-        return awq_format.linear_shape(packed_shape)
-    if layout == compressed_tensors_format.FORMAT:
-        return compressed_tensors_format.linear_shape(packed_shape, qcfg["bits"])
-    return packed_shape[0] * packing.WORD_BITS // qcfg["bits"], packed_shape[1]
+    """(in_features, out_features) of a quantized linear from its stored packed codes' shape;
+    ``qcfg`` the module's own (:func:`quantized_module_qcfg`)."""
+    return stored_format(qcfg).linear_shape(packed_shape, qcfg["bits"])
 
 
 def in_runtime_layout(state: dict[str, torch.Tensor], qcfg: dict) -> dict[str, torch.Tensor]:
     """A stored state dict converted, exactly, to treeq's GPTQ layout with v2 zero points."""
-    layout = qcfg["checkpoint_format"]
-    if layout == "awq_gemm":
-        return awq_format.from_awq(state, qcfg["group_size"])
-    if layout == compressed_tensors_format.FORMAT:
-        return compressed_tensors_format.from_compressed_tensors(state, qcfg)
-    if layout == gptq_format.V1:
-        return gptq_format.from_v1(state, lambda name: module_qcfg(qcfg, name)["bits"])
-    return state
+    return stored_format(qcfg).to_runtime(state, qcfg, lambda name: quantized_module_qcfg(qcfg, name)["bits"])
 
 
 def module_qcfg(qcfg: dict, name: str) -> dict | None:

@@ -16,9 +16,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
+from .formats import FORMAT_NAMES
 from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 
-CHECKPOINT_FORMATS = ("gptq", "awq", "compressed-tensors")
 ACTIVATION_BITS = (4, 6, 8)
 ACTIVATION_GRANULARITIES = ("per-token", "per-tensor", "per-group")
 KV_GRANULARITIES = ("per-channel", "per-token")
@@ -44,10 +44,10 @@ class WeightScheme(_Scheme):
     clip_search: bool | None = Field(
         None, description="search each row's clip ratio minimising weight error (default: the method's choice)"
     )
-    format: Literal[CHECKPOINT_FORMATS] = Field(  # type: ignore[valid-type]
+    format: Literal[FORMAT_NAMES] = Field(  # type: ignore[valid-type]
         "gptq",
-        description="tensor layout written: GPTQ (any setting), AutoAWQ's GEMM (4-bit minmax, no act-order) or "
-        "compressed-tensors pack-quantized (4/8-bit integer grids)",
+        description="checkpoint layout (treeq/formats/): gptq (any setting), awq (AutoAWQ GEMM: 4-bit minmax, "
+        "no act-order) or compressed-tensors (pack-quantized: 4/8-bit integer grids)",
     )
 
     @field_validator("group_size")

@@ -16,9 +16,10 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import FormatSummary, laid_out, swap_in_quantized
+from .checkpoint import laid_out, summary_of, swap_in_quantized
 from .config import QuantConfig
 from .errors import TreeqError
+from .formats import FormatSummary
 from .memory import release_free_heap
 from .methods import QuantResult
 from .models import TreeSpec
@@ -96,7 +97,7 @@ class LayerStream:
         prefix = f"{self.spec.layers}.{index}."
         tensors = {prefix + n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}
         self._write(laid_out(tensors, self.config), index + 1)
-        self.summary = self.summary.merge(FormatSummary.of(results, self.config))
+        self.summary = self.summary.merge(summary_of(results, self.config))
         layer.to("meta")
         release_free_heap()
 

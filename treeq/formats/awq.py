@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from . import packing
-from .errors import TreeqError
-from .numerics import group_width
+from .. import packing
+from ..errors import TreeqError
+from ..numerics import UniformGrid, group_width
+from .base import FormatSummary, SingleSchemeFormat
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 BITS = 4
@@ -116,3 +117,33 @@ def as_treeq_config(qcfg: dict) -> dict:
 def linear_shape(qweight_shape: tuple[int, int]) -> tuple[int, int]:
     """(in_features, out_features) of a linear from its AWQ qweight's shape."""
     return qweight_shape[0], qweight_shape[1] * PER_WORD
+
+
+class AWQFormat(SingleSchemeFormat):
+    name = "awq"
+    quant_methods = ("awq",)
+    stored_state = ("qweight", "qzeros", "scales")
+
+    def refuses(self, config) -> str | None:
+        w = config.weights
+        if w.bits != BITS or w.grid != UniformGrid.name:
+            return f"checkpoint_format 'awq' holds 4-bit minmax grids only, not {w.bits}-bit {w.grid}"
+        return super().refuses(config)
+
+    def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
+        return awq_quantization_config(config.weights.bits, config.weights.group_size, meta)
+
+    def to_stored(self, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+        return to_awq(tensors, config.weights.group_size)
+
+    def reader_config(self, qcfg: dict) -> dict:
+        return as_treeq_config(qcfg)
+
+    def to_runtime(self, state: dict[str, torch.Tensor], qcfg: dict, bits_of) -> dict[str, torch.Tensor]:
+        return from_awq(state, qcfg["group_size"])
+
+    def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
+        return linear_shape(packed_shape)
+
+
+FORMAT = AWQFormat()

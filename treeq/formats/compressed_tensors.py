@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import torch
 
-from . import packing
-from .errors import TreeqError
-from .numerics import group_width
+from .. import packing
+from ..errors import TreeqError
+from ..numerics import INTEGER_ZERO_GRIDS, group_width
+from .base import FormatSummary, SingleSchemeFormat
 
 QUANT_METHOD = "compressed-tensors"
-FORMAT = "pack-quantized"
+LAYOUT = "pack-quantized"
 # 3-bit codes straddle words, and compressed-tensors releases have packed them differently.
 READABLE_BITS = (2, 4, 8)
+WRITABLE_BITS = (4, 8)
 # A quantized linear's tensors, as named in checkpoints.
 QUANTIZED_STATE = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
@@ -103,7 +105,7 @@ def quantization_config(bits: int, sym: bool, group_size: int, ignore: list[str]
     }
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMAT,
+        "format": LAYOUT,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
@@ -111,7 +113,7 @@ def quantization_config(bits: int, sym: bool, group_size: int, ignore: list[str]
                 "weights": weights,
                 "input_activations": None,
                 "output_activations": None,
-                "format": FORMAT,
+                "format": LAYOUT,
             }
         },
         "ignore": ignore,
@@ -125,10 +127,10 @@ def as_treeq_config(qcfg: dict) -> dict:
     """A compressed-tensors quantization_config in the terms treeq's loader reads."""
     groups = qcfg.get("config_groups") or {}
     fmt = qcfg.get("format")
-    if fmt != FORMAT or len(groups) != 1:
+    if fmt != LAYOUT or len(groups) != 1:
         raise TreeqError(
             f"compressed-tensors checkpoint with format {fmt!r} and {len(groups)} scheme groups: treeq reads "
-            f"one weight-only '{FORMAT}' scheme"
+            f"one weight-only '{LAYOUT}' scheme"
         )
     scheme = next(iter(groups.values()))
     weights = scheme.get("weights") or {}
@@ -145,7 +147,7 @@ def as_treeq_config(qcfg: dict) -> dict:
         )
     return {
         "quant_method": QUANT_METHOD,
-        "checkpoint_format": FORMAT,
+        "checkpoint_format": LAYOUT,
         "bits": weights["num_bits"],
         "group_size": weights["group_size"] if strategy == "group" else -1,
         "sym": bool(weights.get("symmetric", True)),
@@ -157,3 +159,36 @@ def as_treeq_config(qcfg: dict) -> dict:
 def linear_shape(packed_shape: tuple[int, int], bits: int) -> tuple[int, int]:
     """(in_features, out_features) of a linear from its weight_packed's shape."""
     return packed_shape[1] * packing.WORD_BITS // bits, packed_shape[0]
+
+
+class CompressedTensorsFormat(SingleSchemeFormat):
+    name = "compressed-tensors"
+    quant_methods = (QUANT_METHOD,)
+    packed_suffix = ".weight_packed"
+    stored_state = QUANTIZED_STATE
+
+    def refuses(self, config) -> str | None:
+        w = config.weights
+        if w.bits not in WRITABLE_BITS or w.grid not in INTEGER_ZERO_GRIDS:
+            return f"checkpoint_format {self.name!r} holds 4- or 8-bit integer grids, not {w.bits}-bit {w.grid}"
+        return super().refuses(config)
+
+    def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
+        w = config.weights
+        return quantization_config(w.bits, summary.sym, w.group_size, list(unquantized), meta)
+
+    def to_stored(self, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+        w = config.weights
+        return to_compressed_tensors(tensors, w.bits, w.sym, w.group_size)
+
+    def reader_config(self, qcfg: dict) -> dict:
+        return as_treeq_config(qcfg)
+
+    def to_runtime(self, state: dict[str, torch.Tensor], qcfg: dict, bits_of) -> dict[str, torch.Tensor]:
+        return from_compressed_tensors(state, qcfg)
+
+    def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
+        return linear_shape(packed_shape, bits)
+
+
+FORMAT = CompressedTensorsFormat()

@@ -12,8 +12,10 @@ from typing import Callable
 
 import torch
 
-from . import packing
-from .errors import TreeqError
+from .. import packing
+from ..errors import TreeqError
+from ..numerics import INTEGER_ZERO_GRIDS, make_grid
+from .base import CheckpointFormat, FormatSummary
 
 V1 = "gptq"
 V2 = "gptq_v2"
@@ -80,3 +82,87 @@ def stored_version(qcfg: dict) -> str:
     if version not in VERSIONS:
         raise TreeqError(f"GPTQ checkpoint format {version!r} is not supported; treeq reads {' and '.join(VERSIONS)}")
     return version
+
+
+# treeq's own checkpoints that only treeq.load computes correctly (an offset grid, an input
+# transform): GPTQ loaders do not know this quant_method, so they refuse instead of misreading.
+TREEQ_QUANT_METHOD = "treeq"
+# Method options that GPTQ loaders' quantize_config also names, recorded where a method has them.
+GPTQ_METHOD_FIELDS = ("static_groups", "damp_percent")
+
+
+def other_loaders_run(config) -> bool:
+    """Whether GPTQ loaders (GPTQModel, transformers, vLLM) compute what treeq does with this
+    checkpoint: integer zero points without a grid offset, and no input transform."""
+    grids_run = all(s.grid in INTEGER_ZERO_GRIDS for s in config.all_schemes())
+    return grids_run and not config.method_class().adds_input_transform
+
+
+def zero_point_version(config) -> str:
+    """GPTQ v1 for symmetric checkpoints other loaders run (unless v2 is asked for); v2 otherwise,
+    since v1 cannot hold an asymmetric zero point of 0."""
+    all_sym = all(s.sym for s in config.all_schemes())
+    v1 = config.checkpoint.gptq_version == 1 and all_sym and other_loaders_run(config)
+    return V1 if v1 else V2
+
+
+def dynamic(overrides) -> dict:
+    """Per-module overrides in GPTQModel's and vLLM's ``dynamic`` form: "-:" skips, "+:" changes
+    fields; patterns keep their meaning, since both sides match with re.match, first match first."""
+    return {("-:" if o.skip else "+:") + o.pattern: o.changes() for o in overrides}
+
+
+class GPTQFormat(CheckpointFormat):
+    """GPTQ's layout, the one treeq computes in: every setting fits, act-order and overrides too."""
+
+    name = "gptq"
+    quant_methods = ("gptq", TREEQ_QUANT_METHOD)
+    stored_state = ("qweight", "qzeros", "scales", "g_idx")
+
+    def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
+        if summary.transform is not None and other_loaders_run(config):
+            raise ValueError(f"{config.method} wrote an input transform it does not declare (adds_input_transform)")
+        version, w = zero_point_version(config), config.weights
+        options = config.method_class().parse_options(config.options)
+        method_fields = {k: v for k, v in (options.model_dump() if options else {}).items() if k in GPTQ_METHOD_FIELDS}
+        qcfg = {
+            "quant_method": "gptq" if other_loaders_run(config) else TREEQ_QUANT_METHOD,
+            # GPTQModel reads `format`, older tools `checkpoint_format`: both say the same.
+            "format": version,
+            "checkpoint_format": version,
+            "pack_dtype": "int32",
+            "bits": w.bits,
+            "group_size": w.group_size,
+            "desc_act": summary.desc_act,
+            "sym": summary.sym,
+            **method_fields,
+            "true_sequential": config.calibration.true_sequential,
+            **make_grid(w.grid, w.bits, w.sym).describe(),
+            "meta": {**meta, "zero_points": version},
+        }
+        if config.overrides:
+            qcfg["dynamic"] = dynamic(config.overrides)
+        if summary.transform is not None:
+            # y = transform(x) @ dequant(qweight)^T, the transform's buffers stored per module.
+            qcfg["input_transform"] = summary.transform
+        return qcfg
+
+    def to_stored(self, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+        if zero_point_version(config) == V1:
+            return to_v1(tensors, lambda name: config.quantized_scheme(name).bits)
+        return tensors
+
+    def reader_config(self, qcfg: dict) -> dict:
+        if qcfg.get("pack_dtype", "int32") != "int32":
+            raise TreeqError(f"pack_dtype {qcfg['pack_dtype']!r} is not supported; treeq reads int32 words")
+        version = stored_version(qcfg)
+        return {**qcfg, "format": version, "checkpoint_format": version, "meta": qcfg.get("meta", {})}
+
+    def to_runtime(self, state: dict[str, torch.Tensor], qcfg: dict, bits_of) -> dict[str, torch.Tensor]:
+        return from_v1(state, bits_of) if qcfg["checkpoint_format"] == V1 else state
+
+    def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
+        return packed_shape[0] * packing.WORD_BITS // bits, packed_shape[1]
+
+
+FORMAT = GPTQFormat()
