@@ -17,6 +17,7 @@ from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
 from treeq.eval_tasks import TASKS, task_dir
+from treeq.input_transform import InputTransform
 from treeq.methods import METHODS
 from treeq.model_card import record_perplexity
 from treeq.models import load_spec_file
@@ -383,11 +384,7 @@ def inspect(directory, explain, list_modules, device, dtypes):
     )
     transform = q.get("input_transform")
     if transform:
-        rot = transform.get("rotation")
-        steps = ["x / channel_scales"]
-        if rot:
-            steps.append(f"{rot['krot']} layers of pairwise rotations in groups of {rot['group_size']}")
-        click.echo(f"input transform (before the matmul): {', then '.join(steps)}")
+        click.echo(f"input transform (before the matmul): {InputTransform.explain(transform)}")
     click.echo(
         f"size on disk: {info.size_bytes / 2**20:.1f} MiB vs fp16 {info.fp16_bytes / 2**20:.1f} MiB "
         f"({info.size_bytes / info.fp16_bytes:.2f}x)"

@@ -58,5 +58,8 @@ def test_quantized_state_names_every_buffer_but_bias():
     from treeq.quant_linear import QuantLinear
 
     fmt = LinearFormat(bits=4, group_size=32, sym=True, desc_act=False, in_features=64, out_features=32)
-    layer = QuantLinear(fmt, bias=True, krot=2, rotation_group_size=32)
+    from treeq.input_transform import InputTransform
+
+    transform = InputTransform.stored_for("m", {"m.channel_scales": 0, "m.pairs": torch.zeros(2, 64)}, None, 64)
+    layer = QuantLinear(fmt, bias=True, transform=transform)
     assert {n for n, _ in layer.named_buffers()} - {"bias"} == set(QuantLinear.QUANTIZED_STATE)

@@ -15,6 +15,9 @@ import torch
 
 from . import rotation
 
+# The buffers any input transform may store per module, as named in checkpoints.
+BUFFERS = ("channel_scales", "pairs", "theta")
+
 
 @dataclass
 class InputTransform:
@@ -34,11 +37,50 @@ class InputTransform:
             out["rotation"] = {"kind": "pairwise_givens", "krot": self.krot, "group_size": self.group_size}
         return out
 
+    @staticmethod
+    def explain(described: dict) -> str:
+        """:meth:`describe`'s record as a line for ``treeq inspect``."""
+        steps = ["x / channel_scales"]
+        rot = described.get("rotation")
+        if rot:
+            steps.append(f"{rot['krot']} layers of pairwise rotations in groups of {rot['group_size']}")
+        return ", then ".join(steps)
+
     def buffers(self) -> dict[str, torch.Tensor]:
         out = {"channel_scales": self.channel_scales.float()}
         if self.krot:
             out.update(pairs=self.pairs.to(torch.int16), theta=self.theta.float())
         return out
+
+    @classmethod
+    def from_buffers(cls, buffers: dict[str, torch.Tensor], group_size: int) -> "InputTransform":
+        return cls(buffers["channel_scales"], buffers.get("pairs"), buffers.get("theta"), group_size)
+
+    @classmethod
+    def stored_for(cls, module: str, state: dict, described: dict | None, in_features: int) -> "InputTransform | None":
+        """An empty transform shaped like the one a checkpoint stores for ``module`` (its keys in
+        ``state``), to load into; None when the module has none."""
+        if f"{module}.channel_scales" not in state:
+            return None
+        pairs = state.get(f"{module}.pairs")
+        krot = 0 if pairs is None else pairs.shape[0]
+        group_size = (described or {}).get("rotation", {}).get("group_size", 0)
+        if not krot:
+            return cls(torch.ones(in_features), group_size=group_size)
+        zeros = torch.zeros(krot, in_features, dtype=torch.int16), torch.zeros(krot, in_features // 2)
+        return cls(torch.ones(in_features), *zeros, group_size)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``rotate(x / channel_scales)`` in ``x``'s dtype; rotations use the Triton kernel on GPU."""
+        x = x / self.channel_scales.to(x.dtype)
+        if not self.krot:
+            return x
+        if x.is_cuda:
+            from .kernels.triton_rotation import triton_available, triton_rotate
+
+            if triton_available():
+                return triton_rotate(x, self.pairs, self.theta, self.group_size)
+        return rotation.rotate(x, self.pairs, self.theta.float(), self.group_size).to(x.dtype)
 
     def effective_weight(self, quantized: torch.Tensor) -> torch.Tensor:
         """The dense weight in the original input basis: R^-1 applied to rows, then columns / s."""
@@ -46,22 +88,3 @@ class InputTransform:
         if self.krot:
             w = rotation.rotate(w, self.pairs, self.theta.float(), self.group_size, inverse=True)
         return w / self.channel_scales.float()
-
-
-def apply_input_transform(
-    x: torch.Tensor,
-    channel_scales: torch.Tensor,
-    pairs: torch.Tensor | None,
-    theta: torch.Tensor | None,
-    group_size: int,
-) -> torch.Tensor:
-    """``rotate(x / channel_scales)`` in ``x``'s dtype; rotations use the Triton kernel on GPU."""
-    x = x / channel_scales.to(x.dtype)
-    if pairs is None or pairs.shape[0] == 0:
-        return x
-    if x.is_cuda:
-        from .kernels.triton_rotation import triton_available, triton_rotate
-
-        if triton_available():
-            return triton_rotate(x, pairs, theta, group_size)
-    return rotation.rotate(x, pairs, theta.float(), group_size).to(x.dtype)

@@ -18,6 +18,7 @@ from .checkpoint import QUANT_CONFIG_NAME, set_module
 from .errors import TreeqError
 from .experts import unfuse_experts
 from .formats import CheckpointFormat
+from .input_transform import InputTransform
 from .kernels import LinearFormat, explain
 from .models import spec_for
 from .numerics import GRIDS, UniformGrid
@@ -123,15 +124,12 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     unfuse_experts(model, spec)  # checkpoints hold one set of quantized tensors per expert
     quantized = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
-    rotation = qcfg.get("input_transform", {}).get("rotation", {})
+    described = qcfg.get("input_transform")
     for name in quantized:
         linear = model.get_submodule(name)
         fmt = linear_format_from(quantized_module_qcfg(qcfg, name), linear.in_features, linear.out_features)
-        krot = None
-        if f"{name}.channel_scales" in state:
-            pairs = state.get(f"{name}.pairs")
-            krot = 0 if pairs is None else pairs.shape[0]
-        layer = QuantLinear(fmt, linear.bias is not None, dtype, krot, rotation.get("group_size", 0))
+        transform = InputTransform.stored_for(name, state, described, linear.in_features)
+        layer = QuantLinear(fmt, linear.bias is not None, dtype, transform)
         set_module(model, name, layer)
     # Assigning takes each tensor's own dtype; the rest of the model (embeddings, norms, lm_head)
     # must run in ``dtype`` too, or an fp32 lm_head dominates a bf16 decode step.

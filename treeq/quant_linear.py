@@ -1,14 +1,14 @@
 """The module that replaces an nn.Linear: GPTQ-layout tensors plus the kernel chosen to run them,
-and optionally an input transform (channel scales, then pairwise rotations) applied before the
-kernel's matmul."""
+and optionally an input transform (:mod:`treeq.input_transform`, its buffers stored beside the
+weight's) and an input quantizer applied before the kernel's matmul."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from . import packing
-from .input_transform import InputTransform, apply_input_transform
+from . import input_transform, packing
+from .input_transform import InputTransform
 from .kernels import LinearFormat, select_kernel
 from .methods import QuantResult
 from .numerics import SCALE_DTYPE, dequantize_grouped, group_width
@@ -16,18 +16,17 @@ from .numerics import SCALE_DTYPE, dequantize_grouped, group_width
 
 class QuantLinear(nn.Module):
     # Buffers that hold the quantized weight (all but bias), as named in checkpoints.
-    QUANTIZED_STATE = ("qweight", "qzeros", "scales", "g_idx", "channel_scales", "pairs", "theta")
+    QUANTIZED_STATE = ("qweight", "qzeros", "scales", "g_idx", *input_transform.BUFFERS)
 
     def __init__(
         self,
         fmt: LinearFormat,
         bias: bool,
         bias_dtype: torch.dtype = torch.float16,
-        krot: int | None = None,
-        rotation_group_size: int = 0,
+        transform: InputTransform | None = None,
     ):
-        """``krot``: None for no input transform, 0 for channel scales only, else the number of
-        rotation layers (in groups of ``rotation_group_size`` channels) after the scales."""
+        """``transform``: the input transform whose buffers this layer holds (values to be loaded
+        or copied in), or None."""
         super().__init__()
         self.fmt = fmt
         self.in_features, self.out_features = fmt.in_features, fmt.out_features
@@ -41,11 +40,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, fmt.out_features, dtype=SCALE_DTYPE))
         self.register_buffer("g_idx", torch.arange(fmt.in_features, dtype=torch.int32) // gs)
         self.register_buffer("bias", torch.zeros(fmt.out_features, dtype=bias_dtype) if bias else None)
-        self.rotation_group_size = rotation_group_size
-        n = fmt.in_features
-        self.register_buffer("channel_scales", None if krot is None else torch.ones(n))
-        self.register_buffer("pairs", torch.zeros(krot, n, dtype=torch.int16) if krot else None)
-        self.register_buffer("theta", torch.zeros(krot, n // 2) if krot else None)
+        stored = {} if transform is None else transform.buffers()
+        self.transform_buffers = tuple(stored)
+        self.transform_group_size = 0 if transform is None else transform.group_size
+        for name, value in stored.items():
+            self.register_buffer(name, value.detach().cpu().clone())
         self.kernel = None
         self.kernel_state = None
         # Fake-quantizes the matmul's input (treeq.runtime.activations); None: inputs as they come.
@@ -53,13 +52,8 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_result(cls, fmt: LinearFormat, result: QuantResult, bias: torch.Tensor | None) -> "QuantLinear":
-        t = result.transform
         bias_dtype = bias.dtype if bias is not None else torch.float16
-        krot, rotation_group = (None, 0) if t is None else (t.krot, t.group_size)
-        layer = cls(fmt, bias is not None, bias_dtype, krot, rotation_group)
-        if t is not None:
-            for name, value in t.buffers().items():
-                setattr(layer, name, value.detach().cpu().clone())
+        layer = cls(fmt, bias is not None, bias_dtype, result.transform)
         layer.qweight = packing.pack(result.codes.T.cpu(), fmt.bits)
         layer.qzeros = packing.pack(result.zeros.T.cpu(), fmt.bits).T.contiguous()
         layer.scales = result.scales.cpu().to(SCALE_DTYPE)
@@ -79,9 +73,11 @@ class QuantLinear(nn.Module):
 
     @property
     def transform(self) -> InputTransform | None:
-        if self.channel_scales is None:
+        if not self.transform_buffers:
             return None
-        return InputTransform(self.channel_scales, self.pairs, self.theta, self.rotation_group_size)
+        return InputTransform.from_buffers(
+            {n: getattr(self, n) for n in self.transform_buffers}, self.transform_group_size
+        )
 
     def effective_weight(self) -> torch.Tensor:
         """The dense weight this layer applies to its untransformed input."""
@@ -95,8 +91,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
             self.select_kernel(x.device.type, x.dtype)
-        if self.channel_scales is not None:
-            x = apply_input_transform(x, self.channel_scales, self.pairs, self.theta, self.rotation_group_size)
+        transform = self.transform
+        if transform is not None:
+            x = transform.apply(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return self.kernel.forward(self, x)
