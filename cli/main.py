@@ -21,6 +21,7 @@ from treeq.input_transform import InputTransform
 from treeq.methods import METHODS
 from treeq.model_card import record_perplexity
 from treeq.models import load_spec_file
+from treeq.recipe import merged, read_recipe
 from treeq.schemes import WeightScheme
 
 from .config_options import derived_options, parse_key_values, settings_from
@@ -116,7 +117,15 @@ SETTINGS = {
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="gptq", show_default=True)
+@click.option(
+    "--config",
+    "recipe",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="a recipe (YAML or JSON of QuantConfig's fields, e.g. an output directory's recipe.yaml); "
+    "options given on the command line change it",
+)
+@click.option("--method", type=click.Choice(sorted(METHODS)), default=None, help="[default: gptq]")
 @derived_options(SETTINGS)
 @click.option(
     "--option",
@@ -154,16 +163,34 @@ SETTINGS = {
 @spec_option
 @threads_option
 @user_errors
-def quantize(model, method, options, overrides, calib_text, out, device, devices, low_memory, evaluate, eval_windows,
-             threads, **settings):
+def quantize(
+    model,
+    recipe,
+    method,
+    options,
+    overrides,
+    calib_text,
+    out,
+    device,
+    devices,
+    low_memory,
+    evaluate,
+    eval_windows,
+    threads,
+    **settings,
+):
     """Quantize MODEL (a local HF directory; omit it for the built-in SmolLM2-135M) and save it."""
     _set_threads(threads)
     builtin = model is None
-    nested = settings_from(settings)
-    nested["options"] = {**nested.get("options", {}), **parse_key_values(options)}
-    config = treeq.QuantConfig.build(method=method, overrides=[parse_override(o) for o in overrides], **nested)
+    given = settings_from(settings)
+    given["options"] = {**given.get("options", {}), **parse_key_values(options)}
+    if method is not None:
+        given["method"] = method
+    if overrides:
+        given["overrides"] = [parse_override(o) for o in overrides]
+    config = treeq.QuantConfig.build(**merged(read_recipe(recipe) if recipe else {}, given))
     config = treeq.api.for_model(config, model)
-    w = config.weights
+    method, w = config.method, config.weights
     if out is None:
         out = _free_path(Path("treeq-out") / f"{_model_name(model)}-{method}-w{w.bits}g{w.group_size}")
     elif out.exists():

@@ -40,6 +40,7 @@ from .schemes import WeightScheme, scheme_for
 from .spec_check import check_spec
 from .speed import Speed, generate, measure_speeds
 from .streaming import LayerStream, ShardReader
+from .version import __version__
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -151,17 +152,21 @@ def quantize(
     if out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
     log = log or QuantLog(echo=tqdm.write)
+    log.lines.append(f"treeq {__version__} quantize, calibration text {calib_text}: {config.model_dump_json()}")
     if low_memory:
-        return _quantize_streaming(model, config, out, calib_text, device, log, workers, devices)
+        with log.capturing():
+            return _quantize_streaming(model, config, out, calib_text, device, log, workers, devices)
     if tokenizer is None:
         model, tokenizer = load_fp_model(model)
     spec = spec_for(model.config)
     _prepare(model, spec, config)
     start = time.perf_counter()
     batches = _calibration_batches(tokenizer, config, calib_text)
-    results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices)
+    with log.capturing():
+        results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices)
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start
+    log.lines.append(f"quantized {len(log.records)} modules in {seconds:.1f} s")
     save_quantized(model, tokenizer, config, results, out, log, source=source_name(model.config._name_or_path))
     return QuantizeReport(out, seconds, log, model, tokenizer)
 

@@ -24,6 +24,7 @@ from .methods import QuantResult
 from .model_card import QUANT_CONFIG_NAME, write_model_card
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
+from .recipe import RECIPE_NAME, recipe_text
 from .schemes import WeightScheme
 from .version import __version__
 
@@ -176,6 +177,7 @@ def write_metadata(
     (directory / QUANT_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2))
     tokenizer.save_pretrained(directory)
     log.save(directory)
+    (directory / RECIPE_NAME).write_text(recipe_text(config))
     write_model_card(directory, qcfg)
 
 

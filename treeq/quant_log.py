@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import logging
 import resource
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 LOG_NAME = "quant_log.csv"
+RUN_LOG_NAME = "quantize.log"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -45,17 +48,42 @@ def format_record(r: ModuleRecord) -> str:
 
 
 class QuantLog:
+    """The per-module table, and every line of the run (the table, and treeq's log messages while
+    it runs: see :meth:`capturing`), written as quant_log.csv and quantize.log."""
+
     def __init__(self, echo=print):
         self.records: list[ModuleRecord] = []
+        self.lines: list[str] = []
         self.echo = echo
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        self.echo(line)
 
     def add(self, record: ModuleRecord) -> None:
         if not self.records:
-            self.echo(_HEADER)
+            self.say(_HEADER)
         self.records.append(record)
-        self.echo(format_record(record))
+        self.say(format_record(record))
+
+    @contextmanager
+    def capturing(self):
+        """treeq's log messages (warnings such as a retried Cholesky) join the run's lines."""
+        log = self
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                log.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+        handler, logger = Keep(logging.INFO), logging.getLogger("treeq")
+        logger.addHandler(handler)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(handler)
 
     def save(self, directory: Path) -> None:
+        (Path(directory) / RUN_LOG_NAME).write_text("".join(f"{line}\n" for line in self.lines))
         with open(Path(directory) / LOG_NAME, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[x.name for x in fields(ModuleRecord)])
             writer.writeheader()
