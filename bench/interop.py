@@ -5,7 +5,8 @@
 The side Python has GPTQModel, transformers and compressed-tensors (GPTQModel asks for a newer torch
 than treeq's, so it lives in its own environment with torch pinned to treeq's version); it runs this
 same file as `side ...` and never imports treeq. The main run quantizes SmolLM2-135M with treeq
-(GPTQ 4-bit g64: sym/asym x act-order on/off; a compressed-tensors export; an RTN half-step grid),
+(GPTQ 4-bit g64: sym/asym x act-order on/off, the latter two also as compressed-tensors; an RTN
+half-step grid),
 has GPTQModel quantize it too, then for each checkpoint compares wiki-test perplexity, logits and
 top-1 tokens of the foreign loader with `treeq.load`'s in the same dtype (bf16), beside the distance
 between treeq's own reference (`torch`) and fast kernels. Checkpoints are reused when present.
@@ -76,15 +77,18 @@ def side(argv: list[str]) -> None:
 
 # ---- the main run (treeq) ---------------------------------------------------------------------
 
+# Calibration is shortened (the loaders read the same bits whatever the calibration); the default
+# 128 x 512 tokens would take each GPTQ run several times longer on a shared 2-core machine.
+CALIBRATION = dict(calib_samples=32, seqlen=512)
 VARIANTS = {  # name -> QuantConfig settings on top of GPTQ 4-bit g64
     "gptq-sym-actorder": dict(),
     "gptq-sym": dict(desc_act=False),
     "gptq-asym-actorder": dict(sym=False),
     "gptq-asym": dict(sym=False, desc_act=False),
-    "ct-sym": dict(desc_act=False, checkpoint_format="compressed-tensors"),
-    "ct-asym": dict(desc_act=False, sym=False, checkpoint_format="compressed-tensors"),
     "rtn-half-step": dict(method="rtn", grid="half-step"),
 }
+# compressed-tensors exports: the same bits as a GPTQ checkpoint without act-order, laid out anew.
+RELAYOUTS = {"ct-sym": "gptq-sym", "ct-asym": "gptq-asym"}
 FOREIGN = {"ct": "transformers"}  # checkpoint family -> the loader that reads it (else GPTQModel)
 SIDE_ENV = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")  # GPTQModel's default CPU pool wants more than 2 cores
 
@@ -93,19 +97,44 @@ def run_side(side_python: str, *args: str) -> None:
     subprocess.run([side_python, __file__, "side", *args], check=True, env=SIDE_ENV)
 
 
+def as_compressed_tensors(src: Path, dst: Path) -> None:
+    """The GPTQ checkpoint ``src`` rewritten as treeq writes compressed-tensors: the same codes,
+    scales and zero points in the pack-quantized layout, with its quantization_config."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from treeq.formats import compressed_tensors as ct
+    from treeq.loading import in_runtime_layout, read_quantization_config
+
+    qcfg = read_quantization_config(src)
+    state = in_runtime_layout(load_file(src / "model.safetensors"), qcfg)
+    shutil.copytree(src, dst)
+    save_file(ct.to_compressed_tensors(state, qcfg["bits"], qcfg["sym"], qcfg["group_size"]), dst / "model.safetensors")
+    hf = json.loads((src / "config.json").read_text())
+    hf["quantization_config"] = ct.quantization_config(
+        qcfg["bits"], qcfg["sym"], qcfg["group_size"], ["lm_head"], qcfg["meta"]
+    )
+    (dst / "config.json").write_text(json.dumps(hf, indent=2))
+    (dst / "quantize_config.json").write_text(json.dumps(hf["quantization_config"], indent=2))
+
+
 def ensure_checkpoints(work: Path, side_python: str) -> None:
     import treeq
     from treeq.data import builtin_text, calibration_batches
 
     for name, settings in VARIANTS.items():
         if not (work / name).is_dir():
-            cfg = treeq.QuantConfig(**{"method": "gptq", "bits": 4, "group_size": 64, **settings})
+            cfg = treeq.QuantConfig(**{"method": "gptq", "bits": 4, "group_size": 64, **CALIBRATION, **settings})
             treeq.quantize(None, cfg, work / name)
+    for name, src in RELAYOUTS.items():
+        if not (work / name).is_dir():
+            as_compressed_tensors(work / src, work / name)
     if not (work / "by-gptqmodel").is_dir():
         from treeq.default_model import default_model_path
 
         _, tok = treeq.load_fp_model()
-        batches = calibration_batches(tok, builtin_text("wiki-train"), 128, 512, 8)
+        batches = calibration_batches(tok, builtin_text("wiki-train"), CALIBRATION["calib_samples"], 512, 8)
         texts = work / "calibration.json"
         texts.write_text(json.dumps([tok.decode(row) for b in batches for row in b]))
         run_side(side_python, "quantize", str(default_model_path()), str(work / "by-gptqmodel"), str(texts))
@@ -142,7 +171,7 @@ def run(work: Path, side_python: str, windows: int) -> list[str]:
         "| treeq ref vs fast: logits dist. / top-1 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name in [*VARIANTS, "by-gptqmodel"]:
+    for name in [*VARIANTS, *RELAYOUTS, "by-gptqmodel"]:
         path = work / name
         loader = FOREIGN.get(name.split("-")[0], "gptqmodel")
         out = work / f"{name}.{loader}.pt"
