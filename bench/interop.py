@@ -94,7 +94,8 @@ SIDE_ENV = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")  # GPTQModel's default CP
 
 
 def run_side(side_python: str, *args: str) -> None:
-    subprocess.run([side_python, __file__, "side", *args], check=True, env=SIDE_ENV)
+    # -P: not this folder on sys.path, where bench/kernels.py would pass for the `kernels` package.
+    subprocess.run([side_python, "-P", __file__, "side", *args], check=True, env=SIDE_ENV)
 
 
 def as_compressed_tensors(src: Path, dst: Path) -> None:
