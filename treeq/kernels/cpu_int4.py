@@ -29,7 +29,7 @@ OP_GROUP_SIZES = (256, 128, 64, 32)
 INNER_K_TILES = 2
 # The op fell behind bf16 from 8 tokens on a 4096-wide layer and stays at ~0.4x beyond; the blocked
 # GEMM, its dequantization costing about as much as 20 tokens of bf16 GEMM, overtakes it at ~64
-# (Zen 4, bench/results/kernels.md). Read at each call, so tests can force either path.
+# (Zen 5, bench/results/kernels.md). Read at each call, so tests can force either path.
 GEMM_FROM = 64
 DEQUANTIZE_SOURCE = Path(__file__).with_name("gptq4_dequantize.cpp")
 

@@ -344,7 +344,7 @@ void dequantize_tile(const uint8_t* src, __m512 scale, __m512i zero, uint16_t* o
 }
 
 // Token rows per pass of the expanded path: their inputs (768 KiB at 4096 wide) stay in a 1 MiB
-// L2 across units. Of 48, 96 and 192 rows, 96 was ahead or even at 256 and 1024 tokens (Zen 4).
+// L2 across units. Of 48, 96 and 192 rows, 96 was ahead or even at 256 and 1024 tokens (Zen 5).
 constexpr int64_t kExpandedRowBlock = 16 * kExpandedRows;
 
 bool amx_usable() {

@@ -37,7 +37,7 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # bench/results/kernels.md). Without AMX the vector path streams the codes, expanding them once per
 # four token rows; the expanded path expands them once per 96 rows into a buffer and keeps 24 sums
 # in registers, as a GEMM library's inner kernel does. At 1 token the two were within noise of each
-# other (either ahead, by layer shape, on a Zen 4); from 8 tokens the expanded path was ahead on
+# other (either ahead, by layer shape, on a Zen 5); from 8 tokens the expanded path was ahead on
 # every shape. With AMX the AMX path was 2x bf16 at 64 tokens, the most measured there; it re-reads
 # every input once per 64 outputs, which halved the expanded path's speed at 1024 tokens before
 # that path took its inputs in blocks, so from AMX_GEMM_FROM on an AMX bf16 GEMM over blocks of the
