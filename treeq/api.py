@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import data, packing
+from . import data, packing, user_input
 from .atomic import atomic_directory
 from .calib_precision import calibration_dtype
 from .checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
@@ -46,17 +46,14 @@ from .version import __version__
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return user_input.device(str(device))
 
 
 def parse_devices(devices: str | list[str] | None) -> list[torch.device] | None:
     if devices is None:
         return None
     names = devices.split(",") if isinstance(devices, str) else devices
-    try:
-        return [torch.device(n.strip()) for n in names]
-    except RuntimeError as e:
-        raise TreeqError(f"devices={devices!r}: {e}; give a comma-separated list such as cpu,cpu or cuda:0,cuda:1")
+    return [user_input.device(n.strip()) for n in names]
 
 
 def model_path(model: str | None) -> Path:
@@ -78,7 +75,11 @@ def load_fp_model(model: str | None = None, dtype: torch.dtype = torch.float32):
     path = model_path(model)
     # Read, not memory-mapped: pages of a mapped checkpoint stay resident after the looper replaces
     # the weights they hold, which on SmolLM2 added 400 MB of peak RSS by the last layer.
-    fp = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=True).eval()
+    user_input.tokenizer_dir(path)
+    try:
+        fp = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=True).eval()
+    except user_input.READ_ERRORS as e:
+        raise user_input.unreadable_weights(path, e) from None
     return fp, AutoTokenizer.from_pretrained(path)
 
 

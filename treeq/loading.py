@@ -13,7 +13,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import formats
+from . import formats, user_input
 from .checkpoint import QUANT_CONFIG_NAME, set_module
 from .errors import TreeqError
 from .experts import unfuse_experts
@@ -21,7 +21,7 @@ from .formats import CheckpointFormat
 from .input_transform import InputTransform
 from .kernels import LinearFormat, explain
 from .models import spec_for
-from .numerics import GRIDS, UniformGrid
+from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 from .quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> Linea
     offset = qcfg.get("grid_offset", GRIDS[grid].offset)
     if offset != GRIDS[grid].offset:
         raise TreeqError(f"grid {grid!r} has offset {GRIDS[grid].offset}, but quantization_config records {offset}")
+    group = qcfg["group_size"]
+    if not isinstance(group, int) or (group != -1 and (group <= 0 or in_features % group)):
+        raise TreeqError(f"quantization_config's group_size={group!r} does not divide in_features={in_features}")
     return LinearFormat(
         bits=qcfg["bits"],
         group_size=qcfg["group_size"],
@@ -95,11 +98,24 @@ def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> Linea
     )
 
 
+def _check_fields(qcfg: dict) -> dict:
+    """A quantization_config that cannot describe the tensors is refused, not run."""
+    missing = [k for k in ("bits", "group_size", "sym", "desc_act") if k not in qcfg]
+    if missing:
+        raise TreeqError(f"quantization_config lacks {', '.join(missing)}; the checkpoint is incomplete")
+    if qcfg["bits"] not in SUPPORTED_BITS:
+        raise TreeqError(f"quantization_config says bits={qcfg['bits']!r}; treeq reads {list(SUPPORTED_BITS)}")
+    if not isinstance(qcfg["sym"], bool) or not isinstance(qcfg["desc_act"], bool):
+        raise TreeqError("quantization_config's sym and desc_act must be true or false")
+    return qcfg
+
+
 def quantized_module_qcfg(qcfg: dict, name: str) -> dict:
+    """The fields of the quantized module ``name`` (:func:`module_qcfg`), checked."""
     found = module_qcfg(qcfg, name)
     if found is None:
         raise TreeqError(f"{name} has quantized tensors, but the checkpoint's dynamic says it is not quantized")
-    return found
+    return _check_fields(found)
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -108,7 +124,10 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise TreeqError(f"{path} has no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except user_input.READ_ERRORS as e:
+            raise user_input.unreadable_weights(f, e) from None
     return state
 
 
@@ -135,7 +154,11 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     # must run in ``dtype`` too, or an fp32 lm_head dominates a bf16 decode step.
     inside = tuple(f"{name}." for name in quantized)
     state = {k: v.to(dtype) if v.is_floating_point() and not k.startswith(inside) else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # tensors whose shapes the quantization_config does not predict
+        first = str(e).strip().splitlines()[-1].strip()
+        raise TreeqError(f"{path}: the tensors do not match the quantization_config ({first})") from None
     if result.unexpected_keys:
         raise TreeqError(f"{path}: weights not in the model: {', '.join(result.unexpected_keys[:5])}")
     # A quantized linear's buffers start as zeros, not on the meta device, so a missing one would

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import experts
+from . import experts, user_input
 from .lockstep import StopForward, batch_threads, run_lockstep, run_rerunning
 from .memory import map_large_allocations
 from .methods import InputStats, Method, QuantResult
@@ -331,6 +331,8 @@ def _quantize_subset(
             chosen = plan.method(prefix + name, fallback=starved)
             if chosen is not None:
                 planned.append((name, layer.get_submodule(name), stats, chosen, chosen.name if starved else ""))
+    for name, module, *_ in planned:
+        user_input.finite_weight(prefix + name, module.weight.data)
     futures = [pool.submit(_timed_quantize, q, m.weight.data.to(st.h.device), st) for _, m, st, q, _ in planned]
     for (name, module, stats, _, fell_back), future in zip(planned, futures):
         result, seconds = future.result()

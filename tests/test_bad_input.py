@@ -1,0 +1,104 @@
+"""Bad input gets one line naming the problem and the fix, never a traceback, and leaves every file
+as it was."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_model
+from test_cli import one_line_error, quantize_args, run
+from test_end_to_end import quick_config
+
+import treeq
+
+
+def snapshot(root):
+    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer, text_file):
+    treeq.quantize(
+        make_model("llama"), quick_config(method="rtn"), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file)
+    )
+    return tmp_path / "q"
+
+
+def unchanged_after(root, *args, needles):
+    before = snapshot(root)
+    one_line_error(run(*args), *needles)
+    assert snapshot(root) == before
+
+
+def test_a_model_directory_without_tokenizer_files(model_dir, text_file, tmp_path):
+    for f in model_dir.glob("tokenizer*"):
+        f.unlink()
+    unchanged_after(tmp_path, *quantize_args(model_dir, text_file, tmp_path / "q"), needles=("has no tokenizer files",))
+
+
+def test_truncated_model_weights(model_dir, text_file, tmp_path):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    unchanged_after(tmp_path, *quantize_args(model_dir, text_file, tmp_path / "q"), needles=("truncated or corrupt",))
+
+
+def test_truncated_checkpoint_weights(checkpoint, tmp_path):
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    unchanged_after(tmp_path, "eval", checkpoint, "--max-windows", 1, needles=("truncated or corrupt",))
+
+
+def test_nan_weights_name_the_module(tmp_path, tokenizer, text_file):
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    unchanged_after(
+        tmp_path, *quantize_args(src, text_file, tmp_path / "q"), needles=("model.layers.1.mlp.up_proj has 1 NaN",)
+    )
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("bits", 7, "bits=7"),
+        ("group_size", 48, "group_size=48 does not divide"),
+        ("sym", "yes", "sym and desc_act must be true or false"),
+    ],
+)
+def test_a_quantization_config_that_cannot_describe_the_tensors(checkpoint, tmp_path, field, value, needle):
+    for name in ("config.json", "quantize_config.json"):
+        cfg = json.loads((checkpoint / name).read_text())
+        (cfg["quantization_config"] if name == "config.json" else cfg)[field] = value
+        (checkpoint / name).write_text(json.dumps(cfg))
+    unchanged_after(tmp_path, "inspect", checkpoint, needles=(needle,))
+    unchanged_after(tmp_path, "eval", checkpoint, "--max-windows", 1, needles=(needle,))
+
+
+def test_tensors_that_do_not_match_the_config(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(checkpoint / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.scales"
+    state[key] = torch.cat([state[key], state[key]])
+    save_file(state, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    unchanged_after(tmp_path, "eval", checkpoint, "--max-windows", 1, needles=("do not match the quantization_config",))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("flag,value", [("--device", "cuda:0"), ("--devices", "cuda:0,cuda:1"), ("--device", "tpu")])
+def test_a_device_this_machine_does_not_have(model_dir, text_file, tmp_path, flag, value):
+    unchanged_after(
+        tmp_path,
+        *quantize_args(model_dir, text_file, tmp_path / "q", flag, value, "--no-eval"),
+        needles=(value.split(",")[0],),
+    )
+
+
+def test_a_checkpoint_directory_without_config(checkpoint, tmp_path):
+    shutil.move(checkpoint / "config.json", tmp_path / "elsewhere.json")
+    unchanged_after(tmp_path, "inspect", checkpoint, needles=("has no config.json",))

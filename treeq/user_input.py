@@ -1,0 +1,55 @@
+"""Checks on what a user hands treeq (devices, model and checkpoint directories, weights), each
+failing with one line that names the problem and the fix instead of a traceback from deep inside
+torch or transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from .errors import TreeqError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def device(name: str) -> torch.device:
+    """``name`` as a device this machine has."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TreeqError(f"device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TreeqError(f"device {name!r}: this torch sees no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise TreeqError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type != "cpu":
+        raise TreeqError(f"device {name!r}: treeq runs on cpu or cuda")
+    return dev
+
+
+def tokenizer_dir(path: Path) -> Path:
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise TreeqError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+            "there (tokenizer.save_pretrained(DIR))"
+        )
+    return path
+
+
+def unreadable_weights(path: Path, error: Exception) -> TreeqError:
+    """The error for weights that cannot be read: truncated, corrupt, or not safetensors."""
+    return TreeqError(f"{path}: its weights cannot be read ({error}); the file is truncated or corrupt, copy it again")
+
+
+READ_ERRORS = (SafetensorError, OSError, EOFError)
+
+
+def finite_weight(name: str, weight: torch.Tensor) -> None:
+    """Quantizing NaN or Inf would silently lose the module; name it instead."""
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise TreeqError(f"{name} has {bad} NaN or Inf weights; fix or re-save the model before quantizing it")
