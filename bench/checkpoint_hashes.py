@@ -100,8 +100,10 @@ def compare(before: Path, after: Path) -> None:
 @click.command()
 @click.option("--commit", default=None, help="git revision to build and run (default: the working tree)")
 @click.option("--smollm2", is_flag=True, help="also quantize SmolLM2-135M GPTQ w4, AWQ w4, RTN w3 (minutes)")
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="SmolLM2 calibration sequences")
+@click.option("--tests", "tests", multiple=True, help="test files or ids to run (default: the whole default suite)")
 @click.option("--compare", "pair", nargs=2, type=click.Path(exists=True, path_type=Path), default=None)
-def main(commit, smollm2, pair):
+def main(commit, smollm2, calib_samples, tests, pair):
     if pair:
         compare(*pair)
         return
@@ -112,7 +114,7 @@ def main(commit, smollm2, pair):
             tree = tmp / "tree"
             subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True)
         try:
-            run_in(tree, tmp / "work", smollm2)
+            run_in(tree, tmp / "work", smollm2, tests, calib_samples)
             print("\n".join(hash_lines(tmp / "work")))
         finally:
             if commit:
