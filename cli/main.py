@@ -417,7 +417,8 @@ def inspect(directory, explain, list_modules, device, dtypes):
         f"({info.size_bytes / info.fp16_bytes:.2f}x)"
     )
     for scheme, modules in _by_scheme(info.formats).items():
-        click.echo(f"scheme {scheme}: {len(modules)} modules, e.g. {modules[0]}")
+        bits = sum(info.bits_per_weight[m] for m in modules) / len(modules)
+        click.echo(f"scheme {scheme}: {len(modules)} modules, e.g. {modules[0]}; {bits:.2f} bits per weight stored")
         if list_modules:
             click.echo("".join(f"  {m}\n" for m in modules), nl=False)
     for dtype, info in infos.items():

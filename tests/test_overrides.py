@@ -64,8 +64,15 @@ def test_cli_override_and_inspect_report_each_scheme(tmp_path, tokenizer, text_f
     assert r.exit_code == 0, r.output
     r = run("inspect", out, "--modules")
     assert r.exit_code == 0, r.output
-    assert "scheme 8-bit g32 sym minmax: 4 modules, e.g. model.layers.1.self_attn.k_proj" in r.output
-    assert "scheme 4-bit g32 sym minmax: 3 modules, e.g. model.layers.1.mlp.down_proj" in r.output
+    # Stored bits per weight: codes, then per group of 32 an fp16 scale and a packed zero point, and
+    # each input channel's int32 g_idx over the module's outputs (k_proj: 32 outputs, so 1 bit).
+    assert "scheme 8-bit g32 sym minmax: 4 modules, e.g. model.layers.1.self_attn.k_proj;" in r.output
+    assert "scheme 4-bit g32 sym minmax: 3 modules, e.g. model.layers.1.mlp.down_proj;" in r.output
+    info = treeq.inspect_checkpoint(out)
+    k = info.formats["model.layers.1.self_attn.k_proj"]
+    assert (k.bits, k.in_features, k.out_features) == (8, 64, 32)
+    expected = 8 + (16 + 8) / 32 + 32 / 32  # codes, scale + zero per group, g_idx per input channel
+    assert abs(info.bits_per_weight["model.layers.1.self_attn.k_proj"] - expected) < 1e-9
     assert "  model.layers.1.self_attn.v_proj\n" in r.output and "model.layers.0." not in r.output
 
 

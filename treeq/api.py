@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,6 +292,12 @@ class CheckpointInfo:
     kernels: dict[str, str]  # module -> chosen kernel
     rejected: dict[str, dict[str, str]]  # kernel -> {module: reason}, for --explain
     formats: dict[str, LinearFormat]  # module -> its stored format (bits, groups, grid...)
+    # module -> bits per weight, counted from every stored tensor of its weight (codes, scales,
+    # zero points, indices, an input transform's buffers)
+    bits_per_weight: dict[str, float]
+
+
+SAFETENSORS_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8}
 
 
 def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
@@ -305,10 +312,15 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
     kernels: dict[str, str] = {}
     rejected: dict[str, dict[str, str]] = {}
     formats: dict[str, LinearFormat] = {}
+    stored_bits: Counter = Counter()  # module -> bits of every tensor that stores its weight
     for weights in sorted(path.glob("*.safetensors")):  # one file, or the shards --low-memory writes
         with safe_open(weights, "pt") as f:
             for key in f.keys():
-                shape = f.get_slice(key).get_shape()
+                tensor = f.get_slice(key)
+                shape = tensor.get_shape()
+                owner, _, leaf = key.rpartition(".")
+                if leaf in quantized_state:
+                    stored_bits[owner] += math.prod(shape) * SAFETENSORS_BITS[tensor.get_dtype()]
                 if key.endswith(suffix):
                     name = key[: -len(suffix)]
                     module = quantized_module_qcfg(qcfg, name)
@@ -324,7 +336,8 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                 elif key.rpartition(".")[2] not in quantized_state:
                     fp16_bytes += math.prod(shape) * 2
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected, formats)
+    per_weight = {n: stored_bits[n] / (f.in_features * f.out_features) for n, f in formats.items()}
+    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected, formats, per_weight)
 
 
 evaluate_tasks = run_tasks
