@@ -38,21 +38,23 @@ def forbidden(level: str) -> str | None:
     return None if allows(level) else f"{level} instructions forbidden by {ENV}={cap()}"
 
 
-def cpu_info() -> tuple[str, set[str]]:
-    """(model name, flags) from /proc/cpuinfo; ("unknown", empty) where there is none."""
+def cpu_info() -> tuple[str, set[str], str]:
+    """(model name, flags, "family F model M") from /proc/cpuinfo; the family tells CPU generations
+    apart where the model name does not ("AMD EPYC"). Unknowns where there is no such file."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "unknown", set()
+        return "unknown", set(), "family unknown"
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return fields.get("model name", "unknown"), set(fields.get("flags", "").split())
+    family = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    return fields.get("model name", "unknown"), set(fields.get("flags", "").split()), family
 
 
 def describe() -> str:
     """The CPU's model and which of the levels it has, for benches' headers."""
-    name, flags = cpu_info()
+    name, flags, family = cpu_info()
     has = [lvl for lvl, need in FLAGS.items() if all(f in flags for f in need)]
     levels = ", ".join(f"{lvl} {'yes' if lvl in has else 'no'}" for lvl in FLAGS)
     capped = f"; capped at {cap()} by {ENV}" if os.environ.get(ENV) else ""
-    return f"CPU: {name} ({levels}){capped}"
+    return f"CPU: {name}, {family} ({levels}){capped}"
