@@ -68,6 +68,7 @@ treeq.quantize(None, cfg, out, log=QuantLog(echo=lambda _: None))
 
 def run_in(tree: Path, work: Path, smollm2: bool, tests: tuple[str, ...], calib_samples: int) -> None:
     env = dict(os.environ, PYTHONPATH=str(tree))
+    work.mkdir(parents=True, exist_ok=True)  # pytest makes --basetemp itself, not its parents
     subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={work / 'tests'}", *tests],
         cwd=tree,
