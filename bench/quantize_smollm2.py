@@ -1,5 +1,6 @@
 """Quantize the built-in SmolLM2-135M with each method and bit width; report time, peak RSS and
-held-out perplexity side by side, with GPTQ's perplexity increase as a ratio of RTN's.
+held-out perplexity side by side, with GPTQ's perplexity increase as a ratio of RTN's, and where
+each run's time went (``bench/phases.py``).
 
 Each quantization runs in its own process so its peak RSS is its own; all runs use the same thread
 count, text and eval protocol. Usage:
@@ -21,6 +22,9 @@ from pathlib import Path
 import click
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+import phases  # noqa: E402
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -32,6 +36,7 @@ def run_one(method: str, bits: int, threads: int, calib_samples: int, seqlen: in
     import treeq
     from treeq.quant_log import QuantLog
 
+    clock = phases.install()
     start = time.perf_counter()
     model, tok = treeq.load_fp_model()
     cpu_start = time.process_time()
@@ -54,6 +59,7 @@ def run_one(method: str, bits: int, threads: int, calib_samples: int, seqlen: in
         ppl=ppl.ppl,
         mean_loss=sum(losses) / len(losses),
         protocol=ppl.protocol(),
+        phases=dict(clock.seconds),
     )
 
 
@@ -80,7 +86,8 @@ def _subprocess(*args: str) -> dict:
 @click.option("--eval-windows", type=int, default=32, show_default=True)
 @click.option("--one", nargs=2, default=None, hidden=True, help="internal: METHOD BITS in this process")
 @click.option("--fp", "fp_only", is_flag=True, hidden=True)
-def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_only):
+@click.option("--fp-ppl", type=float, default=None, help="the fp model's perplexity from an earlier run (same eval)")
+def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_only, fp_ppl):
     if fp_only:
         print(json.dumps(run_fp(threads, eval_windows)))
         return
@@ -97,7 +104,10 @@ def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_on
         "--eval-windows",
         str(eval_windows),
     ]
-    fp = _subprocess("--fp", *common)
+    fp = _subprocess("--fp", *common) if fp_ppl is None else dict(ppl=fp_ppl, protocol="as in the earlier run")
+    from treeq.kernels import cpu_isa
+
+    print(cpu_isa.describe())
     print(
         f"threads={threads}  calibration={calib_samples}x{seqlen} wiki-train  group=64  machine cores={os.cpu_count()}"
     )
@@ -118,6 +128,8 @@ def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_on
                 f"{r['peak_rss_mb']:>11.0f} "
                 f"{r['mean_loss']:>10.4g} {r['ppl']:>8.3f} {inc:>7.3f} {ratio:>15.3f}"
             )
+        for m, r in rows.items():
+            print(f"\n{m} {b}-bit, where the total's seconds went:\n{phases.table(r['phases'], r['total_s'])}")
 
 
 if __name__ == "__main__":
