@@ -30,8 +30,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(method: str, bits: int, threads: int, calib_samples: int, seqlen: int, eval_windows: int) -> dict:
-    """Quantize in this process; timing covers load, calibration, quantization and saving."""
+def run_one(
+    method: str, bits: int, threads: int, calib_samples: int, seqlen: int, eval_windows: int, layers: int = 0
+) -> dict:
+    """Quantize in this process; timing covers load, calibration, quantization and saving. With
+    ``layers`` only the model's first that many decoder layers (a quick look at the phases)."""
     torch.set_num_threads(threads)
     import treeq
     from treeq.quant_log import QuantLog
@@ -39,6 +42,9 @@ def run_one(method: str, bits: int, threads: int, calib_samples: int, seqlen: in
     clock = phases.install()
     start = time.perf_counter()
     model, tok = treeq.load_fp_model()
+    if layers:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
     cpu_start = time.process_time()
     cfg = treeq.QuantConfig(method=method, bits=bits, group_size=64, calib_samples=calib_samples, seqlen=seqlen)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,13 +92,14 @@ def _subprocess(*args: str) -> dict:
 @click.option("--eval-windows", type=int, default=32, show_default=True)
 @click.option("--one", nargs=2, default=None, hidden=True, help="internal: METHOD BITS in this process")
 @click.option("--fp", "fp_only", is_flag=True, hidden=True)
+@click.option("--layers", type=int, default=0, help="quantize only the first N decoder layers (0: all)")
 @click.option("--fp-ppl", type=float, default=None, help="the fp model's perplexity from an earlier run (same eval)")
-def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_only, fp_ppl):
+def main(methods, bits, threads, calib_samples, seqlen, eval_windows, layers, one, fp_only, fp_ppl):
     if fp_only:
         print(json.dumps(run_fp(threads, eval_windows)))
         return
     if one:
-        print(json.dumps(run_one(one[0], int(one[1]), threads, calib_samples, seqlen, eval_windows)))
+        print(json.dumps(run_one(one[0], int(one[1]), threads, calib_samples, seqlen, eval_windows, layers)))
         return
     common = [
         "--threads",
@@ -103,6 +110,8 @@ def main(methods, bits, threads, calib_samples, seqlen, eval_windows, one, fp_on
         str(seqlen),
         "--eval-windows",
         str(eval_windows),
+        "--layers",
+        str(layers),
     ]
     fp = _subprocess("--fp", *common) if fp_ppl is None else dict(ppl=fp_ppl, protocol="as in the earlier run")
     from treeq.kernels import cpu_isa
