@@ -57,8 +57,26 @@ def hash_lines(root: Path) -> list[str]:
     return lines
 
 
+# Pins the input-statistics route (treeq.calib_precision.cpu_statistics) where the commit has one:
+# commit 8f8bd1f gave CPUs without AMX a kernel of their own, whose summation order changes GPTQ's
+# and AWQ's bytes there by design; pinning "onednn" there reproduces the earlier arithmetic, so a
+# comparison across it shows what the other commits changed.
+ROUTE_PATCH = """
+import os
+route = os.environ.get("TREEQ_HASH_STATS_ROUTE")
+if route:
+    import treeq.methods.base as base
+    if hasattr(base, "cpu_statistics"):
+        base.cpu_statistics = lambda: route
+
+
+def pytest_configure(config):
+    pass
+"""
+
 SMOLLM2_SCRIPT = """
 import sys, treeq
+import route_patch
 from treeq.quant_log import QuantLog
 method, bits, samples, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = treeq.QuantConfig(method=method, bits=bits, group_size=64, calib_samples=samples)
@@ -66,11 +84,15 @@ treeq.quantize(None, cfg, out, log=QuantLog(echo=lambda _: None))
 """
 
 
-def run_in(tree: Path, work: Path, smollm2: bool, tests: tuple[str, ...], calib_samples: int) -> None:
-    env = dict(os.environ, PYTHONPATH=str(tree))
+def run_in(
+    tree: Path, work: Path, smollm2: bool, tests: tuple[str, ...], calib_samples: int, route: str | None
+) -> None:
     work.mkdir(parents=True, exist_ok=True)  # pytest makes --basetemp itself, not its parents
+    (work / "route_patch.py").write_text(ROUTE_PATCH)
+    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{work}", TREEQ_HASH_STATS_ROUTE=route or "")
     subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={work / 'tests'}", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "route_patch"]
+        + [f"--basetemp={work / 'tests'}", *tests],
         cwd=tree,
         env=env,
         check=False,  # a test the other commit lacks, or one that fails, still leaves the others' checkpoints
@@ -100,9 +122,10 @@ def compare(before: Path, after: Path) -> None:
 @click.option("--commit", default=None, help="git revision to build and run (default: the working tree)")
 @click.option("--smollm2", is_flag=True, help="also quantize SmolLM2-135M GPTQ w4, AWQ w4, RTN w3 (minutes)")
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="SmolLM2 calibration sequences")
+@click.option("--stats-route", default=None, help="pin treeq.calib_precision.cpu_statistics (see ROUTE_PATCH)")
 @click.option("--tests", "tests", multiple=True, help="test files or ids to run (default: the whole default suite)")
 @click.option("--compare", "pair", nargs=2, type=click.Path(exists=True, path_type=Path), default=None)
-def main(commit, smollm2, calib_samples, tests, pair):
+def main(commit, smollm2, calib_samples, stats_route, tests, pair):
     if pair:
         compare(*pair)
         return
@@ -113,7 +136,7 @@ def main(commit, smollm2, calib_samples, tests, pair):
             tree = tmp / "tree"
             subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True)
         try:
-            run_in(tree, tmp / "work", smollm2, tests, calib_samples)
+            run_in(tree, tmp / "work", smollm2, tests, calib_samples, stats_route)
             print("\n".join(hash_lines(tmp / "work")))
         finally:
             if commit:
