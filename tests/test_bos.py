@@ -93,3 +93,22 @@ def test_eval_bos_option_is_followed_and_printed(tmp_path):
     assert "BOS (id 257) + 31 text tokens (bos=auto: the tokenizer adds one)" in auto.output
     assert "no BOS (bos=never)" in never.output
     assert run(*common, "--bos", "sometimes").exit_code != 0
+
+
+def test_quantize_calibrates_with_the_configs_bos_rule(monkeypatch, tokenizer, text_file, tmp_path):
+    """CalibrationSettings.bos (``treeq quantize --bos``) reaches the calibration windows."""
+    from conftest import make_model
+
+    import treeq
+
+    seen = []
+    real = treeq.api.data.calibration_batches
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("bos"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(treeq.api.data, "calibration_batches", spy)
+    cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32, calib_samples=4, seqlen=32, batch_size=4, bos="never")
+    treeq.quantize(make_model("llama"), cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
+    assert seen == ["never"] and cfg.calibration.bos == "never"

@@ -155,6 +155,9 @@ def test_calibration_forwards_autocast_to_calib_dtype(calib_dtype, tokenizer, te
 def test_auto_calib_dtype_is_bf16_only_where_native(monkeypatch):
     from treeq.calib_precision import calibration_dtype
 
+    # The CPU's instruction sets are faked here, so a TREEQ_CPU_ISA cap set for the whole run (to
+    # stand in for an older CPU) must not also apply.
+    monkeypatch.delenv("TREEQ_CPU_ISA", raising=False)
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)

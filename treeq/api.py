@@ -192,7 +192,7 @@ def _prepare(model, spec, config: QuantConfig) -> None:
 def _calibration_batches(tokenizer, config: QuantConfig, calib_text: str) -> list[torch.Tensor]:
     text = data.read_text(calib_text)
     c = config.calibration
-    return data.calibration_batches(tokenizer, text, c.calib_samples, c.seqlen, c.batch_size)
+    return data.calibration_batches(tokenizer, text, c.calib_samples, c.seqlen, c.batch_size, bos=c.bos)
 
 
 def _calibrate_and_quantize(

@@ -15,6 +15,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from .calib_precision import CALIB_DTYPES
+from .data import BOS_RULES
 from .errors import from_validation
 from .formats import FORMATS
 from .schemes import ActivationScheme, KVCacheScheme, ModuleOverride, WeightScheme, scheme_for
@@ -32,6 +33,9 @@ class CalibrationSettings(BaseModel):
         "auto", description="dtype of calibration matmul inputs (treeq/calib_precision.py); auto: bf16 where native"
     )
     true_sequential: bool = Field(True, description="quantize subsets in order, each seeing the ones before")
+    bos: Literal[BOS_RULES] = Field(  # type: ignore[valid-type]
+        BOS_RULES[0], description="a BOS first in each calibration window: auto (where the tokenizer adds one)"
+    )
     routing: Literal["normal", "bypass", "all"] | PositiveInt = Field(
         "normal",
         description="MoE calibration routing: the model's own; bypass (every expert sees every token, outputs "
