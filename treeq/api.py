@@ -37,7 +37,7 @@ from .plan import MethodPlan
 from .quant_linear import QuantLinear
 from .quant_log import QuantLog
 from .report import ErrorReport, error_report
-from .schemes import WeightScheme, scheme_for
+from .schemes import WeightScheme
 from .spec_check import check_spec
 from .speed import Speed, generate, measure_speeds
 from .streaming import LayerStream, ShardReader
@@ -98,7 +98,7 @@ def check_quantizable(model, spec, config: QuantConfig) -> None:
     for i, layer in enumerate(model.get_submodule(spec.layers)):
         for name in layer_modules(layer, spec):
             where = f"{spec.layers}.{i}.{name}"
-            scheme = scheme_for(where, config.weights, config.overrides)
+            scheme = config.scheme_of(where)
             if scheme is not None:
                 _check_fits(layer.get_submodule(name), where, scheme)
 

@@ -171,9 +171,14 @@ class QuantConfig(BaseModel):
         """Every weight scheme a module can get: the config's own and each override's."""
         return [self.weights] + [o.apply(self.weights) for o in self.overrides if not o.skip]
 
+    def scheme_of(self, module: str) -> WeightScheme | None:
+        """The weight scheme of ``module`` (full name): the first matching override's, else the
+        config's; None when an override leaves it in full precision."""
+        return scheme_for(module, self.weights, self.overrides)
+
     def quantized_scheme(self, module: str) -> WeightScheme:
         """The weight scheme a quantized module was quantized with (full module name)."""
-        scheme = scheme_for(module, self.weights, self.overrides)
+        scheme = self.scheme_of(module)
         if scheme is None:
             raise ValueError(f"{module} was quantized although an override skips it")
         return scheme

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .config import QuantConfig
 from .methods import Method, make_method
-from .schemes import WeightScheme, scheme_for
+from .schemes import WeightScheme
 
 
 class MethodPlan:
@@ -25,7 +25,7 @@ class MethodPlan:
 
     def scheme(self, module: str) -> WeightScheme | None:
         """``module``'s weight scheme (full module name); None: left in full precision."""
-        return scheme_for(module, self.config.weights, self.config.overrides)
+        return self.config.scheme_of(module)
 
     def method(self, module: str, fallback: bool = False) -> Method | None:
         scheme = self.scheme(module)
