@@ -57,7 +57,7 @@ def hash_lines(root: Path) -> list[str]:
     return lines
 
 
-# Pins the input-statistics route (treeq.calib_precision.cpu_statistics) where the commit has one:
+# Pins the input-statistics route (treeq.engine.calib_precision.cpu_statistics) where the commit has one:
 # commit 8f8bd1f gave CPUs without AMX a kernel of their own, whose summation order changes GPTQ's
 # and AWQ's bytes there by design; pinning "onednn" there reproduces the earlier arithmetic, so a
 # comparison across it shows what the other commits changed.
@@ -77,7 +77,7 @@ def pytest_configure(config):
 SMOLLM2_SCRIPT = """
 import sys, treeq
 import route_patch
-from treeq.quant_log import QuantLog
+from treeq.engine.quant_log import QuantLog
 method, bits, samples, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = treeq.QuantConfig(method=method, bits=bits, group_size=64, calib_samples=samples)
 treeq.quantize(None, cfg, out, log=QuantLog(echo=lambda _: None))
@@ -122,7 +122,7 @@ def compare(before: Path, after: Path) -> None:
 @click.option("--commit", default=None, help="git revision to build and run (default: the working tree)")
 @click.option("--smollm2", is_flag=True, help="also quantize SmolLM2-135M GPTQ w4, AWQ w4, RTN w3 (minutes)")
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="SmolLM2 calibration sequences")
-@click.option("--stats-route", default=None, help="pin treeq.calib_precision.cpu_statistics (see ROUTE_PATCH)")
+@click.option("--stats-route", default=None, help="pin treeq.engine.calib_precision.cpu_statistics (see ROUTE_PATCH)")
 @click.option("--tests", "tests", multiple=True, help="test files or ids to run (default: the whole default suite)")
 @click.option("--compare", "pair", nargs=2, type=click.Path(exists=True, path_type=Path), default=None)
 def main(commit, smollm2, calib_samples, stats_route, tests, pair):

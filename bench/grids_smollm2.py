@@ -51,7 +51,7 @@ RESULTS = Path(__file__).parent / "results" / "grids_smollm2.md"
 def main(methods, bits, variants, threads, calib_samples, seqlen, eval_windows, out):
     torch.set_num_threads(threads)
     import treeq
-    from treeq.quant_log import QuantLog
+    from treeq.engine.quant_log import QuantLog
 
     fp, tok = treeq.load_fp_model()
     fp_ppl = treeq.evaluate_perplexity(fp, tok, max_windows=eval_windows)

@@ -106,7 +106,7 @@ def as_compressed_tensors(src: Path, dst: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from treeq.formats import compressed_tensors as ct
-    from treeq.loading import in_runtime_layout, read_quantization_config
+    from treeq.storage.loading import in_runtime_layout, read_quantization_config
 
     qcfg = read_quantization_config(src)
     state = in_runtime_layout(load_file(src / "model.safetensors"), qcfg)

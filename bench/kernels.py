@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 import treeq
 from treeq.config import QuantConfig
+from treeq.engine.quant_log import QuantLog
+from treeq.eval.speed import measure_speeds
 from treeq.kernels import LinearFormat, cpu_int4, cpu_int4_avx512, cpu_isa
 from treeq.methods import InputStats, make_method
-from treeq.quant_linear import QuantLinear
-from treeq.quant_log import QuantLog
-from treeq.speed import measure_speeds
+from treeq.runtime.quant_linear import QuantLinear
 
 MATMUL_TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 2048)
 # The kernels that choose a path per call by the number of tokens; the others have one.

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import treeq
 from treeq.default_model import default_model_path
-from treeq.quant_log import QuantLog
+from treeq.engine.quant_log import QuantLog
 
 ARCH = dict(
     hidden_size=512,

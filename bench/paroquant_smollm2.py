@@ -18,7 +18,7 @@ import click
 import torch
 
 import treeq
-from treeq.quant_log import QuantLog
+from treeq.engine.quant_log import QuantLog
 
 
 @click.command()

@@ -19,13 +19,13 @@ from contextlib import contextmanager
 
 # (phase, "module:attribute path") of the function charged to it; "waiting" is not work.
 DRIVING = [
-    ("capture inputs", "treeq.looper:capture_inputs"),
-    ("layer forwards", "treeq.looper:_forward"),
+    ("capture inputs", "treeq.engine.looper:capture_inputs"),
+    ("layer forwards", "treeq.engine.looper:_forward"),
     ("statistics", "treeq.methods.base:InputStats.add"),
-    ("waiting", "treeq.lockstep:_Batch.pause"),
-    ("quantize subsets (wall)", "treeq.looper:_quantize_subset"),
-    ("swap in quantized modules", "treeq.api:swap_in_quantized"),
-    ("pack + save checkpoint", "treeq.api:save_quantized"),
+    ("waiting", "treeq.engine.lockstep:_Batch.pause"),
+    ("quantize subsets (wall)", "treeq.engine.looper:_quantize_subset"),
+    ("swap in quantized modules", "treeq.engine.pipeline:swap_in_quantized"),
+    ("pack + save checkpoint", "treeq.engine.pipeline:save_quantized"),
 ]
 METHOD = [
     ("gptq: Cholesky + inverse", "treeq.methods.gptq:_prepare"),

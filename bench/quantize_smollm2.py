@@ -37,7 +37,7 @@ def run_one(
     ``layers`` only the model's first that many decoder layers (a quick look at the phases)."""
     torch.set_num_threads(threads)
     import treeq
-    from treeq.quant_log import QuantLog
+    from treeq.engine.quant_log import QuantLog
 
     clock = phases.install()
     start = time.perf_counter()

@@ -16,13 +16,13 @@ from treeq.config import CalibrationSettings, CheckpointSettings
 from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
-from treeq.eval_tasks import TASKS, task_dir
-from treeq.input_transform import InputTransform
+from treeq.eval.tasks import TASKS, task_dir
 from treeq.methods import METHODS
-from treeq.model_card import record_perplexity
 from treeq.models import load_spec_file
 from treeq.recipe import merged, read_recipe
+from treeq.runtime.input_transform import InputTransform
 from treeq.schemes import WeightScheme
+from treeq.storage.model_card import record_perplexity
 
 from .config_options import derived_options, parse_key_values, settings_from
 
@@ -347,7 +347,7 @@ def spec_check(model):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from treeq.experts import layer_modules, unfuse_experts
+    from treeq.engine.experts import layer_modules, unfuse_experts
     from treeq.models import spec_for
     from treeq.spec_check import check_spec
 

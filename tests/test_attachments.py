@@ -11,9 +11,9 @@ from test_end_to_end import logits, quick_config
 import treeq
 from treeq.errors import TreeqError
 from treeq.models import spec_for
-from treeq.quant_linear import QuantLinear
 from treeq.runtime.activations import ActivationQuantizer, IdentityActivation
 from treeq.runtime.kv_cache import IdentityKV, KVQuantizer, attention_shape, quantized_kv_cache
+from treeq.runtime.quant_linear import QuantLinear
 
 
 class RoundToHalf(ActivationQuantizer):

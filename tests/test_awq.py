@@ -5,12 +5,12 @@ import torch
 from conftest import ARCHS, MOE_ARCHS, make_model
 
 import treeq
-from treeq.experts import unfuse_experts
-from treeq.looper import _rescale_inputs, capture_inputs
+from treeq.engine.experts import unfuse_experts
+from treeq.engine.looper import _rescale_inputs, capture_inputs
+from treeq.engine.plan import MethodPlan
+from treeq.engine.scaling import can_fold, fold_input_scales
 from treeq.methods import InputStats, make_method, output_error
 from treeq.models import spec_for
-from treeq.plan import MethodPlan
-from treeq.scaling import can_fold, fold_input_scales
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])

@@ -11,7 +11,7 @@ import treeq
 from treeq import packing
 from treeq.errors import TreeqError
 from treeq.formats.awq import pack_rows, unpack_rows
-from treeq.quant_linear import QuantLinear
+from treeq.runtime.quant_linear import QuantLinear
 
 # AutoAWQ's word layout, written out by hand: nibble i of word c holds output channel 8c + ORDER[i].
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

@@ -8,8 +8,8 @@ from conftest import make_model
 from test_cli import run
 
 import treeq
-from treeq import speed
-from treeq.quant_linear import QuantLinear
+from treeq.eval import speed
+from treeq.runtime.quant_linear import QuantLinear
 
 
 def test_bench_times_the_checkpoint_against_its_own_fp_model_both_in_bf16(model_dir, tokenizer, text_file, tmp_path):
@@ -23,7 +23,7 @@ def test_bench_times_the_checkpoint_against_its_own_fp_model_both_in_bf16(model_
         return {}
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(treeq.api, "measure_speeds", fake_measure)
+        mp.setattr(speed, "measure_speeds", fake_measure)
         treeq.bench(tmp_path / "q", fp_model=str(model_dir), new_tokens=2, repeats=1)
     quantized, fp = seen["quantized"], seen["fp bf16"]
     assert any(isinstance(m, QuantLinear) for m in quantized.modules())

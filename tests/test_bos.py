@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import treeq
 from treeq import data
-from treeq.perplexity import perplexity
+from treeq.eval.perplexity import perplexity
 
 TEXT = " ".join(SENTENCES * 4)
 
@@ -102,13 +102,13 @@ def test_quantize_calibrates_with_the_configs_bos_rule(monkeypatch, tokenizer, t
     import treeq
 
     seen = []
-    real = treeq.api.data.calibration_batches
+    real = treeq.data.calibration_batches
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("bos"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(treeq.api.data, "calibration_batches", spy)
+    monkeypatch.setattr(treeq.data, "calibration_batches", spy)
     cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32, calib_samples=4, seqlen=32, batch_size=4, bos="never")
     treeq.quantize(make_model("llama"), cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
     assert seen == ["never"] and cfg.calibration.bos == "never"

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 
 import treeq
 from treeq import packing
-from treeq.checkpoint import quantization_config
 from treeq.formats import FormatSummary
 from treeq.formats import gptq as gptq_format
-from treeq.quant_linear import QuantLinear
+from treeq.runtime.quant_linear import QuantLinear
+from treeq.storage.checkpoint import quantization_config
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -172,8 +172,8 @@ def test_meta_names_the_source_model_and_the_card_tells_how_to_load(model_dir, t
 
 
 def test_perplexity_measured_after_quantizing_goes_into_the_card(tmp_path, tokenizer, text_file):
-    from treeq.model_card import record_perplexity
-    from treeq.perplexity import PerplexityResult
+    from treeq.eval.perplexity import PerplexityResult
+    from treeq.storage.model_card import record_perplexity
 
     quantize(tmp_path, tokenizer, text_file)
     record_perplexity(tmp_path / "q", PerplexityResult(20.5, 4, 64, 252), PerplexityResult(22.25, 4, 64, 252))

@@ -7,12 +7,12 @@ import torch
 from conftest import make_model
 
 import treeq
-import treeq.looper
+import treeq.engine.looper
+from treeq.engine.quant_log import QuantLog
 from treeq.errors import TreeqError
 from treeq.methods import METHODS
 from treeq.numerics import GRIDS, SUPPORTED_BITS
-from treeq.quant_linear import QuantLinear
-from treeq.quant_log import QuantLog
+from treeq.runtime.quant_linear import QuantLinear
 
 # Enough ParoQuant training to move every learned part, little enough for the default test run.
 QUICK_OPTIONS = {"paroquant": {"epochs": (1, 1), "krot": 2, "train_rows": 64, "val_rows": 16, "batch_rows": 32}}
@@ -57,14 +57,14 @@ def test_checkpoint_rebuilds_the_methods_fake_quant_weight(
     method, grid, bits, tmp_path, tokenizer, text_file, monkeypatch
 ):
     fake: dict[str, torch.Tensor] = {}
-    original = treeq.looper._quantize_subset
+    original = treeq.engine.looper._quantize_subset
 
     def recording(layer, bound, *args, **kwargs):
         for name, result in original(layer, bound, *args, **kwargs):
             fake[f"model.layers.0.{name}"] = result.weight().clone()
             yield name, result
 
-    monkeypatch.setattr(treeq.looper, "_quantize_subset", recording)
+    monkeypatch.setattr(treeq.engine.looper, "_quantize_subset", recording)
     cfg = treeq.QuantConfig(**settings(method, grid, bits))
     model = make_model("llama", num_hidden_layers=1)
     treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=QuantLog(str))

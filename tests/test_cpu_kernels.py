@@ -15,7 +15,7 @@ import torch
 from treeq.config import QuantConfig
 from treeq.kernels import LinearFormat, cpu_int4, cpu_int4_avx512, select_kernel
 from treeq.methods import InputStats, make_method
-from treeq.quant_linear import QuantLinear
+from treeq.runtime.quant_linear import QuantLinear
 
 
 @functools.cache

@@ -6,9 +6,9 @@ import torch
 from conftest import ARCHS, make_model
 
 import treeq
+from treeq.engine.plan import MethodPlan
 from treeq.models import spec_for
-from treeq.plan import MethodPlan
-from treeq.quant_linear import QuantLinear
+from treeq.runtime.quant_linear import QuantLinear
 from treeq.spec_check import check_spec
 
 
@@ -60,12 +60,12 @@ def test_fake_quant_weight_in_memory_equals_what_the_kernel_reconstructs(tmp_pat
     model = make_model("llama")
     results = {}
     from treeq.data import calibration_batches
-    from treeq.looper import quantize_layers
+    from treeq.engine.looper import quantize_layers
 
     cfg = quick_config(desc_act=True, sym=False, bits=3)
     batches = calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)
     results = quantize_layers(model, spec_for(model.config), MethodPlan(cfg), batches, torch.device("cpu"))
-    from treeq.checkpoint import swap_in_quantized
+    from treeq.storage.checkpoint import swap_in_quantized
 
     fake = {name: model.get_submodule(name).weight.detach().clone() for name in results}
     swap_in_quantized(model, results, cfg)
@@ -124,7 +124,7 @@ def test_gptq_beats_rtn_on_a_whole_tiny_model(tmp_path, tokenizer, text_file):
 
 
 def test_failed_run_leaves_no_output(tmp_path, tokenizer, text_file, monkeypatch):
-    import treeq.checkpoint as ckpt
+    import treeq.storage.checkpoint as ckpt
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -137,7 +137,7 @@ def test_failed_run_leaves_no_output(tmp_path, tokenizer, text_file, monkeypatch
 
 def test_parallel_workers_give_bit_identical_results(tokenizer, text_file):
     from treeq.data import calibration_batches
-    from treeq.looper import quantize_layers
+    from treeq.engine.looper import quantize_layers
 
     cfg = quick_config(desc_act=True)
     batches = calibration_batches(tokenizer, text_file.read_text(), 8, 64, 4)

@@ -61,7 +61,7 @@ def test_local_tasks_run_offline_on_a_quantized_model(own_cache, tmp_path, token
     computed by hand from the model's log-likelihoods. Checked failing with the two tasks' results
     swapped in run_tasks. (acc_norm equals acc here: MMLU's choices are equally long, and each
     capital is the answer once per block of rows.)"""
-    from treeq.eval_tasks import task_dir
+    from treeq.eval.tasks import task_dir
 
     model = answer_always(make_model("llama"), tokenizer, "C")
     cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32, calib_samples=4, seqlen=64, batch_size=4)
@@ -88,7 +88,7 @@ def test_lm_eval_scores_each_choice_after_one_space(own_cache, monkeypatch):
     adds one, so the model was scored on "is the capital of  Iraq", with two."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from treeq.eval_tasks import task_dir
+    from treeq.eval.tasks import task_dir
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
@@ -100,7 +100,7 @@ def test_lm_eval_scores_each_choice_after_one_space(own_cache, monkeypatch):
 
 
 def test_task_files_hold_the_real_data(own_cache):
-    from treeq.eval_tasks import task_dir
+    from treeq.eval.tasks import task_dir
 
     d = task_dir()
     mmlu = (d / "treeq_mmlu.jsonl").read_text().splitlines()
@@ -197,7 +197,7 @@ def test_tasks_without_lm_eval_name_the_install(monkeypatch):
 
 
 def test_compare_deltas_with_task_columns(tmp_path):
-    from treeq.compare import add_deltas, write_table
+    from treeq.eval.compare import add_deltas, write_table
 
     rows = [
         dict(method="fp", ppl=10.0, **{"treeq_mmlu:acc": 0.5}),

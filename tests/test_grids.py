@@ -8,16 +8,16 @@ import torch
 from conftest import make_model
 
 import treeq
-from treeq.checkpoint import save_quantized, swap_in_quantized
 from treeq.data import calibration_batches
+from treeq.engine.looper import quantize_layers
+from treeq.engine.plan import MethodPlan
+from treeq.engine.quant_log import QuantLog
 from treeq.errors import TreeqError
 from treeq.kernels import Kernel, LinearFormat, select_kernel
-from treeq.looper import quantize_layers
 from treeq.models import spec_for
 from treeq.numerics import GRIDS, SUPPORTED_BITS, HalfStepGrid, StretchedGrid, make_grid
-from treeq.plan import MethodPlan
-from treeq.quant_linear import QuantLinear
-from treeq.quant_log import QuantLog
+from treeq.runtime.quant_linear import QuantLinear
+from treeq.storage.checkpoint import save_quantized, swap_in_quantized
 
 GRID_BITS = [(g, b) for g in GRIDS for b in SUPPORTED_BITS if b in GRIDS[g].bits_allowed]
 

@@ -12,7 +12,7 @@ from conftest import make_model
 from safetensors.torch import load_file, save_file
 
 import treeq
-from treeq.quant_linear import QuantLinear
+from treeq.runtime.quant_linear import QuantLinear
 
 FIXTURES = Path(__file__).parent / "fixtures"
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))

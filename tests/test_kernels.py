@@ -55,10 +55,10 @@ def test_forcing_an_unfit_kernel_says_why(monkeypatch):
 
 def test_quantized_state_names_every_buffer_but_bias():
     """inspect counts a checkpoint's fp16-equivalent size from this list; a new buffer must join it."""
-    from treeq.quant_linear import QuantLinear
+    from treeq.runtime.quant_linear import QuantLinear
 
     fmt = LinearFormat(bits=4, group_size=32, sym=True, desc_act=False, in_features=64, out_features=32)
-    from treeq.input_transform import InputTransform
+    from treeq.runtime.input_transform import InputTransform
 
     transform = InputTransform.stored_for("m", {"m.channel_scales": 0, "m.pairs": torch.zeros(2, 64)}, None, 64)
     layer = QuantLinear(fmt, bias=True, transform=transform)

@@ -8,12 +8,12 @@ import torch
 from conftest import make_model
 
 import treeq
-from treeq import lockstep, looper
 from treeq.data import calibration_batches
-from treeq.experts import unfuse_experts
+from treeq.engine import lockstep, looper
+from treeq.engine.experts import unfuse_experts
+from treeq.engine.plan import MethodPlan
+from treeq.engine.quant_log import QuantLog
 from treeq.models import spec_for
-from treeq.plan import MethodPlan
-from treeq.quant_log import QuantLog
 
 
 def _batches(tokenizer, text_file):
@@ -153,7 +153,7 @@ def test_calibration_forwards_autocast_to_calib_dtype(calib_dtype, tokenizer, te
 
 
 def test_auto_calib_dtype_is_bf16_only_where_native(monkeypatch):
-    from treeq.calib_precision import calibration_dtype
+    from treeq.engine.calib_precision import calibration_dtype
 
     # The CPU's instruction sets are faked here, so a TREEQ_CPU_ISA cap set for the whole run (to
     # stand in for an older CPU) must not also apply.

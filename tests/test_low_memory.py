@@ -10,7 +10,7 @@ from test_cli import one_line_error, quantize_args, run
 from test_end_to_end import logits, quick_config
 
 import treeq
-from treeq.quant_log import QuantLog
+from treeq.engine.quant_log import QuantLog
 
 
 def _tensors(directory):

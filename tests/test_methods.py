@@ -141,7 +141,7 @@ def test_bf16_statistics_are_the_gram_matrix_of_the_rounded_inputs(monkeypatch, 
 
 
 def test_auto_calibrates_in_fp32_where_the_cpu_lacks_native_bf16(monkeypatch):
-    from treeq.calib_precision import calibration_dtype
+    from treeq.engine.calib_precision import calibration_dtype
 
     monkeypatch.setenv("TREEQ_CPU_ISA", "avx2")
     assert calibration_dtype("auto", torch.device("cpu")) == torch.float32

@@ -11,10 +11,10 @@ from test_cli import one_line_error, quantize_args, run
 from test_end_to_end import logits, quick_config
 
 import treeq
-from treeq.experts import UnfusedExperts, unfuse_experts
+from treeq.engine.experts import UnfusedExperts, unfuse_experts
+from treeq.engine.quant_log import QuantLog
 from treeq.models import spec_for
-from treeq.quant_linear import QuantLinear
-from treeq.quant_log import QuantLog
+from treeq.runtime.quant_linear import QuantLinear
 from treeq.spec_check import check_spec
 
 

@@ -12,7 +12,7 @@ from test_end_to_end import logits, quick_config
 
 import treeq
 from treeq.errors import TreeqError
-from treeq.quant_linear import QuantLinear
+from treeq.runtime.quant_linear import QuantLinear
 
 RECIPE = [
     {"pattern": r"model\.layers\.0\.", "skip": True},

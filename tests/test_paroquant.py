@@ -6,16 +6,16 @@ from conftest import make_model
 from test_cli import quantize_args, run
 
 from treeq import TreeqError
-from treeq.checkpoint import save_quantized, swap_in_quantized
 from treeq.config import QuantConfig
 from treeq.data import calibration_batches
-from treeq.loading import load_quantized
-from treeq.looper import quantize_layers
+from treeq.engine.looper import quantize_layers
+from treeq.engine.plan import MethodPlan
+from treeq.engine.quant_log import QuantLog
 from treeq.methods import make_method
 from treeq.models import spec_for
-from treeq.plan import MethodPlan
-from treeq.quant_linear import QuantLinear
-from treeq.quant_log import QuantLog
+from treeq.runtime.quant_linear import QuantLinear
+from treeq.storage.checkpoint import save_quantized, swap_in_quantized
+from treeq.storage.loading import load_quantized
 
 FAST = {"epochs": [3, 2], "train_rows": 96, "val_rows": 32, "batch_rows": 32}
 
@@ -64,7 +64,7 @@ def test_paroquant_beats_rtn_on_outlier_inputs(schedule):
 
 def test_exported_layer_computes_the_fake_quant_weight():
     w, stats, result = fitted()
-    from treeq.checkpoint import linear_format
+    from treeq.storage.checkpoint import linear_format
 
     fmt = linear_format(config().weights, torch.nn.Linear(128, 64), desc_act=False, sym=False)
     layer = QuantLinear.from_result(fmt, result, None)

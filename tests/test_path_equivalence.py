@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from test_combinations import QUICK_OPTIONS
 
 import treeq
+from treeq.engine.quant_log import QuantLog
 from treeq.methods import METHODS
-from treeq.quant_linear import QuantLinear
-from treeq.quant_log import QuantLog
+from treeq.runtime.quant_linear import QuantLinear
 
 
 def config(method, **kw):

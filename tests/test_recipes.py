@@ -5,7 +5,7 @@ import yaml
 from safetensors.torch import load_file
 from test_cli import one_line_error, run
 
-from treeq.quant_log import RUN_LOG_NAME
+from treeq.engine.quant_log import RUN_LOG_NAME
 from treeq.recipe import RECIPE_NAME
 
 

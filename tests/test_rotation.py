@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from treeq import rotation
+from treeq.runtime import rotation
 
 SCHEDULES = ("round_robin", "random")
 

@@ -24,7 +24,7 @@ from treeq.kernels._triton import gptq
 from treeq.kernels.torch_reference import TorchReference
 from treeq.methods import QuantResult
 from treeq.numerics import SUPPORTED_BITS, dequantize_grouped
-from treeq.quant_linear import QuantLinear
+from treeq.runtime.quant_linear import QuantLinear
 
 KERNEL = triton_gptq.KERNEL
 

@@ -5,8 +5,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kerne
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from treeq import rotation  # noqa: E402
 from treeq.kernels.triton_rotation import triton_available, triton_rotate  # noqa: E402
+from treeq.runtime import rotation  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed (pip install treeq[triton])")
 

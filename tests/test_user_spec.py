@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import treeq
 from treeq import models
 from treeq.errors import TreeqError
-from treeq.quant_linear import QuantLinear
+from treeq.runtime.quant_linear import QuantLinear
 
 # Granite has Llama's layer layout, but no built-in spec names its model_type.
 GRANITE_SPEC = textwrap.dedent(

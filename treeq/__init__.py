@@ -16,9 +16,9 @@ from .api import (  # noqa: E402
     load_fp_model,
     quantize,
 )
-from .compare import compare  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .errors import TreeqError  # noqa: E402
+from .eval.compare import compare  # noqa: E402
 from .models import register_spec  # noqa: E402
 
 __all__ = [

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from .calib_precision import CALIB_DTYPES
 from .data import BOS_RULES
+from .engine.calib_precision import CALIB_DTYPES
 from .errors import from_validation
 from .formats import FORMATS
 from .schemes import ActivationScheme, KVCacheScheme, ModuleOverride, WeightScheme, scheme_for
@@ -30,7 +30,7 @@ class CalibrationSettings(BaseModel):
     seqlen: int = Field(512, gt=1, description="tokens per calibration sequence")
     batch_size: int = Field(8, gt=0, description="calibration sequences per layer forward")
     calib_dtype: Literal[CALIB_DTYPES] = Field(  # type: ignore[valid-type]
-        "auto", description="dtype of calibration matmul inputs (treeq/calib_precision.py); auto: bf16 where native"
+        "auto", description="dtype of calibration matmul inputs (engine/calib_precision.py); auto: bf16 where native"
     )
     true_sequential: bool = Field(True, description="quantize subsets in order, each seeing the ones before")
     bos: Literal[BOS_RULES] = Field(  # type: ignore[valid-type]

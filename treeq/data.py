@@ -4,7 +4,7 @@ The built-in corpus is the English Wikipedia sample and the Lee news corpus ship
 data (`pip install --no-deps gensim==4.4.0`). The files are read directly; gensim is never imported.
 Wikipedia articles are split by position: the first 80% calibrate, the last 20% evaluate.
 
-Windows cut from a token stream (calibration here, perplexity in :mod:`treeq.perplexity`) start
+Windows cut from a token stream (calibration here, perplexity in :mod:`treeq.eval.perplexity`) start
 with a BOS where the model's tokenizer adds one to text (Gemma), and without where it does not
 (SmolLM2): a model trained always to see a BOS first is far off its training distribution without.
 """

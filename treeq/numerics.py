@@ -30,7 +30,7 @@ CLIP_FINE = torch.linspace(-0.04, 0.04, 11)
 CLIP_NORM = 2.4
 # Candidates, and weights per candidate, searched at a time (rows are independent): temporaries of
 # 4 x 16384 fp32 (256 KB; 256 rows of a 64-wide group) stay in L2 and below the looper's mmap
-# threshold (treeq.memory), where every fresh page costs a fault: on 1536-row groups 3x faster than
+# threshold (treeq.engine.memory), where every fresh page costs a fault: on 1536-row groups 3x faster than
 # 4 candidates over every row. At least CLIP_MIN_ROWS rows, so wide groups take few Python steps.
 CLIP_CHUNK = 4
 CLIP_ELEMENTS = 16384
@@ -298,3 +298,56 @@ def fake_quantize_learned(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     codes = _ste(torch.round(w / scale), w / scale) + zero
     codes = _ste(codes.clamp(0, maxq), codes)
     return (codes - zero) * scale
+
+
+# ---- activation quantization ----
+# A matmul's input quantized at run time, one scale per token row (per_token) or per tensor. The
+# integer W8A8 kernel (treeq.kernels.w8a8_vnni) computes exactly this, bit for bit, and the
+# fake-quant path of other activation widths dequantizes it. Every step is exact or a single IEEE
+# rounding (amax, one division for the scale, one division per value, round half to even), so a
+# kernel can match it; a kernel must divide as here, not multiply by a reciprocal. Inputs must be
+# finite. A scale that comes out 0 (an all-zero row, or an amax so small the division underflows)
+# becomes 1, which codes those values as 0 exactly.
+ACTIVATION_BITS = tuple(range(2, 9))
+
+
+def quantize_activation(
+    x: torch.Tensor, bits: int, per_token: bool = True, sym: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes like x, scale, zero) for x [..., K], in fp32 whatever x's dtype. scale and zero
+    (int32) have x's leading shape per token, shape [] per tensor.
+
+    sym: scale = amax|x| / qmax with qmax = 2^(bits-1) - 1, zero 0, int8 codes
+    clamp(round(x / scale), -qmax, qmax). asym: scale = (max(x, 0) - min(x, 0)) / (2^bits - 1),
+    zero = clamp(round(-min(x, 0) / scale), 0, 2^bits - 1), uint8 codes
+    clamp(round(x / scale) + zero, 0, 2^bits - 1)."""
+    if bits not in ACTIVATION_BITS:
+        raise ValueError(f"activation bits={bits} not in {ACTIVATION_BITS}")
+    xf = x.float()
+    dims = (-1,) if per_token else tuple(range(xf.dim()))
+    if sym:
+        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        scale = xf.abs().amax(dim=dims) / qmax
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        lo = xf.amin(dim=dims).clamp(max=0)
+        scale = (xf.amax(dim=dims).clamp(min=0) - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if sym:
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        zero = torch.round(-lo / scale).clamp(0, qmax).to(torch.int32)
+    s, z = (scale[..., None], zero[..., None]) if per_token else (scale, zero)
+    codes = torch.clamp(torch.round(xf / s) + z, qmin, qmax)
+    return codes.to(torch.int8 if sym else torch.uint8), scale, zero
+
+
+def dequantize_activation(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(codes - zero) * scale in fp32; scale and zero as :func:`quantize_activation` returns them."""
+    per_token = scale.dim() > 0
+    return dequantize(codes, scale[..., None] if per_token else scale, zero[..., None] if per_token else zero)
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int, per_token: bool = True, sym: bool = True) -> torch.Tensor:
+    """x quantized and dequantized, back in x's dtype."""
+    return dequantize_activation(*quantize_activation(x, bits, per_token, sym)).to(x.dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import experts as _experts
+from .engine import experts as _experts
 from .errors import TreeqError
 from .models.spec import EACH_EXPERT, TreeSpec
 

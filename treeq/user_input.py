@@ -53,3 +53,17 @@ def finite_weight(name: str, weight: torch.Tensor) -> None:
     if not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
         raise TreeqError(f"{name} has {bad} NaN or Inf weights; fix or re-save the model before quantizing it")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """None or "auto": the GPU where there is one, else the CPU; any other name as :func:`device`."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device(str(name))
+
+
+def parse_devices(devices: str | list[str] | None) -> list[torch.device] | None:
+    if devices is None:
+        return None
+    names = devices.split(",") if isinstance(devices, str) else devices
+    return [device(n.strip()) for n in names]

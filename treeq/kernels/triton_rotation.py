@@ -1,4 +1,4 @@
-"""Pairwise rotation of activations on GPU in Triton (the math: :mod:`treeq.rotation`).
+"""Pairwise rotation of activations on GPU in Triton (the math: :mod:`treeq.runtime.rotation`).
 
 Not a matmul kernel (it defines no ``KERNEL``): quantized linears with a rotation run it on their
 input before the registry's matmul. One program owns a block of rows and one channel group; it
@@ -62,7 +62,7 @@ def _kernel():
 def triton_rotate(
     x: torch.Tensor, pairs: torch.Tensor, theta: torch.Tensor, group_size: int, block_rows: int = 16
 ) -> torch.Tensor:
-    """:func:`treeq.rotation.rotate` along the last dimension of ``x``, computed in fp32."""
+    """:func:`treeq.runtime.rotation.rotate` along the last dimension of ``x``, computed in fp32."""
     shape, n = x.shape, x.shape[-1]
     out = x.reshape(-1, n).contiguous().clone()
     rows = out.shape[0]

@@ -16,10 +16,10 @@ from typing import Any, Callable, ClassVar
 import pydantic
 import torch
 
-from ..calib_precision import calibration_dtype, cpu_statistics
-from ..input_transform import InputTransform
+from ..engine.calib_precision import calibration_dtype, cpu_statistics
 from ..kernels import gram_bf16
 from ..numerics import ROW_CHUNK, UniformGrid, dequantize_grouped, group_width, make_grid
+from ..runtime.input_transform import InputTransform
 from ..schemes import WeightScheme
 
 
@@ -51,7 +51,7 @@ class InputStats:
     With ``dtype`` bf16 (calibration forwards autocast to bf16, so the layer multiplies bf16-rounded
     inputs anyway), each batch's x^T x rounds x to bf16 and sums the exact products in fp32, so H
     is the Gram matrix of the rounded inputs and positive semi-definite; on a CPU by the fastest
-    route it has (:func:`treeq.calib_precision.cpu_statistics`). (Rounding a bf16 GEMM's output to
+    route it has (:func:`treeq.engine.calib_precision.cpu_statistics`). (Rounding a bf16 GEMM's output to
     bf16 instead made Cholesky need 5x the damping.)
 
     Per-subset derived quantities (a factorised inverse, a permutation) are cached here so modules
@@ -61,7 +61,7 @@ class InputStats:
     def __init__(self, in_features: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.dtype = dtype
-        # How x^T x of the rounded inputs is accumulated in fp32 (treeq.calib_precision.cpu_statistics).
+        # How x^T x of the rounded inputs is accumulated in fp32 (treeq.engine.calib_precision.cpu_statistics).
         low_precision_cpu = dtype != torch.float32 and torch.device(device).type == "cpu"
         self.route = cpu_statistics() if low_precision_cpu else "fp32"
         self.tokens = 0

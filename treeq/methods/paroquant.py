@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import rotation
-from ..input_transform import InputTransform
 from ..numerics import SCALE_DTYPE, UniformGrid, fake_quantize_learned, minmax_params
+from ..runtime import rotation
+from ..runtime.input_transform import InputTransform
 from .base import InputStats, Method, QuantResult, output_error
 
 

@@ -114,7 +114,7 @@ def write_model_card(directory: Path, qcfg: dict, perplexity: dict[str, str] | N
 
 def record_perplexity(directory: Path, fp, quantized) -> None:
     """Rewrite the card of a checkpoint with the perplexities measured after quantizing
-    (:class:`treeq.perplexity.PerplexityResult` of the fp and the quantized model)."""
+    (:class:`treeq.eval.perplexity.PerplexityResult` of the fp and the quantized model)."""
     qcfg = json.loads((Path(directory) / QUANT_CONFIG_NAME).read_text())
     rows = {label: f"{r.ppl:.3f} ({r.protocol()})" for label, r in (("fp", fp), ("quantized", quantized))}
     write_model_card(directory, qcfg, rows)

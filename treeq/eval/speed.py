@@ -5,8 +5,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from ..errors import TreeqError
+from ..fp_model import load_fp_model
+from ..storage.loading import load_quantized, read_quantization_config
 
 
 @dataclass
@@ -73,3 +78,23 @@ def measure_speeds(models: dict, ids: torch.Tensor, new_tokens: int = 32, repeat
         )
         for name, rs in runs.items()
     }
+
+
+BENCH_PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when movable type made books "
+    "cheaper to produce and spread literacy across Europe. Within a few decades"
+)
+
+
+def bench(
+    path, fp_model: str | None = None, prompt: str = BENCH_PROMPT, new_tokens: int = 32, repeats: int = 5
+) -> dict[str, Speed]:
+    """Prefill and batch-1 decode tokens/s of a checkpoint and of its fp model, both in bf16 (the
+    fp model from ``fp_model`` or the source recorded at quantization), measured in turns."""
+    qmodel, tok = load_quantized(path, "cpu", torch.bfloat16)
+    source = fp_model or read_quantization_config(Path(path))["meta"].get("source")
+    if source is None:
+        raise TreeqError(f"{path} does not record its fp model; pass it explicitly (--fp MODEL)")
+    fp, _ = load_fp_model(source, dtype=torch.bfloat16)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    return measure_speeds({"quantized": qmodel, "fp bf16": fp}, ids, new_tokens, repeats)

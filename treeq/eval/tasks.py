@@ -11,9 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from . import data
-from .default_model import cache_dir
-from .errors import TreeqError
+from .. import data
+from ..default_model import cache_dir
+from ..errors import TreeqError
 
 TASKS = ("treeq_wiki", "treeq_capitals", "treeq_mmlu")
 LETTERS = ("A", "B", "C", "D")

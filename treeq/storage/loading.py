@@ -13,16 +13,16 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import formats, user_input
+from .. import formats, user_input
+from ..engine.experts import unfuse_experts
+from ..errors import TreeqError
+from ..formats import CheckpointFormat
+from ..kernels import LinearFormat, explain
+from ..models import spec_for
+from ..numerics import GRIDS, SUPPORTED_BITS, UniformGrid
+from ..runtime.input_transform import InputTransform
+from ..runtime.quant_linear import QuantLinear
 from .checkpoint import QUANT_CONFIG_NAME, set_module
-from .errors import TreeqError
-from .experts import unfuse_experts
-from .formats import CheckpointFormat
-from .input_transform import InputTransform
-from .kernels import LinearFormat, explain
-from .models import spec_for
-from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
-from .quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +183,7 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
                         log.debug("%s: kernel %s rejected: %s", name, other, reason)
     log.info("kernels on %s/%s: %s", device_type, dtype, ", ".join(f"{k} x{n}" for k, n in chosen.items()))
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def is_quantized_checkpoint(path) -> bool:
+    return (Path(path) / "quantize_config.json").is_file()

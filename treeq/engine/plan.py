@@ -8,18 +8,16 @@ precision. The engine asks by module name and never learns why.
 
 from __future__ import annotations
 
-from .config import QuantConfig
-from .methods import Method, make_method
-from .schemes import WeightScheme
+from ..config import QuantConfig
+from ..methods import Method, make_method
+from ..schemes import WeightScheme
 
 
 class MethodPlan:
     def __init__(self, config: QuantConfig):
         self.config = config
         # The fallback's options are not the main method's (RTN takes none).
-        self._fallback_config = config.model_copy(
-            update={"method": config.calibration.fallback_method, "options": {}}
-        )
+        self._fallback_config = config.model_copy(update={"method": config.calibration.fallback_method, "options": {}})
         self._made: dict[tuple[str, WeightScheme], Method] = {}
         self.default = self._method(config, config.weights)
 

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Bos
-from .errors import TreeqError
+from .. import data
+from ..data import Bos
+from ..errors import TreeqError
 
 NO_BOS = Bos(None, "no BOS given")
 
@@ -59,3 +60,16 @@ def perplexity(
             nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             count += seqlen - 1
     return PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos)
+
+
+def evaluate_perplexity(
+    model,
+    tokenizer,
+    text: str = "wiki-test",
+    seqlen: int = 1024,
+    max_windows: int | None = 32,
+    bos: str = data.BOS_RULES[0],
+) -> PerplexityResult:
+    """``bos``: "auto" starts each window with a BOS where the tokenizer adds one; "always" / "never" force it."""
+    start = data.bos_for(tokenizer, bos)
+    return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start)

@@ -3,7 +3,7 @@
 It knows no method and no architecture by name. Per decoder layer:
 1. move the layer to the compute device;
 2. true-sequential (default): run the layer on every calibration batch in lockstep
-   (:mod:`treeq.lockstep`); all batches pause at each subset in spec order while the method
+   (:mod:`treeq.engine.lockstep`); all batches pause at each subset in spec order while the method
    quantizes it from their inputs, then go on with the fake-quantized weights in place, so each
    subset sees the ones before it quantized and the forwards' outputs are the next layer's inputs;
 3. otherwise: one pass gathers every subset's input from the fp layer, every module is quantized,
@@ -24,11 +24,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import experts, user_input
+from .. import user_input
+from ..methods import InputStats, Method, QuantResult
+from ..models import Subset, TreeSpec
+from . import experts
 from .lockstep import StopForward, batch_threads, run_lockstep, run_rerunning
 from .memory import map_large_allocations
-from .methods import InputStats, Method, QuantResult
-from .models import Subset, TreeSpec
 from .plan import MethodPlan
 from .quant_log import ModuleRecord, QuantLog, peak_memory_mb
 from .scaling import can_fold, fold_input_scales
@@ -219,7 +220,7 @@ def quantize_layers(
     input on one of ``devices`` (default: ``device``), where its statistics are accumulated; the
     results are the same for any number of workers.
 
-    A ``stream`` (:class:`treeq.streaming.LayerStream`) loads each layer's weights before it is
+    A ``stream`` (:class:`treeq.engine.streaming.LayerStream`) loads each layer's weights before it is
     quantized and takes its results afterwards; they are then not kept in the returned dict.
     Layer forwards run under ``autocast`` to that dtype unless it is float32. Without
     ``lockstep``, true-sequential reruns the layer per subset (:func:`run_rerunning`): the same

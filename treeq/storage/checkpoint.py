@@ -15,18 +15,18 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from .atomic import atomic_directory
-from .config import QuantConfig
-from .errors import TreeqError
-from .formats import FORMATS, FormatSummary
-from .kernels import LinearFormat
-from .methods import QuantResult
+from ..atomic import atomic_directory
+from ..config import QuantConfig
+from ..engine.quant_log import QuantLog
+from ..errors import TreeqError
+from ..formats import FORMATS, FormatSummary
+from ..kernels import LinearFormat
+from ..methods import QuantResult
+from ..recipe import RECIPE_NAME, recipe_text
+from ..runtime.quant_linear import QuantLinear
+from ..schemes import WeightScheme
+from ..version import __version__
 from .model_card import QUANT_CONFIG_NAME, write_model_card
-from .quant_linear import QuantLinear
-from .quant_log import QuantLog
-from .recipe import RECIPE_NAME, recipe_text
-from .schemes import WeightScheme
-from .version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -57,6 +57,7 @@ def reorders(results: dict[str, QuantResult]) -> bool:
 def symmetric(results: dict[str, QuantResult], config: QuantConfig) -> bool:
     """The checkpoint's sym: true only if every zero point written is the middle code, so kernels
     that ignore qzeros stay exact (a method may learn zero points even when ``sym`` was asked)."""
+
     def pinned(name: str, r: QuantResult) -> bool:
         scheme = config.quantized_scheme(name)
         return scheme.sym and bool((r.zeros == 2 ** (scheme.bits - 1)).all())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import cpu_isa, gram_bf16
+from ..kernels import cpu_isa, gram_bf16
 
 CALIB_DTYPES = ("auto", "float32", "bfloat16")
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import TreeqError
+from ..errors import TreeqError
 
 
 class StopForward(Exception):

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .errors import TreeqError
-from .models.spec import EACH_EXPERT, ExpertGroup, Subset, TreeSpec
+from ..errors import TreeqError
+from ..models.spec import EACH_EXPERT, ExpertGroup, Subset, TreeSpec
 
 
 class Tap(nn.Module):

@@ -1,7 +1,7 @@
 """An optional transform a quantized linear applies to its input before the matmul.
 
 ``x -> rotate(x / channel_scales)``: per-input-channel scales (AWQ-style methods use only these),
-optionally followed by pairwise rotations (:mod:`treeq.rotation`). A method that quantizes
+optionally followed by pairwise rotations (:mod:`treeq.runtime.rotation`). A method that quantizes
 ``Q = quant(R(W diag(s)))`` stores Q as usual plus this transform; the layer then computes
 ``y = transform(x) @ dequant(Q)^T``, which equals ``x @ W_hat^T`` with the effective dense weight
 ``W_hat = R^-1(dequant(Q)) / s`` that the looper installs for calibrating later layers.
@@ -76,7 +76,7 @@ class InputTransform:
         if not self.krot:
             return x
         if x.is_cuda:
-            from .kernels.triton_rotation import triton_available, triton_rotate
+            from ..kernels.triton_rotation import triton_available, triton_rotate
 
             if triton_available():
                 return triton_rotate(x, self.pairs, self.theta, self.group_size)

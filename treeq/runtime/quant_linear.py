@@ -1,5 +1,5 @@
 """The module that replaces an nn.Linear: GPTQ-layout tensors plus the kernel chosen to run them,
-and optionally an input transform (:mod:`treeq.input_transform`, its buffers stored beside the
+and optionally an input transform (:mod:`treeq.runtime.input_transform`, its buffers stored beside the
 weight's) and an input quantizer applied before the kernel's matmul."""
 
 from __future__ import annotations
@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import input_transform, packing
+from .. import packing
+from ..kernels import LinearFormat, select_kernel
+from ..methods import QuantResult
+from ..numerics import SCALE_DTYPE, dequantize_grouped, group_width
+from . import input_transform
 from .input_transform import InputTransform
-from .kernels import LinearFormat, select_kernel
-from .methods import QuantResult
-from .numerics import SCALE_DTYPE, dequantize_grouped, group_width
 
 
 class QuantLinear(nn.Module):

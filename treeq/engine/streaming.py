@@ -16,13 +16,13 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import laid_out, summary_of, swap_in_quantized
-from .config import QuantConfig
-from .errors import TreeqError
-from .formats import FormatSummary
+from ..config import QuantConfig
+from ..errors import TreeqError
+from ..formats import FormatSummary
+from ..methods import QuantResult
+from ..models import TreeSpec
+from ..storage.checkpoint import laid_out, summary_of, swap_in_quantized
 from .memory import release_free_heap
-from .methods import QuantResult
-from .models import TreeSpec
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -8,8 +8,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TreeqError
-from .quant_log import LOG_NAME
+from ..engine.quant_log import LOG_NAME
+from ..errors import TreeqError
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .errors import TreeqError
+from ..errors import TreeqError
 
 
 def _fp16_bytes(model) -> int:
@@ -19,7 +19,7 @@ def _fp16_bytes(model) -> int:
 
 
 def _evaluate(model, tok, tasks, limit, text: str, seqlen: int, windows: int) -> dict:
-    from . import api
+    from .. import api
 
     row = {"ppl": api.evaluate_perplexity(model, tok, text, seqlen, windows).ppl}
     for task, metrics in (api.evaluate_tasks(model, tok, list(tasks), limit) if tasks else {}).items():
@@ -43,8 +43,8 @@ def compare(
     **settings,
 ) -> list[dict]:
     """Rows of the comparison (the fp model first); checkpoints and compare.{md,csv} go under ``out``."""
-    from . import api
-    from .config import QuantConfig
+    from .. import api
+    from ..config import QuantConfig
 
     out = Path(out)
     if out.exists():

@@ -1,0 +1,189 @@
+"""The quantize pipeline: check the model against its spec and the config, calibrate, quantize
+layer by layer (in memory, or streamed from disk with ``low_memory``) and save the checkpoint."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import data, packing
+from ..atomic import atomic_directory
+from ..config import QuantConfig
+from ..default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
+from ..errors import TreeqError
+from ..fp_model import load_fp_model, model_path
+from ..models import spec_for
+from ..schemes import WeightScheme
+from ..spec_check import check_spec
+from ..storage.checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
+from ..user_input import parse_devices, resolve_device
+from ..version import __version__
+from .calib_precision import calibration_dtype
+from .experts import calibration_routing, layer_modules, unfuse_experts
+from .looper import quantize_layers
+from .memory import release_free_heap
+from .plan import MethodPlan
+from .quant_log import QuantLog
+from .streaming import LayerStream, ShardReader
+
+
+def check_quantizable(model, spec, config: QuantConfig) -> None:
+    """Fail before any work if a module's shape does not fit its scheme's groups or packing."""
+    for i, layer in enumerate(model.get_submodule(spec.layers)):
+        for name in layer_modules(layer, spec):
+            where = f"{spec.layers}.{i}.{name}"
+            scheme = config.scheme_of(where)
+            if scheme is not None:
+                _check_fits(layer.get_submodule(name), where, scheme)
+
+
+def _check_fits(lin, where: str, scheme: WeightScheme) -> None:
+    codes_per_period, _ = packing.period(scheme.bits)
+    if scheme.group_size != -1 and lin.in_features % scheme.group_size:
+        divisors = [g for g in (32, 64, 128) if lin.in_features % g == 0]
+        raise TreeqError(
+            f"group_size={scheme.group_size} does not divide in_features={lin.in_features} of {where}; "
+            f"use one of {divisors or [-1]} (or -1 for per-row groups)"
+        )
+    for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
+        if n % codes_per_period:
+            raise TreeqError(
+                f"{where} has {what}={n}, not a multiple of {codes_per_period} as {scheme.bits}-bit "
+                f"GPTQ packing needs; try other bits"
+            )
+
+
+@dataclass
+class QuantizeReport:
+    out: Path
+    seconds: float
+    log: QuantLog
+    model: object = field(repr=False)  # the quantized model, in memory
+    tokenizer: object = field(repr=False)
+
+
+def quantize(
+    model=None,
+    config: QuantConfig | None = None,
+    out: str | Path = "treeq-out",
+    tokenizer=None,
+    calib_text: str = "wiki-train",
+    device: str | None = None,
+    log: QuantLog | None = None,
+    workers: int | None = None,
+    devices: str | list[str] | None = None,
+    low_memory: bool = False,
+) -> QuantizeReport:
+    """Calibrate, quantize layer by layer, and save a GPTQ-format checkpoint to ``out``.
+
+    ``model`` is a local directory, None for the built-in default, or a loaded PreTrainedModel
+    (then ``tokenizer`` is required). The model passed in is quantized in place. ``workers``
+    threads quantize a subset's modules side by side (default: torch's thread count), spread over
+    ``devices`` ("cuda:0,cuda:1", or ["cpu", "cpu"]: one worker each) when given; the checkpoint is
+    the same bit for bit whatever the workers and devices. ``low_memory`` streams a model directory
+    one decoder layer at a time (:mod:`treeq.engine.streaming`); the report then holds no model.
+    """
+    config = for_model(config or QuantConfig(), model)
+    out = Path(out)
+    if out.exists():
+        raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    log = log or QuantLog(echo=tqdm.write)
+    log.lines.append(f"treeq {__version__} quantize, calibration text {calib_text}: {config.model_dump_json()}")
+    if low_memory:
+        with log.capturing():
+            return _quantize_streaming(model, config, out, calib_text, device, log, workers, devices)
+    if tokenizer is None:
+        model, tokenizer = load_fp_model(model)
+    spec = spec_for(model.config)
+    _prepare(model, spec, config)
+    start = time.perf_counter()
+    batches = _calibration_batches(tokenizer, config, calib_text)
+    with log.capturing():
+        results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices)
+    swap_in_quantized(model, results, config)
+    seconds = time.perf_counter() - start
+    log.lines.append(f"quantized {len(log.records)} modules in {seconds:.1f} s")
+    save_quantized(model, tokenizer, config, results, out, log, source=source_name(model.config._name_or_path))
+    return QuantizeReport(out, seconds, log, model, tokenizer)
+
+
+def for_model(config: QuantConfig, model) -> QuantConfig:
+    """``config`` with the built-in model's group size where the user chose none: its hidden size,
+    576, is no multiple of the usual 128."""
+    builtin = model is None or model == DEFAULT_MODEL
+    if not builtin or "group_size" in config.weights.model_fields_set:
+        return config
+    weights = config.weights.model_copy(update={"group_size": DEFAULT_GROUP_SIZE})
+    return config.model_copy(update={"weights": weights})
+
+
+def _prepare(model, spec, config: QuantConfig) -> None:
+    check_spec(model, spec)
+    unfuse_experts(model, spec)
+    check_quantizable(model, spec, config)
+
+
+def _calibration_batches(tokenizer, config: QuantConfig, calib_text: str) -> list[torch.Tensor]:
+    text = data.read_text(calib_text)
+    c = config.calibration
+    return data.calibration_batches(tokenizer, text, c.calib_samples, c.seqlen, c.batch_size, bos=c.bos)
+
+
+def _calibrate_and_quantize(
+    model, spec, batches, config: QuantConfig, device, log, workers, devices, stream=None
+) -> dict:
+    calib = config.calibration
+    calib_tokens = sum(b.numel() for b in batches)
+    device = resolve_device(device)
+    with calibration_routing(model, spec, calib.routing):
+        return quantize_layers(
+            model,
+            spec,
+            MethodPlan(config),
+            batches,
+            device,
+            calib.true_sequential,
+            log,
+            workers or torch.get_num_threads(),
+            math.ceil(calib.fallback_fraction * calib_tokens),
+            parse_devices(devices),
+            stream,
+            calibration_dtype(calib.calib_dtype, device),
+            lockstep=stream is None,  # streaming is for memory, so it reruns layers instead
+        )
+
+
+def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, device, log, workers, devices):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if model is not None and not isinstance(model, (str, Path)):
+        raise TreeqError("low_memory streams weights from a model directory; pass its path, not a loaded model")
+    path = model_path(model)
+    hf_config = AutoConfig.from_pretrained(path)
+    spec = spec_for(hf_config)
+    if spec.experts is not None:
+        raise TreeqError(
+            f"--low-memory does not stream MoE experts yet ({hf_config.model_type}); quantize without --low-memory"
+        )
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _prepare(skeleton, spec, config)
+    with atomic_directory(out) as tmp:
+        start = time.perf_counter()
+        batches = _calibration_batches(tokenizer, config, calib_text)
+        # Tokenizing the whole text leaves ~300 MB of freed heap; hand it back before the weights come.
+        release_free_heap()
+        stream = LayerStream(skeleton, spec, config, ShardReader(path), tmp)
+        stream.load_surroundings()
+        _calibrate_and_quantize(skeleton, spec, batches, config, device, log, workers, devices, stream)
+        stream.finish()
+        seconds = time.perf_counter() - start
+        write_metadata(tmp, skeleton, tokenizer, config, stream.summary, log, source_name(path))
+    return QuantizeReport(out, seconds, log, None, tokenizer)

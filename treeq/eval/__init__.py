@@ -1,0 +1,1 @@
+"""Measuring a model: perplexity, lm-eval-style tasks, speed, per-module error and comparison tables."""

@@ -1,0 +1,216 @@
+// W8A8 on x86 CPUs with AVX512-VNNI: int8 activations times int8 weights, int32 sums.
+//
+// Activation quantizer. One scale per token row: scale = amax(|x|) / qmax, divided (not multiplied
+// by a reciprocal), a scale of 0 replaced by 1, codes = clamp(round half to even(x / scale)), as
+// treeq.numerics.quantize_activation computes it; every step is exact or one IEEE rounding, so
+// the two agree bit for bit. Built with -ffp-contract=off so no multiply and add fuse into one
+// rounding the reference does not make.
+//
+// GEMM. vpdpbusd multiplies unsigned by signed bytes. The weight is the unsigned operand: it is
+// stored as w + 128 (0..255) at packing time, and the activation codes are the signed operand,
+// read in place (no per-call copy, which at 2048 x 4096 cost as much as a tenth of the GEMM). The
+// sums are then sum x*w + 128 * sum x, so 128 * (row sum of the codes) is subtracted per token
+// row, from a row sum computed once per call. Products and sums are exact in int32 while
+// K * 128 * 255 < 2^31 (K < 65793; the Python side caps K at 65536).
+//
+// Layout. Per block of 16 output rows, [K/4][16][4]: for each 4 consecutive inputs, the 16 rows'
+// 4 bytes, so one 64-byte load feeds one vpdpbusd against the token's 4 codes broadcast, the 16
+// outputs in the 16 lanes (no horizontal sums). K is padded to a multiple of 4 with stored 0
+// (a product of 0 whatever the code), N to a multiple of 16 with rows never written out.
+//
+// No AMX-INT8 path: no machine this was written on has AMX to test it.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+constexpr int kLanes = 16;  // output rows per block
+constexpr int kMaxBlocks = 4;  // blocks per unit: a micro-kernel's width
+constexpr int kMaxRows = 6;  // token rows per micro-kernel: 6 x 4 sums + 4 weights + 1 broadcast
+// Decoding streams the weight: asking for each block's bytes this far ahead keeps loads from
+// waiting on memory.
+constexpr int kPrefetchBytes = 1024;
+// A unit's weight panel (its blocks x K) should stay in L2 while every token row passes over it.
+constexpr int64_t kPanelBytes = 512 * 1024;
+
+// Per-thread scratch kept between calls: decoding calls this hundreds of times per token.
+void* scratch(size_t bytes) {
+    thread_local void* buf = nullptr;
+    thread_local size_t cap = 0;
+    if (bytes > cap) {
+        free(buf);
+        cap = (bytes + 63) / 64 * 64;
+        buf = aligned_alloc(64, cap);
+    }
+    return buf;
+}
+
+// 16 inputs from k (fewer under mask) as fp32; bf16 widens exactly by a shift.
+inline __m512 load16(const void* row, bool bf16, int64_t k, __mmask16 mask) {
+    if (bf16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t*)row + k);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float*)row + k);
+}
+
+void quantize_row(const void* row, bool bf16, int64_t K, int qmax, int8_t* codes, float* scale) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += kLanes) {
+        const __mmask16 mask = K - k >= kLanes ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(row, bf16, k, mask)));
+    }
+    float s = _mm512_reduce_max_ps(amax) / (float)qmax;
+    if (!(s > 0.0f)) s = 1.0f;
+    *scale = s;
+    const __m512 sv = _mm512_set1_ps(s);
+    const __m512i hi = _mm512_set1_epi32(qmax), lo = _mm512_set1_epi32(-qmax);
+    for (int64_t k = 0; k < K; k += kLanes) {
+        const __mmask16 mask = K - k >= kLanes ? 0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 q = _mm512_div_ps(load16(row, bf16, k, mask), sv);
+        __m512i i = _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        i = _mm512_max_epi32(_mm512_min_epi32(i, hi), lo);
+        _mm512_mask_cvtepi32_storeu_epi8(codes + k, mask, i);
+    }
+}
+
+// Sum of each token row's codes (Kp a multiple of 4): vpdpbusd against ones.
+void row_sums(const int8_t* x, int64_t M, int64_t Kp, int32_t* out) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t m = 0; m < M; ++m) {
+        const int8_t* r = x + m * Kp;
+        __m512i s = _mm512_setzero_si512();
+        for (int64_t k = 0; k < Kp; k += 64) {
+            const __mmask64 mask = Kp - k >= 64 ? ~0ull : (1ull << (Kp - k)) - 1;
+            s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(mask, r + k));
+        }
+        out[m] = _mm512_reduce_add_epi32(s);
+    }
+}
+
+struct Epilogue {
+    const float* xs;  // [M] token scales
+    const float* ws;  // [N] output-row scales
+    const float* bias;  // [N] or null
+    const int32_t* xsum;  // [M] code row sums
+    void* y;  // [M, N]
+    int64_t N;
+    int kind;  // 0 raw int32, 1 fp32, 2 bf16
+};
+
+// One token row's 16 sums of block n0 (mask: the rows that exist) into y, in the reference's
+// order: ((float(acc) * xs) * ws) + bias, rounded once more to bf16 if asked.
+inline void finish(__m512i acc, const Epilogue& e, int64_t m, int64_t n0, __mmask16 mask) {
+    acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(128 * e.xsum[m]));
+    if (e.kind == 0) {
+        _mm512_mask_storeu_epi32((int32_t*)e.y + m * e.N + n0, mask, acc);
+        return;
+    }
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(e.xs[m]));
+    v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, e.ws + n0));
+    if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e.bias + n0));
+    if (e.kind == 1)
+        _mm512_mask_storeu_ps((float*)e.y + m * e.N + n0, mask, v);
+    else
+        _mm256_mask_storeu_epi16((uint16_t*)e.y + m * e.N + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// R token rows (x: the first, row stride Kp) against NB blocks from w (block stride Kp * 16);
+// all R x NB sums stay in registers over the whole K.
+template <int NB, int R>
+void micro(const int8_t* x, int64_t Kp, const uint8_t* w, int64_t m0, int64_t n0, const Epilogue& e) {
+    __m512i acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
+    const int64_t stride = Kp * kLanes;
+    for (int64_t k = 0; k < Kp; k += 4) {
+        __m512i wv[NB];
+        for (int b = 0; b < NB; ++b) {
+            const uint8_t* src = w + b * stride + k * kLanes;
+            if (R <= 2) _mm_prefetch((const char*)src + kPrefetchBytes, _MM_HINT_T0);
+            wv[b] = _mm512_loadu_si512(src);
+        }
+        for (int r = 0; r < R; ++r) {
+            int32_t four;
+            memcpy(&four, x + r * Kp + k, 4);
+            const __m512i xb = _mm512_set1_epi32(four);
+            for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wv[b], xb);
+        }
+    }
+    for (int b = 0; b < NB; ++b) {
+        const int64_t n = n0 + b * kLanes;
+        const __mmask16 mask = e.N - n >= kLanes ? 0xFFFF : (__mmask16)((1u << (e.N - n)) - 1);
+        for (int r = 0; r < R; ++r) finish(acc[r][b], e, m0 + r, n, mask);
+    }
+}
+
+template <int NB>
+void rows(const int8_t* x, int64_t M, int64_t Kp, const uint8_t* w, int64_t m0, int64_t n0, const Epilogue& e) {
+    for (int64_t m = m0; m < m0 + M; m += kMaxRows) {
+        const int8_t* xm = x + m * Kp;
+        switch (m0 + M - m) {
+            case 1: micro<NB, 1>(xm, Kp, w, m, n0, e); break;
+            case 2: micro<NB, 2>(xm, Kp, w, m, n0, e); break;
+            case 3: micro<NB, 3>(xm, Kp, w, m, n0, e); break;
+            case 4: micro<NB, 4>(xm, Kp, w, m, n0, e); break;
+            case 5: micro<NB, 5>(xm, Kp, w, m, n0, e); break;
+            default: micro<NB, kMaxRows>(xm, Kp, w, m, n0, e); break;
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" int treeq_w8a8_supported() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+
+// codes [M, K] int8 and scale [M] fp32 from x [M, K] (bf16 if bf16 else fp32), qmax = 2^(bits-1) - 1.
+extern "C" void treeq_w8a8_quantize(const void* x, int bf16, int64_t M, int64_t K, int qmax, int8_t* codes,
+                                    float* scale, int threads) {
+    const int64_t row_bytes = K * (bf16 ? 2 : 4);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; ++m)
+        quantize_row((const char*)x + m * row_bytes, bf16, K, qmax, codes + m * K, scale + m);
+}
+
+// y [M, N] = codes x [M, Kp] times the packed weight w (N rounded up to 16 rows, Kp a multiple of
+// 4): raw int32 sums (kind 0), or scaled by xs [M] and ws [N], plus bias [N] if given, in fp32
+// (kind 1) or bf16 (kind 2).
+extern "C" void treeq_w8a8_gemm(const int8_t* x, int64_t M, int64_t Kp, const uint8_t* w, int64_t N, const float* xs,
+                                const float* ws, const float* bias, void* y, int kind, int threads) {
+    if (M == 0) return;
+    int32_t* xsum = (int32_t*)scratch(sizeof(int32_t) * M);
+    row_sums(x, M, Kp, xsum);
+    const Epilogue e{xs, ws, bias, xsum, y, N, kind};
+    const int64_t blocks = (N + kLanes - 1) / kLanes;
+    // Units of up to 4 blocks whose panel stays in L2; fewer when there are too few units to give
+    // every thread two (small layers at decode), where the rows then split too.
+    int64_t ub = kPanelBytes / (Kp * kLanes);
+    ub = ub < 1 ? 1 : ub > kMaxBlocks ? kMaxBlocks : ub;
+    while (ub > 1 && (blocks + ub - 1) / ub < 2 * threads) --ub;
+    const int64_t units = (blocks + ub - 1) / ub;
+    // Row blocks only to give each thread work: a thread keeps one unit's panel for all its rows.
+    int64_t mblocks = (2 * threads + units - 1) / units;
+    const int64_t row_groups = (M + kMaxRows - 1) / kMaxRows;
+    mblocks = mblocks > row_groups ? row_groups : mblocks;
+    const int64_t mc = (row_groups + mblocks - 1) / mblocks * kMaxRows;
+    mblocks = (M + mc - 1) / mc;
+    // Unit-major tasks, statically split: each thread gets consecutive row blocks of the same units.
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < units * mblocks; ++t) {
+        const int64_t u = t / mblocks, m0 = (t % mblocks) * mc;
+        const int64_t rows_here = M - m0 < mc ? M - m0 : mc;
+        const int64_t b0 = u * ub, nb = blocks - b0 < ub ? blocks - b0 : ub;
+        const uint8_t* wu = w + b0 * Kp * kLanes;
+        switch (nb) {
+            case 1: rows<1>(x, rows_here, Kp, wu, m0, b0 * kLanes, e); break;
+            case 2: rows<2>(x, rows_here, Kp, wu, m0, b0 * kLanes, e); break;
+            case 3: rows<3>(x, rows_here, Kp, wu, m0, b0 * kLanes, e); break;
+            default: rows<4>(x, rows_here, Kp, wu, m0, b0 * kLanes, e); break;
+        }
+    }
+}

@@ -1,0 +1,72 @@
+"""What a checkpoint holds, read from its files without building the model: format, size against
+the fp16 model, each module's stored format, bits per weight and the kernel loading would choose."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..kernels import LinearFormat, explain, select_kernel
+from ..runtime.quant_linear import QuantLinear
+from .loading import linear_format_from, linear_shape, quantized_module_qcfg, read_quantization_config, stored_format
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    quantization: dict
+    size_bytes: int
+    fp16_bytes: int
+    kernels: dict[str, str]  # module -> chosen kernel
+    rejected: dict[str, dict[str, str]]  # kernel -> {module: reason}, for --explain
+    formats: dict[str, LinearFormat]  # module -> its stored format (bits, groups, grid...)
+    # module -> bits per weight, counted from every stored tensor of its weight (codes, scales,
+    # zero points, indices, an input transform's buffers)
+    bits_per_weight: dict[str, float]
+
+
+SAFETENSORS_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8}
+
+
+def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
+    """Format, size on disk against the same model in fp16, and each module's kernel."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    qcfg = read_quantization_config(path)
+    stored = stored_format(qcfg)
+    suffix, quantized_state = stored.packed_suffix, (*QuantLinear.QUANTIZED_STATE, *stored.stored_state)
+    fp16_bytes = 0
+    kernels: dict[str, str] = {}
+    rejected: dict[str, dict[str, str]] = {}
+    formats: dict[str, LinearFormat] = {}
+    stored_bits: Counter = Counter()  # module -> bits of every tensor that stores its weight
+    for weights in sorted(path.glob("*.safetensors")):  # one file, or the shards --low-memory writes
+        with safe_open(weights, "pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                shape = tensor.get_shape()
+                owner, _, leaf = key.rpartition(".")
+                if leaf in quantized_state:
+                    stored_bits[owner] += math.prod(shape) * SAFETENSORS_BITS[tensor.get_dtype()]
+                if key.endswith(suffix):
+                    name = key[: -len(suffix)]
+                    module = quantized_module_qcfg(qcfg, name)
+                    in_f, out_f = linear_shape(module, shape)
+                    fmt = linear_format_from(module, in_f, out_f)
+                    formats[name] = fmt
+                    fp16_bytes += in_f * out_f * 2
+                    reasons = explain(fmt, device, dtype)
+                    kernels[name] = select_kernel(fmt, device, dtype, reasons=reasons).name
+                    for kname, reason in reasons.items():
+                        if reason:
+                            rejected.setdefault(kname, {})[name] = reason
+                elif key.rpartition(".")[2] not in quantized_state:
+                    fp16_bytes += math.prod(shape) * 2
+    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    per_weight = {n: stored_bits[n] / (f.in_features * f.out_features) for n, f in formats.items()}
+    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected, formats, per_weight)
