@@ -100,50 +100,64 @@ struct Epilogue {
     int kind;  // 0 raw int32, 1 fp32, 2 bf16
 };
 
-// One token row's 16 sums of block n0 (mask: the rows that exist) into y, in the reference's
-// order: ((float(acc) * xs) * ws) + bias, rounded once more to bf16 if asked.
-inline void finish(__m512i acc, const Epilogue& e, int64_t m, int64_t n0, __mmask16 mask) {
-    acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(128 * e.xsum[m]));
-    if (e.kind == 0) {
-        _mm512_mask_storeu_epi32((int32_t*)e.y + m * e.N + n0, mask, acc);
-        return;
+// R x NB x 16 sums (token rows m0.., outputs n0..) into y, in the reference's order:
+// ((float(acc) * xs) * ws) + bias, rounded once more to bf16 if asked.
+__attribute__((noinline)) void finish(const int32_t* sums, int R, int NB, const Epilogue& e, int64_t m0, int64_t n0) {
+    for (int b = 0; b < NB; ++b) {
+        const int64_t n = n0 + b * kLanes;
+        const __mmask16 mask = e.N - n >= kLanes ? 0xFFFF : (__mmask16)((1u << (e.N - n)) - 1);
+        const __m512 ws = _mm512_maskz_loadu_ps(mask, e.ws + n);
+        const __m512 bias = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + n) : _mm512_setzero_ps();
+        for (int r = 0; r < R; ++r) {
+            const int64_t m = m0 + r;
+            const __m512i acc = _mm512_sub_epi32(_mm512_load_si512(sums + (r * NB + b) * kLanes),
+                                                 _mm512_set1_epi32(128 * e.xsum[m]));
+            if (e.kind == 0) {
+                _mm512_mask_storeu_epi32((int32_t*)e.y + m * e.N + n, mask, acc);
+                continue;
+            }
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(e.xs[m])), ws);
+            if (e.bias) v = _mm512_add_ps(v, bias);
+            if (e.kind == 1)
+                _mm512_mask_storeu_ps((float*)e.y + m * e.N + n, mask, v);
+            else
+                _mm256_mask_storeu_epi16((uint16_t*)e.y + m * e.N + n, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        }
     }
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(e.xs[m]));
-    v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, e.ws + n0));
-    if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e.bias + n0));
-    if (e.kind == 1)
-        _mm512_mask_storeu_ps((float*)e.y + m * e.N + n0, mask, v);
-    else
-        _mm256_mask_storeu_epi16((uint16_t*)e.y + m * e.N + n0, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
+
+// GCC 12 kept the R x NB sums on the stack (a store per instruction, half the speed) unless these
+// short loops are unrolled before it decides where arrays live.
+#define UNROLL _Pragma("GCC unroll 8")
 
 // R token rows (x: the first, row stride Kp) against NB blocks from w (block stride Kp * 16);
 // all R x NB sums stay in registers over the whole K.
 template <int NB, int R>
 void micro(const int8_t* x, int64_t Kp, const uint8_t* w, int64_t m0, int64_t n0, const Epilogue& e) {
     __m512i acc[R][NB];
-    for (int r = 0; r < R; ++r)
-        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
+    UNROLL for (int r = 0; r < R; ++r)
+        UNROLL for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
     const int64_t stride = Kp * kLanes;
     for (int64_t k = 0; k < Kp; k += 4) {
         __m512i wv[NB];
-        for (int b = 0; b < NB; ++b) {
+        UNROLL for (int b = 0; b < NB; ++b) {
             const uint8_t* src = w + b * stride + k * kLanes;
             if (R <= 2) _mm_prefetch((const char*)src + kPrefetchBytes, _MM_HINT_T0);
             wv[b] = _mm512_loadu_si512(src);
         }
-        for (int r = 0; r < R; ++r) {
+        UNROLL for (int r = 0; r < R; ++r) {
             int32_t four;
             memcpy(&four, x + r * Kp + k, 4);
             const __m512i xb = _mm512_set1_epi32(four);
-            for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wv[b], xb);
+            UNROLL for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wv[b], xb);
         }
     }
-    for (int b = 0; b < NB; ++b) {
-        const int64_t n = n0 + b * kLanes;
-        const __mmask16 mask = e.N - n >= kLanes ? 0xFFFF : (__mmask16)((1u << (e.N - n)) - 1);
-        for (int r = 0; r < R; ++r) finish(acc[r][b], e, m0 + r, n, mask);
-    }
+    // Through memory, so the epilogue's registers do not crowd the sums' (GCC then spilled them
+    // inside the loop).
+    alignas(64) int32_t sums[R][NB][kLanes];
+    UNROLL for (int r = 0; r < R; ++r)
+        UNROLL for (int b = 0; b < NB; ++b) _mm512_store_si512(sums[r][b], acc[r][b]);
+    finish(&sums[0][0][0], R, NB, e, m0, n0);
 }
 
 template <int NB>
