@@ -87,10 +87,11 @@ def test_reference_sums_are_exact_int32(m, n, k):
 
 @needs_kernel
 @pytest.mark.parametrize("m", [1, 3, 17, 128])
-@pytest.mark.parametrize("n,k", [(16, 64), (50, 1001), (200, 130), (8, 3)])
+@pytest.mark.parametrize("n,k", [(16, 64), (50, 1001), (200, 130), (200, 1001), (8, 3)])
 def test_kernel_sums_and_outputs_are_the_reference_exactly(m, n, k):
     # Checked to fail: with 127 * row sum as the correction in finish; with ws and xs multiplied in
-    # the other order.
+    # the other order; with each chunk of inputs starting its sums from zero (n=200, k=1001: two
+    # chunks of a 4-block unit).
     codes, xs, w, ws, bias = random_gemm(m, n, k, seed=m + n)
     packed = w8.pack_weight(w)
     assert torch.equal(w8.int8_linear(codes, xs, packed, ws, out_dtype=torch.int32), exact_sums(codes, w))

@@ -8,8 +8,7 @@
 //
 // GEMM. vpdpbusd multiplies unsigned by signed bytes. The weight is the unsigned operand: it is
 // stored as w + 128 (0..255) at packing time, and the activation codes are the signed operand,
-// read in place (no per-call copy, which at 2048 x 4096 cost as much as a tenth of the GEMM). The
-// sums are then sum x*w + 128 * sum x, so 128 * (row sum of the codes) is subtracted per token
+// read in place (no per-call copy of the activations, shifted or padded). The sums are then sum x*w + 128 * sum x, so 128 * (row sum of the codes) is subtracted per token
 // row, from a row sum computed once per call. Products and sums are exact in int32 while
 // K * 128 * 255 < 2^31 (K < 65793; the Python side caps K at 65536).
 //
@@ -32,19 +31,24 @@ constexpr int kMaxRows = 6;  // token rows per micro-kernel: 6 x 4 sums + 4 weig
 // Decoding streams the weight: asking for each block's bytes this far ahead keeps loads from
 // waiting on memory.
 constexpr int kPrefetchBytes = 1024;
-// A unit's weight panel (its blocks x K) should stay in L2 while every token row passes over it.
+// A unit's weight panel (its blocks x K) should stay in L2 while every token row passes over it,
+// and a block of token rows' codes with it (L2: 1 MB on Zen 4 and 5, 2 MB on Sapphire Rapids).
 constexpr int64_t kPanelBytes = 512 * 1024;
+constexpr int64_t kRowBlockBytes = 448 * 1024;
+// The slice of a panel that stays in L1 (48 KB on Zen 5 and Sapphire Rapids) with the rows' inputs.
+constexpr int64_t kChunkBytes = 32 * 1024;
 
-// Per-thread scratch kept between calls: decoding calls this hundreds of times per token.
-void* scratch(size_t bytes) {
-    thread_local void* buf = nullptr;
-    thread_local size_t cap = 0;
-    if (bytes > cap) {
-        free(buf);
-        cap = (bytes + 63) / 64 * 64;
-        buf = aligned_alloc(64, cap);
+// Per-thread scratch kept between calls (slot 0: the row sums, 1: a task's int32 sums): decoding
+// calls this hundreds of times per token.
+void* scratch(int slot, size_t bytes) {
+    thread_local void* buf[2] = {nullptr, nullptr};
+    thread_local size_t cap[2] = {0, 0};
+    if (bytes > cap[slot]) {
+        free(buf[slot]);
+        cap[slot] = (bytes + 63) / 64 * 64;
+        buf[slot] = aligned_alloc(64, cap[slot]);
     }
-    return buf;
+    return buf[slot];
 }
 
 // 16 inputs from k (fewer under mask) as fp32; bf16 widens exactly by a shift.
@@ -77,8 +81,10 @@ void quantize_row(const void* row, bool bf16, int64_t K, int qmax, int8_t* codes
 }
 
 // Sum of each token row's codes (Kp a multiple of 4): vpdpbusd against ones.
-void row_sums(const int8_t* x, int64_t M, int64_t Kp, int32_t* out) {
+void row_sums(const int8_t* x, int64_t M, int64_t Kp, int32_t* out, int threads) {
     const __m512i ones = _mm512_set1_epi8(1);
+    // Threads only for long prompts: waking them costs more than a decode step's sums.
+#pragma omp parallel for num_threads(threads) schedule(static) if (M * Kp >= (1 << 20))
     for (int64_t m = 0; m < M; ++m) {
         const int8_t* r = x + m * Kp;
         __m512i s = _mm512_setzero_si512();
@@ -130,15 +136,17 @@ __attribute__((noinline)) void finish(const int32_t* sums, int R, int NB, const 
 // short loops are unrolled before it decides where arrays live.
 #define UNROLL _Pragma("GCC unroll 8")
 
-// R token rows (x: the first, row stride Kp) against NB blocks from w (block stride Kp * 16);
-// all R x NB sums stay in registers over the whole K.
+// R token rows (x: the first, row stride Kp) against NB blocks from w (block stride Kp * 16),
+// inputs k0..k1; the R x NB sums stay in registers meanwhile and start from (first: zero) and end
+// in sums [R][NB][16].
 template <int NB, int R>
-void micro(const int8_t* x, int64_t Kp, const uint8_t* w, int64_t m0, int64_t n0, const Epilogue& e) {
+void micro(const int8_t* x, int64_t Kp, const uint8_t* w, int64_t k0, int64_t k1, int32_t* sums, bool first) {
     __m512i acc[R][NB];
     UNROLL for (int r = 0; r < R; ++r)
-        UNROLL for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
+        UNROLL for (int b = 0; b < NB; ++b)
+            acc[r][b] = first ? _mm512_setzero_si512() : _mm512_load_si512(sums + (r * NB + b) * kLanes);
     const int64_t stride = Kp * kLanes;
-    for (int64_t k = 0; k < Kp; k += 4) {
+    for (int64_t k = k0; k < k1; k += 4) {
         __m512i wv[NB];
         UNROLL for (int b = 0; b < NB; ++b) {
             const uint8_t* src = w + b * stride + k * kLanes;
@@ -152,26 +160,36 @@ void micro(const int8_t* x, int64_t Kp, const uint8_t* w, int64_t m0, int64_t n0
             UNROLL for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], wv[b], xb);
         }
     }
-    // Through memory, so the epilogue's registers do not crowd the sums' (GCC then spilled them
-    // inside the loop).
-    alignas(64) int32_t sums[R][NB][kLanes];
     UNROLL for (int r = 0; r < R; ++r)
-        UNROLL for (int b = 0; b < NB; ++b) _mm512_store_si512(sums[r][b], acc[r][b]);
-    finish(&sums[0][0][0], R, NB, e, m0, n0);
+        UNROLL for (int b = 0; b < NB; ++b) _mm512_store_si512(sums + (r * NB + b) * kLanes, acc[r][b]);
 }
 
+// M token rows from m0 against a unit of NB blocks (outputs from n0), then the epilogue. Inputs go
+// in chunks whose panel slice (NB x 16 x kc bytes) stays in L1 while every row passes over it: from
+// L2, the panel's 256 bytes per step of 24 instructions kept K = 4096 at under half the speed of
+// K = 576, whose whole panel fits L1. sums: M rounded up to kMaxRows, x NB x 16 int32.
 template <int NB>
-void rows(const int8_t* x, int64_t M, int64_t Kp, const uint8_t* w, int64_t m0, int64_t n0, const Epilogue& e) {
-    for (int64_t m = m0; m < m0 + M; m += kMaxRows) {
-        const int8_t* xm = x + m * Kp;
-        switch (m0 + M - m) {
-            case 1: micro<NB, 1>(xm, Kp, w, m, n0, e); break;
-            case 2: micro<NB, 2>(xm, Kp, w, m, n0, e); break;
-            case 3: micro<NB, 3>(xm, Kp, w, m, n0, e); break;
-            case 4: micro<NB, 4>(xm, Kp, w, m, n0, e); break;
-            case 5: micro<NB, 5>(xm, Kp, w, m, n0, e); break;
-            default: micro<NB, kMaxRows>(xm, Kp, w, m, n0, e); break;
+void rows(const int8_t* x, int64_t M, int64_t Kp, const uint8_t* w, int64_t m0, int64_t n0, const Epilogue& e,
+          int32_t* sums) {
+    const int64_t kc = (kChunkBytes / (NB * kLanes)) / 4 * 4;
+    for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+        const int64_t k1 = Kp - k0 < kc ? Kp : k0 + kc;
+        for (int64_t m = m0; m < m0 + M; m += kMaxRows) {
+            const int8_t* xm = x + m * Kp;
+            int32_t* s = sums + (m - m0) * NB * kLanes;
+            switch (m0 + M - m) {
+                case 1: micro<NB, 1>(xm, Kp, w, k0, k1, s, k0 == 0); break;
+                case 2: micro<NB, 2>(xm, Kp, w, k0, k1, s, k0 == 0); break;
+                case 3: micro<NB, 3>(xm, Kp, w, k0, k1, s, k0 == 0); break;
+                case 4: micro<NB, 4>(xm, Kp, w, k0, k1, s, k0 == 0); break;
+                case 5: micro<NB, 5>(xm, Kp, w, k0, k1, s, k0 == 0); break;
+                default: micro<NB, kMaxRows>(xm, Kp, w, k0, k1, s, k0 == 0); break;
+            }
         }
+    }
+    for (int64_t m = m0; m < m0 + M; m += kMaxRows) {
+        const int r = m0 + M - m < kMaxRows ? int(m0 + M - m) : kMaxRows;
+        finish(sums + (m - m0) * NB * kLanes, r, NB, e, m, n0);
     }
 }
 
@@ -197,8 +215,8 @@ extern "C" void treeq_w8a8_quantize(const void* x, int bf16, int64_t M, int64_t 
 extern "C" void treeq_w8a8_gemm(const int8_t* x, int64_t M, int64_t Kp, const uint8_t* w, int64_t N, const float* xs,
                                 const float* ws, const float* bias, void* y, int kind, int threads) {
     if (M == 0) return;
-    int32_t* xsum = (int32_t*)scratch(sizeof(int32_t) * M);
-    row_sums(x, M, Kp, xsum);
+    int32_t* xsum = (int32_t*)scratch(0, sizeof(int32_t) * M);
+    row_sums(x, M, Kp, xsum, threads);
     const Epilogue e{xs, ws, bias, xsum, y, N, kind};
     const int64_t blocks = (N + kLanes - 1) / kLanes;
     // Units of up to 4 blocks whose panel stays in L2; fewer when there are too few units to give
@@ -207,24 +225,33 @@ extern "C" void treeq_w8a8_gemm(const int8_t* x, int64_t M, int64_t Kp, const ui
     ub = ub < 1 ? 1 : ub > kMaxBlocks ? kMaxBlocks : ub;
     while (ub > 1 && (blocks + ub - 1) / ub < 2 * threads) --ub;
     const int64_t units = (blocks + ub - 1) / ub;
-    // Row blocks only to give each thread work: a thread keeps one unit's panel for all its rows.
-    int64_t mblocks = (2 * threads + units - 1) / units;
+    // Blocks of token rows whose codes stay in L2 while every unit's panel passes over them (with
+    // one pass over all rows per unit, rows past L2 came from L3 for every unit: 2048 tokens ran at
+    // two thirds of 128 tokens' speed); smaller where the units alone leave a thread idle.
     const int64_t row_groups = (M + kMaxRows - 1) / kMaxRows;
-    mblocks = mblocks > row_groups ? row_groups : mblocks;
-    const int64_t mc = (row_groups + mblocks - 1) / mblocks * kMaxRows;
-    mblocks = (M + mc - 1) / mc;
-    // Unit-major tasks, statically split: each thread gets consecutive row blocks of the same units.
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < units * mblocks; ++t) {
-        const int64_t u = t / mblocks, m0 = (t % mblocks) * mc;
-        const int64_t rows_here = M - m0 < mc ? M - m0 : mc;
-        const int64_t b0 = u * ub, nb = blocks - b0 < ub ? blocks - b0 : ub;
-        const uint8_t* wu = w + b0 * Kp * kLanes;
-        switch (nb) {
-            case 1: rows<1>(x, rows_here, Kp, wu, m0, b0 * kLanes, e); break;
-            case 2: rows<2>(x, rows_here, Kp, wu, m0, b0 * kLanes, e); break;
-            case 3: rows<3>(x, rows_here, Kp, wu, m0, b0 * kLanes, e); break;
-            default: rows<4>(x, rows_here, Kp, wu, m0, b0 * kLanes, e); break;
+    int64_t mc = kRowBlockBytes / Kp / kMaxRows * kMaxRows;
+    mc = mc < kMaxRows ? kMaxRows : mc;
+    const int64_t split = (2 * threads + units - 1) / units;  // row blocks the threads need
+    const int64_t mc_split = (row_groups + split - 1) / split * kMaxRows;
+    mc = mc_split < mc ? mc_split : mc;
+    const int64_t mblocks = (M + mc - 1) / mc;
+    // Row-block-major tasks, statically split: a thread takes whole row blocks (or, with one,
+    // consecutive units of it), and the threads' panels of one block come from memory once each.
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t* sums = (int32_t*)scratch(1, sizeof(int32_t) * (mc + kMaxRows) * ub * kLanes);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < units * mblocks; ++t) {
+            const int64_t u = t % units, m0 = (t / units) * mc;
+            const int64_t rows_here = M - m0 < mc ? M - m0 : mc;
+            const int64_t b0 = u * ub, nb = blocks - b0 < ub ? blocks - b0 : ub;
+            const uint8_t* wu = w + b0 * Kp * kLanes;
+            switch (nb) {
+                case 1: rows<1>(x, rows_here, Kp, wu, m0, b0 * kLanes, e, sums); break;
+                case 2: rows<2>(x, rows_here, Kp, wu, m0, b0 * kLanes, e, sums); break;
+                case 3: rows<3>(x, rows_here, Kp, wu, m0, b0 * kLanes, e, sums); break;
+                default: rows<4>(x, rows_here, Kp, wu, m0, b0 * kLanes, e, sums); break;
+            }
         }
     }
 }
