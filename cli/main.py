@@ -12,7 +12,7 @@ import click
 import torch
 
 import treeq
-from treeq.config import CalibrationSettings, CheckpointSettings
+from treeq.config import CalibrationSettings, CheckpointSettings, QuantConfig
 from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.errors import TreeqError
@@ -23,8 +23,10 @@ from treeq.recipe import merged, read_recipe
 from treeq.runtime.input_transform import InputTransform
 from treeq.schemes import WeightScheme
 from treeq.storage.model_card import record_perplexity
+from treeq.transforms import TRANSFORMS
 
 from .config_options import derived_options, parse_key_values, settings_from
+from .kv_options import kv_options, kv_scheme
 
 
 def user_errors(fn):
@@ -112,6 +114,7 @@ SETTINGS = {
     "calibration": [CalibrationSettings],
     "checkpoint": [CheckpointSettings],
     "options": [m.Options for m in METHODS.values() if m.Options is not None],
+    "migration_options": [t.Options for t in TRANSFORMS.values() if t.Options is not None],
 }
 
 
@@ -126,6 +129,12 @@ SETTINGS = {
     "options given on the command line change it",
 )
 @click.option("--method", type=click.Choice(sorted(METHODS)), default=None, help="[default: gptq]")
+@click.option(
+    "--migration",
+    type=click.Choice(sorted(TRANSFORMS)),
+    default=None,
+    help=QuantConfig.model_fields["migration"].description + " (awq before gptq: AWQ's scales, GPTQ's rounding)",
+)
 @derived_options(SETTINGS)
 @click.option(
     "--option",
@@ -167,6 +176,7 @@ def quantize(
     model,
     recipe,
     method,
+    migration,
     options,
     overrides,
     calib_text,
@@ -186,11 +196,14 @@ def quantize(
     given["options"] = {**given.get("options", {}), **parse_key_values(options)}
     if method is not None:
         given["method"] = method
+    if migration is not None:
+        given["migration"] = migration
     if overrides:
         given["overrides"] = [parse_override(o) for o in overrides]
     config = treeq.QuantConfig.build(**merged(read_recipe(recipe) if recipe else {}, given))
     config = treeq.api.for_model(config, model)
-    method, w = config.method, config.weights
+    w = config.weights
+    method = f"{config.migration}+{config.method}" if config.migration else config.method
     if out is None:
         out = _free_path(Path("treeq-out") / f"{_model_name(model)}-{method}-w{w.bits}g{w.group_size}")
     elif out.exists():
@@ -245,19 +258,40 @@ def parse_override(text: str) -> dict:
     show_default=True,
     help="a BOS before each perplexity window: auto where the tokenizer adds one to text",
 )
+@kv_options(with_protocol=True)
 @spec_option
 @threads_option
 @user_errors
-def evaluate(target, ppl, text, seqlen, max_windows, device, kernel, tasks, limit, bos, threads):
+def evaluate(
+    target,
+    ppl,
+    text,
+    seqlen,
+    max_windows,
+    device,
+    kernel,
+    tasks,
+    limit,
+    bos,
+    kv_preset,
+    kv_protocol,
+    kv_chunk,
+    threads,
+    **kv,
+):
     """Evaluate TARGET: a treeq checkpoint, a local fp model, or (omitted) the built-in model."""
     _set_threads(threads)
+    kv = kv_scheme(kv_preset, kv)
+    if kv is not None and tasks:
+        raise TreeqError("--kv applies to perplexity only so far; run --tasks without --kv")
     if target is not None and treeq.api.is_quantized_checkpoint(target):
         model, tok = treeq.load(target, device=device, kernel=kernel)
     else:
         model, tok = treeq.load_fp_model(target)
         model.to(treeq.api.resolve_device(device))
     if ppl:
-        _print_ppl(target or DEFAULT_MODEL, treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows, bos))
+        result = treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows, bos, kv, kv_protocol, kv_chunk)
+        _print_ppl(target or DEFAULT_MODEL, result)
     if tasks:
         for task, metrics in treeq.evaluate_tasks(model, tok, _task_names(tasks), limit).items():
             click.echo(f"{task}: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -457,13 +491,15 @@ def _grouped(values: dict[str, str]) -> dict[str, list[str]]:
 @click.option("--kernel", default=None, help="force a kernel by name")
 @click.option("--device", default="auto", show_default=True)
 @dtype_option("bfloat16")
+@kv_options(with_protocol=False)
 @threads_option
 @user_errors
-def generate(directory, prompt, max_new_tokens, temperature, seed, kernel, device, dtype, threads):
+def generate(directory, prompt, max_new_tokens, temperature, seed, kernel, device, dtype, kv_preset, threads, **kv):
     """Continue PROMPT with the quantized model in DIRECTORY."""
     _set_threads(threads)
+    kv = kv_scheme(kv_preset, kv)
     model, tok = treeq.load(directory, device=device, dtype=DTYPES[dtype], kernel=kernel)
-    click.echo(prompt + treeq.generate(model, tok, prompt, max_new_tokens, temperature, seed))
+    click.echo(prompt + treeq.generate(model, tok, prompt, max_new_tokens, temperature, seed, kv))
 
 
 @main.command()

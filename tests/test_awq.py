@@ -11,6 +11,7 @@ from treeq.engine.plan import MethodPlan
 from treeq.engine.scaling import can_fold, fold_input_scales
 from treeq.methods import InputStats, make_method, output_error
 from treeq.models import spec_for
+from treeq.transforms import TRANSFORMS
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -70,12 +71,11 @@ def _subset_with_outlier_channels(seed=0, n=128):
 
 def test_awq_scales_cut_the_subset_error_below_plain_rounding():
     weights, stats = _subset_with_outlier_channels()
-    cfg = treeq.QuantConfig(method="awq", bits=3, group_size=32)
-    awq, rtn = make_method(cfg), make_method(cfg.model_copy(update={"method": "rtn"}))
-    s = awq.input_scales(weights, stats)
+    rtn = make_method(treeq.QuantConfig(method="rtn", bits=3, group_size=32))
+    s = TRANSFORMS["awq"]({}).scales(weights, stats, lambda w: rtn.round(w).weight())
     assert s.shape == (128,) and bool((s > 0).all())
     plain = sum(output_error(w, rtn.round(w).weight(), stats.h) for w in weights)
-    scaled = sum(output_error(w, awq.round(w * s).weight() / s, stats.h) for w in weights)
+    scaled = sum(output_error(w, rtn.round(w * s).weight() / s, stats.h) for w in weights)
     assert scaled < 0.8 * plain
     assert s[:4].mean() > s[4:].mean()  # the loud channels were scaled up
 

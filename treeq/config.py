@@ -83,6 +83,17 @@ def _known_methods():
     return METHODS
 
 
+def _known_migrations():
+    from .transforms import TRANSFORMS  # migrations import the methods' statistics
+
+    return TRANSFORMS
+
+
+def _migration_option_names(name: str | None) -> set[str]:
+    migration = _known_migrations().get(name) if name else None
+    return set(migration.Options.model_fields) if migration is not None and migration.Options is not None else set()
+
+
 class QuantConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -94,6 +105,12 @@ class QuantConfig(BaseModel):
     calibration: CalibrationSettings = CalibrationSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     options: dict[str, Any] = Field(default_factory=dict, description="method-specific settings, checked by the method")
+    migration: str | None = Field(
+        None, description="scale migration run on every layer before the method quantizes it (treeq/transforms/)"
+    )
+    migration_options: dict[str, Any] = Field(
+        default_factory=dict, description="the scale migration's settings, checked by it"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +122,7 @@ class QuantConfig(BaseModel):
         data = dict(data)
         nested = {name: _as_dict(data.pop(name, None)) for name in NESTED_FIELDS}
         options = _as_dict(data.pop("options", None))
+        migration_options = _as_dict(data.pop("migration_options", None))
         methods = _known_methods()
         method = methods.get(data.get("method", cls.model_fields["method"].default))
         for key in list(data):
@@ -114,15 +132,22 @@ class QuantConfig(BaseModel):
                 nested[owner][target] = data.pop(key)
             elif method is not None and key in _option_names(method):
                 options[key] = data.pop(key)
+            elif key in _migration_option_names(data.get("migration")):
+                migration_options[key] = data.pop(key)
             elif key not in cls.model_fields:
                 owners = sorted(name for name, m in methods.items() if key in _option_names(m))
                 if owners:
                     raise ValueError(
                         f"{key} is a setting of method {' and '.join(owners)}, not of {data.get('method')!r}"
                     )
+                owners = sorted(name for name in _known_migrations() if key in _migration_option_names(name))
+                if owners:
+                    raise ValueError(
+                        f"{key} is a setting of migration {' and '.join(owners)}, not of {data.get('migration')!r}"
+                    )
         if method is not None and nested["weights"].get("clip_search") is None:
             nested["weights"]["clip_search"] = method.default_clip_search
-        return {**data, **nested, "options": options}
+        return {**data, **nested, "options": options, "migration_options": migration_options}
 
     @model_validator(mode="after")
     def _method_options(self) -> "QuantConfig":
@@ -135,6 +160,29 @@ class QuantConfig(BaseModel):
         if v not in _known_methods():
             raise ValueError(f"unknown method {v!r}; choose one of {', '.join(sorted(_known_methods()))}")
         return v
+
+    @field_validator("migration")
+    @classmethod
+    def _known_migration(cls, v: str | None) -> str | None:
+        if v is not None and v not in _known_migrations():
+            raise ValueError(f"unknown migration {v!r}; choose one of {', '.join(sorted(_known_migrations()))}")
+        return v
+
+    @model_validator(mode="after")
+    def _migration_settings(self) -> "QuantConfig":
+        own = self.method_class().migration
+        if own is not None and self.migration not in (None, own):
+            raise ValueError(
+                f"method {self.method!r} runs the {own!r} migration itself; for {self.migration!r} "
+                f"choose another method (e.g. rtn or gptq)"
+            )
+        name = self.scale_migration()
+        if name is None:
+            if self.migration_options:
+                raise ValueError(f"migration_options {sorted(self.migration_options)} given without a migration")
+        else:
+            _known_migrations()[name].parse_options(self.migration_options)
+        return self
 
     @field_validator("calibration")
     @classmethod
@@ -166,6 +214,11 @@ class QuantConfig(BaseModel):
 
     def method_class(self):
         return _known_methods()[self.method]
+
+    def scale_migration(self) -> str | None:
+        """The scale migration every layer runs before quantizing: the config's, or the one its method
+        always runs (AWQ's); None: none."""
+        return self.migration or self.method_class().migration
 
     def all_schemes(self) -> list[WeightScheme]:
         """Every weight scheme a module can get: the config's own and each override's."""

@@ -241,7 +241,7 @@ def quantize_layers(
                 stream.load(index, layer)
             layer.to(device)
             layer_results: dict[str, QuantResult] = {}
-            if plan.default.rescales_inputs:
+            if plan.migration is not None:
                 _rescale_inputs(layer, spec, plan, inputs, index, device)
             bound = bind_layer(layer, spec, plan.default, devices)
 
@@ -277,8 +277,9 @@ def quantize_layers(
 
 
 def _rescale_inputs(layer, spec: TreeSpec, plan: MethodPlan, inputs: LayerInputs, index: int, device) -> None:
-    """One pass over the fp layer gathers every subset's input; the method picks per-channel scales
-    for each subset whose feeding op can absorb them, and they are folded in before quantizing.
+    """One pass over the fp layer gathers every subset's input; the plan's scale migration picks
+    per-channel scales for each subset whose feeding op can absorb them, judged by the rounding of
+    the subset's scheme, and they are folded in before quantizing.
 
     A subset is scaled only when it alone reads its feeding op's output in this layer. Routed
     experts never are: their gate/up input comes from a norm that also feeds the router and every
@@ -298,7 +299,7 @@ def _rescale_inputs(layer, spec: TreeSpec, plan: MethodPlan, inputs: LayerInputs
             weights = [layer.get_submodule(m).weight.data for m in s.modules]
             # The scales suit the first module's scheme; those of a subset differ only by override.
             method = plan.method(f"{spec.layers}.{index}.{s.modules[0]}") or plan.default
-            scales = method.input_scales(weights, stats)
+            scales = plan.migration.scales(weights, stats, lambda w: method.round(w).weight())
             fold_input_scales(layer, s.modules, s.fed_by, scales, spec.norm_weight_offset)
 
 

@@ -3,7 +3,8 @@
 The config's method runs on each module's own weight scheme (the first override matching the
 module's name, else the config's scheme); modules whose statistics saw too few calibration tokens
 get the fallback method on the same scheme; modules an override skips get none and stay in full
-precision. The engine asks by module name and never learns why.
+precision. The engine asks by module name and never learns why. The plan also holds the scale
+migration, if any, that runs on each layer first.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from ..config import QuantConfig
 from ..methods import Method, make_method
 from ..schemes import WeightScheme
+from ..transforms import TRANSFORMS, ScaleMigration
 
 
 class MethodPlan:
@@ -20,6 +22,9 @@ class MethodPlan:
         self._fallback_config = config.model_copy(update={"method": config.calibration.fallback_method, "options": {}})
         self._made: dict[tuple[str, WeightScheme], Method] = {}
         self.default = self._method(config, config.weights)
+        name = config.scale_migration()
+        # Run on each layer before its modules are quantized, whatever the method.
+        self.migration: ScaleMigration | None = TRANSFORMS[name](config.migration_options) if name else None
 
     def scheme(self, module: str) -> WeightScheme | None:
         """``module``'s weight scheme (full module name); None: left in full precision."""

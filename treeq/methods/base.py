@@ -7,6 +7,7 @@ A method never sees the model or its architecture.
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -121,8 +122,9 @@ def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor)
 
 class Method(ABC):
     name: ClassVar[str]
-    # Methods that rescale input channels get an fp pass over each layer first (see input_scales).
-    rescales_inputs: ClassVar[bool] = False
+    # A scale migration (a name in treeq.transforms.TRANSFORMS) this method always runs first, as
+    # AWQ is round-to-nearest after AWQ's scale search; None: only the one the config names.
+    migration: ClassVar[str | None] = None
 
     # True when results carry an input transform (QuantResult.transform) for the kernel to apply.
     adds_input_transform: ClassVar[bool] = False
@@ -174,7 +176,16 @@ class Method(ABC):
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
         """Quantize one [out, in] weight given its subset's input statistics."""
 
-    def input_scales(self, weights: list[torch.Tensor], stats: InputStats) -> torch.Tensor:
-        """Per-input-channel scales s for a subset's weights, from the fp layer's inputs. The looper
-        folds them in (W diag(s), the feeding op's output / s) before quantizing the layer."""
-        raise NotImplementedError(f"{self.name} does not rescale inputs")
+    def round(self, weight: torch.Tensor) -> QuantResult:
+        """Round-to-nearest on this method's scheme: codes and grid params of ``weight``, each group
+        on its own grid; loss not set. Scale migrations judge their scales by it."""
+        w = self.grid.prepare(weight.float())
+        out, n_in = w.shape
+        gs = self.group_size(n_in)
+        groups = w.reshape(out, n_in // gs, gs).transpose(0, 1)  # [groups, out, gs]
+        scales, zeros = zip(*(self.grid.params(g) for g in groups))
+        scales, zeros = torch.stack(scales), torch.stack(zeros)
+        codes = self.grid.quantize(groups, scales[..., None], zeros[..., None])
+        codes = codes.transpose(0, 1).reshape(out, n_in).to(torch.uint8)
+        g_idx = torch.arange(n_in, device=w.device, dtype=torch.int32) // gs
+        return QuantResult(codes, scales.half(), zeros.int(), g_idx, loss=math.nan, grid=self.grid.name)

@@ -1,0 +1,51 @@
+"""The contract of a scale migration: per-input-channel scales for one subset, from its inputs.
+
+The engine calls :meth:`ScaleMigration.scales` with the fp weights of a subset (every module that
+reads the same input), that input's statistics, and the rounding of the subset's weight scheme; it
+then folds the scales s in: the weights become W diag(s), the feeding op's output is divided by s.
+A migration never sees the model, the method or the checkpoint format.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+import pydantic
+import torch
+
+from ..methods.base import InputStats
+
+# The grid rounding of a weight in the subset's scheme: w -> its fake-quantized (dequantized) value.
+RoundWeight = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ScaleMigration(ABC):
+    name: ClassVar[str]
+    # The pydantic model that validates ``QuantConfig.migration_options``; None: no settings.
+    Options: ClassVar[type[pydantic.BaseModel] | None] = None
+
+    def __init__(self, options: dict):
+        self.options = self.parse_options(options)
+
+    @classmethod
+    def parse_options(cls, options: dict) -> pydantic.BaseModel | None:
+        """Validated options; raises ValueError naming ``migration_options.<field>`` and what is allowed."""
+        if cls.Options is None:
+            if options:
+                raise ValueError(f"migration_options: migration {cls.name!r} takes no settings (got {sorted(options)})")
+            return None
+        try:
+            return cls.Options(**options)
+        except pydantic.ValidationError as e:
+            parts = [f"migration_options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            raise ValueError("; ".join(parts)) from None
+
+    @abstractmethod
+    def scales(self, weights: list[torch.Tensor], stats: InputStats, round_weight: RoundWeight) -> torch.Tensor:
+        """Positive scales [in_features] for the subset whose fp ``weights`` read inputs with ``stats``."""
+
+
+def centred(s: torch.Tensor) -> torch.Tensor:
+    """``s`` divided by its geometric mid-range, so neither side of the fold grows large."""
+    return s / (s.max() * s.min()).sqrt()
