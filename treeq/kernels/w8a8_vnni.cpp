@@ -83,7 +83,7 @@ void quantize_row(const void* row, bool bf16, int64_t K, int qmax, int8_t* codes
 // Sum of each token row's codes (Kp a multiple of 4): vpdpbusd against ones.
 void row_sums(const int8_t* x, int64_t M, int64_t Kp, int32_t* out, int threads) {
     const __m512i ones = _mm512_set1_epi8(1);
-    // Threads only for long prompts: waking them costs more than a decode step's sums.
+    // Threads only for long prompts (as in treeq_w8a8_quantize).
 #pragma omp parallel for num_threads(threads) schedule(static) if (M * Kp >= (1 << 20))
     for (int64_t m = 0; m < M; ++m) {
         const int8_t* r = x + m * Kp;
@@ -165,9 +165,11 @@ void micro(const int8_t* x, int64_t Kp, const uint8_t* w, int64_t k0, int64_t k1
 }
 
 // M token rows from m0 against a unit of NB blocks (outputs from n0), then the epilogue. Inputs go
-// in chunks whose panel slice (NB x 16 x kc bytes) stays in L1 while every row passes over it: from
-// L2, the panel's 256 bytes per step of 24 instructions kept K = 4096 at under half the speed of
-// K = 576, whose whole panel fits L1. sums: M rounded up to kMaxRows, x NB x 16 int32.
+// in chunks whose panel slice (NB x 16 x kc bytes) stays in L1 while every row passes over it, so
+// the panel's 256 bytes per step of 24 instructions come from L1, not L2 (K = 576, whose whole
+// panel fits L1, ran at twice K = 4096's multiply-adds per second before; with chunks the gap
+// stayed within the noise of the loaded machine it was measured on). sums: M rounded up to
+// kMaxRows, x NB x 16 int32.
 template <int NB>
 void rows(const int8_t* x, int64_t M, int64_t Kp, const uint8_t* w, int64_t m0, int64_t n0, const Epilogue& e,
           int32_t* sums) {
@@ -204,7 +206,9 @@ extern "C" int treeq_w8a8_supported() {
 extern "C" void treeq_w8a8_quantize(const void* x, int bf16, int64_t M, int64_t K, int qmax, int8_t* codes,
                                     float* scale, int threads) {
     const int64_t row_bytes = K * (bf16 ? 2 : 4);
-#pragma omp parallel for num_threads(threads) schedule(static)
+    // Threads only for many rows: a decode step's row takes about a microsecond, and each parallel
+    // region is a barrier where a thread the OS has put aside costs a whole time slice.
+#pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= (1 << 18))
     for (int64_t m = 0; m < M; ++m)
         quantize_row((const char*)x + m * row_bytes, bf16, K, qmax, codes + m * K, scale + m);
 }
@@ -225,9 +229,9 @@ extern "C" void treeq_w8a8_gemm(const int8_t* x, int64_t M, int64_t Kp, const ui
     ub = ub < 1 ? 1 : ub > kMaxBlocks ? kMaxBlocks : ub;
     while (ub > 1 && (blocks + ub - 1) / ub < 2 * threads) --ub;
     const int64_t units = (blocks + ub - 1) / ub;
-    // Blocks of token rows whose codes stay in L2 while every unit's panel passes over them (with
-    // one pass over all rows per unit, rows past L2 came from L3 for every unit: 2048 tokens ran at
-    // two thirds of 128 tokens' speed); smaller where the units alone leave a thread idle.
+    // Blocks of token rows whose codes stay in L2 while every unit's panel passes over them (one
+    // pass over all rows per unit re-reads rows past L2 from L3 for every unit); smaller where the
+    // units alone leave a thread idle.
     const int64_t row_groups = (M + kMaxRows - 1) / kMaxRows;
     int64_t mc = kRowBlockBytes / Kp / kMaxRows * kMaxRows;
     mc = mc < kMaxRows ? kMaxRows : mc;

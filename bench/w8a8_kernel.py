@@ -1,0 +1,87 @@
+"""The W8A8 kernel (treeq/kernels/w8a8_vnni) against bf16 F.linear, side by side in one process.
+
+Per layer shape and token count M, at 1 and 2 threads: bf16 ``F.linear`` and the int8 kernel
+including the per-token quantization of its bf16 input (bf16 out, as a model would use it), the
+median of calls taken in turns, and the ratio bf16 time / int8 time. Each side cycles through
+copies of its weight totalling at least COLD_BYTES, so every call reads its weight from memory as
+a model's decode step does (one 4096 x 4096 int8 weight alone would stay in a 32 MB L3 and look
+twice as fast as it is). The header names the CPU and the path (kernel or why it declines).
+
+Usage: python bench/w8a8_kernel.py [--threads 1,2] [--tokens 1,16,128,512,2048]
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+
+import click
+import torch
+import torch.nn.functional as F
+
+from treeq.kernels import cpu_isa
+from treeq.kernels import w8a8_vnni as w8
+
+SHAPES = ((4096, 4096), (576, 576), (576, 192), (576, 1536), (1536, 576))  # (in, out): SmolLM2-135M's
+COLD_BYTES = 96 * 2**20  # three times a 32 MB L3
+
+
+def _median_seconds(fns: list, repeats: int) -> list[float]:
+    """Median time of each function, called in turns so load from other processes hits all alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+def _cycling(copies: list):
+    """A function returning the next of ``copies`` at each call."""
+    return itertools.cycle(copies).__next__
+
+
+def shape_rows(k: int, n: int, tokens: list[int], threads: list[int]) -> None:
+    w = torch.randn(n, k) * 0.02
+    scale = w.abs().amax(dim=1) / 127
+    w_int8 = torch.round(w / scale[:, None]).to(torch.int8)
+    packed = w8.pack_weight(w_int8)
+    dense = w.bfloat16()
+    next_dense = _cycling([dense.clone() for _ in range(max(1, COLD_BYTES // (2 * n * k)))])
+    copies = max(1, COLD_BYTES // packed.data.numel())
+    next_packed = _cycling([w8.PackedWeight(packed.data.clone(), n, k) for _ in range(copies)])
+    for t in threads:
+        torch.set_num_threads(t)
+        for m in tokens:
+            x = torch.randn(m, k).bfloat16()
+
+            def int8():
+                codes, xs = w8.quantize_per_token(x)
+                return w8.int8_linear(codes, xs, next_packed(), scale)
+
+            repeats = 40 if m * n * k < 2**31 else 8
+            bf16_s, int8_s = _median_seconds([lambda: F.linear(x, next_dense()), int8], repeats)
+            print(f"{k:>5}->{n:<5} {t:>7} {m:>5} {bf16_s * 1e3:>9.3f} {int8_s * 1e3:>9.3f} {bf16_s / int8_s:>6.2f}")
+
+
+@click.command()
+@click.option("--threads", default="1,2", help="comma-separated thread counts")
+@click.option("--tokens", default="1,16,128,512,2048", help="comma-separated token counts M")
+def main(threads: str, tokens: str) -> None:
+    print(cpu_isa.describe())
+    why = w8.available()
+    print(f"int8 path: {'w8a8_vnni (AVX512-VNNI)' if why is None else 'declined: ' + why}")
+    if why is not None:
+        return
+    print("times in ms, median of calls taken in turns (40; 8 above 2^31 multiply-adds); ratio = bf16 / int8")
+    print(f"{'shape':<11} {'threads':>7} {'M':>5} {'bf16':>9} {'int8':>9} {'ratio':>6}")
+    for k, n in SHAPES:
+        shape_rows(k, n, [int(m) for m in tokens.split(",")], [int(t) for t in threads.split(",")])
+
+
+if __name__ == "__main__":
+    main()
