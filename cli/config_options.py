@@ -51,11 +51,11 @@ def _default_text(info: FieldInfo) -> str:
     return "" if default is None else f" [default: {default}]"
 
 
-def option_for(name: str, info: FieldInfo, owner: str):
-    """A click.option decorator for one field; the field may name its own spelling
-    (``json_schema_extra={"cli": "--sym/--asym"}``)."""
+def option_for(name: str, info: FieldInfo, owner: str, prefix: str = ""):
+    """A click.option decorator for one field, spelled ``--{prefix}{name}``; the field may name its
+    own spelling (``json_schema_extra={"cli": "--sym/--asym"}``)."""
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    flag = "--" + name.replace("_", "-")
+    flag = "--" + prefix + name.replace("_", "-")
     attrs: dict = dict(default=None, help=(info.description or "") + _default_text(info))
     choices, base = _choices(info.annotation), _base_type(info.annotation)
     if base is bool:
@@ -71,16 +71,17 @@ def option_for(name: str, info: FieldInfo, owner: str):
     return click.option(extra.get("cli", flag), f"{owner}__{name}", **attrs)
 
 
-def derived_options(models: dict[str, list[type[BaseModel]]], skip: tuple[str, ...] = ()):
+def derived_options(models: dict[str, list[type[BaseModel]]], skip: tuple[str, ...] = (), prefix: str = ""):
     """A decorator adding one option per field of each model, keyed by where the value goes (the
     QuantConfig field holding the model, or "options"); a name two models share (an option
-    several methods have) is one option."""
+    several methods have) is one option. ``prefix`` (``"kv-"``) keeps a model's options apart from
+    same-named ones of another (``--kv-group-size`` vs the weights' ``--group-size``)."""
     decorators: dict[str, object] = {}
     for owner, owned in models.items():
         for model in owned:
             for name, info in model.model_fields.items():
                 if name not in skip and name not in decorators:
-                    decorators[name] = option_for(name, info, owner)
+                    decorators[name] = option_for(name, info, owner, prefix)
 
     def decorate(fn):
         for add in reversed(list(decorators.values())):

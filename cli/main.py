@@ -21,7 +21,7 @@ from treeq.methods import METHODS
 from treeq.models import load_spec_file
 from treeq.recipe import merged, read_recipe
 from treeq.runtime.input_transform import InputTransform
-from treeq.schemes import WeightScheme
+from treeq.schemes import ActivationScheme, WeightScheme
 from treeq.storage.model_card import record_perplexity
 from treeq.transforms import TRANSFORMS
 
@@ -136,6 +136,7 @@ SETTINGS = {
     help=QuantConfig.model_fields["migration"].description + " (awq before gptq: AWQ's scales, GPTQ's rounding)",
 )
 @derived_options(SETTINGS)
+@derived_options({"activations": [ActivationScheme]}, prefix="act-")
 @click.option(
     "--option",
     "options",

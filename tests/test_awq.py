@@ -35,9 +35,10 @@ def test_folding_scales_leaves_each_layer_function_unchanged(arch):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("migration", ["awq", "smoothquant"])
 @pytest.mark.parametrize("arch", [*ARCHS, *MOE_ARCHS])
-def test_awq_folding_leaves_every_architectures_fp_layer_unchanged(arch):
-    """The looper's whole AWQ pass (scale choice and folding) on each spec, before any rounding.
+def test_migration_leaves_every_architectures_fp_layer_unchanged(arch, migration):
+    """The looper's whole migration pass (scale choice and folding) on each spec, before any rounding.
     Failed for qwen2_moe and deepseek_v3 before shared experts were left unscaled: their scales went
     into the norm that also feeds the router and the routed experts."""
     model = make_model(arch)
@@ -51,7 +52,7 @@ def test_awq_folding_leaves_every_architectures_fp_layer_unchanged(arch):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     inputs = capture_inputs(model, spec, [ids], torch.device("cpu"))
     h, kwargs = inputs.hidden[0], inputs.kwargs[index][0]
-    awq = MethodPlan(treeq.QuantConfig(method="awq", bits=4, group_size=32))
+    awq = MethodPlan(treeq.QuantConfig(method="rtn", migration=migration, bits=4, group_size=32))
     with torch.no_grad():
         before = layer(h, **kwargs)
         _rescale_inputs(layer, spec, awq, inputs, index, torch.device("cpu"))

@@ -16,12 +16,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
+from .errors import TreeqError
 from .formats import FORMAT_NAMES
 from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 
 ACTIVATION_BITS = (4, 6, 8)
 ACTIVATION_GRANULARITIES = ("per-token", "per-tensor", "per-group")
 KV_GRANULARITIES = ("per-channel", "per-token")
+KV_METHODS = ("minmax",)
+KV_BITS = (*SUPPORTED_BITS, 16)
 
 
 class _Scheme(BaseModel):
@@ -68,10 +71,12 @@ class WeightScheme(_Scheme):
 
 
 class ActivationScheme(_Scheme):
-    bits: Literal[ACTIVATION_BITS] = 8  # type: ignore[valid-type]
-    granularity: Literal[ACTIVATION_GRANULARITIES] = "per-token"  # type: ignore[valid-type]
+    bits: Literal[ACTIVATION_BITS] = Field(8, description="bits of each linear's input")  # type: ignore[valid-type]
+    granularity: Literal[ACTIVATION_GRANULARITIES] = Field(  # type: ignore[valid-type]
+        "per-token", description="one input scale per token, per tensor, or per group of input channels"
+    )
     group_size: PositiveInt | None = Field(None, description="input channels per scale, for per-group only")
-    sym: bool = True
+    sym: bool = Field(True, description="symmetric input levels (zero point 0)")
     dynamic: bool = Field(True, description="ranges from each input at run time; False: calibrated once")
     outlier_threshold: float | None = Field(
         None, gt=0, description="input columns whose magnitude exceeds this in any token stay in full precision"
@@ -87,14 +92,59 @@ class ActivationScheme(_Scheme):
 
 
 class KVCacheScheme(_Scheme):
-    key_bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
-    value_bits: Literal[SUPPORTED_BITS] = 4  # type: ignore[valid-type]
+    """How attention's keys and values are kept in the cache (treeq/runtime/kv_schemes.py builds it)."""
+
+    method: Literal[KV_METHODS] = Field(  # type: ignore[valid-type]
+        "minmax",
+        description="minmax: KIVI's asymmetric min/max levels per group (treeq/numerics.py)",
+    )
+    key_bits: Literal[KV_BITS] = Field(4, description="16: kept as the model computes them")  # type: ignore[valid-type]
+    value_bits: Literal[KV_BITS] = Field(4, description="16: kept as the model computes them")  # type: ignore[valid-type]
     key_granularity: Literal[KV_GRANULARITIES] = "per-channel"  # type: ignore[valid-type]
     value_granularity: Literal[KV_GRANULARITIES] = "per-token"  # type: ignore[valid-type]
     group_size: PositiveInt = Field(32, description="tokens (per-channel) or channels (per-token) per scale")
     residual: NonNegativeInt = Field(128, description="newest tokens kept in full precision")
-    sym: bool = False
-    pre_rope_keys: bool = Field(False, description="quantize keys before RoPE; the cache applies it on read")
+    sym: bool = Field(False, description="symmetric levels (no method has them yet)")
+    pre_rope_keys: bool = Field(
+        False, description="quantize keys before RoPE; the cache applies it on read (no method has it yet)"
+    )
+
+    @model_validator(mode="after")
+    def _implemented(self) -> "KVCacheScheme":
+        # Both fields predate a method that honours them; refusing beats silently ignoring them.
+        if self.sym:
+            raise ValueError(f"sym=True: method {self.method!r} is asymmetric; allowed: sym=False")
+        if self.pre_rope_keys:
+            raise ValueError(f"pre_rope_keys=True: method {self.method!r} quantizes keys after RoPE; allowed: False")
+        return self
+
+    def describe(self) -> str:
+        def part(what: str, bits: int, granularity: str) -> str:
+            return f"{what} fp" if bits == 16 else f"{what} {bits}-bit {granularity}"
+
+        return (
+            f"{self.method}: {part('keys', self.key_bits, self.key_granularity)}, "
+            f"{part('values', self.value_bits, self.value_granularity)}, groups of {self.group_size}, "
+            f"newest {self.residual} tokens fp"
+        )
+
+    @classmethod
+    def named(cls, name: str) -> "KVCacheScheme":
+        """A preset by name (``--kv kivi-2``), one-line error listing the names otherwise."""
+        if name not in KV_PRESETS:
+            raise TreeqError(f"unknown KV setting {name!r}; choose one of {', '.join(KV_PRESETS)}")
+        return cls(**KV_PRESETS[name])
+
+
+# Named KV settings: KIVI's (keys per channel, values per token, groups of 32, 128 fp tokens), the
+# per-token-keys baseline KIVI is measured against, and the unquantized cache.
+KV_PRESETS: dict[str, dict] = {
+    "fp": dict(key_bits=16, value_bits=16),
+    "kivi-4": dict(key_bits=4, value_bits=4),
+    "kivi-2": dict(key_bits=2, value_bits=2),
+    "per-token-4": dict(key_bits=4, value_bits=4, key_granularity="per-token"),
+    "per-token-2": dict(key_bits=2, value_bits=2, key_granularity="per-token"),
+}
 
 
 class ModuleOverride(_Scheme):

@@ -308,6 +308,13 @@ def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> 
     return method.quantize(weight, stats), time.perf_counter() - start
 
 
+def _quantizing_input(quantizer):
+    def hook(_module, args):
+        return (quantizer(args[0]), *args[1:])
+
+    return hook
+
+
 @contextmanager
 def _threads_per_job(jobs: int, workers: int):
     """Split the thread budget among the jobs that run at once, so workers x threads <= cores."""
@@ -339,6 +346,9 @@ def _quantize_subset(
     for (name, module, stats, _, fell_back), future in zip(planned, futures):
         result, seconds = future.result()
         module.weight.data = result.weight().to(module.weight.device, module.weight.dtype)
+        quantizer = plan.input_quantizer(prefix + name)
+        if quantizer is not None:  # later subsets and layers calibrate on what the model will compute
+            module.register_forward_pre_hook(_quantizing_input(quantizer))
         log.add(
             ModuleRecord(
                 layer=index,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..config import QuantConfig
 from ..methods import Method, make_method
+from ..runtime.activations import ActivationQuantizer, input_quantizer
 from ..schemes import WeightScheme
 from ..transforms import TRANSFORMS, ScaleMigration
 
@@ -42,3 +43,8 @@ class MethodPlan:
         if key not in self._made:
             self._made[key] = make_method(config, scheme)
         return self._made[key]
+
+    def input_quantizer(self, module: str) -> ActivationQuantizer | None:
+        """What quantizes ``module``'s input once the module is quantized (the config's activation
+        scheme); None: inputs stay as they are (weight-only, or a module left in full precision)."""
+        return input_quantizer(self.config.activations) if self.scheme(module) is not None else None

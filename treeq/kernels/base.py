@@ -10,6 +10,7 @@ import torch
 
 from ..errors import TreeqError
 from ..numerics import INTEGER_ZERO_GRIDS, UniformGrid
+from ..schemes import ActivationScheme
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,9 @@ class LinearFormat:
     in_features: int
     out_features: int
     grid: str = UniformGrid.name  # a name in treeq.numerics.GRIDS
+    # How the layer's input is quantized before the matmul; None: not at all. Weight-only kernels
+    # get inputs already fake-quantized; a kernel with ``integer_inputs`` quantizes them itself.
+    activation: ActivationScheme | None = None
 
 
 class Kernel(ABC):
@@ -39,6 +43,9 @@ class Kernel(ABC):
     # Grids this kernel dequantizes exactly. The default is those whose dequantization is the classic
     # (code - zero) * scale with an integer zero point; a kernel declares others once it runs them.
     grids: ClassVar[frozenset[str] | None] = INTEGER_ZERO_GRIDS
+    # True for kernels that multiply integer inputs: they quantize the input themselves (exactly as
+    # treeq.numerics does) and accept only layers whose activation scheme they implement.
+    integer_inputs: ClassVar[bool] = False
 
     @classmethod
     def rejects(cls, fmt: LinearFormat, device: str, dtype: torch.dtype) -> str | None:

@@ -66,12 +66,15 @@ class InputStats:
         low_precision_cpu = dtype != torch.float32 and torch.device(device).type == "cpu"
         self.route = cpu_statistics() if low_precision_cpu else "fp32"
         self.tokens = 0
+        # Each input channel's largest magnitude seen, for migrations that balance ranges (SmoothQuant).
+        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
+        torch.maximum(self.absmax, x.abs().amax(dim=0).float(), out=self.absmax)
         # Running mean keeps H's scale independent of the token count.
         keep, alpha = self.tokens / (self.tokens + n), 1.0 / (self.tokens + n)
         if self.route == "kernel":

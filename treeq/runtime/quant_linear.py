@@ -12,6 +12,7 @@ from ..kernels import LinearFormat, select_kernel
 from ..methods import QuantResult
 from ..numerics import SCALE_DTYPE, dequantize_grouped, group_width
 from . import input_transform
+from .activations import input_quantizer
 from .input_transform import InputTransform
 
 
@@ -48,8 +49,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, value.detach().cpu().clone())
         self.kernel = None
         self.kernel_state = None
-        # Fake-quantizes the matmul's input (treeq.runtime.activations); None: inputs as they come.
-        self.input_quantizer = None
+        # Quantizes the matmul's input (treeq.runtime.activations); None: inputs as they come.
+        self.input_quantizer = input_quantizer(fmt.activation)
 
     @classmethod
     def from_result(cls, fmt: LinearFormat, result: QuantResult, bias: torch.Tensor | None) -> "QuantLinear":
@@ -95,7 +96,7 @@ class QuantLinear(nn.Module):
         transform = self.transform
         if transform is not None:
             x = transform.apply(x)
-        if self.input_quantizer is not None:
+        if self.input_quantizer is not None and not self.kernel.integer_inputs:
             x = self.input_quantizer(x)
         return self.kernel.forward(self, x)
 
@@ -104,4 +105,6 @@ class QuantLinear(nn.Module):
         kernel = self.kernel.name if self.kernel else "unselected"
         t = self.transform
         extra = "" if t is None else f", input_transform={t.describe()}"
+        if f.activation is not None:
+            extra += f", activations=a{f.activation.bits} {f.activation.granularity}"
         return f"in={f.in_features}, out={f.out_features}, bits={f.bits}, group={f.group_size}, kernel={kernel}{extra}"

@@ -24,14 +24,16 @@ from ..kernels import LinearFormat
 from ..methods import QuantResult
 from ..recipe import RECIPE_NAME, recipe_text
 from ..runtime.quant_linear import QuantLinear
-from ..schemes import WeightScheme
+from ..schemes import ActivationScheme, WeightScheme
 from ..version import __version__
 from .model_card import QUANT_CONFIG_NAME, write_model_card
 
 WEIGHTS_NAME = "model.safetensors"
 
 
-def linear_format(scheme: WeightScheme, linear: nn.Linear, desc_act: bool, sym: bool) -> LinearFormat:
+def linear_format(
+    scheme: WeightScheme, linear: nn.Linear, desc_act: bool, sym: bool, activation: ActivationScheme | None = None
+) -> LinearFormat:
     return LinearFormat(
         bits=scheme.bits,
         group_size=scheme.group_size,
@@ -40,6 +42,7 @@ def linear_format(scheme: WeightScheme, linear: nn.Linear, desc_act: bool, sym: 
         in_features=linear.in_features,
         out_features=linear.out_features,
         grid=scheme.grid,
+        activation=activation,
     )
 
 
@@ -82,7 +85,7 @@ def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config:
     desc_act, sym = reorders(results), symmetric(results, config)
     for name, result in results.items():
         linear = model.get_submodule(name)
-        fmt = linear_format(config.quantized_scheme(name), linear, desc_act, sym)
+        fmt = linear_format(config.quantized_scheme(name), linear, desc_act, sym, config.activations)
         set_module(model, name, QuantLinear.from_result(fmt, result, linear.bias))
 
 

@@ -8,6 +8,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pydantic
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
@@ -22,6 +23,7 @@ from ..models import spec_for
 from ..numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 from ..runtime.input_transform import InputTransform
 from ..runtime.quant_linear import QuantLinear
+from ..schemes import ActivationScheme
 from .checkpoint import QUANT_CONFIG_NAME, set_module
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,21 @@ def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> Linea
         in_features=in_features,
         out_features=out_features,
         grid=grid,
+        activation=activation_scheme(qcfg),
     )
+
+
+def activation_scheme(qcfg: dict) -> ActivationScheme | None:
+    """How the checkpoint's linears quantize their inputs, as treeq recorded it (``meta.settings``);
+    None for weight-only checkpoints and those other tools wrote."""
+    recorded = qcfg.get("meta", {}).get("settings", {}).get("activations")
+    if recorded is None:
+        return None
+    try:
+        return ActivationScheme(**recorded)
+    except pydantic.ValidationError as e:
+        problem = e.errors()[0]["msg"]
+        raise TreeqError(f"quantization_config's meta.settings.activations is not a valid scheme: {problem}") from None
 
 
 def _check_fields(qcfg: dict) -> dict:

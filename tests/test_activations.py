@@ -1,0 +1,114 @@
+"""Activation quantization for every method: the fake-quant numerics, calibration that sees the
+quantized inputs of earlier subsets, checkpoints that load with the same input quantizers, LLM.int8()'s
+outlier columns, and SmoothQuant's scales."""
+
+import pytest
+import torch
+from conftest import save_model_dir
+from test_path_equivalence import tensors
+
+import treeq
+from treeq.engine.quant_log import QuantLog
+from treeq.errors import TreeqError
+from treeq.methods import InputStats
+from treeq.numerics import fake_quantize_activation
+from treeq.runtime.activations import FakeQuantActivation
+from treeq.runtime.quant_linear import QuantLinear
+from treeq.schemes import ActivationScheme
+from treeq.transforms import TRANSFORMS
+
+CALIB = dict(bits=8, group_size=-1, calib_samples=8, seqlen=64, batch_size=4)
+
+
+def quantize(src, out, text_file, **settings):
+    cfg = treeq.QuantConfig(**{**CALIB, **settings})
+    return treeq.quantize(str(src), cfg, out, calib_text=str(text_file), log=QuantLog(str))
+
+
+def test_per_group_inputs_are_per_token_quantized_groups():
+    x = torch.randn(3, 5, 64)
+    q = FakeQuantActivation(ActivationScheme(bits=4, granularity="per-group", group_size=16))(x)
+    expected = fake_quantize_activation(x.reshape(3, 5, 4, 16), 4, True, True).reshape(3, 5, 64)
+    assert torch.equal(q, expected)
+    assert not torch.equal(q, fake_quantize_activation(x, 4, True, True))
+
+
+def test_outlier_columns_pass_in_full_precision_and_leave_the_rest_finer():
+    """LLM.int8(): a column above the threshold in any token is kept exactly; the other columns are
+    quantized on scales computed without it. Checked failing with the outliers left in the scale."""
+    x = torch.randn(6, 32) * 0.5
+    x[2, 7] = 40.0  # one token's outlier makes column 7 an outlier column for every token
+    quantizer = FakeQuantActivation(ActivationScheme(bits=8, outlier_threshold=6.0))
+    q = quantizer(x)
+    assert torch.equal(q[:, 7], x[:, 7])
+    rest = torch.cat([x[:, :7], x[:, 8:]], dim=1)
+    expected = fake_quantize_activation(x.masked_fill(torch.arange(32) == 7, 0), 8)
+    assert torch.equal(torch.cat([q[:, :7], q[:, 8:]], dim=1), torch.cat([expected[:, :7], expected[:, 8:]], dim=1))
+    plain = fake_quantize_activation(x, 8)
+    assert (q - x).abs().sum() < (torch.cat([plain[:, :7], plain[:, 8:]], 1) - rest).abs().sum()
+    assert quantizer.outlier_share == pytest.approx(1 / 32)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_w8a8_checkpoint_loads_with_the_same_input_quantizers(method, tmp_path, tokenizer, text_file):
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    act = dict(bits=8, granularity="per-token")
+    report = quantize(src, tmp_path / "q", text_file, method=method, activations=act)
+    weight_only = quantize(src, tmp_path / "w", text_file, method=method)
+    loaded, _ = treeq.load(tmp_path / "q")
+    layers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(isinstance(m.input_quantizer, FakeQuantActivation) for m in layers)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, report.model(ids).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(report.model(ids).logits, weight_only.model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_later_layers_calibrate_on_quantized_activations(tmp_path, tokenizer, text_file):
+    """With 4-bit activations, GPTQ's second layer sees other inputs than without, so its codes
+    differ, while the first layer's first subset (fed by the embeddings) is the same. Checked
+    failing with the looper not hooking the quantizers in."""
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    quantize(src, tmp_path / "a4", text_file, method="gptq", bits=4, group_size=32, activations=dict(bits=4))
+    quantize(src, tmp_path / "a16", text_file, method="gptq", bits=4, group_size=32)
+    a, b = tensors(tmp_path / "a4"), tensors(tmp_path / "a16")
+    assert torch.equal(a["model.layers.0.self_attn.q_proj.qweight"], b["model.layers.0.self_attn.q_proj.qweight"])
+    assert not torch.equal(a["model.layers.1.self_attn.q_proj.qweight"], b["model.layers.1.self_attn.q_proj.qweight"])
+
+
+def test_smoothquant_at_half_strength_gives_inputs_and_weights_the_same_ranges():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=gen)
+    x[:, :3] *= 50
+    stats = InputStats(64, torch.device("cpu"))
+    stats.add(x)
+    weights = [torch.randn(32, 64, generator=gen), torch.randn(16, 64, generator=gen)]
+    s = TRANSFORMS["smoothquant"]({"alpha": 0.5}).scales(weights, stats, lambda w: w)
+    x_range = (x / s).abs().amax(dim=0)
+    w_range = torch.cat([w * s for w in weights]).abs().amax(dim=0)
+    torch.testing.assert_close(x_range, w_range, rtol=1e-5, atol=0)
+
+
+def test_smoothquant_w8a8_folds_and_round_trips(tmp_path, tokenizer, text_file):
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    report = quantize(src, tmp_path / "q", text_file, method="rtn", migration="smoothquant", alpha=0.8, activations={})
+    loaded, _ = treeq.load(tmp_path / "q")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, report.model(ids).logits, rtol=0, atol=1e-5)
+    assert report.model.model.layers[0].self_attn.q_proj.input_quantizer is not None
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(activations=dict(dynamic=False, granularity="per-tensor")), "dynamic=False .* not built yet"),
+        (dict(activations=dict(bits=5)), "bits"),
+        (dict(migration="smoothquant", alpha=1.5), "migration_options.alpha"),
+        (dict(alpha=0.5), "alpha is a setting of migration smoothquant"),
+    ],
+)
+def test_bad_activation_settings_are_one_line_errors(settings, message):
+    with pytest.raises(TreeqError, match=message):
+        treeq.QuantConfig.build(method="rtn", **settings)
+

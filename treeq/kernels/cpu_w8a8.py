@@ -1,0 +1,71 @@
+"""CPU W8A8 kernel: 8-bit per-row symmetric weights times 8-bit per-token inputs in int8 x int8
+(:mod:`.w8a8_vnni`, AVX512-VNNI), for layers whose activation scheme is exactly that.
+
+The layer's GPTQ codes become signed int8 weights (code - 128, the symmetric zero point) once, in
+``prepare``. Each call quantizes its input as :func:`treeq.numerics.quantize_activation` does, so
+the integers multiplied are those of the fake-quant path; only the float rounding of the epilogue
+differs from it. With an outlier threshold (LLM.int8()) the columns above it in any token are
+multiplied in fp32 against their dequantized weight columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import w8a8_vnni
+from .base import Kernel
+
+
+@dataclass
+class _W8A8State:
+    packed: w8a8_vnni.PackedWeight
+    weight: torch.Tensor  # int8 [out, in], for the outlier columns
+    scale: torch.Tensor  # fp32 [out]
+
+
+class CpuW8A8(Kernel):
+    name = "cpu_w8a8"
+    priority = 40  # integer inputs: ahead of every weight-only kernel where it applies
+    bits = frozenset({8})
+    group_sizes = frozenset({-1})  # the int32 sums take one weight scale per row
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.bfloat16, torch.float32})
+    supports_asym = False
+    supports_desc_act = False
+    integer_inputs = True
+
+    @classmethod
+    def rejects(cls, fmt, device, dtype) -> str | None:
+        reason = super().rejects(fmt, device, dtype)
+        if reason is not None:
+            return reason
+        a = fmt.activation
+        if a is None:
+            return "weight-only layer; runs 8-bit per-token symmetric dynamic activations only"
+        if (a.bits, a.granularity, a.sym, a.dynamic) != (8, "per-token", True, True):
+            return f"activations a{a.bits} {a.granularity} {'sym' if a.sym else 'asym'}; runs a8 per-token sym dynamic"
+        return w8a8_vnni.available()
+
+    @classmethod
+    def prepare(cls, layer) -> None:
+        weight = (layer.codes().to(torch.int16) - layer.zeros()[0].to(torch.int16)[:, None]).to(torch.int8)
+        layer.kernel_state = _W8A8State(w8a8_vnni.pack_weight(weight), weight, layer.scales[0].float())
+
+    @staticmethod
+    def forward(layer, x: torch.Tensor) -> torch.Tensor:
+        st: _W8A8State = layer.kernel_state
+        x2 = x.reshape(-1, x.shape[-1])
+        threshold = layer.fmt.activation.outlier_threshold
+        outliers = None if threshold is None else (x2.abs() > threshold).any(dim=0).nonzero().flatten()
+        if outliers is not None and outliers.numel():
+            w_outliers = st.weight.index_select(1, outliers).float() * st.scale[:, None]
+            y = w8a8_vnni.int8_linear_outliers(x2, outliers, w_outliers, st.packed, st.scale, layer.bias, x.dtype)
+        else:
+            codes, scale = w8a8_vnni.quantize_per_token(x2)
+            y = w8a8_vnni.int8_linear(codes, scale, st.packed, st.scale, layer.bias, x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+KERNEL = CpuW8A8
