@@ -468,7 +468,12 @@ def inspect(directory, explain, list_modules, device, dtypes):
 
 def _scheme_text(fmt) -> str:
     group = "per-row" if fmt.group_size == -1 else f"g{fmt.group_size}"
-    return f"{fmt.bits}-bit {group} {'sym' if fmt.sym else 'asym'} {fmt.grid}"
+    text = f"{fmt.bits}-bit {group} {'sym' if fmt.sym else 'asym'} {fmt.grid}"
+    a = fmt.activation
+    if a is None:
+        return text
+    outliers = "" if a.outlier_threshold is None else f", fp input columns above {a.outlier_threshold}"
+    return text + f" with {a.bits}-bit {a.granularity} {'sym' if a.sym else 'asym'} inputs{outliers}"
 
 
 def _by_scheme(formats: dict) -> dict[str, list[str]]:

@@ -112,3 +112,19 @@ def test_bad_activation_settings_are_one_line_errors(settings, message):
     with pytest.raises(TreeqError, match=message):
         treeq.QuantConfig.build(method="rtn", **settings)
 
+
+
+def test_cli_quantizes_w8a8_and_inspect_names_the_input_scheme_and_kernel(model_dir, text_file, tmp_path):
+    from test_cli import run
+
+    out = tmp_path / "q"
+    r = run(
+        "quantize", str(model_dir), "--method", "rtn", "--migration", "smoothquant", "--alpha", "0.8",
+        "--bits", "8", "--group-size", "-1", "--act-bits", "8", "--act-outlier-threshold", "6",
+        "--calib-text", str(text_file), "--calib-samples", "4", "--seqlen", "32", "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    settings = treeq.inspect_checkpoint(out).quantization["meta"]["settings"]
+    assert settings["migration"] == "smoothquant" and settings["migration_options"] == {"alpha": 0.8}
+    r = run("inspect", str(out))
+    assert "8-bit per-row sym minmax with 8-bit per-token sym inputs, fp input columns above 6.0" in r.output
