@@ -303,6 +303,14 @@ def evaluate(
 @click.argument("model", required=False)
 @click.option("--methods", default="rtn,gptq,awq", show_default=True)
 @click.option("--bits", "bits_list", default="4,3", show_default=True)
+@click.option(
+    "--act-bits",
+    "act_bits_list",
+    default="16",
+    show_default=True,
+    help="input bits of the quantized linears per row, comma-separated; 16: weight-only (e.g. 16,8,4)",
+)
+@click.option("--migration", type=click.Choice(sorted(TRANSFORMS)), default=None, help="scale migration of every row")
 @click.option("--group-size", type=int, default=None, help=f"default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)")
 @click.option("--tasks", default=None, help=f"lm-eval tasks too, comma-separated or 'all': {', '.join(TASKS)}")
 @click.option("--limit", type=click.IntRange(1), default=None, help="at most this many documents per task")
@@ -319,6 +327,8 @@ def compare(
     model,
     methods,
     bits_list,
+    act_bits_list,
+    migration,
     group_size,
     tasks,
     limit,
@@ -340,6 +350,7 @@ def compare(
         [m.strip() for m in methods.split(",")],
         [int(b) for b in bits_list.split(",")],
         out,
+        act_bits=tuple(int(a) for a in act_bits_list.split(",")),
         group_size=group_size,
         tasks=tuple(task_names),
         limit=limit,
@@ -349,6 +360,7 @@ def compare(
         eval_windows=eval_windows,
         calib_samples=calib_samples,
         seqlen=seqlen,
+        **({} if migration is None else {"migration": migration}),
     )
     click.echo((out / "compare.md").read_text())
     click.echo(f"written: {out / 'compare.md'}, {out / 'compare.csv'}")

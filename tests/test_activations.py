@@ -2,6 +2,8 @@
 quantized inputs of earlier subsets, checkpoints that load with the same input quantizers, LLM.int8()'s
 outlier columns, and SmoothQuant's scales."""
 
+import csv
+
 import pytest
 import torch
 from conftest import save_model_dir
@@ -113,7 +115,6 @@ def test_bad_activation_settings_are_one_line_errors(settings, message):
         treeq.QuantConfig.build(method="rtn", **settings)
 
 
-
 def test_cli_quantizes_w8a8_and_inspect_names_the_input_scheme_and_kernel(model_dir, text_file, tmp_path):
     from test_cli import run
 
@@ -128,3 +129,28 @@ def test_cli_quantizes_w8a8_and_inspect_names_the_input_scheme_and_kernel(model_
     assert settings["migration"] == "smoothquant" and settings["migration_options"] == {"alpha": 0.8}
     r = run("inspect", str(out))
     assert "8-bit per-row sym minmax with 8-bit per-token sym inputs, fp input columns above 6.0" in r.output
+
+
+def test_compare_puts_weight_activation_rows_beside_weight_only_ones(model_dir, text_file, tmp_path):
+    from test_cli import run
+
+    out = tmp_path / "cmp"
+    r = run(
+        "compare", str(model_dir), "--methods", "rtn", "--bits", "8", "--act-bits", "16,8,4",
+        "--migration", "smoothquant", "--group-size", "32", "--calib-samples", "4", "--seqlen", "32",
+        "--calib-text", str(text_file), "--eval-text", str(text_file), "--eval-seqlen", "32",
+        "--eval-windows", "2", "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(x["method"], x["bits"], x["act_bits"]) for x in rows] == [
+        ("fp", "16", "16"),
+        ("smoothquant+rtn", "8", "16"),
+        ("smoothquant+rtn", "8", "8"),
+        ("smoothquant+rtn", "8", "4"),
+    ]
+    ppl = [float(x["ppl"]) for x in rows]
+    assert len(set(ppl)) == 4  # each row evaluated its own model (a random tiny model: no order)
+    recorded = treeq.inspect_checkpoint(out / "smoothquant+rtn-w8a4g32").quantization["meta"]["settings"]
+    assert recorded["activations"]["bits"] == 4 and recorded["migration"] == "smoothquant"

@@ -162,7 +162,7 @@ def test_compare_writes_one_table_for_all_settings(model_dir, text_file, tmp_pat
     assert [float(x["d ppl"]) for x in rows] == pytest.approx([p - ppl[0] for p in ppl], abs=1e-12)
     assert len(set(ppl)) == len(ppl) and all(float(x["size_mb"]) > 0 for x in rows)
     assert float(rows[3]["size_mb"]) < float(rows[1]["size_mb"]) < float(rows[0]["size_mb"])
-    assert "| rtn | 4 | 32 |" in (out / "compare.md").read_text()
+    assert "| rtn | 4 | 16 | 32 |" in (out / "compare.md").read_text()
 
 
 def test_error_report_plots_every_module_and_names_the_hardest(tmp_path, tokenizer, text_file):

@@ -40,9 +40,12 @@ def compare(
     eval_text: str = "wiki-test",
     eval_seqlen: int = 1024,
     eval_windows: int = 32,
+    act_bits: tuple[int | None, ...] = (None,),
     **settings,
 ) -> list[dict]:
-    """Rows of the comparison (the fp model first); checkpoints and compare.{md,csv} go under ``out``."""
+    """Rows of the comparison (the fp model first); checkpoints and compare.{md,csv} go under ``out``.
+    ``act_bits``: the input bits of each row's quantized linears, None for weight-only rows (one
+    row per method x weight bits x activation bits); ``settings`` may name a ``migration``."""
     from .. import api
     from ..config import QuantConfig
 
@@ -51,25 +54,37 @@ def compare(
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
     if group_size is not None:
         settings["group_size"] = group_size
-    configs = [api.for_model(QuantConfig.build(method=m, bits=b, **settings), model) for b in bits for m in methods]
+    configs = [
+        api.for_model(QuantConfig.build(method=m, bits=b, activations=_inputs(a), **settings), model)
+        for b in bits
+        for a in act_bits
+        for m in methods
+    ]
     fp, tok = api.load_fp_model(model)
-    rows = [dict(method="fp", bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)]
+    rows = [dict(method="fp", bits=16, act_bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)]
     evaluation = dict(tasks=tasks, limit=limit, text=eval_text, seqlen=eval_seqlen, windows=eval_windows)
     rows[0].update(_evaluate(fp, tok, **evaluation))
     del fp
     for cfg in configs:
         fp, tok = api.load_fp_model(model)
-        w = cfg.weights
-        target = out / f"{cfg.method}-w{w.bits}g{w.group_size}"
+        w, a = cfg.weights, 16 if cfg.activations is None else cfg.activations.bits
+        method = f"{cfg.migration}+{cfg.method}" if cfg.migration else cfg.method
+        target = out / f"{method}-w{w.bits}a{a}g{w.group_size}"
         report = api.quantize(fp, cfg, target, tokenizer=tok, calib_text=calib_text)
         size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
-        row = dict(method=cfg.method, bits=w.bits, group=w.group_size, size_mb=size / 2**20, quant_s=report.seconds)
+        row = dict(method=method, bits=w.bits, act_bits=a, group=w.group_size, size_mb=size / 2**20)
+        row["quant_s"] = report.seconds
         row.update(_evaluate(report.model, tok, **evaluation))
         rows.append(row)
         del fp, report
     add_deltas(rows)
     write_table(rows, out)
     return rows
+
+
+def _inputs(bits: int | None) -> dict | None:
+    """The activation scheme of a row: dynamic per-token inputs of ``bits``, or none."""
+    return None if bits in (None, 16) else {"bits": bits}
 
 
 def add_deltas(rows: list[dict]) -> None:
