@@ -129,6 +129,9 @@ def test_cli_quantizes_w8a8_and_inspect_names_the_input_scheme_and_kernel(model_
     assert settings["migration"] == "smoothquant" and settings["migration_options"] == {"alpha": 0.8}
     r = run("inspect", str(out))
     assert "8-bit per-row sym minmax with 8-bit per-token sym inputs, fp input columns above 6.0" in r.output
+    card = (out / "README.md").read_text()
+    assert '| scale migration | smoothquant {"alpha": 0.8} |' in card
+    assert "| inputs (activations) | 8-bit per-token dynamic, fp columns above 6.0 |" in card
 
 
 def test_compare_puts_weight_activation_rows_beside_weight_only_ones(model_dir, text_file, tmp_path):

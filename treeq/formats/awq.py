@@ -124,6 +124,12 @@ class AWQFormat(SingleSchemeFormat):
     quant_methods = ("awq",)
     stored_state = ("qweight", "qzeros", "scales")
 
+    def describe(self, qcfg: dict) -> str:
+        return "AutoAWQ GEMM"
+
+    def engines(self, qcfg: dict) -> tuple[str, str] | None:
+        return "the `autoawq` or `gptqmodel` package", "vllm serve {dir} --dtype float16"
+
     def refuses(self, config) -> str | None:
         w = config.weights
         if w.bits != BITS or w.grid != UniformGrid.name:

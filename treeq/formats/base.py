@@ -70,6 +70,15 @@ class CheckpointFormat(ABC):
     def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
         """(in_features, out_features) of a quantized linear from its packed codes' shape."""
 
+    @abstractmethod
+    def describe(self, qcfg: dict) -> str:
+        """The layout a stored quantization_config is in, for the model card."""
+
+    @abstractmethod
+    def engines(self, qcfg: dict) -> tuple[str, str] | None:
+        """(what transformers needs installed, the vLLM command with ``{dir}``) to run a checkpoint
+        of this quantization_config elsewhere; None where only treeq computes it correctly."""
+
 
 class SingleSchemeFormat(CheckpointFormat):
     """A layout with one weight scheme for every module and no act-order groups."""

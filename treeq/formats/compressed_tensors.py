@@ -167,6 +167,12 @@ class CompressedTensorsFormat(SingleSchemeFormat):
     packed_suffix = ".weight_packed"
     stored_state = QUANTIZED_STATE
 
+    def describe(self, qcfg: dict) -> str:
+        return f"compressed-tensors `{qcfg['format']}`"
+
+    def engines(self, qcfg: dict) -> tuple[str, str] | None:
+        return "the `compressed-tensors` package", "vllm serve {dir}"
+
     def refuses(self, config) -> str | None:
         w = config.weights
         if w.bits not in WRITABLE_BITS or w.grid not in INTEGER_ZERO_GRIDS:

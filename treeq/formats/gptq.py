@@ -119,6 +119,16 @@ class GPTQFormat(CheckpointFormat):
     quant_methods = ("gptq", TREEQ_QUANT_METHOD)
     stored_state = ("qweight", "qzeros", "scales", "g_idx")
 
+    def describe(self, qcfg: dict) -> str:
+        if qcfg["quant_method"] == TREEQ_QUANT_METHOD:
+            return f"treeq's own (`quant_method: {TREEQ_QUANT_METHOD}`, GPTQ layout, `format: {qcfg['format']}`)"
+        return f"GPTQ, `format: {qcfg['format']}`"
+
+    def engines(self, qcfg: dict) -> tuple[str, str] | None:
+        if qcfg["quant_method"] == TREEQ_QUANT_METHOD:
+            return None
+        return "the `gptqmodel` package", "vllm serve {dir} --dtype float16"
+
     def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
         if summary.transform is not None and other_loaders_run(config):
             raise ValueError(f"{config.method} wrote an input transform it does not declare (adds_input_transform)")

@@ -6,26 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import formats
+
 CARD_NAME = "README.md"
 QUANT_CONFIG_NAME = "quantize_config.json"
 
-# How each engine is told to run a checkpoint, by the quant_method its quantization_config names.
-LOADERS = {
-    "gptq": ("the `gptqmodel` package", "vllm serve {dir} --dtype float16"),
-    "awq": ("the `autoawq` or `gptqmodel` package", "vllm serve {dir} --dtype float16"),
-    "compressed-tensors": ("the `compressed-tensors` package", "vllm serve {dir}"),
-}
-
-
-def _format_line(qcfg: dict) -> str:
-    method = qcfg["quant_method"]
-    if method == "gptq":
-        return f"GPTQ, `format: {qcfg['format']}`"
-    if method == "awq":
-        return "AutoAWQ GEMM"
-    if method == "compressed-tensors":
-        return f"compressed-tensors `{qcfg['format']}`"
-    return f"treeq's own (`quant_method: {method}`, GPTQ layout, `format: {qcfg['format']}`)"
 
 
 def _override_line(override: dict) -> str:
@@ -44,9 +29,15 @@ def _settings_table(qcfg: dict) -> list[str]:
         ("group size", "per row" if w["group_size"] == -1 else w["group_size"]),
         ("grid", w["grid"] + ("" if w["grid"] != "minmax" else (" symmetric" if w["sym"] else " asymmetric"))),
         ("calibration", f"{calib['calib_samples']} sequences of {calib['seqlen']} tokens"),
-        ("checkpoint format", _format_line(qcfg)),
+        ("checkpoint format", formats.reading(qcfg).describe(qcfg)),
         ("unquantized tensors", s["checkpoint"]["storage_dtype"]),
     ]
+    if s.get("migration"):
+        rows.append(("scale migration", f"{s['migration']} {json.dumps(s['migration_options'])}"))
+    if s.get("activations"):
+        a = s["activations"]
+        outliers = "" if a["outlier_threshold"] is None else f", fp columns above {a['outlier_threshold']}"
+        rows.append(("inputs (activations)", f"{a['bits']}-bit {a['granularity']} dynamic{outliers}"))
     rows += [(f"override `{o['pattern']}`", _override_line(o)) for o in s["overrides"]]
     if s["options"]:
         rows.append(("method options", json.dumps(s["options"])))
@@ -60,7 +51,7 @@ def _loading(qcfg: dict) -> list[str]:
         'model, tokenizer = treeq.load("DIR")  # dtype=torch.bfloat16 for the fused CPU kernels',
         "```",
     ]
-    loader = LOADERS.get(qcfg["quant_method"])
+    loader = formats.reading(qcfg).engines(qcfg)
     if loader is None:
         reasons = [f"grid `{qcfg.get('grid')}`" if qcfg.get("grid_offset") else None]
         reasons.append("an input transform before each matmul" if qcfg.get("input_transform") else None)
