@@ -351,3 +351,38 @@ def dequantize_activation(codes: torch.Tensor, scale: torch.Tensor, zero: torch.
 def fake_quantize_activation(x: torch.Tensor, bits: int, per_token: bool = True, sym: bool = True) -> torch.Tensor:
     """x quantized and dequantized, back in x's dtype."""
     return dequantize_activation(*quantize_activation(x, bits, per_token, sym)).to(x.dtype)
+
+
+# ---- KV-cache quantization ----
+# KIVI's asymmetric grid: per group, 2^bits levels spread from the group's minimum to its maximum.
+# Unlike UniformGrid's range, the range need not contain 0 and the offset is the (real) minimum,
+# not an integer zero point: a key channel living in [3, 5] spends every level inside [3, 5]. The
+# cache is read only by treeq, so no kernel needs GPTQ's integer zero point. Scale and minimum are
+# rounded to fp16 (what the cache stores) before the codes are taken, so decoding is exact.
+
+
+def quantize_minmax_groups(
+    x: torch.Tensor, bits: int, dim: int, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, low) for ``x`` cut along ``dim`` into runs of ``group`` consecutive entries,
+    each other index its own group. codes (uint8, like x) = clamp(round((x - low) / scale), 0,
+    2^bits - 1); scale = (max - min) / (2^bits - 1) and low = min per group, fp16, shaped like x
+    with ``dim`` shrunk to ``x.shape[dim] // group``; a constant group gets scale 1."""
+    n = x.shape[dim]
+    if n % group:
+        raise ValueError(f"{n} entries along dim {dim} do not split into groups of {group}")
+    maxq = 2**bits - 1
+    grouped = x.float().movedim(dim, -1).unflatten(-1, (n // group, group))
+    low = grouped.amin(dim=-1).to(SCALE_DTYPE)
+    scale = _storable((grouped.amax(dim=-1) - low.float()) / maxq)
+    codes = torch.clamp(torch.round((grouped - low.float()[..., None]) / scale[..., None]), 0, maxq)
+    codes = codes.flatten(-2).to(torch.uint8)
+    return codes.movedim(-1, dim), scale.to(SCALE_DTYPE).movedim(-1, dim), low.movedim(-1, dim)
+
+
+def dequantize_minmax_groups(
+    codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dim: int, group: int
+) -> torch.Tensor:
+    """codes * scale + low in fp32, each group's scale and low repeated over its ``group`` entries."""
+    scale, low = (t.float().repeat_interleave(group, dim=dim) for t in (scale, low))
+    return codes.float() * scale + low

@@ -5,10 +5,20 @@ Where the model expects a BOS (:func:`treeq.data.bos_for`), each window is the B
 ``seqlen - 1`` tokens of the stream, and every text token is scored: the same window length and
 number of scored tokens as without, but no text token goes unscored. Leaving the BOS out raises
 gemma-3-270m's fp perplexity by more than half (tests/test_real_model.py).
+
+Without a KV setting each window is one forward without a cache, which never touches one. With one
+(``kv``), each window goes through a fresh quantized cache by one of two protocols:
+
+* ``simulated``: the window in one forward; the cache's update returns what it stores, so attention
+  already sees every token but the newest ``residual`` (plus less than a group) as decoded codes,
+  the quantize-in-prefill figure KV papers report;
+* ``decode``: the window fed ``kv_chunk`` tokens at a time, so each chunk attends to the codes the
+  earlier chunks left in the cache and to its own recent tokens in full precision, as generation does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,6 +29,10 @@ from tqdm.auto import tqdm
 from .. import data
 from ..data import Bos
 from ..errors import TreeqError
+from ..runtime.kv_schemes import kv_cache_for
+from ..schemes import KVCacheScheme
+
+KV_PROTOCOLS = ("simulated", "decode")
 
 NO_BOS = Bos(None, "no BOS given")
 
@@ -30,18 +44,51 @@ class PerplexityResult:
     seqlen: int
     tokens_scored: int
     bos: Bos = NO_BOS
+    kv: str = "no cache (one forward per window)"
 
     def protocol(self) -> str:
         text = self.seqlen - (self.bos.token_id is not None)
         start = "no BOS" if self.bos.token_id is None else f"BOS (id {self.bos.token_id}) + {text} text tokens"
         return (
             f"{self.windows} non-overlapping windows x {self.seqlen} tokens, {start} ({self.bos.reason}), "
-            f"{self.tokens_scored} tokens scored, mean NLL over all scored tokens"
+            f"{self.tokens_scored} tokens scored, mean NLL over all scored tokens; KV: {self.kv}"
         )
 
 
+@dataclass(frozen=True)
+class KVProtocol:
+    """How each window meets a quantized cache (see the module docstring)."""
+
+    scheme: KVCacheScheme
+    protocol: str = KV_PROTOCOLS[0]
+    chunk: int = 32
+
+    def __post_init__(self):
+        if self.protocol not in KV_PROTOCOLS:
+            raise TreeqError(f"kv_protocol {self.protocol!r} is unknown; choose one of {', '.join(KV_PROTOCOLS)}")
+        if self.chunk < 1:
+            raise TreeqError(f"kv_chunk={self.chunk} feeds no token; use at least 1")
+
+    def logits(self, model, x: torch.Tensor) -> torch.Tensor:
+        cache = kv_cache_for(model, self.scheme)
+        if self.protocol == "simulated":
+            return model(input_ids=x, cache=cache, use_cache=True).logits
+        return torch.cat(
+            [model(input_ids=part, cache=cache, use_cache=True).logits for part in x.split(self.chunk, 1)], 1
+        )
+
+    def describe(self) -> str:
+        how = "window in one forward" if self.protocol == "simulated" else f"window fed {self.chunk} tokens at a time"
+        return f"{self.protocol} ({how} through the cache), {self.scheme.describe()}"
+
+
 def perplexity(
-    model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None, bos: Bos = NO_BOS
+    model,
+    ids: torch.Tensor,
+    seqlen: int,
+    max_windows: int | None = None,
+    bos: Bos = NO_BOS,
+    kv: KVProtocol | None = None,
 ) -> PerplexityResult:
     if seqlen < 2:
         raise TreeqError(f"seqlen={seqlen} scores no token; use a window of at least 2 tokens")
@@ -56,10 +103,12 @@ def perplexity(
     with torch.no_grad():
         for w in tqdm(range(windows), desc="perplexity", unit="window", leave=False):
             x = bos.prepend(ids[None, w * width : (w + 1) * width]).to(device)
-            logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+            logits = model(input_ids=x, use_cache=False).logits if kv is None else kv.logits(model, x)
+            logits = logits[0, :-1].float()
             nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             count += seqlen - 1
-    return PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos)
+    result = PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos)
+    return result if kv is None else dataclasses.replace(result, kv=kv.describe())
 
 
 def evaluate_perplexity(
@@ -69,7 +118,14 @@ def evaluate_perplexity(
     seqlen: int = 1024,
     max_windows: int | None = 32,
     bos: str = data.BOS_RULES[0],
+    kv: KVCacheScheme | str | None = None,
+    kv_protocol: str = KV_PROTOCOLS[0],
+    kv_chunk: int = 32,
 ) -> PerplexityResult:
-    """``bos``: "auto" starts each window with a BOS where the tokenizer adds one; "always" / "never" force it."""
+    """``bos``: "auto" starts each window with a BOS where the tokenizer adds one; "always" / "never" force it.
+    ``kv``: a KV-cache setting or preset name (``"kivi-2"``), measured by ``kv_protocol``."""
     start = data.bos_for(tokenizer, bos)
-    return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start)
+    if isinstance(kv, str):
+        kv = KVCacheScheme.named(kv)
+    protocol = None if kv is None else KVProtocol(kv, kv_protocol, kv_chunk)
+    return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start, protocol)

@@ -11,6 +11,8 @@ import torch
 
 from ..errors import TreeqError
 from ..fp_model import load_fp_model
+from ..runtime.kv_schemes import kv_cache_for
+from ..schemes import KVCacheScheme
 from ..storage.loading import load_quantized, read_quantization_config
 
 
@@ -22,9 +24,19 @@ class Speed:
     decode_tokens_per_s: float
 
 
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> str:
-    """Greedy at temperature 0, else sampling; returns only the new text."""
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    kv: KVCacheScheme | str | None = None,
+) -> str:
+    """Greedy at temperature 0, else sampling; returns only the new text. ``kv``: a KV-cache
+    setting or preset name (``"kivi-4"``) to keep keys and values in, else transformers' cache."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    cache = None if kv is None else kv_cache_for(model, kv)
     torch.manual_seed(seed)
     sample = temperature > 0
     with torch.no_grad():
@@ -36,6 +48,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
             top_p=None,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            cache=cache,
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

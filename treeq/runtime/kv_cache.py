@@ -29,7 +29,8 @@ class KVQuantizer(ABC):
 
     @abstractmethod
     def encode(self, states: torch.Tensor) -> Any:
-        """Store states [batch, kv_heads, tokens, head_dim] (tokens a multiple of token_block)."""
+        """Store states [batch, kv_heads, tokens, head_dim] (tokens a multiple of token_block); what
+        it returns says how many bytes it holds as ``nbytes`` (a tensor does)."""
 
     @abstractmethod
     def decode(self, stored: Any) -> torch.Tensor:
@@ -80,6 +81,11 @@ class QuantizedKVLayer(DynamicLayer):
         self.stored.append((self.key_quantizer.encode(keys), self.value_quantizer.encode(values)))
         self.stored_tokens += n
         self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
+
+    def nbytes(self) -> int:
+        """Bytes held: every stored block (codes, scales, outliers...) and the full-precision window."""
+        window = self.keys.nbytes + self.values.nbytes if self.is_initialized else 0
+        return window + sum(keys.nbytes + values.nbytes for keys, values in self.stored)
 
     def get_seq_length(self) -> int:
         return self.stored_tokens + (self.keys.shape[-2] if self.is_initialized else 0)
