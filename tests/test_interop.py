@@ -1,7 +1,7 @@
-"""Checkpoints crossing to and from other tools: GPTQModel-written ones (tests/fixtures, made by
-tests/fixtures/make_fixtures.py) load to the very weights GPTQModel's own kernel dequantizes, and
-the compressed-tensors pack-quantized export is the layout that package documents, read back by
-treeq and (where the package is installed) by transformers."""
+"""Checkpoints crossing to and from other tools: GPTQModel- and AutoAWQ-written ones (tests/fixtures,
+made by tests/fixtures/make_peer_fixtures.py) load to the very weights each tool's own code
+dequantizes, and the compressed-tensors pack-quantized export is the layout that package documents,
+read back by treeq and (where the package is installed) by transformers."""
 
 import json
 from pathlib import Path
@@ -23,15 +23,17 @@ def logits(model, ids=IDS):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("fixture", ["gptqmodel-w4g32-sym-actorder", "gptqmodel-w4g32-asym"])
-def test_gptqmodel_checkpoints_load_to_the_weights_gptqmodel_dequantizes(fixture):
+@pytest.mark.parametrize("fixture", ["gptqmodel-w4g32-sym-actorder", "gptqmodel-w4g32-asym", "autoawq-gemm-w4g32"])
+def test_other_tools_checkpoints_load_to_the_weights_they_dequantize(fixture):
+    """Checked failing with AWQ's nibble order read as GPTQ's (treeq/formats/awq.py's AWQ_ORDER
+    replaced by 0..7), which every AutoAWQ module then mismatched."""
     path = FIXTURES / fixture
-    theirs = load_file(path / "gptqmodel_reference" / "dequantized.safetensors")
+    theirs = load_file(path / "reference" / "dequantized.safetensors")
     model, _ = treeq.load(path)
     ours = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert ours.keys() == theirs.keys() and len(ours) == 14
     for name, layer in ours.items():
-        # GPTQModel's fp16 (code - zero) * scale is the fp32 product rounded once, as .half() rounds it.
+        # Their fp16 (code - zero) * scale is the fp32 product rounded once, as .half() rounds it.
         assert torch.equal(layer.dequantized_weight().half(), theirs[name]), name
     assert torch.isfinite(logits(model)).all()
 
@@ -133,11 +135,13 @@ def test_compressed_tensors_export_refuses_what_the_layout_cannot_hold():
         treeq.QuantConfig.build(method="rtn", grid="half-step", checkpoint_format="compressed-tensors")
 
 
-def test_transformers_loads_the_compressed_tensors_export(tmp_path, tokenizer, text_file):
+@pytest.mark.parametrize("settings", [dict(), dict(bits=8, group_size=-1)], ids=["w4g32", "w8-per-row"])
+def test_transformers_loads_the_compressed_tensors_export(settings, tmp_path, tokenizer, text_file):
     pytest.importorskip("compressed_tensors", reason="transformers reads pack-quantized through that package")
     from transformers import AutoModelForCausalLM
 
-    treeq.quantize(make_model("llama"), ct_config(), tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
+    cfg = ct_config(**settings)
+    treeq.quantize(make_model("llama"), cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
     ours, _ = treeq.load(tmp_path / "q")
     torch.testing.assert_close(logits(theirs), logits(ours), rtol=0, atol=0)
