@@ -106,8 +106,9 @@ def run_in(
 
 
 def compare(before: Path, after: Path) -> None:
-    def read(p):
-        return {line.split("  ", 1)[1]: line.split()[1] for line in p.read_text().splitlines() if "  " in line}
+    def read(p):  # hash lines only: the header lines start with "#"
+        lines = [line for line in p.read_text().splitlines() if "  " in line and not line.startswith("#")]
+        return {line.split("  ", 1)[1]: line.split()[1] for line in lines}
 
     a, b = read(before), read(after)
     shared = sorted(set(a) & set(b))
@@ -137,6 +138,13 @@ def main(commit, smollm2, calib_samples, stats_route, tests, pair):
             subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True)
         try:
             run_in(tree, tmp / "work", smollm2, tests, calib_samples, stats_route)
+            # Bytes follow the statistics route, which follows the CPU (and $TREEQ_CPU_ISA).
+            import machine
+
+            route = f"input statistics pinned to {stats_route}"
+            if not stats_route:
+                route = f"{machine.calibration()} (as the working tree chooses; an older commit's may differ)"
+            print(f"# {machine.cpu()}\n# {route}")
             print("\n".join(hash_lines(tmp / "work")))
         finally:
             if commit:

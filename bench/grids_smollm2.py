@@ -50,6 +50,8 @@ RESULTS = Path(__file__).parent / "results" / "grids_smollm2.md"
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 def main(methods, bits, variants, threads, calib_samples, seqlen, eval_windows, out):
     torch.set_num_threads(threads)
+    import machine
+
     import treeq
     from treeq.engine.quant_log import QuantLog
 
@@ -58,12 +60,14 @@ def main(methods, bits, variants, threads, calib_samples, seqlen, eval_windows, 
     lines = [
         f"threads={threads}  calibration: {calib_samples} x {seqlen} tokens of wiki-train  group=64  act-order on  "
         "clip search off (but in +clip rows)",
+        machine.cpu(),
+        machine.calibration(),
         f"eval: wiki-test, {fp_ppl.protocol()}",
         f"fp perplexity: {fp_ppl.ppl:.3f}",
         "loss: per-module output MSE E[(x (W - Q)^T)^2] on the calibration inputs, mean / median over modules",
         "",
-        "| method | bits | grid | ppl | +ppl | mean loss | median loss | quant s |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | bits | grid | ppl | +ppl | mean loss | median loss | quant s | evaluated through |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     print("\n".join(lines), flush=True)
     methods, bits, variants = methods.split(","), [int(x) for x in bits.split(",")], variants.split(",")
@@ -96,7 +100,8 @@ def main(methods, bits, variants, threads, calib_samples, seqlen, eval_windows, 
         losses = [r.loss for r in report.log.records]
         rows[method, b, label] = (
             f"| {method} | {b} | {label} | {ppl:.3f} | {ppl - fp_ppl.ppl:+.3f} | "
-            f"{statistics.mean(losses):.4g} | {statistics.median(losses):.4g} | {seconds:.0f} |"
+            f"{statistics.mean(losses):.4g} | {statistics.median(losses):.4g} | {seconds:.0f} | "
+            f"{machine.kernels(report.model)} |"
         )
         print(rows[method, b, label], flush=True)
         ordered = [rows[k] for k in sorted(rows, key=lambda k: (methods.index(k[0]), k[1], variants.index(k[2])))]

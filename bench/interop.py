@@ -161,6 +161,8 @@ def compare(a: dict, b: dict) -> dict:
 
 
 def run(work: Path, side_python: str, windows: int) -> list[str]:
+    import machine
+
     import treeq
 
     ensure_checkpoints(work, side_python)
@@ -168,9 +170,11 @@ def run(work: Path, side_python: str, windows: int) -> list[str]:
     ids_file = work / "ids.pt"
     torch.save(ids, ids_file)
     rows = [
+        machine.cpu(),
+        "",
         "| checkpoint | loader | ppl (loader) | ppl (treeq fast) | ppl diff | logits rel. dist. | top-1 agree "
-        "| treeq ref vs fast: logits dist. / top-1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| treeq ref vs fast: logits dist. / top-1 | treeq fast kernels |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in [*VARIANTS, *RELAYOUTS, "by-gptqmodel"]:
         path = work / name
@@ -179,14 +183,16 @@ def run(work: Path, side_python: str, windows: int) -> list[str]:
         run_side(side_python, "score", loader, str(path), str(ids_file), str(out))
         theirs = torch.load(out)
         if "error" in theirs:
-            rows.append(f"| {name} | {loader} | refused: `{theirs['error'][:150]}` | | | | | |")
+            rows.append(f"| {name} | {loader} | refused: `{theirs['error'][:150]}` | | | | | | |")
             continue
-        fast = score(treeq.load(path, dtype=torch.bfloat16)[0], ids)
+        fast_model = treeq.load(path, dtype=torch.bfloat16)[0]
+        fast = score(fast_model, ids)
         ref = score(treeq.load(path, dtype=torch.bfloat16, kernel="torch")[0], ids)
         c, k = compare(theirs, fast), compare(ref, fast)
         rows.append(
             f"| {name} | {loader} | {c['ppl']:.3f} | {c['ppl_ref']:.3f} | {100 * (c['ppl'] / c['ppl_ref'] - 1):+.2f}% "
-            f"| {c['logits_rel']:.4f} | {100 * c['top1']:.2f}% | {k['logits_rel']:.4f} / {100 * k['top1']:.2f}% |"
+            f"| {c['logits_rel']:.4f} | {100 * c['top1']:.2f}% | {k['logits_rel']:.4f} / {100 * k['top1']:.2f}% "
+            f"| {machine.kernels(fast_model)} |"
         )
         print(rows[-1], flush=True)
     return rows

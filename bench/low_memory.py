@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import click
+import machine
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
@@ -99,6 +100,8 @@ def main(directory, threads, method, calib_samples, seqlen, compare):
     on_disk = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 1e9
     print(f"model: {on_disk:.2f} GB fp32 safetensors, {json.dumps(SHAPE)}")
     print(f"{method} w4 g128, calibration {calib_samples}x{seqlen} wiki-train, threads={threads}")
+    print(machine.cpu())
+    print(machine.calibration())  # the child's: the CLI's default --calib-dtype auto, on this CPU
     with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
         seconds, rss = quantize_child(directory, Path(tmp) / "low", threads, method, True, calib_samples, seqlen)
         print(f"--low-memory: {seconds:7.1f} s, peak RSS {rss:7.0f} MB")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import click
+import machine
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -73,6 +74,8 @@ def main(threads, devices, calib_samples, seqlen, repeats):
     experts = f"{ARCH['num_experts']} experts top-{ARCH['num_experts_per_tok']}"
     print(f"random qwen3_moe: hidden {ARCH['hidden_size']}, {ARCH['num_hidden_layers']} layers, {experts}")
     print(f"gptq w4 g128, calibration {calib_samples}x{seqlen} wiki-train, thread budget {threads}")
+    print(machine.cpu())
+    print(machine.calibration())
     serial = min(times["serial"])
     for name, ts in times.items():
         print(f"{name:<10} best of {repeats}: {min(ts):7.2f} s   speedup vs serial x{serial / min(ts):.2f}")

@@ -25,6 +25,7 @@ import types
 from pathlib import Path
 
 import click
+import machine
 import torch
 import torch.nn.functional as F
 
@@ -233,6 +234,7 @@ def main(threads, epochs, large_epochs, shapes, real, skip_official):
         f"threads={threads} bits={BITS} krot={KROT} rows={TRAIN_ROWS}+{VAL_ROWS} batch={BATCH_ROWS} "
         f"torch={torch.__version__}"
     )
+    print(f"{machine.cpu()}; no treeq kernel runs here: each implementation trains in torch ops")
     print(f"{'case':<40} {'g':>4} {'epochs':>6} {'impl':<22} {'seconds':>8} {'val loss':>11} {'t/off':>6} {'L/off':>6}")
     for name, w, xt, xv, gs, ep in cases:
         rows = {}

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import click
+import machine
 import torch
 
 import treeq
@@ -35,11 +36,14 @@ def main(threads, workers, bits, options):
         report = treeq.quantize(model, cfg, out, tokenizer=tok, log=QuantLog(echo=lambda _: None), workers=workers)
         losses = [r.loss for r in report.log.records]
         print(f"threads={threads} workers={workers} settings={cfg.model_dump()}")
+        print(machine.cpu())
+        print(machine.calibration(cfg.calibration.calib_dtype))
         mean = sum(losses) / len(losses)
         print(f"quantized {len(losses)} modules in {report.seconds:.1f}s, mean module loss {mean:.4g}")
         in_memory = treeq.evaluate_perplexity(report.model, tok)
         loaded, tok2 = treeq.load(out)
         restored = treeq.evaluate_perplexity(loaded, tok2)
+        print(f"kernels in memory: {machine.kernels(report.model)}; after save+load: {machine.kernels(loaded)}")
     print(f"perplexity in memory {in_memory.ppl:.3f}, after save+load {restored.ppl:.3f}  [{in_memory.protocol()}]")
 
 

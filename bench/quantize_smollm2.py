@@ -23,6 +23,7 @@ import click
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import machine  # noqa: E402
 import phases  # noqa: E402
 
 
@@ -65,6 +66,7 @@ def run_one(
         ppl=ppl.ppl,
         mean_loss=sum(losses) / len(losses),
         protocol=ppl.protocol(),
+        kernels=machine.kernels(report.model),
         phases=dict(clock.seconds),
     )
 
@@ -114,9 +116,8 @@ def main(methods, bits, threads, calib_samples, seqlen, eval_windows, layers, on
         str(layers),
     ]
     fp = _subprocess("--fp", *common) if fp_ppl is None else dict(ppl=fp_ppl, protocol="as in the earlier run")
-    from treeq.kernels import cpu_isa
-
-    print(cpu_isa.describe())
+    print(machine.cpu())
+    print(machine.calibration())
     print(
         f"threads={threads}  calibration={calib_samples}x{seqlen} wiki-train  group=64  machine cores={os.cpu_count()}"
     )
@@ -138,7 +139,8 @@ def main(methods, bits, threads, calib_samples, seqlen, eval_windows, layers, on
                 f"{r['mean_loss']:>10.4g} {r['ppl']:>8.3f} {inc:>7.3f} {ratio:>15.3f}"
             )
         for m, r in rows.items():
-            print(f"\n{m} {b}-bit, where the total's seconds went:\n{phases.table(r['phases'], r['total_s'])}")
+            print(f"\n{m} {b}-bit, evaluated through kernels {r['kernels']}")
+            print(f"where the total's seconds went:\n{phases.table(r['phases'], r['total_s'])}")
 
 
 if __name__ == "__main__":
