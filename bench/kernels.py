@@ -2,9 +2,11 @@
 
 1. Matmul: a 4096 x 4096 linear through QuantLinear with the int4 kernel selection picks (group
    128), cpu_int4 (torch's fused int4 op, a blocked bf16 GEMM for long prompts) and the int8 kernel
-   (per row), against bf16 F.linear, for M = 1 to 2048 tokens, at 1 and 2 threads; each cell names
-   the kernel path that ran. The header names the CPU and its AMX / AVX512-BF16 (the selection
-   honours $TREEQ_CPU_ISA, so an AMX machine can measure its non-AMX paths too).
+   (per row; its op, the same GEMM for long prompts), against bf16 F.linear, for M = 1 to 2048
+   tokens, at 1 and 2 threads; each cell names the kernel path that ran ("gemm": dequantize a block
+   of rows, then oneDNN's bf16 GEMM; the header says whether into oneDNN's own blocked layout). The
+   header names the CPU and its AMX / AVX512-BF16 (the selection honours $TREEQ_CPU_ISA, so an AMX
+   machine can measure its non-AMX paths too).
 2. Decode: prefill and batch-1 greedy decode tokens/s of RTN 4-bit checkpoints loaded in bf16
    (the selected kernel, and cpu_int4 forced) against the same architecture in bf16: SmolLM2-135M
    (group 64), and a random Llama with hidden 2048 x 16 layers (group 128) where the weights
@@ -28,7 +30,7 @@ import treeq
 from treeq.config import QuantConfig
 from treeq.engine.quant_log import QuantLog
 from treeq.eval.speed import measure_speeds
-from treeq.kernels import LinearFormat, cpu_int4, cpu_int4_avx512, cpu_isa
+from treeq.kernels import LinearFormat, blocked_gemm, cpu_int4, cpu_int4_avx512, cpu_int8, cpu_isa
 from treeq.methods import InputStats, make_method
 from treeq.runtime.quant_linear import QuantLinear
 
@@ -37,6 +39,7 @@ MATMUL_TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 2048)
 PATHS = {
     "cpu_int4_avx512": lambda layer, m: cpu_int4_avx512.path(m, layer.kernel_state.amx),
     "cpu_int4": lambda layer, m: cpu_int4.path(m),
+    "cpu_int8": lambda layer, m: cpu_int8.path(m),
 }
 
 
@@ -71,6 +74,9 @@ def matmul_table(threads: list[int], n: int = 4096) -> None:
         "int8 row": _quant_linear(8, -1, n),
     }
     print(f"\n{cpu_isa.describe()}")
+    onednn = blocked_gemm.block_rows(n, n)[1] == blocked_gemm.ONEDNN
+    layout = "oneDNN's blocked layout" if onednn else "rows (oneDNN's layout differs here)"
+    print(f"gemm path: 4-bit weights dequantized into {layout}, 8-bit ones into rows")
     print(f"matmul {n}x{n}, median of 40 calls (8 from 256 tokens on) taken in turns, times in ms;")
     print("ratio = bf16 time / kernel time; path: the kernel's path for that many tokens")
     print(f"{'threads':>7} {'M':>4} {'bf16':>8} " + " ".join(f"{k:>10} {'ratio':>6} {'path':>8}" for k in layers))

@@ -3,7 +3,8 @@
 How each path is forced, so that every machine tests every path its CPU can run:
 - the ``kernel_path`` fixture replaces ``k4.path`` (the per-call choice) by one that returns the
   path under test: "vector", "expanded" and "gemm" run wherever AVX512-BF16 exists, "amx" where
-  AMX exists too (skipped elsewhere);
+  AMX exists too (skipped elsewhere); the gemm path's weight layout by tests/test_cpu_kernels.py's
+  ``gemm_layout`` fixture (oneDNN's blocked layout, or rows through ``F.linear``);
 - the choice by token count is tested for both kinds of CPU; whether AMX is used is read when the
   kernel is chosen, and ``TREEQ_CPU_ISA=avx512_bf16`` forbids it (a machine with AMX stands in for
   one without);
@@ -15,7 +16,7 @@ skipped; ``avx2``: every case that needs the kernel skipped, the decline tests r
 
 import pytest
 import torch
-from test_cpu_kernels import BF16_TOLERANCE, error_ratio, quant_linear
+from test_cpu_kernels import BF16_TOLERANCE, bf16_product, error_ratio, gemm_layout, quant_linear  # noqa: F401
 
 import treeq.kernels.blocked_gemm as gemm_blocks
 from treeq.errors import TreeqError
@@ -67,7 +68,7 @@ def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
     # Checked to fail: every case of the kernel's own paths with (17 + zero) * scale as the group
     # offset in group_params; every case of the vector or the expanded path with its sums rounded to
     # bf16 after each group; every gemm case with zero + 1 in dequantize_tile.
-    monkeypatch.setattr(gemm_blocks, "GEMM_ROWS", 32)  # several blocks, the last one partial
+    monkeypatch.setattr(gemm_blocks, "GEMM_BYTES", 64 * 192 * 2)  # several blocks, the last one partial
     state, w = random_state(n, 192, 64, tokens)
     x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(n)).bfloat16()
     y, exact = k4.matmul(state, x), x.float() @ w.t()
@@ -79,21 +80,43 @@ def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("layout", [gemm_blocks.PLAIN, gemm_blocks.ONEDNN])
 @pytest.mark.parametrize("group_size", [32, 64, -1])
-def test_dequantized_rows_are_the_reference_weight_exactly(group_size):
-    """The gemm path's weight: every row block equals the reference kernel's bf16 weight, zero
-    points (asymmetric) and act-order's input order included."""
-    # Checked to fail with zero + 1 in dequantize_tile, and with the fp32 products truncated to bf16
-    # instead of rounded to nearest even.
-    layer = quant_linear(4, group_size, False, group_size == 64)
+def test_dequantized_rows_are_the_reference_weight_exactly(group_size, layout):
+    """The gemm path's weight in either layout: every row block equals the reference kernel's bf16
+    weight, zero points (asymmetric) and act-order's input order included."""
+    # Checked to fail with zero + 1 in dequantize_tile; rows with the fp32 products truncated to bf16
+    # instead of rounded to nearest even; layout 1 with the 16-row blocks' offsets within 64 rows
+    # dropped.
+    layer = quant_linear(4, group_size, False, group_size == 64, out_f=192)
     layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
     st = layer.kernel_state
     reference = layer.dequantized_weight().to(torch.bfloat16)
     if st.perm is not None:
         reference = reference[:, st.perm]
-    out = torch.empty(32, 256, dtype=torch.bfloat16)
-    for lo in range(0, 96, 32):
-        assert torch.equal(k4.dequantize_rows(st, lo, lo + 32, out), reference[lo : lo + 32])
+    out = torch.empty(64, 256, dtype=torch.bfloat16)
+    for lo in range(0, 192, 64):
+        k4.dequantize_rows(st, lo, lo + 64, out.data_ptr(), layout)
+        rows = reference[lo : lo + 64]
+        expected = rows.reshape(-1) if layout == gemm_blocks.PLAIN else gemm_blocks.onednn_layout(rows)
+        assert torch.equal(out.view(-1), expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size,desc_act", [(32, False), (64, True), (-1, False)])
+@pytest.mark.parametrize("tokens", [1, 70])
+@pytest.mark.usefixtures("gemm_layout")
+def test_gemm_path_is_the_bf16_product_of_the_reference_weight(group_size, desc_act, tokens, monkeypatch):
+    """Long prompts without AMX (and with it): exactly the bf16 model's F.linear on the reference
+    kernel's weight, inputs in the kernel's order, in each layout, over several blocks of rows."""
+    # Checked to fail: every onednn case with the 16-row blocks' offsets within 64 rows dropped in
+    # treeq_int4_dequantize; every case with each block's rows taken from the next block.
+    monkeypatch.setattr(k4, "GEMM_FROM", 1)
+    monkeypatch.setattr(k4, "AMX_GEMM_FROM", 1)
+    layer = quant_linear(4, group_size, False, desc_act, out_f=192)
+    layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
+    x = torch.randn(2, tokens, 256).to(torch.bfloat16)
+    assert torch.equal(layer(x), bf16_product(layer, x, layer.kernel_state.perm))
 
 
 @needs_kernel
@@ -110,9 +133,8 @@ def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, t
 
 
 def test_path_follows_the_token_count():
-    assert [k4.path(m, False) for m in (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, 2048)] == [
-        "vector", "vector", "expanded", "expanded"
-    ]  # fmt: skip
+    tokens = (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, k4.GEMM_FROM - 1, k4.GEMM_FROM, 2048)
+    assert [k4.path(m, False) for m in tokens] == ["vector", "vector", "expanded", "expanded", "gemm", "gemm"]
     assert [k4.path(m, True) for m in (1, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)] == ["amx", "amx", "gemm"]
 
 

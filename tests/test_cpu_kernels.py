@@ -2,18 +2,22 @@
 
 Tolerances are not round numbers but the reference kernel's own distance to the fp32 result in
 bf16 (bf16 weight and input, fp32 sums, bf16 output), measured in each test on the same input:
-a kernel may be at most BF16_TOLERANCE times as far. How each path is forced: ``cpu_int4``'s
-blocked GEMM by setting ``cpu_int4.GEMM_FROM`` (the op by setting it beyond the tokens);
-``cpu_int4_avx512``'s paths in tests/test_cpu_int4_avx512.py.
+a kernel may be at most BF16_TOLERANCE times as far. How each path is forced: the blocked GEMM of
+``cpu_int4`` and ``cpu_int8`` by setting their ``GEMM_FROM`` (the op by setting it beyond the
+tokens); its weight layout by the ``gemm_layout`` fixture (oneDNN's blocked layout wherever oneDNN
+takes it, rows through ``F.linear`` by declaring that layout unknown); ``cpu_int4_avx512``'s paths in
+tests/test_cpu_int4_avx512.py. Neither depends on the CPU's instruction sets beyond x86-64, so these
+run under every ``TREEQ_CPU_ISA`` cap.
 """
 
 import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from treeq.config import QuantConfig
-from treeq.kernels import LinearFormat, cpu_int4, cpu_int4_avx512, select_kernel
+from treeq.kernels import LinearFormat, blocked_gemm, cpu_dequantize, cpu_int4, cpu_int4_avx512, cpu_int8, select_kernel
 from treeq.methods import InputStats, make_method
 from treeq.runtime.quant_linear import QuantLinear
 
@@ -62,8 +66,29 @@ def error_ratio(layer, kernel, x):
 
 
 needs_dequantizer = pytest.mark.skipif(
-    cpu_int4.dequantizer()[0] is None, reason=f"cpu_int4's GEMM path: {cpu_int4.dequantizer()[1]}"
+    not cpu_dequantize.available(), reason=f"the GEMM path: {cpu_dequantize.library()[1]}"
 )
+
+
+@pytest.fixture(params=["onednn", "rows"])
+def gemm_layout(request, monkeypatch):
+    """The layout the GEMM path's dequantizers write, with blocks small enough for a test layer to
+    take several: oneDNN's (skipped where this oneDNN holds weights otherwise) or plain rows."""
+    if request.param == "onednn" and not blocked_gemm.onednn_packs(64, 256):
+        pytest.skip("oneDNN here does not hold bf16 weights in the AB16b64a2b layout")
+    if request.param == "rows":
+        monkeypatch.setattr(blocked_gemm, "onednn_packs", lambda rows, k: False)
+    monkeypatch.setattr(blocked_gemm, "GEMM_BYTES", 64 * 256 * 2)  # 64 rows of a 256-wide layer
+    return request.param
+
+
+def bf16_product(layer, x, perm=None):
+    """What the GEMM path must return, bit for bit: bf16 F.linear on the reference kernel's weight
+    rounded to bf16 (inputs in ``perm``'s order, if given), then the bias added in bf16."""
+    w = layer.dequantized_weight().to(torch.bfloat16)
+    if perm is not None:
+        x, w = x[..., perm], w[:, perm]
+    return F.linear(x, w) + layer.bias.to(torch.bfloat16)
 
 
 @pytest.fixture(params=["op", pytest.param("gemm", marks=needs_dequantizer)])
@@ -87,16 +112,64 @@ def test_int4_matches_reference_within_bf16(sym, group_size, desc_act, tokens, i
 
 
 @needs_dequantizer
-def test_int4_gemm_path_uses_the_reference_weight_exactly():
-    """Every output row block of the GEMM path's weight equals the reference kernel's in bf16,
-    asymmetric zero points and act-order included."""
-    # Checked to fail with zero + 1 in gptq4_dequantize.cpp, and with its fp32 products truncated to
-    # bf16 instead of rounded to nearest even.
-    layer = quant_linear(4, 64, False, True)
+@pytest.mark.parametrize("layout", [blocked_gemm.PLAIN, blocked_gemm.ONEDNN])
+def test_int4_gemm_path_uses_the_reference_weight_exactly(layout):
+    """Every output row block of the GEMM path's weight equals the reference kernel's in bf16, in
+    either layout, asymmetric zero points and act-order included."""
+    # Checked to fail: both layouts with zero + 1 in cpu_dequantize.cpp; rows with its fp32 products
+    # truncated to bf16 instead of rounded to nearest even; layout 1 with the halves of its pairs
+    # swapped.
+    layer = quant_linear(4, 64, False, True, out_f=192)
     reference = layer.dequantized_weight().to(torch.bfloat16)
-    scales, out = layer.scales.float(), torch.empty(32, 256, dtype=torch.bfloat16)
-    for lo in range(0, 96, 32):
-        assert torch.equal(cpu_int4.dequantize_rows(layer, scales, lo, lo + 32, out), reference[lo : lo + 32])
+    scales, out = layer.scales.float(), torch.empty(64, 256, dtype=torch.bfloat16)
+    for lo in range(0, 192, 64):
+        cpu_int4.dequantize_rows(layer, scales, lo, lo + 64, out.data_ptr(), layout)
+        rows = reference[lo : lo + 64]
+        expected = rows.reshape(-1) if layout == blocked_gemm.PLAIN else blocked_gemm.onednn_layout(rows)
+        assert torch.equal(out.view(-1), expected)
+
+
+@needs_dequantizer
+@pytest.mark.parametrize("sym", [True, False])
+def test_int8_gemm_path_uses_the_reference_weight_exactly(sym):
+    # Checked to fail with 127 - zero as the shift in cpu_dequantize.cpp.
+    layer = quant_linear(8, -1, sym, False, in_f=200, out_f=40)
+    layer.select_kernel("cpu", torch.bfloat16, "cpu_int8")
+    out = torch.empty(24, 200, dtype=torch.bfloat16)
+    cpu_int8.dequantize_rows(layer.kernel_state, 16, 40, out.data_ptr())
+    assert torch.equal(out, layer.dequantized_weight().to(torch.bfloat16)[16:40])
+
+
+@needs_dequantizer
+@pytest.mark.parametrize("kernel,bits,group_size,sym,desc_act", [
+    ("cpu_int4", 4, 64, False, True), ("cpu_int4", 4, -1, True, False),
+    ("cpu_int8", 8, -1, False, False), ("cpu_int8", 8, -1, True, False),
+])  # fmt: skip
+@pytest.mark.parametrize("tokens", [1, 70])
+@pytest.mark.usefixtures("gemm_layout")
+def test_gemm_path_is_the_bf16_product_of_the_reference_weight(
+    kernel, bits, group_size, sym, desc_act, tokens, monkeypatch
+):
+    """Long prompts: the GEMM path's result is exactly the bf16 model's F.linear on the reference
+    kernel's weight, in each layout, over several blocks of rows."""
+    # Checked to fail: every case with each block's rows taken from the next block in blocked_gemm;
+    # every cpu_int4 onednn case with the pairs' halves swapped in cpu_dequantize.cpp's layout 1 store
+    # (cpu_int8 writes rows in either case).
+    monkeypatch.setattr(cpu_int4, "GEMM_FROM", 1)
+    monkeypatch.setattr(cpu_int8, "GEMM_FROM", 1)
+    layer = quant_linear(bits, group_size, sym, desc_act, out_f=192)
+    layer.select_kernel("cpu", torch.bfloat16, kernel)
+    x = torch.randn(2, tokens, 256).to(torch.bfloat16)
+    assert torch.equal(layer(x), bf16_product(layer, x))
+
+
+def test_the_gemm_path_takes_over_at_its_token_count(monkeypatch):
+    monkeypatch.setattr(cpu_dequantize, "available", lambda: True)
+    for module in (cpu_int4, cpu_int8):
+        tokens = (1, module.GEMM_FROM - 1, module.GEMM_FROM, 2048)
+        assert [module.path(m) for m in tokens] == ["op", "op", "gemm", "gemm"]
+    monkeypatch.setattr(cpu_dequantize, "available", lambda: False)  # no compiler: the op throughout
+    assert cpu_int4.path(2048) == cpu_int8.path(2048) == "op"
 
 
 def test_int4_act_order_permutation_matters():
@@ -115,10 +188,11 @@ def test_int4_act_order_permutation_matters():
 
 
 @pytest.mark.parametrize("sym", [True, False])
-def test_int8_per_row_matches_reference_within_bf16(sym):
+def test_int8_per_row_matches_reference_within_bf16(sym, monkeypatch):
     # Checked to fail: the asymmetric case with the offset (127 - zero) * scale in CpuInt8.prepare;
     # both with codes - 127 as the signed weight, and with the op's sums rounded to bf16 every 32
     # inputs (summing the op over slices).
+    monkeypatch.setattr(cpu_int8, "GEMM_FROM", 10**9)  # the op (the GEMM path: tests above)
     layer = quant_linear(8, -1, sym, False)
     x = torch.randn(4, 7, 256).to(torch.bfloat16)
     assert error_ratio(layer, "cpu_int8", x) < BF16_TOLERANCE

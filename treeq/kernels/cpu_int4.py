@@ -13,55 +13,37 @@ layer runs as a bf16 GEMM over blocks of the reference kernel's own dequantized 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..errors import TreeqError
-from . import _native
+from . import cpu_dequantize
 from .base import Kernel, grouped_codes, matmul_2d
 from .blocked_gemm import blocked_gemm
 
 OP_GROUP_SIZES = (256, 128, 64, 32)
 INNER_K_TILES = 2
-# The op fell behind bf16 from 8 tokens on a 4096-wide layer and stays at ~0.4x beyond; the blocked
-# GEMM, its dequantization costing about as much as 20 tokens of bf16 GEMM, overtakes it at ~64
-# (Zen 5, bench/results/kernels.md). Read at each call, so tests can force either path.
+# The op fell behind bf16 from 16 tokens on a 4096-wide layer and stays at ~0.4x beyond; the blocked
+# GEMM (its portable dequantization costing about as much as 40 tokens of bf16 GEMM) against it on a
+# Zen 5 (one core, thread CPU time, 10 interleaved runs): 0.50 / 0.62x bf16 at 32 tokens, 0.59 /
+# 0.46x at 64. Read at each call, so tests can force either path.
 GEMM_FROM = 64
-DEQUANTIZE_SOURCE = Path(__file__).with_name("gptq4_dequantize.cpp")
-
-
-@functools.cache
-def dequantizer() -> tuple[ctypes.CDLL | None, str | None]:
-    """The native dequantization (built on first use, any x86 CPU); without it the op runs always."""
-    lib, why = _native.build(DEQUANTIZE_SOURCE, ("-fopenmp",))
-    if lib is not None:
-        p, i = ctypes.c_void_p, ctypes.c_int64
-        lib.treeq_gptq4_dequantize.argtypes = [p, p, p, p, i, i, i, i, p, ctypes.c_int]
-        lib.treeq_gptq4_dequantize.restype = None
-    return lib, why
 
 
 def path(tokens: int) -> str:
     """The path a call with ``tokens`` rows takes: "op" or "gemm"."""
-    return "gemm" if tokens >= GEMM_FROM and dequantizer()[0] is not None else "op"
+    return "gemm" if tokens >= GEMM_FROM and cpu_dequantize.available() else "op"
 
 
-def dequantize_rows(layer, scales: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-    """Output rows lo..hi of the reference kernel's weight in bf16 into ``out``; ``scales``: the
-    checkpoint's, in fp32."""
-    lib, why = dequantizer()
-    if lib is None:
-        raise TreeqError(f"cpu_int4: {why}")
+def dequantize_rows(layer, scales: torch.Tensor, lo: int, hi: int, address: int, layout: int) -> None:
+    """Output rows lo..hi of the reference kernel's weight in bf16 at ``address``, in a
+    :mod:`.blocked_gemm` layout; ``scales``: the checkpoint's, in fp32."""
     qweight, qzeros, g_idx = (t.contiguous() for t in (layer.qweight, layer.qzeros, layer.g_idx))
-    lib.treeq_gptq4_dequantize(
+    cpu_dequantize.functions("cpu_int4").treeq_gptq4_dequantize(
         qweight.data_ptr(), qzeros.data_ptr(), scales.data_ptr(), g_idx.data_ptr(),
-        layer.in_features, layer.out_features, lo, hi, out.data_ptr(), torch.get_num_threads(),
+        layer.in_features, layer.out_features, lo, hi, address, layout, torch.get_num_threads(),
     )  # fmt: skip
-    return out
 
 
 @dataclass
@@ -107,7 +89,7 @@ class CpuInt4(Kernel):
 
         def gemm(x2):
             scales = layer.scales.float()
-            return blocked_gemm(x2, layer.out_features, lambda lo, hi, out: dequantize_rows(layer, scales, lo, hi, out))
+            return blocked_gemm(x2, layer.out_features, functools.partial(dequantize_rows, layer, scales))
 
         # The GEMM takes inputs in the checkpoint's channel order: no permutation.
         if path(x.numel() // x.shape[-1]) == "gemm":

@@ -22,9 +22,9 @@
 // Paths. The vector path streams the codes and expands them once per four token rows; the
 // expanded path expands each group of a unit once per block of token rows into a buffer that the
 // vector units then multiply with every row; the AMX path does the same with tiles. For long
-// prompts on AMX CPUs treeq_int4_dequantize writes blocks of the bf16 weight for a bf16 GEMM (AMX
-// too), each weight rounded once from the fp32 product (q - zero) * scale as the reference kernel
-// rounds it.
+// prompts treeq_int4_dequantize writes blocks of the bf16 weight for oneDNN's bf16 GEMM (AMX where
+// the CPU has it), each weight rounded once from the fp32 product (q - zero) * scale as the
+// reference kernel rounds it.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -320,13 +320,12 @@ void transpose16(__m512i r[16]) {
     }
 }
 
-// One 16 x 32 tile of block rows as 16 rows of 32 bf16 at out (row stride K).
-void dequantize_tile(const uint8_t* src, __m512 scale, __m512i zero, uint16_t* out, int64_t K) {
+// One 16 x 32 tile of block rows as bf16 pairs: rows[p] holds, per output lane, inputs 2p and 2p + 1.
+void dequantize_tile(const uint8_t* src, __m512 scale, __m512i zero, __m512i rows[16]) {
     // Element 2n takes lane n of the first converted vector, 2n + 1 lane n of the second.
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i nibble = _mm512_set1_epi32(15);
-    __m512i rows[16];  // tile row p: per output lane, the bf16 pair of inputs 2p, 2p + 1
     for (int t = 0; t < kTileK / 4; ++t) {
         // Lane n: byte 2n (inputs 4t, 4t + 2 in its nibbles) and byte 2n + 1 (inputs 4t + 1, 4t + 3).
         const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + 32 * t)));
@@ -339,8 +338,6 @@ void dequantize_tile(const uint8_t* src, __m512 scale, __m512i zero, uint16_t* o
         rows[2 * t] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
         rows[2 * t + 1] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
     }
-    transpose16(rows);
-    for (int n = 0; n < kTileN; ++n) _mm512_storeu_si512(out + n * K, rows[n]);
 }
 
 // Token rows per pass of the expanded path: their inputs (768 KiB at 4096 wide) stay in a 1 MiB
@@ -446,9 +443,13 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
 }
 
 
-// Rows n0..n1 (multiples of 16) of the weight as bf16 [n1 - n0][K], in the layout above.
+// Rows n0..n1 of the weight as bf16 at out, for a bf16 GEMM. layout 0: [n1 - n0][K] (n0, n1 multiples of
+// 16); layout 1: oneDNN's blocked weight (AB16b64a2b: per 64 rows x 32 inputs, 16 pairs of inputs for
+// each of the 64 rows; n0, n1 multiples of 64), which its GEMM reads without repacking it first. A
+// tile's pairs are that layout's rows already, so layout 1 also skips the transpose.
 extern "C" void treeq_int4_dequantize(const uint8_t* w, const uint16_t* scales, const uint8_t* zeros, int64_t N,
-                                      int64_t K, int64_t gs, int64_t n0, int64_t n1, uint16_t* out, int threads) {
+                                      int64_t K, int64_t gs, int64_t n0, int64_t n1, uint16_t* out, int layout,
+                                      int threads) {
     const int64_t G = K / gs, blocks = N / kTileN, tiles = K / kTileK, block_bytes = tiles * kBlockBytes;
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
     for (int64_t b = n0 / kTileN; b < n1 / kTileN; ++b)
@@ -456,9 +457,17 @@ extern "C" void treeq_int4_dequantize(const uint8_t* w, const uint16_t* scales, 
             const int64_t unit = b / kMaxBlocks, j = b % kMaxBlocks, first = unit * kMaxBlocks;
             const int64_t nb = blocks - first < kMaxBlocks ? blocks - first : kMaxBlocks;
             const uint8_t* src = w + first * block_bytes + (i * nb + j) * kBlockBytes;
-            const int64_t g = i * kTileK / gs;
+            const int64_t g = i * kTileK / gs, n = b * kTileN - n0;
             const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scales + (b * G + g) * kTileN)));
             const __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zeros + (b * G + g) * kTileN)));
-            dequantize_tile(src, scale, zero, out + (b * kTileN - n0) * K + i * kTileK, K);
+            __m512i rows[16];
+            dequantize_tile(src, scale, zero, rows);
+            if (layout == 0) {
+                transpose16(rows);
+                for (int r = 0; r < kTileN; ++r) _mm512_storeu_si512(out + (n + r) * K + i * kTileK, rows[r]);
+            } else {
+                uint16_t* dst = out + ((n / 64 * tiles + i) * 16 * 64 + n % 64) * 2;
+                for (int p = 0; p < kTileK / 2; ++p) _mm512_storeu_si512(dst + p * 64 * 2, rows[p]);
+            }
         }
 }

@@ -1,18 +1,19 @@
 """CPU 4-bit kernel of our own for x86 with AVX512-BF16, using AMX tiles when the CPU has them.
 
 Weights stay 4-bit in memory and become bf16 only in registers, a per-thread buffer, or (long
-prompts on AMX) one block of rows per call; the source (``cpu_int4_avx512.cpp``) explains the
-layout. It runs ahead of bf16 and of torch's fused op from one token to long prompts on a
-4096-wide layer (bench/results/kernels.md); at one token on small (576-wide) layers the op can
-still be slightly faster.
+prompts) one block of rows per call; the source (``cpu_int4_avx512.cpp``) explains the
+layout. On a 4096-wide layer it runs ahead of torch's fused op from one token to long prompts, and
+of bf16 too with AMX; without AMX (a Zen 5) it stays below bf16 from 64 to 1024 tokens
+(bench/results/kernels.md says why). At one token on small (576-wide) layers the op can still be
+slightly faster.
 Built with the system's g++ on first use; without a compiler or the instructions it declines and
 ``cpu_int4`` runs instead.
 
 Paths, chosen per call by the number of tokens (:func:`path`): without AMX, AVX512 dot products
 on codes streamed from memory ("vector") or, from a few tokens on, expanded once per block of
-tokens ("expanded"); with AMX, tiles ("amx") and for long prompts a bf16 GEMM over blocks of the
-weight dequantized exactly ("gemm"). ``$TREEQ_CPU_ISA`` (:mod:`.cpu_isa`) forbids AMX or
-AVX512-BF16 where the CPU has them, so one machine tests the paths of older ones.
+tokens ("expanded"); with AMX, tiles ("amx"); on both, for long prompts, a bf16 GEMM over blocks of
+the weight dequantized exactly ("gemm", :mod:`.blocked_gemm`). ``$TREEQ_CPU_ISA`` (:mod:`.cpu_isa`)
+forbids AMX or AVX512-BF16 where the CPU has them, so one machine tests the paths of older ones.
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # every shape. With AMX the AMX path was 2x bf16 at 64 tokens, the most measured there; it re-reads
 # every input once per 64 outputs, which halved the expanded path's speed at 1024 tokens before
 # that path took its inputs in blocks, so from AMX_GEMM_FROM on an AMX bf16 GEMM over blocks of the
-# weight dequantized exactly runs instead. Module attributes, read at each call.
+# weight dequantized exactly runs instead. Without AMX the GEMM (oneDNN's, on the weight dequantized
+# into its own blocked layout) takes over from GEMM_FROM: on a Zen 5 (one core, thread CPU time, 10
+# interleaved runs, 4096 x 4096) the expanded path against it was 1.09 / 0.78x bf16 at 64 tokens,
+# 0.98 / 0.84x at 128, 0.88 / 0.90x at 256, 0.95 / 0.98x at 512 and 0.93 / 0.95x at 1024.
+# Module attributes, read at each call.
 EXPANDED_FROM = 4
 AMX_GEMM_FROM = 256
+GEMM_FROM = 256
 PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2}  # the .cpp's path argument
 
 
@@ -56,7 +62,7 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, "this CPU lacks AVX512-BF16"
     p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.treeq_int4_matmul.argtypes = [p, i, i, p, p, p, i, i, p, c_int, c_int]
-    lib.treeq_int4_dequantize.argtypes = [p, p, p, i, i, i, i, i, p, c_int]
+    lib.treeq_int4_dequantize.argtypes = [p, p, p, i, i, i, i, i, p, c_int, c_int]
     lib.treeq_int4_matmul.restype = lib.treeq_int4_dequantize.restype = None
     return lib, None
 
@@ -84,6 +90,8 @@ def path(tokens: int, amx: bool) -> str:
     """The path a call with ``tokens`` rows takes: "vector", "expanded", "amx" or "gemm"."""
     if amx:
         return "gemm" if tokens >= AMX_GEMM_FROM else "amx"
+    if tokens >= GEMM_FROM:
+        return "gemm"
     return "expanded" if tokens >= EXPANDED_FROM else "vector"
 
 
@@ -120,15 +128,15 @@ def _shape(st: _State) -> tuple[int, int]:
     return n, st.packed.numel() * 2 // n
 
 
-def dequantize_rows(st: _State, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
-    """Output rows lo..hi (multiples of 16) of the weight into bf16 ``out`` [hi - lo, K], inputs
-    in kernel order: (code - zero) * scale in fp32 rounded once, the reference kernel's bf16 weight."""
+def dequantize_rows(st: _State, lo: int, hi: int, address: int, layout: int) -> None:
+    """Output rows lo..hi of the weight as bf16 at ``address`` in a :mod:`.blocked_gemm` layout,
+    inputs in kernel order: (code - zero) * scale in fp32 rounded once, the reference kernel's bf16
+    weight."""
     n, k = _shape(st)
     _library().treeq_int4_dequantize(
         st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(), n, k, st.group_size, lo, hi,
-        out.data_ptr(), torch.get_num_threads(),
+        address, layout, torch.get_num_threads(),
     )  # fmt: skip
-    return out
 
 
 def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +147,7 @@ def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = _shape(st)[0]
     if chosen == "gemm":
-        return blocked_gemm(x, n, lambda lo, hi, out: dequantize_rows(st, lo, hi, out))
+        return blocked_gemm(x, n, functools.partial(dequantize_rows, st))
     y = torch.empty(m, n)
     lib.treeq_int4_matmul(
         x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(),

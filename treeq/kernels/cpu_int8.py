@@ -1,8 +1,11 @@
-"""CPU 8-bit kernel for per-row groups: torch's fused int8-weight matmul (`_weight_int8pack_mm`).
+"""CPU 8-bit kernel for per-row groups: torch's fused int8-weight matmul (`_weight_int8pack_mm`),
+and from ``GEMM_FROM`` tokens on a bf16 GEMM over blocks of the reference kernel's own dequantized
+weight (:mod:`.blocked_gemm`).
 
 The op computes x @ (w8 * scale)^T with signed int8 w8 and one bf16 scale per output row. GPTQ's
 unsigned codes become w8 = code - 128; an asymmetric zero point z adds (128 - z) * scale times the
-row sum of x, a rank-one correction computed alongside.
+row sum of x, a rank-one correction computed alongside. The GEMM path dequantizes the same w8 with
+the checkpoint's fp16 scale in fp32, as the reference kernel does.
 """
 
 from __future__ import annotations
@@ -11,14 +14,37 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_dequantize
 from .base import Kernel, matmul_2d
+from .blocked_gemm import blocked_gemm
+
+# The op falls behind bf16 from 8 tokens (0.25x from 256 on a 4096-wide layer); the blocked GEMM
+# (its dequantization costing about as much as 25 tokens of bf16 GEMM) against it on a Zen 5 (one
+# core, thread CPU time, 10 interleaved runs): 0.52 / 0.62x bf16 at 16 tokens, 0.56 / 0.50x at 24.
+# Read at each call, so tests can force either path.
+GEMM_FROM = 24
+
+
+def path(tokens: int) -> str:
+    """The path a call with ``tokens`` rows takes: "op" or "gemm"."""
+    return "gemm" if tokens >= GEMM_FROM and cpu_dequantize.available() else "op"
 
 
 @dataclass
 class _Int8State:
     weight: torch.Tensor  # int8 [out, in]
-    scale: torch.Tensor  # bf16 [out]
+    scale: torch.Tensor  # bf16 [out], the op's
     offset: torch.Tensor | None  # bf16 [out]: (128 - zero) * scale, None when symmetric
+    scale32: torch.Tensor  # fp32 [out], the checkpoint's, for the GEMM path
+    zero: torch.Tensor  # int32 [out]
+
+
+def dequantize_rows(st: _Int8State, lo: int, hi: int, address: int) -> None:
+    """Output rows lo..hi of the reference kernel's weight in bf16 at ``address``, [hi - lo, in]."""
+    cpu_dequantize.functions("cpu_int8").treeq_int8_dequantize(
+        st.weight.data_ptr(), st.scale32.data_ptr(), st.zero.data_ptr(), st.weight.shape[1], lo, hi, address,
+        torch.get_num_threads(),
+    )  # fmt: skip
 
 
 class CpuInt8(Kernel):
@@ -32,19 +58,26 @@ class CpuInt8(Kernel):
     @classmethod
     def prepare(cls, layer) -> None:
         codes = layer.codes().to(torch.int16)
-        scale, zero = layer.scales.float()[0], layer.zeros().float()[0]
-        offset = (128 - zero) * scale
+        scale, zero = layer.scales.float()[0], layer.zeros()[0]
+        offset = (128 - zero.float()) * scale
         layer.kernel_state = _Int8State(
             weight=(codes - 128).to(torch.int8).contiguous(),
             scale=scale.to(torch.bfloat16),
             offset=None if bool((zero == 128).all()) else offset.to(torch.bfloat16),
+            scale32=scale.contiguous(),
+            zero=zero.to(torch.int32).contiguous(),
         )
 
     @staticmethod
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         st: _Int8State = layer.kernel_state
 
+        def rows(lo, hi, address, _layout):  # always PLAIN (onednn=False): cpu_dequantize.cpp says why
+            dequantize_rows(st, lo, hi, address)
+
         def matmul(x2):
+            if path(x2.shape[0]) == "gemm":
+                return blocked_gemm(x2, st.weight.shape[0], rows, onednn=False)
             y = torch._weight_int8pack_mm(x2, st.weight, st.scale)
             if st.offset is not None:
                 y = y + x2.sum(dim=1, keepdim=True) * st.offset

@@ -1,0 +1,37 @@
+"""Portable native dequantization (``cpu_dequantize.cpp``) for the long-prompt GEMM of ``cpu_int4``
+and ``cpu_int8``: rows of the reference kernel's bf16 weight, built on first use for any x86 CPU.
+Without a compiler those kernels keep their fused op at every token count."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+from ..errors import TreeqError
+from . import _native
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str | None]:
+    lib, why = _native.build(SOURCE, ("-fopenmp",))
+    if lib is not None:
+        p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.treeq_gptq4_dequantize.argtypes = [p, p, p, p, i, i, i, i, p, c_int, c_int]
+        lib.treeq_int8_dequantize.argtypes = [p, p, p, i, i, i, p, c_int]
+        lib.treeq_gptq4_dequantize.restype = lib.treeq_int8_dequantize.restype = None
+    return lib, why
+
+
+def available() -> bool:
+    return library()[0] is not None
+
+
+def functions(kernel: str) -> ctypes.CDLL:
+    """The library, or a one-line error naming ``kernel`` and why it could not be built."""
+    lib, why = library()
+    if lib is None:
+        raise TreeqError(f"{kernel}: {why}")
+    return lib
