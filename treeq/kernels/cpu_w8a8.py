@@ -57,8 +57,9 @@ class CpuW8A8(Kernel):
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         st: _W8A8State = layer.kernel_state
         x2 = x.reshape(-1, x.shape[-1])
-        threshold = layer.fmt.activation.outlier_threshold
-        outliers = None if threshold is None else (x2.abs() > threshold).any(dim=0).nonzero().flatten()
+        # The layer's input quantizer decides (and counts) LLM.int8()'s outlier columns.
+        mask = layer.input_quantizer.outlier_columns(x2)
+        outliers = None if mask is None else mask.nonzero().flatten()
         if outliers is not None and outliers.numel():
             w_outliers = st.weight.index_select(1, outliers).float() * st.scale[:, None]
             y = w8a8_vnni.int8_linear_outliers(x2, outliers, w_outliers, st.packed, st.scale, layer.bias, x.dtype)

@@ -48,15 +48,21 @@ class FakeQuantActivation(ActivationQuantizer):
         self._calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outliers = self.outlier_columns(x)
+        if outliers is None or not bool(outliers.any()):
+            return self._fake(x)
+        return torch.where(outliers, x, self._fake(x.masked_fill(outliers, 0)))
+
+    def outlier_columns(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which input columns of ``x`` [..., K] pass unquantized (bool [K]); None without a
+        threshold. Integer kernels ask here too, so ``outlier_share`` counts every input."""
         threshold = self.scheme.outlier_threshold
         if threshold is None:
-            return self._fake(x)
+            return None
         outliers = (x.abs() > threshold).reshape(-1, x.shape[-1]).any(dim=0)
         self._calls += 1
         self.outlier_share += (float(outliers.float().mean()) - self.outlier_share) / self._calls
-        if not bool(outliers.any()):
-            return self._fake(x)
-        return torch.where(outliers, x, self._fake(x.masked_fill(outliers, 0)))
+        return outliers
 
     def _fake(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scheme
