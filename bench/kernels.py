@@ -17,14 +17,13 @@ Usage: python bench/kernels.py [--threads 1,2] [--skip-decode]
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import click
 import torch
 import torch.nn.functional as F
+from timing import median_seconds  # bench/timing.py: run as a script, bench/ is on sys.path
 
 import treeq
 from treeq.config import QuantConfig
@@ -41,19 +40,6 @@ PATHS = {
     "cpu_int4": lambda layer, m: cpu_int4.path(m),
     "cpu_int8": lambda layer, m: cpu_int8.path(m),
 }
-
-
-def _median_seconds(fns: list, repeats: int = 40) -> list[float]:
-    """Median time of each function, called in turns so load from other processes hits all alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
 
 
 def _quant_linear(bits: int, group_size: int, n: int, kernel: str | None = None) -> QuantLinear:
@@ -86,7 +72,7 @@ def matmul_table(threads: list[int], n: int = 4096) -> None:
             x = torch.randn(m, n, dtype=torch.bfloat16)
             with torch.no_grad():
                 fns = [lambda: F.linear(x, dense)] + [lambda layer=layer: layer(x) for layer in layers.values()]
-                base, *kernel_times = _median_seconds(fns, 40 if m < 256 else 8)
+                base, *kernel_times = median_seconds(fns, 40 if m < 256 else 8)
             paths = [PATHS.get(layer.kernel.name, lambda *_: "op")(layer, m) for layer in layers.values()]
             cells = [f"{s * 1e3:>10.3f} {base / s:>5.2f}x {p:>8}" for s, p in zip(kernel_times, paths)]
             print(f"{t:>7} {m:>4} {base * 1e3:>8.3f} " + " ".join(cells), flush=True)

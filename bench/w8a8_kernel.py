@@ -13,31 +13,17 @@ Usage: python bench/w8a8_kernel.py [--threads 1,2] [--tokens 1,16,128,512,2048]
 from __future__ import annotations
 
 import itertools
-import statistics
-import time
 
 import click
 import torch
 import torch.nn.functional as F
+from timing import median_seconds  # bench/timing.py: run as a script, bench/ is on sys.path
 
 from treeq.kernels import cpu_isa
 from treeq.kernels import w8a8_vnni as w8
 
 SHAPES = ((4096, 4096), (576, 576), (576, 192), (576, 1536), (1536, 576))  # (in, out): SmolLM2-135M's
 COLD_BYTES = 96 * 2**20  # three times a 32 MB L3
-
-
-def _median_seconds(fns: list, repeats: int) -> list[float]:
-    """Median time of each function, called in turns so load from other processes hits all alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
 
 
 def _cycling(copies: list):
@@ -64,7 +50,7 @@ def shape_rows(k: int, n: int, tokens: list[int], threads: list[int]) -> None:
                 return w8.int8_linear(codes, xs, next_packed(), scale)
 
             repeats = 40 if m * n * k < 2**31 else 8
-            bf16_s, int8_s = _median_seconds([lambda: F.linear(x, next_dense()), int8], repeats)
+            bf16_s, int8_s = median_seconds([lambda: F.linear(x, next_dense()), int8], repeats)
             print(f"{k:>5}->{n:<5} {t:>7} {m:>5} {bf16_s * 1e3:>9.3f} {int8_s * 1e3:>9.3f} {bf16_s / int8_s:>6.2f}")
 
 

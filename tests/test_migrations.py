@@ -49,7 +49,7 @@ def test_gptq_after_the_awq_migration_folds_scales_and_round_trips(tmp_path, tok
     [
         (dict(migration="nope"), "unknown migration 'nope'; choose one of .*awq"),
         (dict(migration_options={"x": 1}), r"migration_options \['x'\] given without a migration"),
-        (dict(migration="awq", migration_options={"x": 1}), "migration 'awq' takes no settings"),
+        (dict(migration="awq", migration_options={"x": 1}), "migration 'awq' takes no options"),
     ],
 )
 def test_bad_migration_settings_are_one_line_errors(settings, message):

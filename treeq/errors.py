@@ -15,3 +15,17 @@ def from_validation(err: pydantic.ValidationError) -> TreeqError:
         field = ".".join(str(p) for p in e["loc"]) or "config"
         parts.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
     return TreeqError("invalid quantization settings: " + "; ".join(parts))
+
+
+def parse_settings(model: type[pydantic.BaseModel] | None, values: dict, field: str, owner: str):
+    """``values`` validated by ``model`` (None: ``owner`` takes no settings); a ValueError naming
+    ``field.<key>`` and what is allowed otherwise. Methods and migrations check their options here."""
+    if model is None:
+        if values:
+            raise ValueError(f"{field}: {owner} takes no options (got {sorted(values)})")
+        return None
+    try:
+        return model(**values)
+    except pydantic.ValidationError as e:
+        parts = [f"{field}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise ValueError("; ".join(parts)) from None

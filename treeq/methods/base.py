@@ -18,6 +18,7 @@ import pydantic
 import torch
 
 from ..engine.calib_precision import calibration_dtype, cpu_statistics
+from ..errors import parse_settings
 from ..kernels import gram_bf16
 from ..numerics import ROW_CHUNK, UniformGrid, dequantize_grouped, group_width, make_grid
 from ..runtime.input_transform import InputTransform
@@ -153,15 +154,7 @@ class Method(ABC):
     @classmethod
     def parse_options(cls, options: dict) -> pydantic.BaseModel | None:
         """Validated options; raises ValueError naming ``options.<field>`` and what is allowed."""
-        if cls.Options is None:
-            if options:
-                raise ValueError(f"options: method {cls.name!r} takes no options (got {sorted(options)})")
-            return None
-        try:
-            return cls.Options(**options)
-        except pydantic.ValidationError as e:
-            parts = [f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-            raise ValueError("; ".join(parts)) from None
+        return parse_settings(cls.Options, options, "options", f"method {cls.name!r}")
 
     @classmethod
     def reorders_columns(cls, options: pydantic.BaseModel | None) -> bool:

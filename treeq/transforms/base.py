@@ -14,6 +14,7 @@ from typing import Callable, ClassVar
 import pydantic
 import torch
 
+from ..errors import parse_settings
 from ..methods.base import InputStats
 
 # The grid rounding of a weight in the subset's scheme: w -> its fake-quantized (dequantized) value.
@@ -31,15 +32,7 @@ class ScaleMigration(ABC):
     @classmethod
     def parse_options(cls, options: dict) -> pydantic.BaseModel | None:
         """Validated options; raises ValueError naming ``migration_options.<field>`` and what is allowed."""
-        if cls.Options is None:
-            if options:
-                raise ValueError(f"migration_options: migration {cls.name!r} takes no settings (got {sorted(options)})")
-            return None
-        try:
-            return cls.Options(**options)
-        except pydantic.ValidationError as e:
-            parts = [f"migration_options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-            raise ValueError("; ".join(parts)) from None
+        return parse_settings(cls.Options, options, "migration_options", f"migration {cls.name!r}")
 
     @abstractmethod
     def scales(self, weights: list[torch.Tensor], stats: InputStats, round_weight: RoundWeight) -> torch.Tensor:
