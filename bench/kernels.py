@@ -23,7 +23,8 @@ from pathlib import Path
 import click
 import torch
 import torch.nn.functional as F
-from timing import median_seconds  # bench/timing.py: run as a script, bench/ is on sys.path
+from timing import median_seconds
+from workloads import random_llama  # bench/timing.py: run as a script, bench/ is on sys.path
 
 import treeq
 from treeq.config import QuantConfig
@@ -84,23 +85,6 @@ def _rtn_checkpoint(model, tokenizer, group_size: int, out: Path) -> None:
     treeq.quantize(model, cfg, out, tokenizer=tokenizer, calib_text="news", log=QuantLog(echo=lambda _: None))
 
 
-def _random_llama(tokenizer, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(tokenizer),
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-
-
 def decode_table(threads: int, new_tokens: int, repeats: int) -> None:
     torch.set_num_threads(threads)
     fp, tok = treeq.load_fp_model()
@@ -111,8 +95,8 @@ def decode_table(threads: int, new_tokens: int, repeats: int) -> None:
         cases = {
             "SmolLM2-135M g64": (fp, lambda: treeq.load_fp_model(dtype=torch.bfloat16)[0], 64),
             "random Llama 2048x16 g128": (
-                _random_llama(tok, torch.float32),
-                lambda: _random_llama(tok, torch.bfloat16),
+                random_llama(len(tok), torch.float32, 1024),
+                lambda: random_llama(len(tok), torch.bfloat16, 1024),
                 128,
             ),
         }

@@ -24,7 +24,8 @@ import time
 
 import click
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
+from workloads import random_llama  # bench/workloads.py: run as a script, bench/ is on sys.path
 
 import treeq
 from treeq.kernels.cpu_isa import describe
@@ -33,21 +34,6 @@ from treeq.runtime.kv_cache import attention_shape
 from treeq.runtime.kv_schemes import cache_nbytes, kv_cache_for
 
 SETTINGS = ("kivi-4", "kivi-2")
-
-
-def random_llama():
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=49152,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        max_position_embeddings=32768,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
 
 
 def make_cache(model, setting: str):
@@ -132,7 +118,10 @@ def main(lengths, llama_lengths, llama_speed_lengths, steps, rounds, threads, sk
     torch.set_num_threads(threads)
     print(describe())
     print(f"threads={threads}, torch {torch.__version__}")
-    models = {"SmolLM2-135M": treeq.load_fp_model(dtype=torch.bfloat16)[0], "random Llama 2048x16": random_llama()}
+    models = {
+        "SmolLM2-135M": treeq.load_fp_model(dtype=torch.bfloat16)[0],
+        "random Llama 2048x16": random_llama(49152, torch.bfloat16, 32768),
+    }
     per_model = {"SmolLM2-135M": _ints(lengths), "random Llama 2048x16": _ints(llama_lengths)}
     bytes_table(models, per_model)
     if not skip_speed:
