@@ -23,8 +23,8 @@ from pathlib import Path
 import click
 import torch
 import torch.nn.functional as F
-from timing import median_seconds
-from workloads import random_llama  # bench/timing.py: run as a script, bench/ is on sys.path
+from timing import median_seconds  # bench/timing.py and bench/workloads.py: run as a script, bench/ is on sys.path
+from workloads import random_llama
 
 import treeq
 from treeq.config import QuantConfig
