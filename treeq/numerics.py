@@ -14,7 +14,7 @@ the checkpoint. Three rules make that hold:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -72,6 +72,11 @@ class Grid:
     @property
     def min_code(self) -> int:
         return 0
+
+    def for_weight(self, w: torch.Tensor) -> "Grid":
+        """The grid one weight [out, in] is quantized on: a grid with per-row parameters (QRazor's
+        row scale) returns a copy holding them; the others are the same grid for every weight."""
+        return self
 
     def prepare(self, w: torch.Tensor) -> torch.Tensor:
         """Whole-weight transform applied once before grouping (identity for one-stage grids)."""
@@ -248,8 +253,105 @@ class Fp8Int4Grid(SignedGrid):
         return w.abs().amax(dim=1).clamp(min=FP8_INT4_EPS)
 
 
+# ---- QRazor's significant-data razoring (Lee et al., 2025) ----
+# Values on an integer base grid (absmax to 8 bits for weights and the KV cache, wider for
+# activations) keep, per group, their sign and the ``kept`` magnitude bits that start at the
+# group's leading one: the value is sign * mag * 2^shift in base units, one shift per group. Both
+# steps are here once, for weights (QRazorGrid), activations and the KV cache.
+FP16_MAX = 65504.0
+
+
+def razor_shift(amax: torch.Tensor, kept: int, max_shift: torch.Tensor | int) -> torch.Tensor:
+    """Per group, the shift that puts the leading one of ``amax`` (the group's largest magnitude in
+    base units) at the top of ``kept`` bits: floor(log2 amax) - (kept - 1), within [0, max_shift];
+    0 below 2^kept. frexp reads the exponent exactly (no log2 rounding)."""
+    _, exp = torch.frexp(amax.float().clamp(min=1))  # amax = m * 2^exp with m in [0.5, 1)
+    return torch.minimum((exp - kept).clamp(min=0), torch.as_tensor(max_shift, device=amax.device))
+
+
+def razor_round(x: torch.Tensor, kept: int) -> torch.Tensor:
+    """Signed magnitudes of ``x`` (in units of the group's step) rounded to the nearest, ties away
+    from zero (the hardware rule: add the first dropped bit), saturated at 2^kept - 1, in fp32."""
+    a = x.float().abs()
+    mag = a.floor()
+    mag = mag + (a - mag >= 0.5).float()  # a - floor(a) is exact in fp32
+    return torch.copysign(mag.clamp(max=2**kept - 1), x.float())
+
+
+@dataclass(frozen=True)
+class QRazorGrid(RestrictedGrid):
+    """QRazor's weight grid: each row absmax-quantized to BASE_BITS (scale r = amax / 127, fp16),
+    then each group razored to a sign and bits - 1 magnitude bits. As a grid that is the
+    restricted one, codes [-(2^(b-1) - 1), 2^(b-1) - 1] around zero point 2^(b-1), with group scale
+    r * 2^shift: any GPTQ kernel runs it, and the compact checkpoint (treeq/formats/qrazor.py)
+    stores codes, SHIFT_BITS-bit shifts and one fp16 r per row.
+
+    RTN rounds in two stages as the paper does: to the 8-bit grid (prepare), then the razor (ties
+    away from zero). GPTQ starts from the 8-bit weight and pushes errors onto columns not yet
+    quantized, which then round straight onto the razored grid. clip_search tries each group one
+    shift lower (its largest values saturate) and keeps it where the weight error is smaller."""
+
+    name = "qrazor"
+    bits_allowed = (2, 3, 4)
+    BASE_BITS: ClassVar[int] = 8
+    SHIFT_BITS: ClassVar[int] = 3
+
+    row_scale: torch.Tensor | None = field(default=None, kw_only=True, compare=False, repr=False)
+
+    @property
+    def kept(self) -> int:
+        return self.bits - 1
+
+    @property
+    def base_max(self) -> int:
+        return 2 ** (self.BASE_BITS - 1) - 1
+
+    def for_weight(self, w: torch.Tensor) -> "QRazorGrid":
+        return replace(self, row_scale=_storable(w.float().abs().amax(dim=1) / self.base_max))
+
+    def _rows(self) -> torch.Tensor:
+        if self.row_scale is None:
+            raise ValueError("the qrazor grid needs each row's scale: quantize on grid.for_weight(weight)")
+        return self.row_scale
+
+    def prepare(self, w: torch.Tensor) -> torch.Tensor:
+        r = self._rows()[:, None]
+        return torch.clamp(torch.round(w.float() / r), -self.base_max, self.base_max) * r
+
+    def _max_shift(self) -> torch.Tensor:
+        """Per row, the largest shift the flags hold whose scale r * 2^shift fp16 still holds."""
+        _, exp = torch.frexp(FP16_MAX / self._rows())
+        return (exp - 1).clamp(max=2**self.SHIFT_BITS - 1)
+
+    def raw_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self._rows()
+        shift = razor_shift(w.abs().amax(dim=1) / r, self.kept, self._max_shift())
+        scale = r * torch.exp2(shift.float())
+        return scale, torch.full_like(scale, 2 ** (self.bits - 1))
+
+    def params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Scales are fp16 already (r is, and a power of two below fp16's maximum keeps it so).
+        w = w.float()
+        scale, zero = self.raw_params(w)
+        if not self.clip_search:
+            return scale, zero
+        lower = torch.where(scale > self._rows(), scale / 2, scale)
+
+        def error(s: torch.Tensor) -> torch.Tensor:
+            return (w - self.fake_quantize(w, s[:, None], zero[:, None])).abs().pow(CLIP_NORM).sum(dim=1)
+
+        return torch.where(error(lower) < error(scale), lower, scale), zero
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return razor_round(w.float() / scale, self.kept) + zero
+
+    def describe(self) -> dict:
+        return {**super().describe(), "base_bits": self.BASE_BITS, "shift_bits": self.SHIFT_BITS}
+
+
 GRIDS: dict[str, type[Grid]] = {
-    g.name: g for g in (UniformGrid, RestrictedGrid, SignedGrid, HalfStepGrid, StretchedGrid, Fp8Int4Grid)
+    g.name: g
+    for g in (UniformGrid, RestrictedGrid, SignedGrid, HalfStepGrid, StretchedGrid, Fp8Int4Grid, QRazorGrid)
 }
 # Grids whose dequantization is the classic (code - zero) * scale: any GPTQ kernel runs them exactly.
 INTEGER_ZERO_GRIDS = frozenset(name for name, g in GRIDS.items() if g.offset == 0)

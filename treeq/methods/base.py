@@ -175,13 +175,14 @@ class Method(ABC):
     def round(self, weight: torch.Tensor) -> QuantResult:
         """Round-to-nearest on this method's scheme: codes and grid params of ``weight``, each group
         on its own grid; loss not set. Scale migrations judge their scales by it."""
-        w = self.grid.prepare(weight.float())
+        grid = self.grid.for_weight(weight)
+        w = grid.prepare(weight.float())
         out, n_in = w.shape
         gs = self.group_size(n_in)
         groups = w.reshape(out, n_in // gs, gs).transpose(0, 1)  # [groups, out, gs]
-        scales, zeros = zip(*(self.grid.params(g) for g in groups))
+        scales, zeros = zip(*(grid.params(g) for g in groups))
         scales, zeros = torch.stack(scales), torch.stack(zeros)
-        codes = self.grid.quantize(groups, scales[..., None], zeros[..., None])
+        codes = grid.quantize(groups, scales[..., None], zeros[..., None])
         codes = codes.transpose(0, 1).reshape(out, n_in).to(torch.uint8)
         g_idx = torch.arange(n_in, device=w.device, dtype=torch.int32) // gs
         return QuantResult(codes, scales.half(), zeros.int(), g_idx, loss=math.nan, grid=self.grid.name)

@@ -86,7 +86,8 @@ class GPTQ(Method):
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
         cfg = self.options
         prep: _Prepared = stats.cached("gptq", lambda: _prepare(stats.h, cfg.desc_act, cfg.damp_percent))
-        w = self.grid.prepare(weight.float()).clone()
+        grid = self.grid.for_weight(weight)
+        w = grid.prepare(weight.float()).clone()
         out, n_in = w.shape
         gs = self.group_size(n_in)
         n_groups = n_in // gs
@@ -100,7 +101,7 @@ class GPTQ(Method):
         # Which group each column (in processing order) belongs to.
         if cfg.static_groups or perm is None:
             for g in range(n_groups):
-                scales[g], zeros[g] = self.grid.params(w[:, g * gs : (g + 1) * gs])
+                scales[g], zeros[g] = grid.params(w[:, g * gs : (g + 1) * gs])
             group_of = order // gs
             fixed = True
         else:
@@ -123,12 +124,12 @@ class GPTQ(Method):
                 if not fixed and col % gs == 0:
                     # The group's params come from the weights as GPTQ has updated them so far.
                     current = torch.cat([w1[:, i:], w[:, i2 : col + gs]], dim=1)[:, :gs]
-                    scales[col // gs], zeros[col // gs] = self.grid.params(current)
+                    scales[col // gs], zeros[col // gs] = grid.params(current)
                 g = group_list[col]
                 s, z = scales[g], zeros[g]
-                q = self.grid.quantize(w1[:, i], s, z)
+                q = grid.quantize(w1[:, i], s, z)
                 codes[:, col] = q
-                e = (w1[:, i] - self.grid.dequantize(q, s, z)) / u1[i, i]
+                e = (w1[:, i] - grid.dequantize(q, s, z)) / u1[i, i]
                 w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
                 err1[:, i] = e
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
