@@ -484,8 +484,7 @@ def _scheme_text(fmt) -> str:
     a = fmt.activation
     if a is None:
         return text
-    outliers = "" if a.outlier_threshold is None else f", fp input columns above {a.outlier_threshold}"
-    return text + f" with {a.bits}-bit {a.granularity} {'sym' if a.sym else 'asym'} inputs{outliers}"
+    return text + f" with inputs {a.describe()}"
 
 
 def _by_scheme(formats: dict) -> dict[str, list[str]]:

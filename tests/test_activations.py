@@ -29,7 +29,7 @@ def quantize(src, out, text_file, **settings):
 
 def test_per_group_inputs_are_per_token_quantized_groups():
     x = torch.randn(3, 5, 64)
-    q = FakeQuantActivation(ActivationScheme(bits=4, granularity="per-group", group_size=16))(x)
+    q = FakeQuantActivation(ActivationScheme(bits=4, granularity="per-group", group_size=16), 64)(x)
     expected = fake_quantize_activation(x.reshape(3, 5, 4, 16), 4, True, True).reshape(3, 5, 64)
     assert torch.equal(q, expected)
     assert not torch.equal(q, fake_quantize_activation(x, 4, True, True))
@@ -40,7 +40,7 @@ def test_outlier_columns_pass_in_full_precision_and_leave_the_rest_finer():
     quantized on scales computed without it. Checked failing with the outliers left in the scale."""
     x = torch.randn(6, 32) * 0.5
     x[2, 7] = 40.0  # one token's outlier makes column 7 an outlier column for every token
-    quantizer = FakeQuantActivation(ActivationScheme(bits=8, outlier_threshold=6.0))
+    quantizer = FakeQuantActivation(ActivationScheme(bits=8, outlier_threshold=6.0), 32)
     q = quantizer(x)
     assert torch.equal(q[:, 7], x[:, 7])
     rest = torch.cat([x[:, :7], x[:, 8:]], dim=1)
@@ -101,10 +101,46 @@ def test_smoothquant_w8a8_folds_and_round_trips(tmp_path, tokenizer, text_file):
     assert report.model.model.layers[0].self_attn.q_proj.input_quantizer is not None
 
 
+def test_static_levels_come_from_the_calibrated_range_and_clamp_beyond_it():
+    """Per group: sym scale = amax / qmax; asym scale and zero from [min, max] (which holds 0);
+    with an outlier threshold the levels reach only the threshold (beyond it columns pass in fp)."""
+    low, high = torch.tensor([-1.0, -0.5, 0.0, -3.0]), torch.tensor([2.0, 0.5, 4.0, 1.0])
+    sym = FakeQuantActivation(ActivationScheme(bits=8, granularity="per-group", group_size=2, dynamic=False), 4)
+    sym.calibrate(low, high)
+    torch.testing.assert_close(sym.scale, torch.tensor([2.0, 4.0]) / 127)
+    asym = FakeQuantActivation(ActivationScheme(bits=4, granularity="per-tensor", sym=False, dynamic=False), 4)
+    asym.calibrate(low, high)
+    torch.testing.assert_close(asym.scale, torch.tensor([7.0 / 15]))
+    assert asym.zero.tolist() == [round(3.0 / (7.0 / 15))]
+    x = torch.tensor([[-3.0, 0.0, 4.0, 100.0]])
+    assert asym(x)[0, -1] == (15 - asym.zero[0]) * asym.scale[0]  # clamped to the top level
+    clipped = FakeQuantActivation(ActivationScheme(bits=8, granularity="per-tensor", dynamic=False, outlier_threshold=2.5), 4)
+    clipped.calibrate(low, high)
+    torch.testing.assert_close(clipped.scale, torch.tensor([2.5 / 127]))
+
+
+@pytest.mark.parametrize("granularity", [dict(granularity="per-tensor"), dict(granularity="per-group", group_size=32)])
+def test_static_w8a8_checkpoint_keeps_the_calibrated_levels(granularity, tmp_path, tokenizer, text_file):
+    """The levels calibrated while quantizing are saved with each layer and loaded back: the
+    loaded model computes what the one in memory did. Checked failing with the levels left at their
+    initial scale 1 (the loader then computes other logits)."""
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    act = dict(bits=8, dynamic=False, **granularity)
+    report = quantize(src, tmp_path / "q", text_file, method="gptq", activations=act)
+    loaded, _ = treeq.load(tmp_path / "q")
+    q_proj = loaded.model.layers[1].self_attn.q_proj
+    memory = report.model.model.layers[1].self_attn.q_proj.input_quantizer
+    assert torch.equal(q_proj.input_quantizer.scale, memory.scale)
+    assert bool((memory.scale != 1).all()) and "static" in repr(q_proj)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, report.model(ids).logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(activations=dict(dynamic=False, granularity="per-tensor")), "dynamic=False .* not built yet"),
+        (dict(activations=dict(dynamic=False)), "cannot be per-token; use per-tensor or per-group"),
         (dict(activations=dict(bits=5)), "bits"),
         (dict(migration="smoothquant", alpha=1.5), "migration_options.alpha"),
         (dict(alpha=0.5), "alpha is a setting of migration smoothquant"),
@@ -128,10 +164,10 @@ def test_cli_quantizes_w8a8_and_inspect_names_the_input_scheme_and_kernel(model_
     settings = treeq.inspect_checkpoint(out).quantization["meta"]["settings"]
     assert settings["migration"] == "smoothquant" and settings["migration_options"] == {"alpha": 0.8}
     r = run("inspect", str(out))
-    assert "8-bit per-row sym minmax with 8-bit per-token sym inputs, fp input columns above 6.0" in r.output
+    assert "8-bit per-row sym minmax with inputs 8-bit per-token sym dynamic, fp columns above 6.0" in r.output
     card = (out / "README.md").read_text()
     assert '| scale migration | smoothquant {"alpha": 0.8} |' in card
-    assert "| inputs (activations) | 8-bit per-token dynamic, fp columns above 6.0 |" in card
+    assert "| inputs (activations) | 8-bit per-token sym dynamic, fp columns above 6.0 |" in card
 
 
 def test_compare_puts_weight_activation_rows_beside_weight_only_ones(model_dir, text_file, tmp_path):

@@ -45,6 +45,23 @@ def test_multiplies_the_fake_quant_integers_exactly():
 
 
 @needs_vnni
+def test_static_per_tensor_inputs_multiply_the_fake_quant_integers():
+    """Calibrated levels: every token takes the layer's one scale, values beyond it clamp; the
+    kernel multiplies exactly the fake-quant path's integers."""
+    layer, result = w8a8_layer(ActivationScheme(bits=8, granularity="per-tensor", dynamic=False))
+    layer.input_quantizer.calibrate(torch.full((96,), -1.5), torch.full((96,), 2.0))
+    layer.select_kernel("cpu", torch.float32)
+    assert layer.kernel.name == "cpu_w8a8"
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1)) * 2
+    codes = (layer.input_quantizer(x) / layer.input_quantizer.scale).round().to(torch.int8)
+    w_int8 = (result.codes.to(torch.int16) - result.zeros[0].to(torch.int16)[:, None]).to(torch.int8)
+    reference = w8a8_vnni.int8_linear_reference(
+        codes, layer.input_quantizer.scale.expand(5), w_int8, layer.scales[0].float(), layer.bias, torch.float32
+    )
+    assert torch.equal(layer(x), reference)
+
+
+@needs_vnni
 def test_outlier_columns_run_in_full_precision():
     layer, result = w8a8_layer(ActivationScheme(bits=8, outlier_threshold=6.0))
     layer.select_kernel("cpu", torch.float32)
@@ -58,7 +75,8 @@ def test_outlier_columns_run_in_full_precision():
 
 @pytest.mark.parametrize(
     "activation, reason",
-    [(None, "weight-only layer"), (ActivationScheme(bits=6), "activations a6 per-token sym")],
+    [(None, "weight-only layer"), (ActivationScheme(bits=6), "activations 6-bit per-token sym dynamic"),
+        (ActivationScheme(bits=8, granularity="per-group", group_size=32, dynamic=False), "per-group of 32 sym static")],
 )
 def test_refuses_layers_it_does_not_implement(activation, reason):
     layer, _ = w8a8_layer(activation)

@@ -184,13 +184,6 @@ class QuantConfig(BaseModel):
             _known_migrations()[name].parse_options(self.migration_options)
         return self
 
-    @field_validator("activations")
-    @classmethod
-    def _activations_built(cls, v: ActivationScheme | None) -> ActivationScheme | None:
-        if v is not None and not v.dynamic:
-            raise ValueError("activations.dynamic=False (ranges calibrated once) is not built yet; allowed: True")
-        return v
-
     @field_validator("calibration")
     @classmethod
     def _known_fallback(cls, v: CalibrationSettings) -> CalibrationSettings:

@@ -417,31 +417,52 @@ def quantize_activation(
     x: torch.Tensor, bits: int, per_token: bool = True, sym: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes like x, scale, zero) for x [..., K], in fp32 whatever x's dtype. scale and zero
-    (int32) have x's leading shape per token, shape [] per tensor.
-
-    sym: scale = amax|x| / qmax with qmax = 2^(bits-1) - 1, zero 0, int8 codes
-    clamp(round(x / scale), -qmax, qmax). asym: scale = (max(x, 0) - min(x, 0)) / (2^bits - 1),
-    zero = clamp(round(-min(x, 0) / scale), 0, 2^bits - 1), uint8 codes
-    clamp(round(x / scale) + zero, 0, 2^bits - 1)."""
-    if bits not in ACTIVATION_BITS:
-        raise ValueError(f"activation bits={bits} not in {ACTIVATION_BITS}")
+    (int32) have x's leading shape per token, shape [] per tensor; their values are
+    :func:`activation_params` of the range of x (per token or over the tensor)."""
+    _check_activation_bits(bits)
     xf = x.float()
     dims = (-1,) if per_token else tuple(range(xf.dim()))
     if sym:
-        qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-        scale = xf.abs().amax(dim=dims) / qmax
+        scale, zero = activation_params(None, xf.abs().amax(dim=dims), bits, sym)
     else:
-        qmin, qmax = 0, 2**bits - 1
-        lo = xf.amin(dim=dims).clamp(max=0)
-        scale = (xf.amax(dim=dims).clamp(min=0) - lo) / qmax
+        scale, zero = activation_params(xf.amin(dim=dims), xf.amax(dim=dims), bits, sym)
+    s, z = (scale[..., None], zero[..., None]) if per_token else (scale, zero)
+    return quantize_activation_with(xf, s, z, bits, sym), scale, zero
+
+
+def _check_activation_bits(bits: int) -> None:
+    if bits not in ACTIVATION_BITS:
+        raise ValueError(f"activation bits={bits} not in {ACTIVATION_BITS}")
+
+
+def activation_params(
+    low: torch.Tensor | None, high: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale fp32, zero int32) of an input range, measured at run time (per token, per tensor)
+    or once in calibration (static ranges). sym: ``high`` is amax|x|, scale = high / qmax with
+    qmax = 2^(bits-1) - 1, zero 0. asym: scale = (max(high, 0) - min(low, 0)) / (2^bits - 1),
+    zero = clamp(round(-min(low, 0) / scale), 0, 2^bits - 1)."""
+    if sym:
+        scale = high.float() / (2 ** (bits - 1) - 1)
+    else:
+        lo = low.float().clamp(max=0)
+        scale = (high.float().clamp(min=0) - lo) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if sym:
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        zero = torch.round(-lo / scale).clamp(0, qmax).to(torch.int32)
-    s, z = (scale[..., None], zero[..., None]) if per_token else (scale, zero)
-    codes = torch.clamp(torch.round(xf / s) + z, qmin, qmax)
-    return codes.to(torch.int8 if sym else torch.uint8), scale, zero
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    return scale, torch.round(-lo / scale).clamp(0, 2**bits - 1).to(torch.int32)
+
+
+def quantize_activation_with(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool
+) -> torch.Tensor:
+    """Codes of x on given levels (``scale``, ``zero`` broadcast against x): sym: int8
+    clamp(round(x / scale), -qmax, qmax); asym: uint8 clamp(round(x / scale) + zero, 0, 2^bits - 1).
+    Values beyond a calibrated range clamp to its ends."""
+    _check_activation_bits(bits)
+    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
+    codes = torch.clamp(torch.round(x.float() / scale) + zero, qmin, qmax)
+    return codes.to(torch.int8 if sym else torch.uint8)
 
 
 def dequantize_activation(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

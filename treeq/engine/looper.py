@@ -346,9 +346,9 @@ def _quantize_subset(
     for (name, module, stats, _, fell_back), future in zip(planned, futures):
         result, seconds = future.result()
         module.weight.data = result.weight().to(module.weight.device, module.weight.dtype)
-        quantizer = plan.input_quantizer(prefix + name)
-        if quantizer is not None:  # later subsets and layers calibrate on what the model will compute
-            module.register_forward_pre_hook(_quantizing_input(quantizer))
+        result.input_quantizer = plan.input_quantizer(prefix + name, stats)
+        if result.input_quantizer is not None:  # later subsets and layers calibrate on what the model will compute
+            module.register_forward_pre_hook(_quantizing_input(result.input_quantizer))
         log.add(
             ModuleRecord(
                 layer=index,

@@ -10,7 +10,7 @@ migration, if any, that runs on each layer first.
 from __future__ import annotations
 
 from ..config import QuantConfig
-from ..methods import Method, make_method
+from ..methods import InputStats, Method, make_method
 from ..runtime.activations import ActivationQuantizer, input_quantizer
 from ..schemes import WeightScheme
 from ..transforms import TRANSFORMS, ScaleMigration
@@ -44,7 +44,12 @@ class MethodPlan:
             self._made[key] = make_method(config, scheme)
         return self._made[key]
 
-    def input_quantizer(self, module: str) -> ActivationQuantizer | None:
+    def input_quantizer(self, module: str, stats: InputStats) -> ActivationQuantizer | None:
         """What quantizes ``module``'s input once the module is quantized (the config's activation
-        scheme); None: inputs stay as they are (weight-only, or a module left in full precision)."""
-        return input_quantizer(self.config.activations) if self.scheme(module) is not None else None
+        scheme, static levels calibrated on the range in ``stats``); None: inputs stay as they are
+        (weight-only, or a module left in full precision)."""
+        scheme = self.config.activations
+        if scheme is None or self.scheme(module) is None:
+            return None
+        quantizer = input_quantizer(scheme, stats.low.shape[0])
+        return quantizer if scheme.dynamic else quantizer.calibrate(stats.low, stats.high)

@@ -1,10 +1,11 @@
-"""CPU W8A8 kernel: 8-bit per-row symmetric weights times 8-bit per-token inputs in int8 x int8
+"""CPU W8A8 kernel: 8-bit per-row symmetric weights times 8-bit inputs in int8 x int8
 (:mod:`.w8a8_vnni`, AVX512-VNNI), for layers whose activation scheme is exactly that.
 
 The layer's GPTQ codes become signed int8 weights (code - 128, the symmetric zero point) once, in
 ``prepare``. Each call quantizes its input as :func:`treeq.numerics.quantize_activation` does, so
 the integers multiplied are those of the fake-quant path; only the float rounding of the epilogue
-differs from it. With an outlier threshold (LLM.int8()) the columns above it in any token are
+differs from it. A calibrated (static) per-tensor input scale is applied the same way, to every
+token. With an outlier threshold (LLM.int8()) the columns above it in any token are
 multiplied in fp32 against their dequantized weight columns.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import numerics
 from . import w8a8_vnni
 from .base import Kernel
 
@@ -44,8 +46,13 @@ class CpuW8A8(Kernel):
         a = fmt.activation
         if a is None:
             return "weight-only layer; runs 8-bit per-token symmetric dynamic activations only"
-        if (a.bits, a.granularity, a.sym, a.dynamic) != (8, "per-token", True, True):
-            return f"activations a{a.bits} {a.granularity} {'sym' if a.sym else 'asym'}; runs a8 per-token sym dynamic"
+        dynamic = (a.bits, a.granularity, a.sym, a.dynamic) == (8, "per-token", True, True)
+        static = (a.bits, a.granularity, a.sym, a.dynamic, a.outlier_threshold) == (8, "per-tensor", True, False, None)
+        if not (dynamic or static):
+            return (
+                f"activations {a.describe()}; runs 8-bit sym per-token dynamic (outlier columns too) "
+                "or per-tensor static"
+            )
         return w8a8_vnni.available()
 
     @classmethod
@@ -64,9 +71,18 @@ class CpuW8A8(Kernel):
             w_outliers = st.weight.index_select(1, outliers).float() * st.scale[:, None]
             y = w8a8_vnni.int8_linear_outliers(x2, outliers, w_outliers, st.packed, st.scale, layer.bias, x.dtype)
         else:
-            codes, scale = w8a8_vnni.quantize_per_token(x2)
+            codes, scale = _quantized_input(layer.input_quantizer, x2)
             y = w8a8_vnni.int8_linear(codes, scale, st.packed, st.scale, layer.bias, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _quantized_input(quantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of ``x`` [tokens, in] and each token's scale: its own range (dynamic), or the
+    layer's calibrated one, the codes exactly those of the quantizer's fake-quant."""
+    if quantizer.scheme.dynamic:
+        return w8a8_vnni.quantize_per_token(x)
+    codes = numerics.quantize_activation_with(x, quantizer.scale, quantizer.zero, 8, sym=True)
+    return codes, quantizer.scale.expand(x.shape[0]).contiguous()
 
 
 KERNEL = CpuW8A8

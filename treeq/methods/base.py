@@ -21,6 +21,7 @@ from ..engine.calib_precision import calibration_dtype, cpu_statistics
 from ..errors import parse_settings
 from ..kernels import gram_bf16
 from ..numerics import ROW_CHUNK, UniformGrid, dequantize_grouped, group_width, make_grid
+from ..runtime.activations import ActivationQuantizer
 from ..runtime.input_transform import InputTransform
 from ..schemes import WeightScheme
 
@@ -34,6 +35,9 @@ class QuantResult:
     loss: float  # the method's objective on the calibration inputs
     grid: str = UniformGrid.name  # which grid's dequantization the codes are for
     transform: InputTransform | None = None  # applied to the layer's input before the matmul
+    # Set by the engine, not the method: what quantizes the layer's input (its calibrated levels
+    # are saved with the layer); None: weight-only.
+    input_quantizer: ActivationQuantizer | None = None
 
     def weight(self) -> torch.Tensor:
         """The effective dense weight in the layer's original input basis."""
@@ -67,15 +71,18 @@ class InputStats:
         low_precision_cpu = dtype != torch.float32 and torch.device(device).type == "cpu"
         self.route = cpu_statistics() if low_precision_cpu else "fp32"
         self.tokens = 0
-        # Each input channel's largest magnitude seen, for migrations that balance ranges (SmoothQuant).
-        self.absmax = torch.zeros(in_features, dtype=torch.float32, device=device)
+        # Each input channel's range seen: migrations balance it (SmoothQuant), static activation
+        # schemes take their levels from it.
+        self.low = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.high = torch.zeros(in_features, dtype=torch.float32, device=device)
         self._cache: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         n = x.shape[0]
-        torch.maximum(self.absmax, x.abs().amax(dim=0).float(), out=self.absmax)
+        torch.minimum(self.low, x.amin(dim=0).float(), out=self.low)
+        torch.maximum(self.high, x.amax(dim=0).float(), out=self.high)
         # Running mean keeps H's scale independent of the token count.
         keep, alpha = self.tokens / (self.tokens + n), 1.0 / (self.tokens + n)
         if self.route == "kernel":
@@ -88,6 +95,11 @@ class InputStats:
             with _cpu_matmul_inputs(torch.bfloat16 if self.route == "onednn" else torch.float32):
                 self.h.addmm_(x.T, x, alpha=alpha)
         self.tokens += n
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        """Each input channel's largest magnitude seen (the range includes 0)."""
+        return torch.maximum(-self.low, self.high)
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         # Modules of a subset are quantized in parallel threads; the first computes, others wait.

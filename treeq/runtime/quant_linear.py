@@ -50,7 +50,7 @@ class QuantLinear(nn.Module):
         self.kernel = None
         self.kernel_state = None
         # Quantizes the matmul's input (treeq.runtime.activations); None: inputs as they come.
-        self.input_quantizer = input_quantizer(fmt.activation)
+        self.input_quantizer = input_quantizer(fmt.activation, fmt.in_features)
 
     @classmethod
     def from_result(cls, fmt: LinearFormat, result: QuantResult, bias: torch.Tensor | None) -> "QuantLinear":
@@ -60,6 +60,8 @@ class QuantLinear(nn.Module):
         layer.qzeros = packing.pack(result.zeros.T.cpu(), fmt.bits).T.contiguous()
         layer.scales = result.scales.cpu().to(SCALE_DTYPE)
         layer.g_idx = result.g_idx.cpu().to(torch.int32)
+        if result.input_quantizer is not None:  # the one the model calibrated against, levels and all
+            layer.input_quantizer = result.input_quantizer
         if bias is not None:
             layer.bias = bias.detach().cpu().clone()
         return layer

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .. import formats
+from ..schemes import ActivationScheme
 
 CARD_NAME = "README.md"
 QUANT_CONFIG_NAME = "quantize_config.json"
@@ -35,9 +36,7 @@ def _settings_table(qcfg: dict) -> list[str]:
     if s.get("migration"):
         rows.append(("scale migration", f"{s['migration']} {json.dumps(s['migration_options'])}"))
     if s.get("activations"):
-        a = s["activations"]
-        outliers = "" if a["outlier_threshold"] is None else f", fp columns above {a['outlier_threshold']}"
-        rows.append(("inputs (activations)", f"{a['bits']}-bit {a['granularity']} dynamic{outliers}"))
+        rows.append(("inputs (activations)", ActivationScheme(**s["activations"]).describe()))
     rows += [(f"override `{o['pattern']}`", _override_line(o)) for o in s["overrides"]]
     if s["options"]:
         rows.append(("method options", json.dumps(s["options"])))
