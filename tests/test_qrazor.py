@@ -1,6 +1,7 @@
 """QRazor's significant-data razoring: the grid against a by-hand integer reference, its compact
 checkpoint format as an exact relayout (fp16 range edges included), and save -> load -> run."""
 
+import pydantic
 import pytest
 import torch
 from conftest import make_model
@@ -12,8 +13,9 @@ from treeq.engine.quant_log import QuantLog
 from treeq.errors import TreeqError
 from treeq.formats.qrazor import from_qrazor, shifts_of, to_qrazor
 from treeq.methods import METHODS
-from treeq.numerics import QRazorGrid, make_grid, razor_round, razor_shift
+from treeq.numerics import QRazorGrid, fake_quantize_razored_activation, make_grid, razor_round, razor_shift
 from treeq.runtime.quant_linear import QuantLinear
+from treeq.schemes import ActivationScheme
 from treeq.storage.inspect import inspect_checkpoint
 
 
@@ -191,3 +193,50 @@ def test_saved_compact_checkpoint_loads_to_the_fake_quant_weight(method, tmp_pat
         assert torch.equal(out, w.T), name
     info = inspect_checkpoint(tmp_path / "q")
     print(info)
+
+
+def reference_razored_activation(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """QRazor's activations with Python integers: per token 16-bit absmax integers, per group the
+    (bits - 1) bits from the leading one, rounded by adding half the dropped part."""
+    keep, out = bits - 1, torch.empty_like(x)
+    for i, row in enumerate(x.tolist()):
+        r = float(torch.tensor(max(abs(v) for v in row)) / 32767) or 1.0  # a zero token: scale 1
+        q = [round(float(torch.tensor(v) / r)) for v in row]
+        for g in range(0, len(q), group):
+            part = q[g : g + group]
+            shift = max(0, max(abs(v) for v in part).bit_length() - keep)
+            for j, v in enumerate(part):
+                mag = min((abs(v) + (1 << shift >> 1)) >> shift, 2**keep - 1)
+                out[i, g + j] = float(torch.tensor((1 if v >= 0 else -1) * mag * 2**shift, dtype=torch.float32) * r)
+    return out
+
+
+@pytest.mark.parametrize("bits,group", [(4, 8), (4, 32), (8, 16)])
+def test_razored_activations_equal_the_integer_reference(bits, group):
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(bits + group))
+    x[2, 10] = 40.0  # an outlier channel: other groups of its token keep their resolution
+    x[4] = 0
+    fake = fake_quantize_razored_activation(x, bits, group)
+    assert torch.equal(fake, reference_razored_activation(x, bits, group))
+    assert fake_quantize_razored_activation(x.bfloat16(), bits, group).dtype == torch.bfloat16
+
+
+def test_razored_activation_scheme_needs_dynamic_symmetric_groups():
+    with pytest.raises(pydantic.ValidationError, match="granularity 'per-group'"):
+        ActivationScheme(bits=4, grid="qrazor")
+    ActivationScheme(bits=4, grid="qrazor", granularity="per-group", group_size=16)
+
+
+def test_razored_activations_are_recorded_and_applied_after_loading(tmp_path, tokenizer, text_file):
+    act = dict(bits=4, granularity="per-group", group_size=8, grid="qrazor")
+    cfg = QuantConfig(
+        method="rtn", grid="qrazor", group_size=8, format="qrazor", activations=act, calib_samples=4, seqlen=32
+    )
+    model = make_model("llama", num_hidden_layers=1)
+    treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=QuantLog(str))
+    loaded, _ = treeq.load(tmp_path / "q")
+    layer = loaded.get_submodule("model.layers.0.mlp.down_proj")
+    x = torch.randn(3, layer.in_features)
+    expected = torch.nn.functional.linear(fake_quantize_razored_activation(x, 4, 8), layer.effective_weight())
+    assert layer.fmt.activation == ActivationScheme(**act)
+    torch.testing.assert_close(layer(x), expected + (0 if layer.bias is None else layer.bias), rtol=0, atol=1e-6)

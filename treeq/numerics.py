@@ -349,6 +349,26 @@ class QRazorGrid(RestrictedGrid):
         return {**super().describe(), "base_bits": self.BASE_BITS, "shift_bits": self.SHIFT_BITS}
 
 
+# Activations: each token absmax-quantized to this many bits (QRazor's 16-bit base for
+# activations), then razored per group of input channels, at run time.
+ACTIVATION_RAZOR_BASE_BITS = 16
+
+
+def fake_quantize_razored_activation(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """x [..., K] quantized as QRazor does activations and dequantized, in x's dtype: per token an
+    fp32 scale r = amax|x| / (2^15 - 1) and integers round(x / r) (ties to even), then per group
+    of ``group`` channels a sign and bits - 1 magnitude bits from the group's leading one
+    (:func:`razor_shift`, :func:`razor_round`): sign * mag * 2^shift * r."""
+    base_max = 2 ** (ACTIVATION_RAZOR_BASE_BITS - 1) - 1
+    xf = x.float()
+    r = xf.abs().amax(dim=-1, keepdim=True) / base_max
+    r = torch.where(r > 0, r, torch.ones_like(r))
+    q = torch.clamp(torch.round(xf / r), -base_max, base_max)
+    q = q.unflatten(-1, (q.shape[-1] // group, group))
+    step = torch.exp2(razor_shift(q.abs().amax(dim=-1), bits - 1, ACTIVATION_RAZOR_BASE_BITS).float())[..., None]
+    return (razor_round(q / step, bits - 1) * step).flatten(-2).mul_(r).to(x.dtype)
+
+
 GRIDS: dict[str, type[Grid]] = {
     g.name: g
     for g in (UniformGrid, RestrictedGrid, SignedGrid, HalfStepGrid, StretchedGrid, Fp8Int4Grid, QRazorGrid)

@@ -22,6 +22,7 @@ from .numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 
 ACTIVATION_BITS = (4, 6, 8)
 ACTIVATION_GRANULARITIES = ("per-token", "per-tensor", "per-group")
+ACTIVATION_GRIDS = ("uniform", "qrazor")
 KV_GRANULARITIES = ("per-channel", "per-token")
 KV_METHODS = ("minmax",)
 KV_BITS = (*SUPPORTED_BITS, 16)
@@ -50,7 +51,8 @@ class WeightScheme(_Scheme):
     format: Literal[FORMAT_NAMES] = Field(  # type: ignore[valid-type]
         "gptq",
         description="checkpoint layout (treeq/formats/): gptq (any setting), awq (AutoAWQ GEMM: 4-bit minmax, "
-        "no act-order) or compressed-tensors (pack-quantized: 4/8-bit integer grids)",
+        "no act-order), compressed-tensors (pack-quantized: 4/8-bit integer grids) or qrazor (the qrazor grid: codes, "
+        "3-bit shifts per group, an fp16 scale per row)",
     )
 
     @field_validator("group_size")
@@ -81,6 +83,18 @@ class ActivationScheme(_Scheme):
     outlier_threshold: float | None = Field(
         None, gt=0, description="input columns whose magnitude exceeds this in any token stay in full precision"
     )
+    grid: Literal[ACTIVATION_GRIDS] = Field(  # type: ignore[valid-type]
+        "uniform",
+        description="uniform levels, or qrazor: each token to 16 bits, then per group of group_size channels "
+        "a sign and bits-1 bits from the group's leading one (treeq/numerics.py)",
+    )
+
+    @model_validator(mode="after")
+    def _razor_fits(self) -> "ActivationScheme":
+        if self.grid == "qrazor" and (self.granularity, self.sym, self.dynamic) != ("per-group", True, True):
+            raise ValueError("grid 'qrazor' razors groups of each token at run time: needs granularity 'per-group', "
+                             "sym=True, dynamic=True")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> "ActivationScheme":
@@ -89,13 +103,6 @@ class ActivationScheme(_Scheme):
         if not self.dynamic and self.granularity == "per-token":
             raise ValueError("a calibrated (dynamic=False) range cannot be per-token; use per-tensor or per-group")
         return self
-
-    def describe(self) -> str:
-        """e.g. "8-bit per-token sym dynamic, fp columns above 6.0" (inspect, model card, repr)."""
-        outliers = "" if self.outlier_threshold is None else f", fp columns above {self.outlier_threshold}"
-        group = f" of {self.group_size}" if self.group_size else ""
-        ranges = "dynamic" if self.dynamic else "static"
-        return f"{self.bits}-bit {self.granularity}{group} {'sym' if self.sym else 'asym'} {ranges}{outliers}"
 
 
 class KVCacheScheme(_Scheme):
