@@ -104,6 +104,13 @@ class ActivationScheme(_Scheme):
             raise ValueError("a calibrated (dynamic=False) range cannot be per-token; use per-tensor or per-group")
         return self
 
+    def describe(self) -> str:
+        """e.g. "8-bit per-token sym dynamic, fp columns above 6.0" (inspect, model card, repr)."""
+        outliers = "" if self.outlier_threshold is None else f", fp columns above {self.outlier_threshold}"
+        group = f" of {self.group_size}" if self.group_size else ""
+        ranges = "dynamic" if self.dynamic else "static"
+        return f"{self.bits}-bit {self.granularity}{group} {'sym' if self.sym else 'asym'} {ranges}{outliers}"
+
 
 class KVCacheScheme(_Scheme):
     """How attention's keys and values are kept in the cache (treeq/runtime/kv_schemes.py builds it)."""
