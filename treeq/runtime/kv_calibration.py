@@ -179,12 +179,14 @@ def needs_calibration(scheme: KVCacheScheme) -> bool:
     return scheme.method == "kvquant" and (scheme.key_granularity == "per-channel" or scheme.levels == "nonuniform")
 
 
+def calibration_windows(tokenizer, text: str = "wiki-train") -> list[torch.Tensor]:
+    """16 windows of 512 tokens of ``text`` (a built-in name or a file), one per batch."""
+    return data.calibration_batches(tokenizer, data.read_text(text), CALIBRATION_SAMPLES, CALIBRATION_SEQLEN, 1)
+
+
 def calibrate_on_text(model, tokenizer, scheme: KVCacheScheme, text: str = "wiki-train") -> KVCalibration | None:
-    """:func:`calibrate_kv` on ``text`` (a built-in name or a file), 16 windows of 512 tokens; None
-    for a scheme that needs no calibration."""
+    """:func:`calibrate_kv` on :func:`calibration_windows` of ``text``; None for a scheme that needs
+    no calibration."""
     if not needs_calibration(scheme):
         return None
-    windows = data.calibration_batches(
-        tokenizer, data.read_text(text), CALIBRATION_SAMPLES, CALIBRATION_SEQLEN, batch_size=1
-    )
-    return calibrate_kv(collect_kv_activations(model, windows), scheme)
+    return calibrate_kv(collect_kv_activations(model, calibration_windows(tokenizer, text)), scheme)
