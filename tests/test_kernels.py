@@ -57,9 +57,13 @@ def test_quantized_state_names_every_buffer_but_bias():
     """inspect counts a checkpoint's fp16-equivalent size from this list; a new buffer must join it."""
     from treeq.runtime.quant_linear import QuantLinear
 
-    fmt = LinearFormat(bits=4, group_size=32, sym=True, desc_act=False, in_features=64, out_features=32)
+    from treeq.extras import EXTRAS
     from treeq.runtime.input_transform import InputTransform
 
     transform = InputTransform.stored_for("m", {"m.channel_scales": 0, "m.pairs": torch.zeros(2, 64)}, None, 64)
-    layer = QuantLinear(fmt, bias=True, transform=transform)
-    assert {n for n, _ in layer.named_buffers()} - {"bias"} == set(QuantLinear.QUANTIZED_STATE)
+    names = set()
+    for kind in EXTRAS.values():  # one layer per kind of weight extras, each with every buffer it may hold
+        fmt = LinearFormat(4, 32, True, False, in_features=64, out_features=32, extras=kind.kind)
+        layer = QuantLinear(fmt, bias=True, transform=transform, extras=kind({n: torch.zeros(1) for n in kind.names}))
+        names |= {n for n, _ in layer.named_buffers()} - {"bias"}
+    assert names == set(QuantLinear.QUANTIZED_STATE)

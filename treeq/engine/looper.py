@@ -360,6 +360,7 @@ def _quantize_subset(
                 seconds=seconds,
                 peak_mem_mb=peak_memory_mb(stats.h.device),
                 fallback=fell_back,
+                extras="" if result.extras is None else result.extras.describe(module.in_features, module.out_features),
             )
         )
         yield name, result

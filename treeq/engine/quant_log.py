@@ -33,17 +33,19 @@ class ModuleRecord:
     seconds: float
     peak_mem_mb: float
     fallback: str = ""  # the method used instead when the module saw too few calibration tokens
+    extras: str = ""  # what the module's weight extras hold (treeq.extras), e.g. its outlier share
 
 
 _HEADER = (
-    f"{'layer':>5} {'module':<26} {'in':>6} {'out':>6} {'loss':>11} {'samples':>8} {'sec':>6} {'peak MB':>8} fallback"
+    f"{'layer':>5} {'module':<26} {'in':>6} {'out':>6} {'loss':>11} {'samples':>8} {'sec':>6} {'peak MB':>8} "
+    "fallback / extras"
 )
 
 
 def format_record(r: ModuleRecord) -> str:
     return (
         f"{r.layer:>5} {r.module:<26} {r.in_features:>6} {r.out_features:>6} {r.loss:>11.4e} "
-        f"{r.samples:>8} {r.seconds:>6.2f} {r.peak_mem_mb:>8.0f} {r.fallback}"
+        f"{r.samples:>8} {r.seconds:>6.2f} {r.peak_mem_mb:>8.0f} {' '.join(filter(None, (r.fallback, r.extras)))}"
     )
 
 

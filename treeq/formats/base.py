@@ -25,6 +25,7 @@ class FormatSummary:
     desc_act: bool
     sym: bool
     transform: dict | None
+    extras: tuple[str, ...] = ()  # kinds of weight extras (treeq.extras) some module holds
 
     def merge(self, other: "FormatSummary") -> "FormatSummary":
         if self.transform is not None and other.transform is not None and self.transform != other.transform:
@@ -34,6 +35,7 @@ class FormatSummary:
             self.desc_act or other.desc_act,
             self.sym and other.sym,
             self.transform if self.transform is not None else other.transform,
+            tuple(sorted(set(self.extras) | set(other.extras))),
         )
 
 
@@ -94,4 +96,6 @@ class SingleSchemeFormat(CheckpointFormat):
             )
         if method.adds_input_transform:
             return f"checkpoint_format {self.name!r} cannot hold {config.method}'s input transform; use 'gptq'"
+        if method.adds_weight_extras:
+            return f"checkpoint_format {self.name!r} cannot hold {config.method}'s weight extras; use 'gptq'"
         return None

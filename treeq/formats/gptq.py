@@ -93,9 +93,11 @@ GPTQ_METHOD_FIELDS = ("static_groups", "damp_percent")
 
 def other_loaders_run(config) -> bool:
     """Whether GPTQ loaders (GPTQModel, transformers, vLLM) compute what treeq does with this
-    checkpoint: integer zero points without a grid offset, and no input transform."""
+    checkpoint: integer zero points without a grid offset, no input transform, no weight extras
+    (they would ignore them and run the dense part alone)."""
     grids_run = all(s.grid in INTEGER_ZERO_GRIDS for s in config.all_schemes())
-    return grids_run and not config.method_class().adds_input_transform
+    method = config.method_class()
+    return grids_run and not method.adds_input_transform and not method.adds_weight_extras
 
 
 def zero_point_version(config) -> str:
@@ -132,6 +134,8 @@ class GPTQFormat(CheckpointFormat):
     def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
         if summary.transform is not None and other_loaders_run(config):
             raise ValueError(f"{config.method} wrote an input transform it does not declare (adds_input_transform)")
+        if summary.extras and other_loaders_run(config):
+            raise ValueError(f"{config.method} wrote weight extras it does not declare (adds_weight_extras)")
         version, w = zero_point_version(config), config.weights
         options = config.method_class().parse_options(config.options)
         method_fields = {k: v for k, v in (options.model_dump() if options else {}).items() if k in GPTQ_METHOD_FIELDS}
@@ -155,6 +159,9 @@ class GPTQFormat(CheckpointFormat):
         if summary.transform is not None:
             # y = transform(x) @ dequant(qweight)^T, the transform's buffers stored per module.
             qcfg["input_transform"] = summary.transform
+        if summary.extras:
+            # Tensors beside the four per module, stored under its prefix (treeq.extras).
+            qcfg["weight_extras"] = list(summary.extras)
         return qcfg
 
     def to_stored(self, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import TreeqError
+from ..extras import EXTRAS
 from ..numerics import INTEGER_ZERO_GRIDS, UniformGrid
 from ..schemes import ActivationScheme
 
@@ -25,6 +26,8 @@ class LinearFormat:
     # How the layer's input is quantized before the matmul; None: not at all. Weight-only kernels
     # get inputs already fake-quantized; a kernel with ``integer_inputs`` quantizes them itself.
     activation: ActivationScheme | None = None
+    # The kind of weight extras the layer holds (a name in treeq.extras.EXTRAS); None: none.
+    extras: str | None = None
 
 
 class Kernel(ABC):
@@ -46,6 +49,10 @@ class Kernel(ABC):
     # True for kernels that multiply integer inputs: they quantize the input themselves (exactly as
     # treeq.numerics does) and accept only layers whose activation scheme they implement.
     integer_inputs: ClassVar[bool] = False
+    # Kinds of weight extras (treeq.extras) that replace the dense dequantization which this kernel
+    # runs; None: every kind. An additive kind's term is never the kernel's: QuantLinear adds it to
+    # the output of whichever kernel runs the dense tensors.
+    extras: ClassVar[frozenset[str] | None] = frozenset()
 
     @classmethod
     def rejects(cls, fmt: LinearFormat, device: str, dtype: torch.dtype) -> str | None:
@@ -68,6 +75,9 @@ class Kernel(ABC):
             return f"out_features={fmt.out_features} not a multiple of {cls.out_multiple}"
         if cls.grids is not None and fmt.grid not in cls.grids:
             return f"grid {fmt.grid!r} not supported (runs {', '.join(sorted(cls.grids))})"
+        runs_kind = cls.extras is None or fmt.extras in cls.extras
+        if fmt.extras is not None and not EXTRAS[fmt.extras].additive and not runs_kind:
+            return f"weight extras {fmt.extras!r} not supported"
         return None
 
     @classmethod

@@ -15,10 +15,12 @@ class TorchReference(Kernel):
     name = "torch"
     priority = 0
     grids = None  # dequantizes through treeq.numerics, so every grid
+    extras = None  # and every kind of weight extras, through their own dequantize
 
     @staticmethod
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
-        w = layer.dequantized_weight().to(x.dtype)
+        # An additive extra's term is QuantLinear's to add (a sparse addmm), so it is left out here.
+        w = layer.dequantized_weight(additive=False).to(x.dtype)
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
         return F.linear(x, w, bias)
 

@@ -19,6 +19,7 @@ import torch
 
 from ..engine.calib_precision import calibration_dtype, cpu_statistics
 from ..errors import parse_settings
+from ..extras import WeightExtras
 from ..kernels import gram_bf16
 from ..numerics import ROW_CHUNK, UniformGrid, dequantize_grouped, group_width, make_grid
 from ..runtime.activations import ActivationQuantizer
@@ -35,13 +36,19 @@ class QuantResult:
     loss: float  # the method's objective on the calibration inputs
     grid: str = UniformGrid.name  # which grid's dequantization the codes are for
     transform: InputTransform | None = None  # applied to the layer's input before the matmul
+    # Tensors the format keeps beside the four above (treeq.extras: a sparse residual, ...), with
+    # how they enter the weight; None: the four are the whole weight.
+    extras: WeightExtras | None = None
     # Set by the engine, not the method: what quantizes the layer's input (its calibrated levels
     # are saved with the layer); None: weight-only.
     input_quantizer: ActivationQuantizer | None = None
 
     def weight(self) -> torch.Tensor:
         """The effective dense weight in the layer's original input basis."""
-        w = dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx, self.grid)
+        if self.extras is None:
+            w = dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx, self.grid)
+        else:
+            w = self.extras.dequantize(self.codes, self.scales, self.zeros, self.g_idx, self.grid)
         return w if self.transform is None else self.transform.effective_weight(w)
 
     @property
@@ -144,6 +151,9 @@ class Method(ABC):
 
     # True when results carry an input transform (QuantResult.transform) for the kernel to apply.
     adds_input_transform: ClassVar[bool] = False
+
+    # True when results carry weight extras (QuantResult.extras), which only treeq's loader reads.
+    adds_weight_extras: ClassVar[bool] = False
 
     # Grids whose codes the method produces; None: any grid in treeq.numerics.GRIDS. A method with a
     # grid of its own must list only it, or checkpoints would record a grid the codes are not on.

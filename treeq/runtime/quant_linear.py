@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .. import extras as weight_extras
 from .. import packing
+from ..extras import WeightExtras
 from ..kernels import LinearFormat, select_kernel
 from ..methods import QuantResult
 from ..numerics import SCALE_DTYPE, dequantize_grouped, group_width
@@ -18,7 +20,7 @@ from .input_transform import InputTransform
 
 class QuantLinear(nn.Module):
     # Buffers that hold the quantized weight (all but bias), as named in checkpoints.
-    QUANTIZED_STATE = ("qweight", "qzeros", "scales", "g_idx", *input_transform.BUFFERS)
+    QUANTIZED_STATE = ("qweight", "qzeros", "scales", "g_idx", *input_transform.BUFFERS, *weight_extras.NAMES)
 
     def __init__(
         self,
@@ -26,9 +28,12 @@ class QuantLinear(nn.Module):
         bias: bool,
         bias_dtype: torch.dtype = torch.float16,
         transform: InputTransform | None = None,
+        extras: WeightExtras | None = None,
     ):
         """``transform``: the input transform whose buffers this layer holds (values to be loaded
-        or copied in), or None."""
+        or copied in), or None. ``extras``: the weight extras of kind ``fmt.extras`` it holds, their
+        tensors' values taken as they are (their shapes vary per module, e.g. a CSR's nonzeros, so
+        loading assigns them rather than copying into buffers shaped in advance)."""
         super().__init__()
         self.fmt = fmt
         self.in_features, self.out_features = fmt.in_features, fmt.out_features
@@ -47,6 +52,12 @@ class QuantLinear(nn.Module):
         self.transform_group_size = 0 if transform is None else transform.group_size
         for name, value in stored.items():
             self.register_buffer(name, value.detach().cpu().clone())
+        if (extras is None) != (fmt.extras is None) or (extras is not None and extras.kind != fmt.extras):
+            raise ValueError(f"weight extras {extras and extras.kind!r} do not match the format's {fmt.extras!r}")
+        self.extras_buffers = () if extras is None else tuple(extras.tensors)
+        for name, value in ({} if extras is None else extras.tensors).items():
+            self.register_buffer(name, value.detach().cpu())
+        self.extras_state = None  # the extras as forward applies them, built with the kernel
         self.kernel = None
         self.kernel_state = None
         # Quantizes the matmul's input (treeq.runtime.activations); None: inputs as they come.
@@ -55,7 +66,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_result(cls, fmt: LinearFormat, result: QuantResult, bias: torch.Tensor | None) -> "QuantLinear":
         bias_dtype = bias.dtype if bias is not None else torch.float16
-        layer = cls(fmt, bias is not None, bias_dtype, result.transform)
+        layer = cls(fmt, bias is not None, bias_dtype, result.transform, result.extras)
         layer.qweight = packing.pack(result.codes.T.cpu(), fmt.bits)
         layer.qzeros = packing.pack(result.zeros.T.cpu(), fmt.bits).T.contiguous()
         layer.scales = result.scales.cpu().to(SCALE_DTYPE)
@@ -72,8 +83,20 @@ class QuantLinear(nn.Module):
     def zeros(self) -> torch.Tensor:
         return packing.unpack(self.qzeros.T.contiguous(), self.fmt.bits).T
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_grouped(self.codes(), self.scales, self.zeros(), self.g_idx, self.fmt.grid)
+    @property
+    def extras(self) -> WeightExtras | None:
+        if self.fmt.extras is None:
+            return None
+        return weight_extras.EXTRAS[self.fmt.extras]({n: getattr(self, n) for n in self.extras_buffers})
+
+    def dequantized_weight(self, additive: bool = True) -> torch.Tensor:
+        """The weight from the stored tensors, before any input transform; ``additive=False``
+        leaves out an additive extra's term (the part a dense kernel multiplies)."""
+        tensors = self.codes(), self.scales, self.zeros(), self.g_idx, self.fmt.grid
+        e = self.extras
+        if e is None or (e.additive and not additive):
+            return dequantize_grouped(*tensors)
+        return e.dequantize(*tensors)
 
     @property
     def transform(self) -> InputTransform | None:
@@ -91,6 +114,8 @@ class QuantLinear(nn.Module):
     def select_kernel(self, device: str, dtype: torch.dtype, force: str | None = None) -> None:
         self.kernel = select_kernel(self.fmt, device, dtype, force)
         self.kernel.prepare(self)
+        e = self.extras
+        self.extras_state = e if e is not None and e.additive else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
@@ -100,7 +125,11 @@ class QuantLinear(nn.Module):
             x = transform.apply(x)
         if self.input_quantizer is not None and not self.kernel.integer_inputs:
             x = self.input_quantizer(x)
-        return self.kernel.forward(self, x)
+        y = self.kernel.forward(self, x)
+        if self.extras_state is None:
+            return y
+        x2 = x.reshape(-1, x.shape[-1])  # the additive term, e.g. a sparse addmm, in fp32
+        return (y.reshape(x2.shape[0], -1).float() + self.extras_state.matmul(x2)).to(y.dtype).reshape(y.shape)
 
     def extra_repr(self) -> str:
         f = self.fmt
@@ -109,4 +138,6 @@ class QuantLinear(nn.Module):
         extra = "" if t is None else f", input_transform={t.describe()}"
         if f.activation is not None:
             extra += f", activations=a{f.activation.bits} {f.activation.granularity}"
+        if self.extras is not None:
+            extra += f", extras={self.extras.describe(f.in_features, f.out_features)}"
         return f"in={f.in_features}, out={f.out_features}, bits={f.bits}, group={f.group_size}, kernel={kernel}{extra}"

@@ -32,7 +32,12 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def linear_format(
-    scheme: WeightScheme, linear: nn.Linear, desc_act: bool, sym: bool, activation: ActivationScheme | None = None
+    scheme: WeightScheme,
+    linear: nn.Linear,
+    desc_act: bool,
+    sym: bool,
+    activation: ActivationScheme | None = None,
+    extras: str | None = None,
 ) -> LinearFormat:
     return LinearFormat(
         bits=scheme.bits,
@@ -43,6 +48,7 @@ def linear_format(
         out_features=linear.out_features,
         grid=scheme.grid,
         activation=activation,
+        extras=extras,
     )
 
 
@@ -78,14 +84,16 @@ def input_transform(results: dict[str, QuantResult]) -> dict | None:
 
 def summary_of(results: dict[str, QuantResult], config: QuantConfig) -> FormatSummary:
     modules = tuple(sorted(results))
-    return FormatSummary(modules, reorders(results), symmetric(results, config), input_transform(results))
+    extras = tuple(sorted({r.extras.kind for r in results.values() if r.extras is not None}))
+    return FormatSummary(modules, reorders(results), symmetric(results, config), input_transform(results), extras)
 
 
 def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config: QuantConfig) -> None:
     desc_act, sym = reorders(results), symmetric(results, config)
     for name, result in results.items():
         linear = model.get_submodule(name)
-        fmt = linear_format(config.quantized_scheme(name), linear, desc_act, sym, config.activations)
+        kind = None if result.extras is None else result.extras.kind
+        fmt = linear_format(config.quantized_scheme(name), linear, desc_act, sym, config.activations, kind)
         set_module(model, name, QuantLinear.from_result(fmt, result, linear.bias))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import extras as weight_extras
 from ..kernels import LinearFormat, explain, select_kernel
 from ..runtime.quant_linear import QuantLinear
 from .loading import linear_format_from, linear_shape, quantized_module_qcfg, read_quantization_config, stored_format
@@ -25,8 +26,9 @@ class CheckpointInfo:
     rejected: dict[str, dict[str, str]]  # kernel -> {module: reason}, for --explain
     formats: dict[str, LinearFormat]  # module -> its stored format (bits, groups, grid...)
     # module -> bits per weight, counted from every stored tensor of its weight (codes, scales,
-    # zero points, indices, an input transform's buffers)
+    # zero points, indices, an input transform's buffers, weight extras)
     bits_per_weight: dict[str, float]
+    extras: dict[str, str]  # module -> what its weight extras hold (treeq.extras), where it has some
 
 
 SAFETENSORS_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8}
@@ -45,8 +47,10 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
     rejected: dict[str, dict[str, str]] = {}
     formats: dict[str, LinearFormat] = {}
     stored_bits: Counter = Counter()  # module -> bits of every tensor that stores its weight
+    extras: dict[str, str] = {}
     for weights in sorted(path.glob("*.safetensors")):  # one file, or the shards --low-memory writes
         with safe_open(weights, "pt") as f:
+            keys = set(f.keys())
             for key in f.keys():
                 tensor = f.get_slice(key)
                 shape = tensor.get_shape()
@@ -57,7 +61,11 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                     name = key[: -len(suffix)]
                     module = quantized_module_qcfg(qcfg, name)
                     in_f, out_f = linear_shape(module, shape)
-                    fmt = linear_format_from(module, in_f, out_f)
+                    own = [k for k in keys if k.startswith(f"{name}.") and k.rpartition(".")[2] in weight_extras.NAMES]
+                    held = weight_extras.stored_for(name, {k: f.get_tensor(k) for k in own})
+                    if held is not None:
+                        extras[name] = held.describe(in_f, out_f)
+                    fmt = linear_format_from(module, in_f, out_f, held and held.kind)
                     formats[name] = fmt
                     fp16_bytes += in_f * out_f * 2
                     reasons = explain(fmt, device, dtype)
@@ -69,4 +77,4 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                     fp16_bytes += math.prod(shape) * 2
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     per_weight = {n: stored_bits[n] / (f.in_features * f.out_features) for n, f in formats.items()}
-    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected, formats, per_weight)
+    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected, formats, per_weight, extras)

@@ -14,6 +14,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .. import extras as weight_extras
 from .. import formats, user_input
 from ..engine.experts import unfuse_experts
 from ..errors import TreeqError
@@ -78,8 +79,9 @@ def module_qcfg(qcfg: dict, name: str) -> dict | None:
     return qcfg
 
 
-def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> LinearFormat:
-    """The format of one quantized linear as the checkpoint's quantization_config describes it."""
+def linear_format_from(qcfg: dict, in_features: int, out_features: int, extras: str | None = None) -> LinearFormat:
+    """The format of one quantized linear as the checkpoint's quantization_config describes it;
+    ``extras``: the kind of weight extras its stored tensors hold (treeq.extras), if any."""
     grid = qcfg.get("grid", UniformGrid.name)
     if grid not in GRIDS:
         raise TreeqError(f"unknown grid {grid!r} in quantization_config; this treeq knows {', '.join(GRIDS)}")
@@ -98,6 +100,7 @@ def linear_format_from(qcfg: dict, in_features: int, out_features: int) -> Linea
         out_features=out_features,
         grid=grid,
         activation=activation_scheme(qcfg),
+        extras=extras,
     )
 
 
@@ -162,9 +165,11 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     described = qcfg.get("input_transform")
     for name in quantized:
         linear = model.get_submodule(name)
-        fmt = linear_format_from(quantized_module_qcfg(qcfg, name), linear.in_features, linear.out_features)
+        extras = weight_extras.stored_for(name, state)
+        kind = None if extras is None else extras.kind
+        fmt = linear_format_from(quantized_module_qcfg(qcfg, name), linear.in_features, linear.out_features, kind)
         transform = InputTransform.stored_for(name, state, described, linear.in_features)
-        layer = QuantLinear(fmt, linear.bias is not None, dtype, transform)
+        layer = QuantLinear(fmt, linear.bias is not None, dtype, transform, extras)
         set_module(model, name, layer)
     # Assigning takes each tensor's own dtype; the rest of the model (embeddings, norms, lm_head)
     # must run in ``dtype`` too, or an fp32 lm_head dominates a bf16 decode step.
