@@ -14,8 +14,11 @@ from treeq.errors import TreeqError
 from treeq.formats.qrazor import from_qrazor, shifts_of, to_qrazor
 from treeq.methods import METHODS
 from treeq.numerics import QRazorGrid, fake_quantize_razored_activation, make_grid, razor_round, razor_shift
+from treeq.runtime.kv_cache import QuantizedKVLayer
+from treeq.runtime.kv_schemes import cache_nbytes, kv_cache_for
+from treeq.runtime.qrazor_kv import QRazorKV
 from treeq.runtime.quant_linear import QuantLinear
-from treeq.schemes import ActivationScheme
+from treeq.schemes import ActivationScheme, KVCacheScheme
 from treeq.storage.inspect import inspect_checkpoint
 
 
@@ -195,12 +198,15 @@ def test_saved_compact_checkpoint_loads_to_the_fake_quant_weight(method, tmp_pat
     print(info)
 
 
-def reference_razored_activation(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """QRazor's activations with Python integers: per token 16-bit absmax integers, per group the
-    (bits - 1) bits from the leading one, rounded by adding half the dropped part."""
-    keep, out = bits - 1, torch.empty_like(x)
-    for i, row in enumerate(x.tolist()):
-        r = float(torch.tensor(max(abs(v) for v in row)) / 32767) or 1.0  # a zero token: scale 1
+def reference_razored_rows(x: torch.Tensor, bits: int, group: int, base_bits: int, scale_dtype) -> torch.Tensor:
+    """QRazor on each row of x [..., K] with Python integers: base_bits absmax integers (scale
+    rounded to scale_dtype), per group the (bits - 1) bits from the leading one, rounded by adding
+    half the dropped part."""
+    keep, base_max = bits - 1, 2 ** (base_bits - 1) - 1
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty_like(rows)
+    for i, row in enumerate(rows.tolist()):
+        r = float((torch.tensor(max(abs(v) for v in row)) / base_max).to(scale_dtype)) or 1.0  # zero row: 1
         q = [round(float(torch.tensor(v) / r)) for v in row]
         for g in range(0, len(q), group):
             part = q[g : g + group]
@@ -208,7 +214,7 @@ def reference_razored_activation(x: torch.Tensor, bits: int, group: int) -> torc
             for j, v in enumerate(part):
                 mag = min((abs(v) + (1 << shift >> 1)) >> shift, 2**keep - 1)
                 out[i, g + j] = float(torch.tensor((1 if v >= 0 else -1) * mag * 2**shift, dtype=torch.float32) * r)
-    return out
+    return out.reshape(x.shape)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 8), (4, 32), (8, 16)])
@@ -217,7 +223,7 @@ def test_razored_activations_equal_the_integer_reference(bits, group):
     x[2, 10] = 40.0  # an outlier channel: other groups of its token keep their resolution
     x[4] = 0
     fake = fake_quantize_razored_activation(x, bits, group)
-    assert torch.equal(fake, reference_razored_activation(x, bits, group))
+    assert torch.equal(fake, reference_razored_rows(x, bits, group, 16, torch.float32))
     assert fake_quantize_razored_activation(x.bfloat16(), bits, group).dtype == torch.bfloat16
 
 
@@ -240,3 +246,44 @@ def test_razored_activations_are_recorded_and_applied_after_loading(tmp_path, to
     expected = torch.nn.functional.linear(fake_quantize_razored_activation(x, 4, 8), layer.effective_weight())
     assert layer.fmt.activation == ActivationScheme(**act)
     torch.testing.assert_close(layer(x), expected + (0 if layer.bias is None else layer.bias), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 16), (4, 32), (3, 8)])
+def test_the_kv_quantizer_decodes_the_integer_reference(bits, group):
+    x = torch.randn(2, 3, 5, 32, generator=torch.Generator().manual_seed(group)) * 3
+    x[0, 1, 2] = 0
+    kv = QRazorKV(bits, group, 32)
+    stored = kv.encode(x.bfloat16())
+    assert torch.equal(kv.decode(stored).float(), reference_razored_rows(x.bfloat16(), bits, group, 8, torch.float16))
+    assert kv.decode(stored).dtype == torch.bfloat16
+    # codes, one byte per group's shift, fp16 per token
+    assert stored.nbytes == x.numel() * bits // 8 + x.numel() // group + x[..., 0].numel() * 2
+
+
+def test_a_cache_of_razored_blocks_returns_decoded_keys_then_the_fp_window():
+    layer = QuantizedKVLayer(QRazorKV(4, 16, 32), QRazorKV(4, 16, 32), residual=3)
+    first, second = torch.randn(1, 2, 6, 32), torch.randn(1, 2, 4, 32)
+    layer.update(first, first)
+    keys, _ = layer.update(second, second)
+    both = torch.cat([first, second], dim=-2)
+    assert layer.stored_tokens == 7
+    assert torch.equal(keys[..., :7, :], reference_razored_rows(both[..., :7, :], 4, 16, 8, torch.float16))
+    assert torch.equal(keys[..., 7:, :], both[..., 7:, :])
+    with pytest.raises(TreeqError, match="divisor of 32"):
+        QRazorKV(4, 12, 32)
+
+
+def test_the_qrazor_kv_preset_builds_razored_layers_and_shrinks_the_cache():
+    model = make_model("llama", head_dim=32, hidden_size=128)
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(0))
+    sizes = {}
+    for name in ("fp", "qrazor-4"):
+        cache = kv_cache_for(model, name)
+        model(input_ids=ids, cache=cache, use_cache=True)
+        sizes[name] = cache_nbytes(cache)
+    assert isinstance(cache.layers[0].key_quantizer, QRazorKV) and cache.layers[0].stored_tokens == 200 - 128
+    assert sizes["qrazor-4"] < sizes["fp"]
+    with pytest.raises(pydantic.ValidationError, match="per-token"):
+        KVCacheScheme(method="qrazor")
+    with pytest.raises(pydantic.ValidationError, match="key_bits and value_bits in"):
+        KVCacheScheme(method="qrazor", key_granularity="per-token", key_bits=8)

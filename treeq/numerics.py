@@ -278,6 +278,36 @@ def razor_round(x: torch.Tensor, kept: int) -> torch.Tensor:
     return torch.copysign(mag.clamp(max=2**kept - 1), x.float())
 
 
+def absmax_integers(
+    x: torch.Tensor, base_bits: int, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integers, scale) of x [..., K] absmax-quantized per row of K to ``base_bits``: scale =
+    amax|x| / (2^(base_bits-1) - 1) rounded to ``scale_dtype`` (what a cache stores; 1 where it
+    comes out 0), integers round(x / scale) clamped to the range, in fp32; scale [..., 1] fp32."""
+    base_max = 2 ** (base_bits - 1) - 1
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / base_max).to(scale_dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(xf / scale), -base_max, base_max), scale
+
+
+def razor_groups(q: torch.Tensor, bits: int, group: int, max_shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integers q [..., K] razored per group of ``group`` along K to a sign and bits - 1 bits:
+    (signed magnitudes [..., K], shifts int64 [..., K / group]); the value is mag * 2^shift."""
+    grouped = q.unflatten(-1, (q.shape[-1] // group, group))
+    shift = razor_shift(grouped.abs().amax(dim=-1), bits - 1, max_shift)
+    mag = razor_round(grouped / torch.exp2(shift.float())[..., None], bits - 1)
+    return mag.flatten(-2), shift
+
+
+def unrazor(mag: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """mag * 2^shift * scale in fp32, each shift repeated over its group (:func:`razor_groups`)."""
+    group = mag.shape[-1] // shift.shape[-1]
+    return (mag.float().unflatten(-1, (shift.shape[-1], group)) * torch.exp2(shift.float())[..., None]).flatten(
+        -2
+    ) * scale
+
+
 @dataclass(frozen=True)
 class QRazorGrid(RestrictedGrid):
     """QRazor's weight grid: each row absmax-quantized to BASE_BITS (scale r = amax / 127, fp16),
@@ -302,12 +332,8 @@ class QRazorGrid(RestrictedGrid):
     def kept(self) -> int:
         return self.bits - 1
 
-    @property
-    def base_max(self) -> int:
-        return 2 ** (self.BASE_BITS - 1) - 1
-
     def for_weight(self, w: torch.Tensor) -> "QRazorGrid":
-        return replace(self, row_scale=_storable(w.float().abs().amax(dim=1) / self.base_max))
+        return replace(self, row_scale=absmax_integers(w, self.BASE_BITS, SCALE_DTYPE)[1][:, 0])
 
     def _rows(self) -> torch.Tensor:
         if self.row_scale is None:
@@ -315,8 +341,8 @@ class QRazorGrid(RestrictedGrid):
         return self.row_scale
 
     def prepare(self, w: torch.Tensor) -> torch.Tensor:
-        r = self._rows()[:, None]
-        return torch.clamp(torch.round(w.float() / r), -self.base_max, self.base_max) * r
+        q, r = absmax_integers(w, self.BASE_BITS, SCALE_DTYPE)  # r is the row scale for_weight binds
+        return q * r
 
     def _max_shift(self) -> torch.Tensor:
         """Per row, the largest shift the flags hold whose scale r * 2^shift fp16 still holds."""
@@ -355,18 +381,12 @@ ACTIVATION_RAZOR_BASE_BITS = 16
 
 
 def fake_quantize_razored_activation(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """x [..., K] quantized as QRazor does activations and dequantized, in x's dtype: per token an
-    fp32 scale r = amax|x| / (2^15 - 1) and integers round(x / r) (ties to even), then per group
-    of ``group`` channels a sign and bits - 1 magnitude bits from the group's leading one
-    (:func:`razor_shift`, :func:`razor_round`): sign * mag * 2^shift * r."""
-    base_max = 2 ** (ACTIVATION_RAZOR_BASE_BITS - 1) - 1
-    xf = x.float()
-    r = xf.abs().amax(dim=-1, keepdim=True) / base_max
-    r = torch.where(r > 0, r, torch.ones_like(r))
-    q = torch.clamp(torch.round(xf / r), -base_max, base_max)
-    q = q.unflatten(-1, (q.shape[-1] // group, group))
-    step = torch.exp2(razor_shift(q.abs().amax(dim=-1), bits - 1, ACTIVATION_RAZOR_BASE_BITS).float())[..., None]
-    return (razor_round(q / step, bits - 1) * step).flatten(-2).mul_(r).to(x.dtype)
+    """x [..., K] quantized as QRazor does activations and dequantized, in x's dtype: per token
+    16-bit absmax integers with an fp32 scale (:func:`absmax_integers`), razored per group of
+    ``group`` channels (:func:`razor_groups`)."""
+    q, scale = absmax_integers(x, ACTIVATION_RAZOR_BASE_BITS)
+    mag, shift = razor_groups(q, bits, group, ACTIVATION_RAZOR_BASE_BITS)
+    return unrazor(mag, shift, scale).to(x.dtype)
 
 
 GRIDS: dict[str, type[Grid]] = {

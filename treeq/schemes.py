@@ -24,8 +24,12 @@ ACTIVATION_BITS = (4, 6, 8)
 ACTIVATION_GRANULARITIES = ("per-token", "per-tensor", "per-group")
 ACTIVATION_GRIDS = ("uniform", "qrazor")
 KV_GRANULARITIES = ("per-channel", "per-token")
-KV_METHODS = ("minmax",)
+KV_METHODS = ("minmax", "kvquant", "qrazor")
+KV_LEVELS = ("uniform", "nonuniform")
 KV_BITS = (*SUPPORTED_BITS, 16)
+QRAZOR_KV_BITS = (2, 3, 4, 16)
+# KV-cache fields only some methods honour: each is refused elsewhere unless left at its default.
+KV_METHOD_FIELDS = {f: ("kvquant",) for f in ("pre_rope_keys", "levels", "outliers", "sink_tokens")}
 
 
 class _Scheme(BaseModel):
@@ -117,36 +121,72 @@ class KVCacheScheme(_Scheme):
 
     method: Literal[KV_METHODS] = Field(  # type: ignore[valid-type]
         "minmax",
-        description="minmax: KIVI's asymmetric min/max levels per group (treeq/numerics.py)",
+        description="minmax: KIVI's asymmetric min/max levels per group; kvquant: KVQuant's calibrated per-channel "
+        "key ranges, per-token values, and the parts below it alone honours (treeq/runtime/kvquant.py); qrazor: "
+        "each token 8-bit absmax, razored per group of group_size channels (treeq/runtime/qrazor_kv.py)",
     )
     key_bits: Literal[KV_BITS] = Field(4, description="16: kept as the model computes them")  # type: ignore[valid-type]
     value_bits: Literal[KV_BITS] = Field(4, description="16: kept as the model computes them")  # type: ignore[valid-type]
-    key_granularity: Literal[KV_GRANULARITIES] = "per-channel"  # type: ignore[valid-type]
+    key_granularity: Literal[KV_GRANULARITIES] = Field(  # type: ignore[valid-type]
+        "per-channel", description="kvquant: per-channel ranges are calibrated offline, per-token ones taken per token"
+    )
     value_granularity: Literal[KV_GRANULARITIES] = "per-token"  # type: ignore[valid-type]
-    group_size: PositiveInt = Field(32, description="tokens (per-channel) or channels (per-token) per scale")
+    group_size: PositiveInt = Field(
+        32,
+        description="tokens (minmax per-channel) or channels (per-token) per scale; kvquant's per-channel "
+        "keys have one calibrated range per channel",
+    )
     residual: NonNegativeInt = Field(128, description="newest tokens kept in full precision")
     sym: bool = Field(False, description="symmetric levels (no method has them yet)")
-    pre_rope_keys: bool = Field(
-        False, description="quantize keys before RoPE; the cache applies it on read (no method has it yet)"
+    pre_rope_keys: bool = Field(False, description="quantize keys before RoPE; the cache applies it on read (kvquant)")
+    levels: Literal[KV_LEVELS] = Field(  # type: ignore[valid-type]
+        "uniform",
+        description="nonuniform: per-layer levels from Fisher-weighted k-means on calibration activations (kvquant)",
     )
+    outliers: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="share of keys and values kept in fp16 beside the codes, dense-and-sparse (kvquant; paper: 0.01)",
+    )
+    sink_tokens: NonNegativeInt = Field(0, description="first tokens kept in full precision, attention sink (kvquant)")
 
     @model_validator(mode="after")
     def _implemented(self) -> "KVCacheScheme":
-        # Both fields predate a method that honours them; refusing beats silently ignoring them.
+        # Refusing a setting beats silently ignoring it: each field below is honoured only by the
+        # methods named beside it.
         if self.sym:
             raise ValueError(f"sym=True: method {self.method!r} is asymmetric; allowed: sym=False")
-        if self.pre_rope_keys:
-            raise ValueError(f"pre_rope_keys=True: method {self.method!r} quantizes keys after RoPE; allowed: False")
+        defaults = KVCacheScheme.model_fields
+        for field, methods in KV_METHOD_FIELDS.items():
+            value = getattr(self, field)
+            if self.method not in methods and value != defaults[field].default:
+                raise ValueError(
+                    f"{field}={value!r}: method {self.method!r} does not have it; methods that do: {', '.join(methods)}"
+                )
+        if self.method == "kvquant" and self.value_granularity != "per-token":
+            raise ValueError("value_granularity='per-channel': kvquant keeps values per token; allowed: per-token")
+        if self.method == "qrazor" and "per-channel" in (self.key_granularity, self.value_granularity):
+            raise ValueError("qrazor razors each token's channels: set key_granularity and value_granularity per-token")
+        if self.method == "qrazor" and not {self.key_bits, self.value_bits} <= set(QRAZOR_KV_BITS):
+            raise ValueError(f"qrazor keeps a sign and bits-1 bits of 8: key_bits and value_bits in {QRAZOR_KV_BITS}")
         return self
 
     def describe(self) -> str:
         def part(what: str, bits: int, granularity: str) -> str:
             return f"{what} fp" if bits == 16 else f"{what} {bits}-bit {granularity}"
 
+        extras = {
+            "keys before RoPE": self.pre_rope_keys,
+            f"{self.levels} levels": self.method == "kvquant",
+            f"{self.outliers:.1%} outliers fp16": self.outliers > 0,
+            f"first {self.sink_tokens} tokens fp": self.sink_tokens > 0,
+        }
         return (
             f"{self.method}: {part('keys', self.key_bits, self.key_granularity)}, "
             f"{part('values', self.value_bits, self.value_granularity)}, groups of {self.group_size}, "
-            f"newest {self.residual} tokens fp"
+            + "".join(f"{text}, " for text, on in extras.items() if on)
+            + f"newest {self.residual} tokens fp"
         )
 
     @classmethod
@@ -158,13 +198,18 @@ class KVCacheScheme(_Scheme):
 
 
 # Named KV settings: KIVI's (keys per channel, values per token, groups of 32, 128 fp tokens), the
-# per-token-keys baseline KIVI is measured against, and the unquantized cache.
+# per-token-keys baseline KIVI is measured against, the unquantized cache, and KVQuant's with every
+# part on (no fp window, as its paper; values per token over 64 channels, SmolLM2's whole head).
+KVQUANT_PARTS = dict(group_size=64, residual=0, pre_rope_keys=True, levels="nonuniform", outliers=0.01, sink_tokens=1)
 KV_PRESETS: dict[str, dict] = {
     "fp": dict(key_bits=16, value_bits=16),
     "kivi-4": dict(key_bits=4, value_bits=4),
     "kivi-2": dict(key_bits=2, value_bits=2),
     "per-token-4": dict(key_bits=4, value_bits=4, key_granularity="per-token"),
     "per-token-2": dict(key_bits=2, value_bits=2, key_granularity="per-token"),
+    **{f"kvquant-{bits}": dict(method="kvquant", key_bits=bits, value_bits=bits, **KVQUANT_PARTS) for bits in (4, 3)},
+    # QRazor's KV4: each token's head vector razored in groups of 16 channels
+    "qrazor-4": dict(method="qrazor", key_bits=4, value_bits=4, key_granularity="per-token", group_size=16),
 }
 
 

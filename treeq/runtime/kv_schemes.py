@@ -8,14 +8,17 @@ from ..errors import TreeqError
 from ..models import spec_for
 from ..schemes import KVCacheScheme
 from .kivi import MinMaxKV
-from .kv_cache import AttentionShape, IdentityKV, KVQuantizer, quantized_kv_cache
+from .kv_cache import FULL_PRECISION, AttentionShape, IdentityKV, KVQuantizer, quantized_kv_cache
+from .kv_calibration import KVCalibration, needs_calibration
+from .kvquant import KVQuantKV, check_packable_heads, uniform_levels
+from .qrazor_kv import QRazorKV
 
-FULL_PRECISION = 16
+# Fields a calibration depends on: one made for other values of them does not fit the scheme.
+CALIBRATED_FIELDS = ("key_bits", "value_bits", "key_granularity", "group_size", "pre_rope_keys", "levels", "outliers")
+CALIBRATED_FIELDS += ("sink_tokens",)
 
 
-def _quantizer(bits: int, granularity: str, scheme: KVCacheScheme, shape: AttentionShape, what: str) -> KVQuantizer:
-    if bits == FULL_PRECISION:
-        return IdentityKV()
+def _minmax(bits: int, granularity: str, scheme: KVCacheScheme, shape: AttentionShape, what: str) -> KVQuantizer:
     per_channel = granularity == "per-channel"
     if not per_channel and shape.head_dim % scheme.group_size:
         raise TreeqError(
@@ -25,19 +28,59 @@ def _quantizer(bits: int, granularity: str, scheme: KVCacheScheme, shape: Attent
     return MinMaxKV(bits, per_channel, scheme.group_size)
 
 
-def kv_cache_for(model, scheme: KVCacheScheme | str) -> Cache:
-    """A fresh cache for ``model`` storing keys and values as ``scheme`` (or a preset name) says."""
-    scheme = KVCacheScheme.named(scheme) if isinstance(scheme, str) else scheme
+def _kvquant(
+    bits: int, granularity: str, scheme: KVCacheScheme, shape: AttentionShape, levels, channels
+) -> KVQuantizer:
+    group = None if granularity == "per-channel" else scheme.group_size
+    check_packable_heads(bits, shape.head_dim, group)
+    levels = uniform_levels(bits) if levels is None else levels
+    return KVQuantKV(bits, levels, group, channels, scheme.outliers)
 
-    def quantizers(_layer: int, shape: AttentionShape) -> tuple[KVQuantizer, KVQuantizer]:
+
+def _checked(scheme: KVCacheScheme, calibration: KVCalibration | None) -> KVCalibration | None:
+    if not needs_calibration(scheme):
+        return None
+    if calibration is None:
+        raise TreeqError(
+            f"{scheme.describe()} needs calibration: pass calibration=calibrate_kv(collect_kv_activations(model, "
+            "batches), scheme) (treeq eval and generate calibrate on wiki-train themselves)"
+        )
+    made_for, wanted = (s.model_dump(include=set(CALIBRATED_FIELDS)) for s in (calibration.scheme, scheme))
+    if made_for != wanted:
+        changed = sorted(k for k in wanted if wanted[k] != made_for[k])
+        raise TreeqError(f"the calibration was made for other {', '.join(changed)}; calibrate again for this scheme")
+    return calibration
+
+
+def kv_cache_for(model, scheme: KVCacheScheme | str, calibration: KVCalibration | None = None) -> Cache:
+    """A fresh cache for ``model`` storing keys and values as ``scheme`` (or a preset name) says;
+    ``calibration``: what a calibrated kvquant scheme was calibrated to (kv_calibration.py)."""
+    scheme = KVCacheScheme.named(scheme) if isinstance(scheme, str) else scheme
+    calibration = _checked(scheme, calibration)
+
+    def quantizers(layer: int, shape: AttentionShape) -> tuple[KVQuantizer, KVQuantizer]:
+        tables = calibration.layers[layer] if calibration else None
+
+        def one(what: str, bits: int, granularity: str, levels, channels) -> KVQuantizer:
+            if bits == FULL_PRECISION:
+                return IdentityKV()
+            if scheme.method == "kvquant":
+                return _kvquant(bits, granularity, scheme, shape, levels, channels)
+            if scheme.method == "qrazor":
+                return QRazorKV(bits, scheme.group_size, shape.head_dim)
+            return _minmax(bits, granularity, scheme, shape, what)
+
         return (
-            _quantizer(scheme.key_bits, scheme.key_granularity, scheme, shape, "keys"),
-            _quantizer(scheme.value_bits, scheme.value_granularity, scheme, shape, "values"),
+            one("keys", scheme.key_bits, scheme.key_granularity, tables and tables.key_levels, tables and tables.keys),
+            one("values", scheme.value_bits, scheme.value_granularity, tables and tables.value_levels, None),
         )
 
-    return quantized_kv_cache(model, spec_for(model.config), quantizers, scheme.residual)
+    return quantized_kv_cache(
+        model, spec_for(model.config), quantizers, scheme.residual, scheme.sink_tokens, scheme.pre_rope_keys
+    )
 
 
 def cache_nbytes(cache: Cache) -> int:
-    """Bytes the cache holds: stored codes, scales and minima, and the full-precision window."""
+    """Bytes the cache holds: stored codes, scales, minima and outliers, calibrated tables, and the
+    full-precision sink and window."""
     return sum(layer.nbytes() for layer in cache.layers)
