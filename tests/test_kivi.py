@@ -131,7 +131,7 @@ def test_generation_attends_to_stored_codes():
     _, fp_logits = generate_with_logits(model, ids)
     cache = kv_cache_for(model, small_kivi())
     _, step_logits = generate_with_logits(model, ids, cache)
-    assert isinstance(cache.layers[0].stored[0][0], PackedStates)
+    assert isinstance(cache.layers[0].stored[0][1], PackedStates)  # (position, keys, values)
     assert cache.layers[0].stored_tokens == 16  # 21 tokens seen, 4 kept fp, whole blocks of 16
     assert step_logits.isfinite().all() and not torch.allclose(step_logits, fp_logits, atol=1e-3)
 

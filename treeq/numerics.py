@@ -549,3 +549,26 @@ def dequantize_minmax_groups(
     """codes * scale + low in fp32, each group's scale and low repeated over its ``group`` entries."""
     scale, low = (t.float().repeat_interleave(group, dim=dim) for t in (scale, low))
     return codes.float() * scale + low
+
+
+# ---- Lookup-table levels (KVQuant's KV cache: uniform or non-uniform levels in [-1, 1]) ----
+
+
+def storable_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(center, half-width) of [lo, hi] as fp16 holds them, back in fp32; a zero width becomes 1
+    (a constant group then codes its value at the level nearest 0)."""
+    return ((hi + lo) / 2).to(SCALE_DTYPE).float(), _storable((hi - lo) / 2)
+
+
+def quantize_to_levels(x: torch.Tensor, center: torch.Tensor, half: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8) of the level (ascending, at most 256, in [-1, 1]) nearest to each entry of
+    ``(x - center) / half``, clamped to [-1, 1] first; a tie goes to the lower level."""
+    normalized = ((x.float() - center) / half).clamp(-1, 1)
+    return torch.bucketize(normalized, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)
+
+
+def dequantize_levels(
+    codes: torch.Tensor, center: torch.Tensor, half: torch.Tensor, levels: torch.Tensor
+) -> torch.Tensor:
+    """levels[code] * half + center in fp32."""
+    return levels[codes.long()] * half + center

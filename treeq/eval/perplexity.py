@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .. import data
 from ..data import Bos
 from ..errors import TreeqError
+from ..runtime.kv_calibration import KVCalibration, calibrate_on_text
 from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import KVCacheScheme
 
@@ -62,6 +63,7 @@ class KVProtocol:
     scheme: KVCacheScheme
     protocol: str = KV_PROTOCOLS[0]
     chunk: int = 32
+    calibration: KVCalibration | None = None
 
     def __post_init__(self):
         if self.protocol not in KV_PROTOCOLS:
@@ -70,7 +72,7 @@ class KVProtocol:
             raise TreeqError(f"kv_chunk={self.chunk} feeds no token; use at least 1")
 
     def logits(self, model, x: torch.Tensor) -> torch.Tensor:
-        cache = kv_cache_for(model, self.scheme)
+        cache = kv_cache_for(model, self.scheme, self.calibration)
         if self.protocol == "simulated":
             return model(input_ids=x, cache=cache, use_cache=True).logits
         return torch.cat(
@@ -79,7 +81,8 @@ class KVProtocol:
 
     def describe(self) -> str:
         how = "window in one forward" if self.protocol == "simulated" else f"window fed {self.chunk} tokens at a time"
-        return f"{self.protocol} ({how} through the cache), {self.scheme.describe()}"
+        calibrated = "" if self.calibration is None else f"; calibrated, weights: {self.calibration.sensitivity}"
+        return f"{self.protocol} ({how} through the cache), {self.scheme.describe()}{calibrated}"
 
 
 def perplexity(
@@ -121,11 +124,16 @@ def evaluate_perplexity(
     kv: KVCacheScheme | str | None = None,
     kv_protocol: str = KV_PROTOCOLS[0],
     kv_chunk: int = 32,
+    kv_calib_text: str = "wiki-train",
 ) -> PerplexityResult:
     """``bos``: "auto" starts each window with a BOS where the tokenizer adds one; "always" / "never" force it.
-    ``kv``: a KV-cache setting or preset name (``"kivi-2"``), measured by ``kv_protocol``."""
+    ``kv``: a KV-cache setting or preset name (``"kivi-2"``), measured by ``kv_protocol``; one that
+    needs calibration (kvquant) is calibrated on ``kv_calib_text`` first."""
     start = data.bos_for(tokenizer, bos)
     if isinstance(kv, str):
         kv = KVCacheScheme.named(kv)
-    protocol = None if kv is None else KVProtocol(kv, kv_protocol, kv_chunk)
+    protocol = None
+    if kv is not None:
+        calibration = calibrate_on_text(model, tokenizer, kv, kv_calib_text)
+        protocol = KVProtocol(kv, kv_protocol, kv_chunk, calibration)
     return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start, protocol)

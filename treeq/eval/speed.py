@@ -11,6 +11,7 @@ import torch
 
 from ..errors import TreeqError
 from ..fp_model import load_fp_model
+from ..runtime.kv_calibration import calibrate_on_text
 from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import KVCacheScheme
 from ..storage.loading import load_quantized, read_quantization_config
@@ -32,11 +33,17 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     kv: KVCacheScheme | str | None = None,
+    kv_calib_text: str = "wiki-train",
 ) -> str:
     """Greedy at temperature 0, else sampling; returns only the new text. ``kv``: a KV-cache
-    setting or preset name (``"kivi-4"``) to keep keys and values in, else transformers' cache."""
+    setting or preset name (``"kivi-4"``) to keep keys and values in, else transformers' cache; one
+    that needs calibration (kvquant) is calibrated on ``kv_calib_text`` first."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    cache = None if kv is None else kv_cache_for(model, kv)
+    cache = None
+    if kv is not None:
+        kv = KVCacheScheme.named(kv) if isinstance(kv, str) else kv
+        calibration = calibrate_on_text(model, tokenizer, kv, kv_calib_text)
+        cache = kv_cache_for(model, kv, calibration)
     torch.manual_seed(seed)
     sample = temperature > 0
     with torch.no_grad():
