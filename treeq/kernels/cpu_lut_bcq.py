@@ -1,0 +1,115 @@
+"""LUT-GEMM for binary-coding quantized weights (:mod:`treeq.bcq`) on x86 CPUs, AVX512 or AVX2.
+
+Per token and slice of 8 inputs the 256 signed sums are tabled once; each output then adds, per
+bit-plane, one table entry per slice (the plane's byte is the index), scales the group's sum by the
+plane's alpha and adds offset x the group's input sum (``cpu_lut_bcq.cpp`` explains the layout).
+The weight is never expanded, so one token reads q bits per weight. All sums in fp32: the result
+equals x @ W^T of :func:`treeq.bcq.dequantize`'s weight up to summation order.
+
+Built with the system's g++ on first use. ``$TREEQ_CPU_ISA=avx2`` (:mod:`.cpu_isa`) forces the
+AVX2 path on an AVX512 CPU, so one machine tests both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..bcq import SLICE, BCQWeight
+from ..errors import TreeqError
+from . import _native, cpu_isa
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = ("-mavx2", "-mfma", "-fopenmp")  # the AVX512 path sets its own target attribute
+LANES = 16  # outputs per block: out_features must be a multiple
+# From this many tokens the weight is dequantized (treeq.bcq.dequantize, the fake-quant weight) and
+# multiplied in fp32 instead: the table look-ups cost the same per token at any M while a GEMM's
+# cost per token falls (bench/lut_gemm.py measures both). Read at each call.
+DENSE_FROM = 256
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str | None]:
+    lib, why = _native.build(SOURCE, FLAGS)
+    if lib is None:
+        return None, why
+    if lib.treeq_bcq_isa() == 0:
+        return None, "this CPU lacks AVX2 and FMA"
+    p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.treeq_bcq_lut_matmul.argtypes = [p, i, i, p, p, p, i, i, i, p, c_int, c_int]
+    lib.treeq_bcq_lut_matmul.restype = None
+    return lib, None
+
+
+def unavailable() -> str | None:
+    return library()[1]
+
+
+def path(tokens: int = 1) -> str:
+    """"dense" from DENSE_FROM tokens; below, "avx512" where the CPU has AVX512F and
+    ``$TREEQ_CPU_ISA`` allows AVX512, "avx2" otherwise."""
+    if tokens >= DENSE_FROM:
+        return "dense"
+    lib = library()[0]
+    return "avx512" if lib is not None and lib.treeq_bcq_isa() == 2 and cpu_isa.allows("avx512_bf16") else "avx2"
+
+
+def refuses(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why the kernel cannot hold a layer of this shape; None when it can."""
+    if out_features % LANES:
+        return f"out_features={out_features} not a multiple of {LANES}"
+    if group_size % SLICE or in_features % group_size:
+        return f"group_size={group_size} not a multiple of {SLICE} dividing in_features={in_features}"
+    return None
+
+
+@dataclass
+class LutState:
+    weight: BCQWeight  # as stored, for the dense path
+    planes: torch.Tensor  # uint8 [N/16, K/8, q, 16]
+    alphas: torch.Tensor  # fp32 [N/16, groups, q, 16]
+    offsets: torch.Tensor  # fp32 [N/16, groups, 16]
+    out_features: int
+    in_features: int
+    group_size: int
+
+    @property
+    def q(self) -> int:
+        return self.planes.shape[2]
+
+
+def prepare(weight: BCQWeight) -> LutState:
+    """The kernel's layout of ``weight``; a one-line TreeqError for shapes it cannot run."""
+    n, k = weight.shape
+    reason = refuses(n, k, weight.group_size)
+    if reason is not None:
+        raise TreeqError(f"cpu_lut_bcq: {reason}")
+    q, groups = weight.planes.shape[0], k // weight.group_size
+    planes = weight.planes.reshape(q, n // LANES, LANES, k // SLICE).permute(1, 3, 0, 2)
+    alphas = weight.alphas.float().reshape(q, groups, n // LANES, LANES).permute(2, 1, 0, 3)
+    offsets = weight.offsets.float().reshape(groups, n // LANES, LANES).permute(1, 0, 2)
+    return LutState(weight, planes.contiguous(), alphas.contiguous(), offsets.contiguous(), n, k, weight.group_size)
+
+
+def matmul(st: LutState, x: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, N] = x [M, K] (any float dtype, taken to fp32) times the BCQ weight transposed."""
+    lib, why = library()
+    if lib is None:
+        raise TreeqError(f"cpu_lut_bcq: {why}")
+    x = x.float().contiguous()
+    if x.dim() != 2 or x.shape[1] != st.in_features:
+        raise TreeqError(f"cpu_lut_bcq: input of shape {tuple(x.shape)}, expected [tokens, {st.in_features}]")
+    chosen = path(x.shape[0])
+    if chosen == "dense":
+        return x @ st.weight.dequantize().T
+    y = torch.empty(x.shape[0], st.out_features)
+    lib.treeq_bcq_lut_matmul(
+        x.data_ptr(), x.shape[0], st.in_features, st.planes.data_ptr(), st.alphas.data_ptr(),
+        st.offsets.data_ptr(), st.out_features, st.q, st.group_size, y.data_ptr(),
+        torch.get_num_threads(), int(chosen == "avx512"),
+    )  # fmt: skip
+    return y
