@@ -21,6 +21,7 @@ from treeq.methods import METHODS
 from treeq.models import load_spec_file
 from treeq.recipe import merged, read_recipe
 from treeq.runtime.input_transform import InputTransform
+from treeq.config import DistillSettings
 from treeq.schemes import ActivationScheme, WeightScheme
 from treeq.storage.model_card import record_perplexity
 from treeq.transforms import TRANSFORMS
@@ -137,6 +138,8 @@ SETTINGS = {
 )
 @derived_options(SETTINGS)
 @derived_options({"activations": [ActivationScheme]}, prefix="act-")
+@click.option("--lkd", is_flag=True, help="distil every quantized layer towards its fp output (ZeroQuant's LKD)")
+@derived_options({"distill": [DistillSettings]}, prefix="lkd-")
 @click.option(
     "--option",
     "options",
@@ -178,6 +181,7 @@ def quantize(
     recipe,
     method,
     migration,
+    lkd,
     options,
     overrides,
     calib_text,
@@ -201,6 +205,8 @@ def quantize(
         given["migration"] = migration
     if overrides:
         given["overrides"] = [parse_override(o) for o in overrides]
+    if lkd:
+        given.setdefault("distill", {})
     config = treeq.QuantConfig.build(**merged(read_recipe(recipe) if recipe else {}, given))
     config = treeq.api.for_model(config, model)
     w = config.weights

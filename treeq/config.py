@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from .data import BOS_RULES
 from .engine.calib_precision import CALIB_DTYPES
@@ -45,6 +45,23 @@ class CalibrationSettings(BaseModel):
         0.005, ge=0, le=1, description="modules seeing fewer than this fraction of calibration tokens fall back"
     )
     fallback_method: str = Field("rtn", description="method for modules that saw too few calibration tokens")
+
+
+class DistillSettings(BaseModel):
+    """ZeroQuant's layer-wise knowledge distillation (treeq/engine/distill.py), run on each chosen
+    decoder layer once its modules are quantized."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: PositiveInt = Field(50, description="AdamW steps per layer, one calibration batch each")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the layer's weights")
+    layers: Literal["all"] | tuple[NonNegativeInt, ...] = Field("all", description="decoder layers to distil")
+    holdout: float = Field(
+        0.25, gt=0, lt=1, description="share of calibration batches held out to judge a layer's result"
+    )
+
+    def applies_to(self, layer: int) -> bool:
+        return self.layers == "all" or layer in self.layers
 
 
 class CheckpointSettings(BaseModel):
@@ -110,6 +127,9 @@ class QuantConfig(BaseModel):
     )
     migration_options: dict[str, Any] = Field(
         default_factory=dict, description="the scale migration's settings, checked by it"
+    )
+    distill: DistillSettings | None = Field(
+        None, description="layer-wise knowledge distillation after each layer is quantized (ZeroQuant's LKD)"
     )
 
     @model_validator(mode="before")

@@ -418,6 +418,16 @@ def dequantize_grouped(
     return w
 
 
+def quantize_grouped(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, grid: str, bits: int
+) -> torch.Tensor:
+    """Codes [out, in] (uint8) of ``w`` rounded to the nearest level of given per-group params, the
+    inverse of :func:`dequantize_grouped` on them: re-rounding a weight trained on fixed levels."""
+    g = g_idx.long()
+    levels = GRIDS[grid](bits)
+    return levels.quantize(w, scales.float()[g].T, zeros.float()[g].T).to(torch.uint8)
+
+
 def _ste(value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:
     """``value`` in the forward pass, the identity's gradient to ``through`` in the backward."""
     return through + (value - through).detach()

@@ -25,9 +25,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import user_input
+from ..config import DistillSettings
 from ..methods import InputStats, Method, QuantResult
 from ..models import Subset, TreeSpec
 from . import experts
+from .distill import distill_layer
 from .lockstep import StopForward, batch_threads, run_lockstep, run_rerunning
 from .memory import map_large_allocations
 from .plan import MethodPlan
@@ -243,6 +245,7 @@ def quantize_layers(
             layer_results: dict[str, QuantResult] = {}
             if plan.migration is not None:
                 _rescale_inputs(layer, spec, plan, inputs, index, device)
+            teacher = _teacher(layer, inputs, index, plan.config.distill)
             bound = bind_layer(layer, spec, plan.default, devices)
 
             def quantize(b: BoundSubset) -> None:
@@ -265,6 +268,8 @@ def quantize_layers(
                     quantize(b)
                 for forward in _forwards(layer, inputs, index, advance=True):
                     forward()
+            if teacher is not None:
+                _distill(layer, spec, plan, inputs, index, layer_results, teacher, log)
             layer.to("cpu")
             if stream is not None:
                 stream.emit(index, layer, layer_results)
@@ -303,6 +308,32 @@ def _rescale_inputs(layer, spec: TreeSpec, plan: MethodPlan, inputs: LayerInputs
             fold_input_scales(layer, s.modules, s.fed_by, scales, spec.norm_weight_offset)
 
 
+def _teacher(layer, inputs: LayerInputs, index: int, settings: DistillSettings | None):
+    """The layer's inputs, its fp outputs on them (in fp32) and its linears' fp weights, kept for
+    distillation (``settings``) before quantizing changes the layer; None where the layer is not
+    distilled."""
+    if settings is None or not settings.applies_to(index):
+        return None
+    hidden = list(inputs.hidden)  # the looper replaces entries with outputs, not the tensors
+    targets = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(hidden, inputs.kwargs[index])]
+    weights = {name: m.weight.data.clone() for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    return hidden, targets, weights
+
+
+def _distill(layer, spec: TreeSpec, plan: MethodPlan, inputs: LayerInputs, index: int, results, teacher, log) -> None:
+    """Distil the quantized layer towards ``teacher`` (:mod:`treeq.engine.distill`), replace its
+    results by the kept ones, and recompute the layer's outputs for the next layer."""
+    hidden, targets, weights = teacher
+    prefix = f"{spec.layers}.{index}."
+    own = {n[len(prefix) :]: (r, plan.scheme(n).bits, weights[n[len(prefix) :]]) for n, r in results.items()}
+    kept, record = distill_layer(layer, index, own, hidden, inputs.kwargs[index], targets, plan.config.distill)
+    for name, r in kept.items():
+        results[prefix + name] = r
+    log.say(record.line())
+    for b, h in enumerate(hidden):
+        inputs.hidden[b] = _first_output(_forward(layer, h, inputs.kwargs[index][b], inputs.autocast))
+
+
 def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> tuple[QuantResult, float]:
     start = time.perf_counter()
     return method.quantize(weight, stats), time.perf_counter() - start
@@ -310,7 +341,11 @@ def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> 
 
 def _quantizing_input(quantizer):
     def hook(_module, args):
-        return (quantizer(args[0]), *args[1:])
+        x = args[0]
+        q = quantizer(x)
+        if torch.is_grad_enabled() and x.requires_grad:  # distillation trains through it
+            q = x + (q - x).detach()
+        return (q, *args[1:])
 
     return hook
 

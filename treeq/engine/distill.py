@@ -1,0 +1,118 @@
+"""Layer-wise knowledge distillation (ZeroQuant's LKD), run on a decoder layer once its modules
+are quantized.
+
+The student is the quantized layer: each quantized module's weight starts at its dequantized
+value and is trained through a straight-through fake-quant on the module's own levels (the
+method's scales and zero points stay fixed, so the result is still a checkpoint of that method's
+layout). The teacher is the same layer in full precision; both read the inputs the looper holds
+for the layer (what the model quantized so far computes). AdamW minimises the squared error of the
+layer's output on all but a held-out share of the calibration batches; the trained weights are
+re-rounded to the levels, and the layer keeps them only if the error on the held-out batches falls.
+Input quantizers hooked on the modules pass gradients straight through while training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from ..config import DistillSettings
+from ..methods import QuantResult
+from ..numerics import dequantize_grouped, quantize_grouped
+
+
+@dataclass(frozen=True)
+class DistillRecord:
+    layer: int
+    before: float  # held-out output error of the quantized layer
+    after: float  # the same after training and re-rounding
+    kept: bool
+    changed_codes: int  # codes that moved, over every module of the layer
+
+    def line(self) -> str:
+        verdict = "kept" if self.kept else "discarded (held-out error rose)"
+        return (
+            f"layer {self.layer} LKD: held-out output error {self.before:.4e} -> {self.after:.4e} "
+            f"({self.changed_codes} codes changed), {verdict}"
+        )
+
+
+class _Levels:
+    """A module's fixed levels and its trainable weight, which starts at the fp weight: training
+    moves it across the rounding boundaries where that lowers the layer's output error."""
+
+    def __init__(self, result: QuantResult, bits: int, fp_weight: torch.Tensor):
+        self.result, self.bits = result, bits
+        self.weight = nn.Parameter(fp_weight.detach().float().clone())
+
+    def fake_quantized(self) -> torch.Tensor:
+        """The weight on its levels in the forward pass, the identity's gradient in the backward."""
+        r = self.result
+        w = self.weight
+        on_levels = dequantize_grouped(self._codes(w.detach()), r.scales, r.zeros, r.g_idx, r.grid)
+        return w + (on_levels - w).detach()
+
+    def _codes(self, w: torch.Tensor) -> torch.Tensor:
+        r = self.result
+        return quantize_grouped(w, r.scales, r.zeros, r.g_idx, r.grid, self.bits)
+
+    def rounded(self) -> QuantResult:
+        return replace(self.result, codes=self._codes(self.weight.detach()))
+
+
+def distill_layer(
+    layer: nn.Module,
+    index: int,
+    results: dict[str, tuple[QuantResult, int, torch.Tensor]],
+    inputs: list[torch.Tensor],
+    kwargs: list[dict],
+    targets: list[torch.Tensor],
+    settings: DistillSettings,
+) -> tuple[dict[str, QuantResult], DistillRecord]:
+    """Train the quantized modules of ``layer`` (``results``: module name in the layer -> (result,
+    bits, fp weight)) so its outputs on ``inputs`` match ``targets`` (the fp layer's), and return the results
+    to keep (re-rounded, or the given ones where held-out error did not fall) with the record.
+    The layer runs in fp32 (no autocast), as ``targets`` were computed. Each module's weight is left at its kept result's dequantized value."""
+    if transformed := [n for n, (r, *_) in results.items() if r.transform is not None]:
+        raise ValueError(f"LKD trains plain weights; {transformed[0]} has an input transform")
+    held = max(1, math.ceil(len(inputs) * settings.holdout))
+    if held >= len(inputs):
+        raise ValueError(f"LKD needs a calibration batch to train on beside {held} held out; add calib_samples")
+    train, heldout = range(len(inputs) - held), range(len(inputs) - held, len(inputs))
+    levels = {name: _Levels(r, bits, fp) for name, (r, bits, fp) in results.items()}
+    params = {f"{name}.weight": lv.weight for name, lv in levels.items()}
+
+    def error(batches, weights=None) -> float:
+        with torch.no_grad():
+            return sum(_loss(layer, inputs[b], kwargs[b], targets[b], weights).item() for b in batches) / len(batches)
+
+    before = error(heldout)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=settings.lr, weight_decay=0.0)
+    with torch.enable_grad():
+        for step in range(settings.steps):
+            b = train[step % len(train)]
+            weights = {key: levels[key[: -len(".weight")]].fake_quantized() for key in params}
+            loss = _loss(layer, inputs[b], kwargs[b], targets[b], weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    rounded = {name: lv.rounded() for name, lv in levels.items()}
+    after = error(heldout, {f"{n}.weight": r.weight() for n, r in rounded.items()})
+    kept = after < before
+    chosen = rounded if kept else {name: r for name, (r, *_) in results.items()}
+    for name, r in chosen.items():
+        layer.get_submodule(name).weight.data = r.weight().to(layer.get_submodule(name).weight.dtype)
+    changed = sum(int((rounded[n].codes != r.codes).sum()) for n, (r, *_) in results.items())
+    return chosen, DistillRecord(index, before, after, kept, changed)
+
+
+def _loss(layer, hidden: torch.Tensor, kwargs: dict, target: torch.Tensor, weights) -> torch.Tensor:
+    """Mean squared error of the layer's output with ``weights`` (parameter name -> tensor) in
+    place of its own, against ``target``."""
+    out = functional_call(layer, weights or {}, (hidden,), kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return torch.mean((out.float() - target.float()) ** 2)
