@@ -53,10 +53,8 @@ def test_refused_combinations_are_exactly_the_ones_that_cannot_hold():
     assert "quantizes onto grid 'minmax' only, not 'half-step'" in refused[("paroquant", "half-step", 4)]
 
 
-@pytest.mark.parametrize("method,grid,bits", [c for c in COMBINATIONS if refusal(*c) is None])
-def test_checkpoint_rebuilds_the_methods_fake_quant_weight(
-    method, grid, bits, tmp_path, tokenizer, text_file, monkeypatch
-):
+def recorded_fake_quant(monkeypatch) -> dict[str, torch.Tensor]:
+    """Filled, as a one-layer model is quantized, with each module's fake-quant weight by full name."""
     fake: dict[str, torch.Tensor] = {}
     original = treeq.engine.looper._quantize_subset
 
@@ -66,10 +64,24 @@ def test_checkpoint_rebuilds_the_methods_fake_quant_weight(
             yield name, result
 
     monkeypatch.setattr(treeq.engine.looper, "_quantize_subset", recording)
-    cfg = treeq.QuantConfig(**settings(method, grid, bits))
+    return fake
+
+
+def quantized_and_loaded(cfg, path, tokenizer, text_file):
+    """A one-layer tiny Llama quantized by ``cfg`` into ``path``, loaded back."""
     model = make_model("llama", num_hidden_layers=1)
-    treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=QuantLog(str))
-    loaded, _ = treeq.load(tmp_path / "q")
+    treeq.quantize(model, cfg, path, tokenizer=tokenizer, calib_text=str(text_file), log=QuantLog(str))
+    return treeq.load(path)[0]
+
+
+@pytest.mark.parametrize("method,grid,bits", [c for c in COMBINATIONS if refusal(*c) is None])
+def test_checkpoint_rebuilds_the_methods_fake_quant_weight(
+    method, grid, bits, tmp_path, tokenizer, text_file, monkeypatch
+):
+    fake = recorded_fake_quant(monkeypatch)
+    loaded = quantized_and_loaded(
+        treeq.QuantConfig(**settings(method, grid, bits)), tmp_path / "q", tokenizer, text_file
+    )
     assert len(fake) == 7
     for name, w in fake.items():
         layer = loaded.get_submodule(name)

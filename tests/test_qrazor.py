@@ -5,11 +5,10 @@ import pydantic
 import pytest
 import torch
 from conftest import make_model
+from test_combinations import quantized_and_loaded, recorded_fake_quant
 
 import treeq
-import treeq.engine.looper
 from treeq.config import QuantConfig
-from treeq.engine.quant_log import QuantLog
 from treeq.errors import TreeqError
 from treeq.formats.qrazor import from_qrazor, shifts_of, to_qrazor
 from treeq.methods import METHODS
@@ -172,21 +171,11 @@ def test_the_config_refuses_other_grids_in_the_qrazor_format():
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_saved_compact_checkpoint_loads_to_the_fake_quant_weight(method, tmp_path, tokenizer, text_file, monkeypatch):
-    fake: dict[str, torch.Tensor] = {}
-    original = treeq.engine.looper._quantize_subset
-
-    def recording(layer, bound, *args, **kwargs):
-        for name, result in original(layer, bound, *args, **kwargs):
-            fake[f"model.layers.0.{name}"] = result.weight().clone()
-            yield name, result
-
-    monkeypatch.setattr(treeq.engine.looper, "_quantize_subset", recording)
+    fake = recorded_fake_quant(monkeypatch)
     cfg = QuantConfig(
         method=method, grid="qrazor", group_size=8, format="qrazor", calib_samples=4, seqlen=32, batch_size=4
     )
-    model = make_model("llama", num_hidden_layers=1)
-    treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=QuantLog(str))
-    loaded, _ = treeq.load(tmp_path / "q")
+    loaded = quantized_and_loaded(cfg, tmp_path / "q", tokenizer, text_file)
     assert len(fake) == 7
     for name, w in fake.items():
         layer = loaded.get_submodule(name)
@@ -238,9 +227,7 @@ def test_razored_activations_are_recorded_and_applied_after_loading(tmp_path, to
     cfg = QuantConfig(
         method="rtn", grid="qrazor", group_size=8, format="qrazor", activations=act, calib_samples=4, seqlen=32
     )
-    model = make_model("llama", num_hidden_layers=1)
-    treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=QuantLog(str))
-    loaded, _ = treeq.load(tmp_path / "q")
+    loaded = quantized_and_loaded(cfg, tmp_path / "q", tokenizer, text_file)
     layer = loaded.get_submodule("model.layers.0.mlp.down_proj")
     x = torch.randn(3, layer.in_features)
     expected = torch.nn.functional.linear(fake_quantize_razored_activation(x, 4, 8), layer.effective_weight())

@@ -390,8 +390,7 @@ def fake_quantize_razored_activation(x: torch.Tensor, bits: int, group: int) -> 
 
 
 GRIDS: dict[str, type[Grid]] = {
-    g.name: g
-    for g in (UniformGrid, RestrictedGrid, SignedGrid, HalfStepGrid, StretchedGrid, Fp8Int4Grid, QRazorGrid)
+    g.name: g for g in (UniformGrid, RestrictedGrid, SignedGrid, HalfStepGrid, StretchedGrid, Fp8Int4Grid, QRazorGrid)
 }
 # Grids whose dequantization is the classic (code - zero) * scale: any GPTQ kernel runs them exactly.
 INTEGER_ZERO_GRIDS = frozenset(name for name, g in GRIDS.items() if g.offset == 0)

@@ -96,8 +96,10 @@ class ActivationScheme(_Scheme):
     @model_validator(mode="after")
     def _razor_fits(self) -> "ActivationScheme":
         if self.grid == "qrazor" and (self.granularity, self.sym, self.dynamic) != ("per-group", True, True):
-            raise ValueError("grid 'qrazor' razors groups of each token at run time: needs granularity 'per-group', "
-                             "sym=True, dynamic=True")
+            raise ValueError(
+                "grid 'qrazor' razors groups of each token at run time: needs granularity 'per-group', "
+                "sym=True, dynamic=True"
+            )
         return self
 
     @model_validator(mode="after")

@@ -10,10 +10,10 @@ Stored, each quantized linear holds:
 * ``row_scale``: fp16 [out], the smallest group scale of each row (r * 2^(least shift));
 * ``g_idx``: each input channel's group (act-order groups stay possible).
 
-No zero points are stored: every one is 2^(b-1). Converting is exact both ways: a group scale over
-its row's smallest is an exact power of two in fp16 (ratios of two fp16 numbers that differ by one
-are computed exactly), and r * 2^shift is exact unless it overflows, which the grid never writes.
-Layouts whose scales are not of this form are refused, not rounded.
+No zero points are stored: every one is 2^(b-1). Converting is exact both ways: where the group
+scales are r * 2^k, a scale over its row's smallest is a power of two, which IEEE division returns
+exactly, and r * 2^k is exact in fp16 unless it overflows, which the grid never writes (subnormal
+r included). Layouts whose scales are not of this form are refused, not rounded.
 """
 
 from __future__ import annotations
@@ -32,21 +32,6 @@ SHIFT_BITS = QRazorGrid.SHIFT_BITS
 
 def _linears(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
-
-
-def _pack_flat(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Non-negative integers of any shape -> int32 words [n, 1], zero-padded to whole periods."""
-    flat = values.reshape(-1, 1).to(torch.int64)
-    per, _ = packing.period(bits)
-    pad = -flat.shape[0] % per
-    return packing.pack(torch.cat([flat, flat.new_zeros(pad, 1)]), bits)
-
-
-def _unpack_flat(words: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
-    n = 1
-    for d in shape:
-        n *= d
-    return packing.unpack(words, bits)[:n, 0].reshape(shape).to(torch.int64)
 
 
 def shifts_of(scales: torch.Tensor, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +59,7 @@ def to_qrazor(tensors: dict[str, torch.Tensor], bits_of) -> dict[str, torch.Tens
         if not bool((zeros == 2 ** (bits - 1)).all()):
             raise TreeqError(f"{name}: zero points other than {2 ** (bits - 1)} cannot be written as 'qrazor'")
         shift, row = shifts_of(out.pop(f"{name}.scales"), name)
-        out[f"{name}.shifts"] = _pack_flat(shift, SHIFT_BITS)
+        out[f"{name}.shifts"] = packing.pack_flat(shift, SHIFT_BITS)
         out[f"{name}.row_scale"] = row
     return out
 
@@ -87,7 +72,7 @@ def from_qrazor(tensors: dict[str, torch.Tensor], qcfg: dict, bits_of) -> dict[s
         n_in = out[f"{name}.qweight"].shape[0] * packing.WORD_BITS // bits
         row = out.pop(f"{name}.row_scale")
         groups = n_in // group_width(qcfg["group_size"], n_in)
-        shift = _unpack_flat(out.pop(f"{name}.shifts"), SHIFT_BITS, (groups, row.shape[0]))
+        shift = packing.unpack_flat(out.pop(f"{name}.shifts"), SHIFT_BITS, (groups, row.shape[0]))
         out[f"{name}.scales"] = (row.float() * torch.exp2(shift.float())).to(SCALE_DTYPE)
         zeros = torch.full((groups, row.shape[0]), 2 ** (bits - 1), dtype=torch.int64, device=row.device)
         out[f"{name}.qzeros"] = packing.pack(zeros.T.contiguous(), bits).T.contiguous()
