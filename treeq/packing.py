@@ -59,3 +59,16 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
             v = v | (words[:, word + 1] << (WORD_BITS - shift))
         out[:, i] = v & mask
     return out.reshape(-1, m).to(torch.uint8)
+
+
+def pack_flat(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integers of any shape -> int32 words [n, 1], zero-padded to whole periods."""
+    flat = values.reshape(-1, 1).to(torch.int64)
+    per, _ = period(bits)
+    pad = -flat.shape[0] % per
+    return pack(torch.cat([flat, flat.new_zeros(pad, 1)]), bits)
+
+
+def unpack_flat(words: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_flat`: the first prod(shape) integers (int64) in ``shape``."""
+    return unpack(words, bits)[: math.prod(shape), 0].reshape(shape).to(torch.int64)
