@@ -68,6 +68,19 @@ def unpack_planes(planes: torch.Tensor) -> torch.Tensor:
     return (planes[..., None] & _BIT.to(planes.device)).ne(0).reshape(q, out, n_bytes * SLICE)
 
 
+def codes_from_planes(planes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [out, in] with bit i the sign of plane i (1: +1): the bit-planes in GPTQ's code
+    layout, which checkpoints pack as q-bit codes (:mod:`treeq.extras.bcq`)."""
+    signs = unpack_planes(planes)
+    return sum(s.to(torch.uint8) << i for i, s in enumerate(signs))
+
+
+def planes_from_codes(codes: torch.Tensor, planes: int) -> torch.Tensor:
+    """Inverse of :func:`codes_from_planes`."""
+    shifts = torch.arange(planes, device=codes.device)[:, None, None]
+    return pack_planes(((codes.long()[None] >> shifts) & 1).bool())
+
+
 def _signed(signs: torch.Tensor) -> torch.Tensor:
     return signs.float() * 2 - 1
 
@@ -203,8 +216,7 @@ def from_uniform(
     alphas, offsets = _uniform_params(scales, zeros, bits, grid_offset)
     if not torch.equal(alphas.to(SCALE_DTYPE).float(), alphas):
         raise TreeqError("uniform -> BCQ: a scale too small for fp16 to hold its half; keep the uniform format")
-    signs = ((codes.long()[None] >> torch.arange(bits, device=codes.device)[:, None, None]) & 1).bool()
-    return BCQWeight(pack_planes(signs), alphas.to(SCALE_DTYPE), offsets, group_size)
+    return BCQWeight(planes_from_codes(codes, bits), alphas.to(SCALE_DTYPE), offsets, group_size)
 
 
 def _uniform_params(scale: torch.Tensor, zero: torch.Tensor, bits: int, grid_offset: float = 0.0):

@@ -226,6 +226,17 @@ class QuantConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _bits_fit_method(self) -> "QuantConfig":
+        allowed = self.method_class().bits
+        for scheme in self.all_schemes():
+            if allowed is not None and scheme.bits not in allowed:
+                raise ValueError(
+                    f"method {self.method!r} quantizes to bits {', '.join(map(str, allowed))} only, "
+                    f"not {scheme.bits}; choose one of those or another method"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _format_fits(self) -> "QuantConfig":
         reason = FORMATS[self.weights.format].refuses(self)
         if reason:

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ..bcq import SLICE, BCQWeight
+from ..bcq import PLANES, SLICE, BCQWeight
 from ..errors import TreeqError
+from ..numerics import group_width
 from . import _native, cpu_isa
+from .base import Kernel, matmul_2d
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx2", "-mfma", "-fopenmp")  # the AVX512 path sets its own target attribute
@@ -113,3 +115,30 @@ def matmul(st: LutState, x: torch.Tensor) -> torch.Tensor:
         torch.get_num_threads(), int(chosen == "avx512"),
     )  # fmt: skip
     return y
+
+
+class CpuLutBcq(Kernel):
+    name = "cpu_lut_bcq"
+    priority = 40  # the only kernel of BCQ layers beside the reference one
+    bits = frozenset(PLANES)
+    devices = frozenset({"cpu"})
+    supports_desc_act = False
+    extras = frozenset({"bcq"})
+
+    @classmethod
+    def rejects(cls, fmt, device, dtype):
+        if fmt.extras != "bcq":
+            return "runs BCQ layers (weight extras 'bcq') only"
+        group = group_width(fmt.group_size, fmt.in_features)
+        return super().rejects(fmt, device, dtype) or refuses(fmt.out_features, fmt.in_features, group) or unavailable()
+
+    @classmethod
+    def prepare(cls, layer) -> None:
+        layer.kernel_state = prepare(layer.extras.weight(layer.codes()))
+
+    @staticmethod
+    def forward(layer, x: torch.Tensor) -> torch.Tensor:
+        return matmul_2d(layer, x, torch.float32, lambda x2: matmul(layer.kernel_state, x2))
+
+
+KERNEL = CpuLutBcq

@@ -155,6 +155,9 @@ class Method(ABC):
     # True when results carry weight extras (QuantResult.extras), which only treeq's loader reads.
     adds_weight_extras: ClassVar[bool] = False
 
+    # Bit widths the method quantizes to; None: every width the grid allows.
+    bits: ClassVar[tuple[int, ...] | None] = None
+
     # Grids whose codes the method produces; None: any grid in treeq.numerics.GRIDS. A method with a
     # grid of its own must list only it, or checkpoints would record a grid the codes are not on.
     grids: ClassVar[tuple[str, ...] | None] = None
