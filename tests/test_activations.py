@@ -168,6 +168,9 @@ def test_cli_quantizes_w8a8_and_inspect_names_the_input_scheme_and_kernel(model_
     card = (out / "README.md").read_text()
     assert '| scale migration | smoothquant {"alpha": 0.8} |' in card
     assert "| inputs (activations) | 8-bit per-token sym dynamic, fp columns above 6.0 |" in card
+    # GPTQ's config cannot say the inputs are quantized: GPTQ loaders must refuse it, not run W8A16.
+    assert settings and treeq.inspect_checkpoint(out).quantization["quant_method"] == "treeq"
+    assert "vllm serve" not in card
 
 
 def test_compare_puts_weight_activation_rows_beside_weight_only_ones(model_dir, text_file, tmp_path):

@@ -94,10 +94,12 @@ GPTQ_METHOD_FIELDS = ("static_groups", "damp_percent")
 def other_loaders_run(config) -> bool:
     """Whether GPTQ loaders (GPTQModel, transformers, vLLM) compute what treeq does with this
     checkpoint: integer zero points without a grid offset, no input transform, no weight extras
-    (they would ignore them and run the dense part alone)."""
+    (they would ignore them and run the dense part alone), no quantized inputs (GPTQ's config has
+    no field for them: they would run the weights on full-precision inputs, W8A16 for W8A8)."""
     grids_run = all(s.grid in INTEGER_ZERO_GRIDS for s in config.all_schemes())
     method = config.method_class()
-    return grids_run and not method.adds_input_transform and not method.adds_weight_extras
+    plain = not method.adds_input_transform and not method.adds_weight_extras
+    return grids_run and plain and config.activations is None
 
 
 def zero_point_version(config) -> str:
