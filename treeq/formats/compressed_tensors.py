@@ -177,6 +177,9 @@ class CompressedTensorsFormat(SingleSchemeFormat):
         w = config.weights
         if w.bits not in WRITABLE_BITS or w.grid not in INTEGER_ZERO_GRIDS:
             return f"checkpoint_format {self.name!r} holds 4- or 8-bit integer grids, not {w.bits}-bit {w.grid}"
+        if config.activations is not None:
+            # Written as weight-only, its loaders would run the weights on unquantized inputs.
+            return f"checkpoint_format {self.name!r} is written weight-only here; quantized inputs need 'gptq'"
         return super().refuses(config)
 
     def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
