@@ -197,3 +197,18 @@ def test_compare_puts_weight_activation_rows_beside_weight_only_ones(model_dir, 
     assert len(set(ppl)) == 4  # each row evaluated its own model (a random tiny model: no order)
     recorded = treeq.inspect_checkpoint(out / "smoothquant+rtn-w8a4g32").quantization["meta"]["settings"]
     assert recorded["activations"]["bits"] == 4 and recorded["migration"] == "smoothquant"
+
+
+def test_the_quantize_table_gives_each_modules_share_of_fp_input_columns(tmp_path, tokenizer, text_file):
+    """Every input column exceeds a threshold near 0 somewhere, none exceeds a huge one; weight-only
+    runs leave the column empty."""
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    shares = {}
+    for name, act in (("low", dict(outlier_threshold=1e-6)), ("high", dict(outlier_threshold=1e6)), ("none", None)):
+        report = quantize(src, tmp_path / name, text_file, method="rtn", activations=act)
+        shares[name] = [r.fp_input_share for r in report.log.records]
+        with open(tmp_path / name / "quant_log.csv") as f:
+            assert [row["fp_input_share"] for row in csv.DictReader(f)] == ["" if s is None else str(s) for s in shares[name]]
+    assert shares["low"] and all(s == 1.0 for s in shares["low"])
+    assert all(s == 0.0 for s in shares["high"]) and all(s is None for s in shares["none"])
+    assert "fp inputs 100.00%" in (tmp_path / "low" / "quantize.log").read_text()

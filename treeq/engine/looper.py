@@ -339,6 +339,12 @@ def _timed_quantize(method: Method, weight: torch.Tensor, stats: InputStats) -> 
     return method.quantize(weight, stats), time.perf_counter() - start
 
 
+def _fp_input_share(quantizer, stats: InputStats) -> float | None:
+    """Share of the input columns an outlier threshold passes in fp somewhere in calibration."""
+    threshold = None if quantizer is None else quantizer.scheme.outlier_threshold
+    return None if threshold is None else float((stats.absmax > threshold).float().mean())
+
+
 def _quantizing_input(quantizer):
     def hook(_module, args):
         x = args[0]
@@ -396,6 +402,7 @@ def _quantize_subset(
                 peak_mem_mb=peak_memory_mb(stats.h.device),
                 fallback=fell_back,
                 extras="" if result.extras is None else result.extras.describe(module.in_features, module.out_features),
+                fp_input_share=_fp_input_share(result.input_quantizer, stats),
             )
         )
         yield name, result

@@ -34,18 +34,25 @@ class ModuleRecord:
     peak_mem_mb: float
     fallback: str = ""  # the method used instead when the module saw too few calibration tokens
     extras: str = ""  # what the module's weight extras hold (treeq.extras), e.g. its outlier share
+    # LLM.int8()'s decomposition: the share of input columns above the outlier threshold in some
+    # calibration token (those a forward over the whole calibration set would pass in fp).
+    fp_input_share: float | None = None
 
 
 _HEADER = (
     f"{'layer':>5} {'module':<26} {'in':>6} {'out':>6} {'loss':>11} {'samples':>8} {'sec':>6} {'peak MB':>8} "
-    "fallback / extras"
+    "fallback / extras / fp inputs"
 )
+
+
+def _fp_inputs(r: ModuleRecord) -> str:
+    return "" if r.fp_input_share is None else f"fp inputs {100 * r.fp_input_share:.2f}%"
 
 
 def format_record(r: ModuleRecord) -> str:
     return (
         f"{r.layer:>5} {r.module:<26} {r.in_features:>6} {r.out_features:>6} {r.loss:>11.4e} "
-        f"{r.samples:>8} {r.seconds:>6.2f} {r.peak_mem_mb:>8.0f} {' '.join(filter(None, (r.fallback, r.extras)))}"
+        f"{r.samples:>8} {r.seconds:>6.2f} {r.peak_mem_mb:>8.0f} {' '.join(filter(None, (r.fallback, r.extras, _fp_inputs(r))))}"
     )
 
 
