@@ -73,6 +73,14 @@ struct Problem {
   const float* alphas;
   const float* offsets;
   int64_t n, k, q, group_size;
+
+  int64_t slices() const { return k / kSlice; }
+  int64_t groups() const { return k / group_size; }
+  int64_t per_group() const { return group_size / kSlice; }
+  // Output block b's planes, alphas and offsets (the layouts above).
+  const uint8_t* block_planes(int64_t b) const { return planes + b * slices() * q * kLanes; }
+  const float* block_alphas(int64_t b) const { return alphas + b * groups() * q * kLanes; }
+  const float* block_offsets(int64_t b) const { return offsets + b * groups() * kLanes; }
 };
 
 // Adds groups [g0, g1) of output block `block` to y for each token (g0 == 0: y is overwritten).
@@ -85,10 +93,10 @@ template <int Q>
 __attribute__((target("avx512f"))) void block_avx512(const Problem& p, int64_t block, int64_t g0, int64_t g1,
                                                      const float* halves, const float* sums, int64_t tokens,
                                                      float* y) {
-  const int64_t slices = p.k / kSlice, groups = p.k / p.group_size, per_group = p.group_size / kSlice;
-  const uint8_t* bytes = p.planes + block * slices * p.q * kLanes;
-  const float* alpha = p.alphas + block * groups * p.q * kLanes;
-  const float* offset = p.offsets + block * groups * kLanes;
+  const int64_t slices = p.slices(), groups = p.groups(), per_group = p.per_group();
+  const uint8_t* bytes = p.block_planes(block);
+  const float* alpha = p.block_alphas(block);
+  const float* offset = p.block_offsets(block);
   for (int64_t t = 0; t < tokens; ++t) {
     const float* half = halves + t * slices * kHalves;
     float* out = y + t * p.n + block * kLanes;
@@ -115,10 +123,10 @@ __attribute__((target("avx512f"))) void block_avx512(const Problem& p, int64_t b
 __attribute__((target("avx2,fma"))) void block_avx2(const Problem& p, int64_t block, int64_t g0, int64_t g1,
                                                     const float* tables, const float* sums, int64_t tokens,
                                                     float* y) {
-  const int64_t slices = p.k / kSlice, groups = p.k / p.group_size, per_group = p.group_size / kSlice;
-  const uint8_t* bytes = p.planes + block * slices * p.q * kLanes;
-  const float* alpha = p.alphas + block * groups * p.q * kLanes;
-  const float* offset = p.offsets + block * groups * kLanes;
+  const int64_t slices = p.slices(), groups = p.groups(), per_group = p.per_group();
+  const uint8_t* bytes = p.block_planes(block);
+  const float* alpha = p.block_alphas(block);
+  const float* offset = p.block_offsets(block);
   for (int64_t t = 0; t < tokens; ++t) {
     const float* tab = tables + t * slices * kTable;
     float* out = y + t * p.n + block * kLanes;
