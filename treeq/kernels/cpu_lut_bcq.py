@@ -134,7 +134,7 @@ class CpuLutBcq(Kernel):
 
     @classmethod
     def prepare(cls, layer) -> None:
-        layer.kernel_state = prepare(layer.extras.weight(layer.codes()))
+        layer.kernel_state = prepare(layer.extras.weight(layer.codes(), layer.scales))
 
     @staticmethod
     def forward(layer, x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ class BCQ(Method):
 
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
         cfg, planes = self.options, self.scheme.bits
-        out, n_in = weight.shape
+        n_in = weight.shape[1]
         gs = self.group_size(n_in)
         bcq.check_shape(n_in, gs, planes)
         if cfg.error_feedback:
@@ -46,12 +46,11 @@ class BCQ(Method):
             fitted = self._sweep(weight, prep, gs)
         else:
             fitted = bcq.fit(weight, planes, gs, cfg.rounds, cfg.offset)
-        extras, codes = BCQExtras.of(fitted)
-        groups = n_in // gs
+        extras, codes, scales = BCQExtras.of(fitted)
         result = QuantResult(
             codes=codes,
-            scales=torch.ones(groups, out, dtype=SCALE_DTYPE),
-            zeros=torch.full((groups, out), 2 ** (planes - 1), dtype=torch.int32),
+            scales=scales,
+            zeros=torch.full(scales.shape, 2 ** (planes - 1), dtype=torch.int32),
             g_idx=torch.arange(n_in, dtype=torch.int32) // gs,
             loss=0.0,
             extras=extras,
