@@ -473,7 +473,7 @@ def inspect(directory, explain, list_modules, device, dtypes):
         bits = sum(info.bits_per_weight[m] for m in modules) / len(modules)
         click.echo(f"scheme {scheme}: {len(modules)} modules, e.g. {modules[0]}; {bits:.2f} bits per weight stored")
         if list_modules:
-            click.echo("".join(f"  {m}\n" for m in modules), nl=False)
+            click.echo("".join(f"  {m}{_extras_text(info, m)}\n" for m in modules), nl=False)
     for dtype, info in infos.items():
         for name, count in Counter(info.kernels.values()).items():
             click.echo(f"kernel on {device}/{dtype}: {name} for {count} modules")
@@ -482,6 +482,13 @@ def inspect(directory, explain, list_modules, device, dtypes):
                 # One line per distinct reason: SmolLM2's 210 modules share a handful.
                 for reason, modules in _grouped(reasons).items():
                     click.echo(f"  {kernel} rejected for {len(modules)} modules (e.g. {modules[0]}): {reason}")
+
+
+def _extras_text(info, module: str) -> str:
+    """A module's own bits and what its weight extras hold (an outlier share), where it has extras."""
+    if module not in info.extras:
+        return ""
+    return f": {info.bits_per_weight[module]:.3f} bits per weight, {info.extras[module]}"
 
 
 def _scheme_text(fmt) -> str:

@@ -43,12 +43,12 @@ def refusal(method, grid, bits) -> str | None:
 
 def test_refused_combinations_are_exactly_the_ones_that_cannot_hold():
     """The refusals, each one line naming the field: fp8-int4 is 4-bit only, qrazor 2-4 bits; ParoQuant learns a
-    minmax grid of its own (it once accepted any grid and recorded the wrong one)."""
+    minmax grid of its own (it once accepted any grid and recorded the wrong one); SpQR fits minmax grids only."""
     refused = {c: refusal(*c) for c in COMBINATIONS if refusal(*c)}
     expected = {(m, "fp8-int4", b) for m in METHODS for b in SUPPORTED_BITS if b != 4}
-    expected |= {(m, "qrazor", 8) for m in METHODS}  # 8 bits is QRazor's base grid: nothing to razor
-    expected |= {("paroquant", g, b) for g in GRIDS if g != "minmax" for b in SUPPORTED_BITS}
-    expected |= {("bcq", g, b) for g in GRIDS for b in SUPPORTED_BITS if g != "minmax" or b == 8}  # 2-4 planes
+    expected |= {(m, "qrazor", b) for m in METHODS for b in SUPPORTED_BITS if b > 4}  # 8 bits is its base grid
+    expected |= {(m, g, b) for m in ("paroquant", "spqr") for g in GRIDS if g != "minmax" for b in SUPPORTED_BITS}
+    expected |= {("bcq", g, b) for g in GRIDS for b in SUPPORTED_BITS if g != "minmax" or b > 4}  # 2-4 planes
     assert set(refused) == expected
     assert all("\n" not in msg for msg in refused.values())
     assert "quantizes onto grid 'minmax' only, not 'half-step'" in refused[("paroquant", "half-step", 4)]

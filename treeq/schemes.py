@@ -55,8 +55,9 @@ class WeightScheme(_Scheme):
     format: Literal[FORMAT_NAMES] = Field(  # type: ignore[valid-type]
         "gptq",
         description="checkpoint layout (treeq/formats/): gptq (any setting), awq (AutoAWQ GEMM: 4-bit minmax, "
-        "no act-order), compressed-tensors (pack-quantized: 4/8-bit integer grids) or qrazor (the qrazor grid: codes, "
-        "3-bit shifts per group, an fp16 scale per row)",
+        "no act-order), compressed-tensors (pack-quantized: 4/8-bit integer grids), qrazor (the qrazor grid: codes, "
+        "3-bit shifts per group, an fp16 scale per row) or spqr (method spqr: codes, scale codes with second-level "
+        "statistics, outliers)",
     )
 
     @field_validator("group_size")

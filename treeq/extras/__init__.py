@@ -16,7 +16,7 @@ from .base import WeightExtras
 
 EXTRAS: dict[str, type[WeightExtras]] = {e.kind: e for e in discover(__name__, __path__, "EXTRAS")}
 # Every kind's tensor names: the leaf names a quantized linear's stored weight may also have.
-NAMES = tuple(n for kind in EXTRAS.values() for n in kind.names)
+NAMES = tuple(dict.fromkeys(n for kind in EXTRAS.values() for n in kind.names))
 
 
 def stored_for(module: str, state: dict[str, torch.Tensor]) -> WeightExtras | None:

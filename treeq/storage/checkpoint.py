@@ -123,7 +123,7 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[int] = set()
     out = {}
     for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
+        if t.numel() and t.data_ptr() in seen:  # empty tensors (a CSR without entries) share no storage
             continue
         seen.add(t.data_ptr())
         out[name] = t.detach().cpu().contiguous()

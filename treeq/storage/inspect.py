@@ -30,8 +30,24 @@ class CheckpointInfo:
     bits_per_weight: dict[str, float]
     extras: dict[str, str]  # module -> what its weight extras hold (treeq.extras), where it has some
 
+    @property
+    def mean_bits_per_weight(self) -> float:
+        """Stored bits of every quantized linear over their weights, all linears together."""
+        weights = {n: f.in_features * f.out_features for n, f in self.formats.items()}
+        return sum(self.bits_per_weight[n] * w for n, w in weights.items()) / sum(weights.values())
+
 
 SAFETENSORS_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8}
+
+
+def _stored_extras(f, keys: set[str], name: str, module: dict):
+    """The weight extras module ``name`` stores, recognised in the runtime layout its format converts
+    to; its tensors are read only where it stores some extras tensor (plain layouts read headers)."""
+    own = {k for k in keys if k.startswith(f"{name}.")}
+    if not any(k.rpartition(".")[2] in weight_extras.NAMES for k in own):
+        return None
+    runtime = stored_format(module).to_runtime({k: f.get_tensor(k) for k in own}, module, lambda _: module["bits"])
+    return weight_extras.stored_for(name, runtime)
 
 
 def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
@@ -61,8 +77,7 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                     name = key[: -len(suffix)]
                     module = quantized_module_qcfg(qcfg, name)
                     in_f, out_f = linear_shape(module, shape)
-                    own = [k for k in keys if k.startswith(f"{name}.") and k.rpartition(".")[2] in weight_extras.NAMES]
-                    held = weight_extras.stored_for(name, {k: f.get_tensor(k) for k in own})
+                    held = _stored_extras(f, keys, name, module)
                     if held is not None:
                         extras[name] = held.describe(in_f, out_f)
                     fmt = linear_format_from(module, in_f, out_f, held and held.kind)
