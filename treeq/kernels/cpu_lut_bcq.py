@@ -29,9 +29,11 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx2", "-mfma", "-fopenmp")  # the AVX512 path sets its own target attribute
 LANES = 16  # outputs per block: out_features must be a multiple
 # From this many tokens the weight is dequantized (treeq.bcq.dequantize, the fake-quant weight) and
-# multiplied in fp32 instead: the table look-ups cost the same per token at any M while a GEMM's
-# cost per token falls (bench/lut_gemm.py measures both). Read at each call.
-DENSE_FROM = 256
+# multiplied in fp32 instead: the look-ups cost the same per token at any M (about 1 ms per token
+# on a 4096 x 4096 layer, one Zen 5 core, 3 planes), the dense path one dequantization (about
+# 0.3 s there) plus an fp32 GEMM, so they cross near 400 tokens (measured under load, not by a bench).
+# Read at each call.
+DENSE_FROM = 384
 
 
 @functools.cache
