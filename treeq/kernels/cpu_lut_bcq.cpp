@@ -30,6 +30,7 @@ constexpr int kSlice = 8;           // inputs per table
 constexpr int kTable = 256;         // entries per table
 constexpr int kHalves = 32;         // entries of its two 16-entry halves
 constexpr int kTokenBlock = 8;      // tokens whose tables are built together
+constexpr int kTokenStep = 4;       // tokens the AVX512 path looks up together
 constexpr int64_t kL1Floats = 8192;  // table entries (32 KiB) a chunk of groups spans, over its tokens
 
 // Per token t and slice s of 8 inputs, the halves lo[e] = sum_{j<4} (bit j of e ? +x : -x)[8s + j]
@@ -88,35 +89,53 @@ struct Problem {
 // (build_tables forms T[b] from exactly these, so the value is the same), each half one register
 // and each look-up a 16-lane vpermps: 16-lane gathers from the 256 entries ran no faster than bf16
 // F.linear on a Zen 5 (4096 x 4096, one token).
-// Q (the planes) is a template argument so the per-plane sums stay in registers.
-template <int Q>
-__attribute__((target("avx512f"))) void block_avx512(const Problem& p, int64_t block, int64_t g0, int64_t g1,
-                                                     const float* halves, const float* sums, int64_t tokens,
-                                                     float* y) {
+// Q (the planes) and T (tokens taken together, up to kTokenStep) are template arguments so the
+// per-plane sums stay in registers; a plane's byte becomes its two index vectors once for T tokens.
+template <int Q, int T>
+__attribute__((target("avx512f"))) void tokens_avx512(const Problem& p, int64_t block, int64_t g0, int64_t g1,
+                                                      const float* halves, const float* sums, int64_t t0,
+                                                      float* y) {
   const int64_t slices = p.slices(), groups = p.groups(), per_group = p.per_group();
   const uint8_t* bytes = p.block_planes(block);
   const float* alpha = p.block_alphas(block);
   const float* offset = p.block_offsets(block);
-  for (int64_t t = 0; t < tokens; ++t) {
-    const float* half = halves + t * slices * kHalves;
-    float* out = y + t * p.n + block * kLanes;
-    __m512 acc = g0 ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
-    for (int64_t g = g0; g < g1; ++g) {
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(offset + g * kLanes), _mm512_set1_ps(sums[t * groups + g]), acc);
-      __m512 s[Q];
-      for (int i = 0; i < Q; ++i) s[i] = _mm512_setzero_ps();
-      for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
-        const __m512 lo = _mm512_loadu_ps(half + j * kHalves), hi = _mm512_loadu_ps(half + j * kHalves + 16);
-        for (int i = 0; i < Q; ++i) {
-          const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(bytes + (j * Q + i) * kLanes)));
-          const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(idx, lo),  // vpermps reads idx's low 4 bits
-                                         _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), hi));
-          s[i] = _mm512_add_ps(s[i], v);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = g0 ? _mm512_loadu_ps(y + (t0 + t) * p.n + block * kLanes) : _mm512_setzero_ps();
+  for (int64_t g = g0; g < g1; ++g) {
+    const __m512 off = _mm512_loadu_ps(offset + g * kLanes);
+    __m512 s[T][Q];
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(sums[(t0 + t) * groups + g]), acc[t]);
+      for (int i = 0; i < Q; ++i) s[t][i] = _mm512_setzero_ps();
+    }
+    for (int64_t j = g * per_group; j < (g + 1) * per_group; ++j) {
+      for (int i = 0; i < Q; ++i) {
+        const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(bytes + (j * Q + i) * kLanes)));
+        const __m512i hi = _mm512_srli_epi32(lo, 4);  // vpermps reads only the low 4 bits of `lo`
+        for (int t = 0; t < T; ++t) {
+          const float* half = halves + ((t0 + t) * slices + j) * kHalves;
+          const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(lo, _mm512_loadu_ps(half)),
+                                         _mm512_permutexvar_ps(hi, _mm512_loadu_ps(half + 16)));
+          s[t][i] = _mm512_add_ps(s[t][i], v);
         }
       }
-      for (int i = 0; i < Q; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(alpha + (g * Q + i) * kLanes), s[i], acc);
     }
-    _mm512_storeu_ps(out, acc);
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < Q; ++i) acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(alpha + (g * Q + i) * kLanes), s[t][i], acc[t]);
+  }
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + (t0 + t) * p.n + block * kLanes, acc[t]);
+}
+
+template <int Q>
+void block_avx512(const Problem& p, int64_t block, int64_t g0, int64_t g1, const float* halves, const float* sums,
+                  int64_t tokens, float* y) {
+  int64_t t0 = 0;
+  for (; t0 + kTokenStep <= tokens; t0 += kTokenStep)
+    tokens_avx512<Q, kTokenStep>(p, block, g0, g1, halves, sums, t0, y);
+  switch (tokens - t0) {
+    case 3: tokens_avx512<Q, 3>(p, block, g0, g1, halves, sums, t0, y); break;
+    case 2: tokens_avx512<Q, 2>(p, block, g0, g1, halves, sums, t0, y); break;
+    case 1: tokens_avx512<Q, 1>(p, block, g0, g1, halves, sums, t0, y); break;
   }
 }
 
