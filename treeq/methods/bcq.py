@@ -23,7 +23,7 @@ from .gptq import _prepare, _Prepared
 class BCQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rounds: int = Field(10, ge=0, description="alternating refinements of alphas and bits after the greedy start")
+    rounds: int = Field(10, ge=0, description="alternating refinements of alphas and bits after the start fit")
     offset: bool = Field(True, description="a per-group offset beside the alphas (a uniform grid is BCQ with one)")
     error_feedback: bool = Field(False, description="round column by column, moving errors GPTQ's way")
     damp_percent: float = Field(0.01, gt=0, lt=1, description="with error_feedback: damping of H's diagonal")
