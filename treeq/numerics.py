@@ -319,7 +319,8 @@ class QRazorGrid(RestrictedGrid):
     RTN rounds in two stages as the paper does: to the 8-bit grid (prepare), then the razor (ties
     away from zero). GPTQ starts from the 8-bit weight and pushes errors onto columns not yet
     quantized, which then round straight onto the razored grid. clip_search tries each group one
-    shift lower (its largest values saturate) and keeps it where the weight error is smaller."""
+    shift lower (its largest values saturate) and one higher (none saturates), and keeps the shift
+    with the least weight error."""
 
     name = "qrazor"
     bits_allowed = (2, 3, 4)
@@ -361,12 +362,16 @@ class QRazorGrid(RestrictedGrid):
         scale, zero = self.raw_params(w)
         if not self.clip_search:
             return scale, zero
-        lower = torch.where(scale > self._rows(), scale / 2, scale)
 
         def error(s: torch.Tensor) -> torch.Tensor:
             return (w - self.fake_quantize(w, s[:, None], zero[:, None])).abs().pow(CLIP_NORM).sum(dim=1)
 
-        return torch.where(error(lower) < error(scale), lower, scale), zero
+        r, best, least = self._rows(), scale, error(scale)
+        highest = r * torch.exp2(self._max_shift().float())
+        for other in (torch.where(scale > r, scale / 2, scale), torch.where(scale < highest, scale * 2, scale)):
+            err = error(other)
+            best, least = torch.where(err < least, other, best), torch.minimum(err, least)  # ties keep the razor's
+        return best, zero
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return razor_round(w.float() / scale, self.kept) + zero
