@@ -94,8 +94,11 @@ class QRazorFormat(CheckpointFormat):
             return f"checkpoint_format 'qrazor' holds the qrazor grid only, not {', '.join(grids)}; use 'gptq'"
         if len({(s.bits, s.group_size) for s in schemes}) > 1:
             return "checkpoint_format 'qrazor' holds one bits and group_size for every module; use 'gptq'"
-        if config.method_class().adds_input_transform:
-            return f"checkpoint_format 'qrazor' cannot hold {config.method}'s input transform; use 'gptq'"
+        method = config.method_class()
+        held = {"input transform": method.adds_input_transform, "weight extras": method.adds_weight_extras}
+        for part, holds in held.items():
+            if holds:
+                return f"checkpoint_format 'qrazor' cannot hold {config.method}'s {part}; use 'gptq'"
         return None
 
     def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
