@@ -203,7 +203,8 @@ def test_selection_on_cpu():
     fast = "cpu_int4" if cpu_int4_avx512.unavailable() else "cpu_int4_avx512"
     assert select_kernel(fmt, "cpu", torch.bfloat16).name == fast
     assert select_kernel(fmt, "cpu", torch.float32).name == "torch"  # fp32 keeps the exact path
-    assert select_kernel(LinearFormat(3, 64, True, False, 576, 1536), "cpu", torch.bfloat16).name == "torch"
+    low = "cpu_lowbit" if cpu_dequantize.available() else "torch"  # 2/3-bit: dequantize + GEMM
+    assert select_kernel(LinearFormat(3, 64, True, False, 576, 1536), "cpu", torch.bfloat16).name == low
     assert select_kernel(LinearFormat(8, -1, True, False, 576, 1536), "cpu", torch.bfloat16).name == "cpu_int8"
     assert select_kernel(LinearFormat(8, 64, True, False, 576, 1536), "cpu", torch.bfloat16).name == "torch"
     odd = LinearFormat(4, 32, True, False, 64, 40)
