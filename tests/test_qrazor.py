@@ -186,8 +186,14 @@ def test_saved_compact_checkpoint_loads_to_the_fake_quant_weight(method, tmp_pat
         assert torch.equal(layer.effective_weight(), w), name
         out = layer(torch.eye(layer.in_features)) - (0 if layer.bias is None else layer.bias)
         assert torch.equal(out, w.T), name
+    # bits per weight as inspect counts them: 4-bit codes, 3-bit shifts packed 32 to 3 int32 words
+    # (padded to whole runs), an fp16 scale per row, an int32 group index per input channel
     info = inspect_checkpoint(tmp_path / "q")
-    print(info)
+    for name in fake:
+        f = info.formats[name]
+        shift_words = 3 * -(-(f.in_features // 8) * f.out_features // 32)
+        stored = 4 * f.in_features * f.out_features + 32 * shift_words + 16 * f.out_features + 32 * f.in_features
+        assert info.bits_per_weight[name] == stored / (f.in_features * f.out_features), name
 
 
 def reference_razored_rows(x: torch.Tensor, bits: int, group: int, base_bits: int, scale_dtype) -> torch.Tensor:
