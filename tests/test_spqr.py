@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_model
+from test_weight_extras import quantize_and_load
 
 import treeq
-from treeq.engine.quant_log import QuantLog
 from treeq.errors import TreeqError
 from treeq.extras.spqr import SpQRExtras, scales_from_statistics
 from treeq.formats.spqr import from_spqr, to_spqr
@@ -16,8 +15,6 @@ from treeq.methods.base import InputStats
 from treeq.methods.spqr import SpQR
 from treeq.numerics import dequantize_grouped
 from treeq.runtime.quant_linear import QuantLinear
-
-IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 def layer_problem(out=64, n_in=128, seed=0):
@@ -91,18 +88,11 @@ def test_the_compact_layout_converts_exactly_both_ways():
 
 
 def test_checkpoint_loads_to_what_the_model_computed(tmp_path, tokenizer, text_file):
-    model = make_model("llama")
     cfg = treeq.QuantConfig(
         method="spqr", bits=3, group_size=16, sym=False, format="spqr", calib_samples=4, seqlen=32, batch_size=4
     )
-    log = QuantLog(str)
-    treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=log)
+    log, loaded = quantize_and_load(cfg, tmp_path, tokenizer, text_file)
     assert all(r.extras.startswith("outliers ") for r in log.records)
-    with torch.no_grad():
-        expected = model(input_ids=IDS).logits
-    loaded, _ = treeq.load(tmp_path / "q")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
     layer = loaded.get_submodule("model.layers.0.mlp.down_proj")
     assert layer.fmt.extras == "spqr" and layer.fmt.desc_act
     # Through the kernel selection picks (dense part) plus the sparse addmm: exactly W^T.

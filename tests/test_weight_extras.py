@@ -100,6 +100,20 @@ def test_a_kind_that_replaces_the_dequantization_runs_only_where_a_kernel_declar
     assert explain(additive, "cpu", torch.bfloat16) == plain
 
 
+def quantize_and_load(cfg, tmp_path, tokenizer, text_file):
+    """(the quantize log, the loaded checkpoint) of a tiny Llama quantized with ``cfg``, after
+    checking that the loaded checkpoint computes the logits the quantized model did."""
+    model = make_model("llama")
+    log = QuantLog(str)
+    treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=log)
+    with torch.no_grad():
+        expected = model(input_ids=IDS).logits
+    loaded, _ = treeq.load(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    return log, loaded
+
+
 def test_a_checkpoint_with_extras_loads_to_what_the_model_computed(tmp_path, tokenizer, text_file, monkeypatch):
     """Through the engine, the writer and the loader, none of which names the kind: RTN made to keep
     its largest weights in a sparse residual."""
@@ -109,18 +123,11 @@ def test_a_checkpoint_with_extras_loads_to_what_the_model_computed(tmp_path, tok
 
     monkeypatch.setattr(RTN, "quantize", quantize)
     monkeypatch.setattr(RTN, "adds_weight_extras", True)
-    model = make_model("llama")
     cfg = treeq.QuantConfig(method="rtn", bits=3, group_size=16, sym=False, calib_samples=4, seqlen=32, batch_size=4)
-    log = QuantLog(str)
-    treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=log)
+    log, loaded = quantize_and_load(cfg, tmp_path, tokenizer, text_file)
     assert all(r.extras.startswith("sparse residual") for r in log.records)
-    with torch.no_grad():
-        expected = model(input_ids=IDS).logits
-    loaded, _ = treeq.load(tmp_path / "q")
     layer = loaded.get_submodule("model.layers.0.mlp.down_proj")
     assert layer.fmt.extras == "sparse_residual" and layer.extras.nnz == int(0.02 * 64 * 128)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
     qcfg = treeq.inspect_checkpoint(tmp_path / "q").quantization
     assert qcfg["quant_method"] == "treeq" and qcfg["weight_extras"] == ["sparse_residual"]
     info = treeq.inspect_checkpoint(tmp_path / "q")
