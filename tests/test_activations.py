@@ -212,3 +212,14 @@ def test_the_quantize_table_gives_each_modules_share_of_fp_input_columns(tmp_pat
     assert shares["low"] and all(s == 1.0 for s in shares["low"])
     assert all(s == 0.0 for s in shares["high"]) and all(s is None for s in shares["none"])
     assert "fp inputs 100.00%" in (tmp_path / "low" / "quantize.log").read_text()
+
+
+def test_w6a6_checkpoint_is_treeqs_own_and_loads_to_the_same_logits(tmp_path, tokenizer, text_file):
+    """6-bit weights pack 16 codes in 3 words; GPTQ loaders know no 6-bit, so the label is treeq."""
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    report = quantize(src, tmp_path / "q", text_file, method="gptq", bits=6, group_size=32, activations=dict(bits=6))
+    assert treeq.inspect_checkpoint(tmp_path / "q").quantization["quant_method"] == "treeq"
+    loaded, _ = treeq.load(tmp_path / "q")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, report.model(ids).logits, rtol=0, atol=1e-5)

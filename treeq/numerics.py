@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 SCALE_DTYPE = torch.float16
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 6, 8)
 
 # GPTQ's mse observer shrinks the range by up to 80% in 100 steps, error measured as |w - q|^2.4,
 # which weighs large errors a little more than squared error. Here a coarse pass (steps of 0.04)

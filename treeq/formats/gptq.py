@@ -87,16 +87,18 @@ def stored_version(qcfg: dict) -> str:
 # treeq's own checkpoints that only treeq.load computes correctly (an offset grid, an input
 # transform): GPTQ loaders do not know this quant_method, so they refuse instead of misreading.
 TREEQ_QUANT_METHOD = "treeq"
+# The widths GPTQ loaders (GPTQModel, vLLM) run; 6-bit checkpoints are treeq's own.
+GPTQ_LOADER_BITS = (2, 3, 4, 8)
 # Method options that GPTQ loaders' quantize_config also names, recorded where a method has them.
 GPTQ_METHOD_FIELDS = ("static_groups", "damp_percent")
 
 
 def other_loaders_run(config) -> bool:
     """Whether GPTQ loaders (GPTQModel, transformers, vLLM) compute what treeq does with this
-    checkpoint: integer zero points without a grid offset, no input transform, no weight extras
+    checkpoint: integer zero points without a grid offset, widths they know, no input transform, no weight extras
     (they would ignore them and run the dense part alone), no quantized inputs (GPTQ's config has
     no field for them: they would run the weights on full-precision inputs, W8A16 for W8A8)."""
-    grids_run = all(s.grid in INTEGER_ZERO_GRIDS for s in config.all_schemes())
+    grids_run = all(s.grid in INTEGER_ZERO_GRIDS and s.bits in GPTQ_LOADER_BITS for s in config.all_schemes())
     method = config.method_class()
     plain = not method.adds_input_transform and not method.adds_weight_extras
     return grids_run and plain and config.activations is None
