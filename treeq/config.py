@@ -53,12 +53,14 @@ class DistillSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: PositiveInt = Field(50, description="AdamW steps per layer, one calibration batch each")
+    steps: PositiveInt = Field(50, description="AdamW steps per layer")
+    sequences_per_step: PositiveInt = Field(2, description="calibration sequences each step trains on")
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the layer's weights")
     layers: Literal["all"] | tuple[NonNegativeInt, ...] = Field("all", description="decoder layers to distil")
     holdout: float = Field(
         0.25, gt=0, lt=1, description="share of calibration batches held out to judge a layer's result"
     )
+    train_scales: bool = Field(False, description="learn each group's scale too (minmax grids)")
 
     def applies_to(self, layer: int) -> bool:
         return self.layers == "all" or layer in self.layers
@@ -223,6 +225,16 @@ class QuantConfig(BaseModel):
                     f"{role} {name!r} quantizes onto grid {' or '.join(map(repr, grids))} only, "
                     f"not {grid!r}; choose that grid or another method"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_fits(self) -> "QuantConfig":
+        # Learned scales go through the minmax grid's levels (numerics.fake_quantize_learned).
+        grids = sorted({s.grid for s in self.all_schemes()} - {"minmax"})
+        if self.distill is not None and self.distill.train_scales and grids:
+            raise ValueError(f"distill.train_scales learns minmax scales only, not grid {grids[0]!r}; allowed: False")
+        if self.distill is not None and self.method_class().adds_input_transform:
+            raise ValueError(f"distill trains plain weights; method {self.method!r} adds an input transform")
         return self
 
     @model_validator(mode="after")

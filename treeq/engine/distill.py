@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from ..config import DistillSettings
 from ..methods import QuantResult
-from ..numerics import dequantize_grouped, quantize_grouped
+from ..numerics import SCALE_DTYPE, UniformGrid, dequantize_grouped, fake_quantize_learned, quantize_grouped
 
 
 @dataclass(frozen=True)
@@ -42,26 +42,40 @@ class DistillRecord:
 
 
 class _Levels:
-    """A module's fixed levels and its trainable weight, which starts at the fp weight: training
-    moves it across the rounding boundaries where that lowers the layer's output error."""
+    """A module's levels and its trainable weight, which starts at the fp weight: training moves
+    it across the rounding boundaries where that lowers the layer's output error. With
+    ``train_scales`` each group's scale is learned too (straight through its fp16 rounding, as
+    :func:`treeq.numerics.fake_quantize_learned` does); zero points stay the method's."""
 
-    def __init__(self, result: QuantResult, bits: int, fp_weight: torch.Tensor):
+    def __init__(self, result: QuantResult, bits: int, fp_weight: torch.Tensor, train_scales: bool):
         self.result, self.bits = result, bits
         self.weight = nn.Parameter(fp_weight.detach().float().clone())
+        self.scales = nn.Parameter(result.scales.float().clone()) if train_scales else None
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.weight] + ([] if self.scales is None else [self.scales])
 
     def fake_quantized(self) -> torch.Tensor:
         """The weight on its levels in the forward pass, the identity's gradient in the backward."""
-        r = self.result
-        w = self.weight
-        on_levels = dequantize_grouped(self._codes(w.detach()), r.scales, r.zeros, r.g_idx, r.grid)
+        r, w = self.result, self.weight
+        if self.scales is not None:
+            g = r.g_idx.long()
+            return fake_quantize_learned(w, self.scales[g].T, r.zeros.float()[g].T, 2**self.bits - 1)
+        on_levels = dequantize_grouped(self._codes(w.detach(), r.scales), r.scales, r.zeros, r.g_idx, r.grid)
         return w + (on_levels - w).detach()
 
-    def _codes(self, w: torch.Tensor) -> torch.Tensor:
+    def _codes(self, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         r = self.result
-        return quantize_grouped(w, r.scales, r.zeros, r.g_idx, r.grid, self.bits)
+        return quantize_grouped(w, scales, r.zeros, r.g_idx, r.grid, self.bits)
 
     def rounded(self) -> QuantResult:
-        return replace(self.result, codes=self._codes(self.weight.detach()))
+        scales = self.result.scales if self.scales is None else _stored(self.scales.detach())
+        return replace(self.result, codes=self._codes(self.weight.detach(), scales), scales=scales)
+
+
+def _stored(scales: torch.Tensor) -> torch.Tensor:
+    """Learned scales as the checkpoint stores them (what fake_quantize_learned trained with)."""
+    return scales.clamp(min=1e-5).to(SCALE_DTYPE)
 
 
 def distill_layer(
@@ -83,7 +97,9 @@ def distill_layer(
     if held >= len(inputs):
         raise ValueError(f"LKD needs a calibration batch to train on beside {held} held out; add calib_samples")
     train, heldout = range(len(inputs) - held), range(len(inputs) - held, len(inputs))
-    levels = {name: _Levels(r, bits, fp) for name, (r, bits, fp) in results.items()}
+    if settings.train_scales and (grids := {r.grid for r, *_ in results.values()} - {UniformGrid.name}):
+        raise ValueError(f"LKD learns scales of the minmax grid only, not {sorted(grids)}; set train_scales=False")
+    levels = {name: _Levels(r, bits, fp, settings.train_scales) for name, (r, bits, fp) in results.items()}
     params = {f"{name}.weight": lv.weight for name, lv in levels.items()}
 
     def error(batches, weights=None) -> float:
@@ -91,12 +107,15 @@ def distill_layer(
             return sum(_loss(layer, inputs[b], kwargs[b], targets[b], weights).item() for b in batches) / len(batches)
 
     before = error(heldout)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=settings.lr, weight_decay=0.0)
+    trained = [p for lv in levels.values() for p in lv.parameters()]
+    optimizer = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
+    steps = _micro_batches(train, inputs, settings.sequences_per_step)
     with torch.enable_grad():
         for step in range(settings.steps):
-            b = train[step % len(train)]
+            b, rows = steps[step % len(steps)]
             weights = {key: levels[key[: -len(".weight")]].fake_quantized() for key in params}
-            loss = _loss(layer, inputs[b], kwargs[b], targets[b], weights)
+            batch = len(inputs[b])
+            loss = _loss(layer, inputs[b][rows], _rows(kwargs[b], rows, batch), targets[b][rows], weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -108,6 +127,25 @@ def distill_layer(
         layer.get_submodule(name).weight.data = r.weight().to(layer.get_submodule(name).weight.dtype)
     changed = sum(int((rounded[n].codes != r.codes).sum()) for n, (r, *_) in results.items())
     return chosen, DistillRecord(index, before, after, kept, changed)
+
+
+def _micro_batches(batches: range, inputs: list[torch.Tensor], size: int) -> list[tuple[int, slice]]:
+    """(batch, rows) of ``size`` sequences each, over the training batches in order: a step costs
+    a few sequences' forward and backward, not a whole calibration batch's."""
+    return [(b, slice(i, i + size)) for b in batches for i in range(0, len(inputs[b]), size)]
+
+
+def _rows(value, rows: slice, batch: int):
+    """A layer keyword argument cut to ``rows`` of the batch: tensors (or tuples of them, such as
+    rotary position embeddings) whose first dimension is the batch; others (shared across it,
+    first dimension 1) as they are."""
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, batch) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows, batch) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1:
+        return value[rows]
+    return value
 
 
 def _loss(layer, hidden: torch.Tensor, kwargs: dict, target: torch.Tensor, weights) -> torch.Tensor:
