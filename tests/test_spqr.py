@@ -160,3 +160,14 @@ def test_the_cli_quantizes_with_spqr_options_and_inspect_lists_each_modules_outl
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if x.startswith("  model.layers.1.mlp.up_proj: "))
     assert " bits per weight, outliers " in line and "scales on a second level per 16 rows" in line
+
+
+def test_clip_search_fits_clipped_rows_whose_scales_still_are_their_statistics():
+    w, x = layer_problem()
+    cfg = treeq.QuantConfig(method="spqr", bits=3, group_size=16, sym=False, clip_search=True)
+    method = SpQR(cfg)
+    stats = method.stats(w.shape[1], torch.device("cpu"))
+    stats.add(x)
+    clipped, plain = method.quantize(w, stats), quantize(w, x)
+    assert torch.equal(clipped.scales, scales_from_statistics(*clipped.extras.statistics()))
+    assert not torch.equal(clipped.scales, plain.scales) and clipped.loss < plain.loss

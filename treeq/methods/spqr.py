@@ -7,7 +7,8 @@ The sweep is GPTQ's (act-order, error feedback through chol(H^-1)). At the start
 1. outlier candidates: for each weight, how much the group's Hessian-weighted squared error
    (errors divided by chol(H^-1)'s diagonal) drops when that weight is left out of the group and
    the grid is fitted to the others (leave-one-out); those dropping it by more than the threshold;
-2. each row's grid is fitted to the group without its candidates, and the per-row scales are
+2. each row's grid is fitted to the group without its candidates (with the scheme's clip_search,
+   at the clip ratio of least weight error, :meth:`treeq.numerics.Grid.params`), and the per-row scales are
    quantized to ``stats_bits`` over runs of ``stats_group`` rows (an fp16 step and minimum each,
    :mod:`treeq.extras.spqr`); the zero point is an integer taken from the quantized scale.
 
@@ -142,15 +143,19 @@ class _Sweep:
             candidates = self.leave_one_out_gain(group, diag) > self.threshold
             # The grid's range always holds 0, so a candidate set to 0 drops out of the fit.
             group = torch.where(candidates, torch.zeros_like(group), group)
-        raw, _ = self.grid.raw_params(group)
-        stats = quantize_scales(raw.clamp(min=MIN_SCALE), self.options.stats_bits, self.options.stats_group)
+        if self.grid.clip_search:  # each row's clip ratio with the least weight error (Grid.params)
+            fitted, zero = self.grid.params(group)
+            low = -zero * fitted  # the clipped range's low end
+        else:
+            fitted, _ = self.grid.raw_params(group)
+            low = group.amin(dim=1).clamp(max=0)
+        stats = quantize_scales(fitted.clamp(min=MIN_SCALE), self.options.stats_bits, self.options.stats_group)
         self.codes2.append(tuple(t[None] for t in stats))
         scale = scales_from_statistics(*stats).float()
         self.scales[g] = scale
         if self.grid.sym:
             self.zeros[g] = (self.grid.maxq + 1) // 2
         else:
-            low = group.amin(dim=1).clamp(max=0)
             self.zeros[g] = torch.round(-low / scale).clamp(0, self.grid.maxq)
 
     def leave_one_out_gain(self, group: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
