@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import numerics
 from . import w8a8_vnni
-from .base import Kernel
+from .w8a8_base import W8A8Kernel, int8_weight, quantized_input
 
 
 @dataclass
@@ -27,37 +26,20 @@ class _W8A8State:
     scale: torch.Tensor  # fp32 [out]
 
 
-class CpuW8A8(Kernel):
+class CpuW8A8(W8A8Kernel):
     name = "cpu_w8a8"
     priority = 40  # integer inputs: ahead of every weight-only kernel where it applies
-    bits = frozenset({8})
-    group_sizes = frozenset({-1})  # the int32 sums take one weight scale per row
     devices = frozenset({"cpu"})
     dtypes = frozenset({torch.bfloat16, torch.float32})
-    supports_asym = False
-    supports_desc_act = False
-    integer_inputs = True
+    runs_outlier_columns = True
 
     @classmethod
     def rejects(cls, fmt, device, dtype) -> str | None:
-        reason = super().rejects(fmt, device, dtype)
-        if reason is not None:
-            return reason
-        a = fmt.activation
-        if a is None:
-            return "weight-only layer; runs 8-bit per-token symmetric dynamic activations only"
-        dynamic = (a.bits, a.granularity, a.sym, a.dynamic) == (8, "per-token", True, True)
-        static = (a.bits, a.granularity, a.sym, a.dynamic, a.outlier_threshold) == (8, "per-tensor", True, False, None)
-        if not (dynamic or static):
-            return (
-                f"activations {a.describe()}; runs 8-bit sym per-token dynamic (outlier columns too) "
-                "or per-tensor static"
-            )
-        return w8a8_vnni.available()
+        return super().rejects(fmt, device, dtype) or w8a8_vnni.available()
 
     @classmethod
     def prepare(cls, layer) -> None:
-        weight = (layer.codes().to(torch.int16) - layer.zeros()[0].to(torch.int16)[:, None]).to(torch.int8)
+        weight = int8_weight(layer)
         layer.kernel_state = _W8A8State(w8a8_vnni.pack_weight(weight), weight, layer.scales[0].float())
 
     @staticmethod
@@ -71,18 +53,9 @@ class CpuW8A8(Kernel):
             w_outliers = st.weight.index_select(1, outliers).float() * st.scale[:, None]
             y = w8a8_vnni.int8_linear_outliers(x2, outliers, w_outliers, st.packed, st.scale, layer.bias, x.dtype)
         else:
-            codes, scale = _quantized_input(layer.input_quantizer, x2)
+            codes, scale = quantized_input(layer.input_quantizer, x2, w8a8_vnni.quantize_per_token)
             y = w8a8_vnni.int8_linear(codes, scale, st.packed, st.scale, layer.bias, x.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _quantized_input(quantizer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes of ``x`` [tokens, in] and each token's scale: its own range (dynamic), or the
-    layer's calibrated one, the codes exactly those of the quantizer's fake-quant."""
-    if quantizer.scheme.dynamic:
-        return w8a8_vnni.quantize_per_token(x)
-    codes = numerics.quantize_activation_with(x, quantizer.scale, quantizer.zero, 8, sym=True)
-    return codes, quantizer.scale.expand(x.shape[0]).contiguous()
 
 
 KERNEL = CpuW8A8
