@@ -386,6 +386,32 @@ def report(directory, png, top):
         click.echo(f"  layer {r['layer']:>3} {r['module']:<22} loss {r['loss']:.4e}")
 
 
+@main.command()
+@click.argument("model", required=False)
+@click.option("--text", default="wiki-train", show_default=True, help="wiki-train, news, or a text file")
+@click.option("--samples", type=click.IntRange(1), default=16, show_default=True, help="windows of text")
+@click.option("--seqlen", type=click.IntRange(2), default=512, show_default=True)
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="SmoothQuant's strength")
+@click.option("--threshold", type=click.FloatRange(0, min_open=True), default=6.0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("treeq-stats"), show_default=True)
+@spec_option
+@threads_option
+@user_errors
+def stats(model, text, samples, seqlen, alpha, threshold, out, threads):
+    """Per-layer input statistics of MODEL's linears (largest channel, share of channels above the
+    LLM.int8() threshold, kurtosis), as is and after SmoothQuant: a CSV and a PNG in OUT."""
+    _set_threads(threads)
+    fp, tok = treeq.load_fp_model(model)
+    rows = treeq.activation_stats(fp, tok, text, samples, seqlen, alpha, threshold)
+    for path in treeq.api.save_stats(rows, out, alpha, threshold):
+        click.echo(f"wrote {path}")
+    worst = max(rows, key=lambda r: r.max_absmax)
+    click.echo(
+        f"largest input channel: layer {worst.layer} {worst.subset} {worst.max_absmax:.1f} "
+        f"({worst.max_absmax_smoothed:.1f} after SmoothQuant {alpha})"
+    )
+
+
 @main.group()
 def spec() -> None:
     """Tree specs: check that one fits a model."""

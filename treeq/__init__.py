@@ -6,6 +6,7 @@ from .version import __version__
 request_reproducible_blas()  # before anything calls MKL
 
 from .api import (  # noqa: E402
+    activation_stats,
     bench,
     error_report,
     evaluate_perplexity,
@@ -25,6 +26,7 @@ __all__ = [
     "QuantConfig",
     "TreeqError",
     "__version__",
+    "activation_stats",
     "bench",
     "compare",
     "error_report",

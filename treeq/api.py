@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .engine.pipeline import QuantizeReport, for_model, quantize
+from .eval.activation_stats import activation_stats, save_stats
 from .eval.perplexity import evaluate_perplexity
 from .eval.report import ErrorReport, error_report
 from .eval.speed import BENCH_PROMPT, bench, generate
@@ -25,6 +26,7 @@ evaluate_tasks = run_tasks
 __all__ = [
     "BENCH_PROMPT",
     "TASKS",
+    "activation_stats",
     "CheckpointInfo",
     "ErrorReport",
     "QuantizeReport",
@@ -41,4 +43,5 @@ __all__ = [
     "model_path",
     "quantize",
     "resolve_device",
+    "save_stats",
 ]
