@@ -223,3 +223,41 @@ def test_w6a6_checkpoint_is_treeqs_own_and_loads_to_the_same_logits(tmp_path, to
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, report.model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_smoothquant_search_picks_the_strength_with_the_least_quantized_output_error():
+    """Inputs with three outlier channels at 4 bits, weights at 8: the strength picked is one of the
+    grid's, its quantized output error the least of the grid's (the test's own error), below fixed
+    alpha 0.5's. Checked failing with the search keeping the largest error."""
+    from treeq.transforms.base import InputSample
+    from treeq.transforms.smoothquant import ALPHAS, SmoothQuant
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen)
+    x[:, :3] *= 40
+    stats = InputStats(64, torch.device("cpu"))
+    stats.add(x)
+    weights = [torch.randn(32, 64, generator=gen) * 0.05]
+    a4 = FakeQuantActivation(ActivationScheme(bits=4), 64)
+    round_weight = lambda w: fake_quantize_activation(w, 8)  # noqa: E731  per-row 8-bit weights
+    sample = InputSample(x, lambda xs, s: a4(xs))
+
+    def error(s):
+        return float(((a4(x / s) @ round_weight(weights[0] * s).T - x @ weights[0].T) ** 2).sum())
+
+    searched = TRANSFORMS["smoothquant"]({"search": True}).scales(weights, stats, round_weight, sample)
+    grid = {a: TRANSFORMS["smoothquant"]({"alpha": a}).scales(weights, stats, round_weight) for a in ALPHAS}
+    errors = {a: error(s) for a, s in grid.items()}
+    best = min(errors, key=errors.get)
+    assert torch.equal(searched, grid[best]) and errors[best] < errors[0.5]
+    assert SmoothQuant({"search": True}).sample_rows() > 0 and SmoothQuant({}).sample_rows() == 0
+
+
+def test_smoothquant_search_quantizes_and_round_trips(tmp_path, tokenizer, text_file):
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    act = dict(bits=8, granularity="per-tensor", dynamic=False)
+    report = quantize(src, tmp_path / "q", text_file, method="rtn", migration="smoothquant", search=True, activations=act)
+    loaded, _ = treeq.load(tmp_path / "q")
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, report.model(ids).logits, rtol=0, atol=1e-5)

@@ -28,6 +28,7 @@ from .. import user_input
 from ..config import DistillSettings
 from ..methods import InputStats, Method, QuantResult
 from ..models import Subset, TreeSpec
+from ..transforms.base import InputSample
 from . import experts
 from .distill import distill_layer
 from .lockstep import StopForward, batch_threads, run_lockstep, run_rerunning
@@ -173,16 +174,23 @@ def bind_layer(layer: nn.Module, spec: TreeSpec, method: Method, devices: list) 
     return [bind(layer, spec, s, method, devices) for s in spec.subsets if experts.present(layer, spec, s)]
 
 
-def _collect(layer, bound: list[BoundSubset], inputs: LayerInputs, index: int):
+def _collect(layer, bound: list[BoundSubset], inputs: LayerInputs, index: int, sample_rows: int = 0):
     """One fp pass feeding each subset's input to its stats; the first module of a subset to run
-    records the input for all of them, since they share it."""
+    records the input for all of them, since they share it. With ``sample_rows``, returns about
+    that many of each subset's input rows (fp32), spread evenly over every batch's tokens."""
     seen: set[str] = set()
+    samples: dict[str, list[torch.Tensor]] = {b.name: [] for b in bound}
+    per_batch = -(-sample_rows // max(1, len(inputs.hidden)))
 
     def hook_for(b: BoundSubset):
         def hook(_module, args):
             if b.name not in seen:
                 b.record(args[0])
                 seen.add(b.name)
+                if per_batch:
+                    x = args[0].reshape(-1, args[0].shape[-1])
+                    rows = torch.linspace(0, x.shape[0] - 1, min(per_batch, x.shape[0])).long()
+                    samples[b.name].append(x[rows].float())
 
         return hook
 
@@ -194,6 +202,7 @@ def _collect(layer, bound: list[BoundSubset], inputs: LayerInputs, index: int):
     finally:
         for handle in handles:
             handle.remove()
+    return {name: torch.cat(rows) for name, rows in samples.items() if rows}
 
 
 def quantize_layers(
@@ -297,15 +306,27 @@ def _rescale_inputs(layer, spec: TreeSpec, plan: MethodPlan, inputs: LayerInputs
         for b in bind_layer(layer, spec, plan.default, [device])
         if not b.subset.per_expert and readers[b.subset.fed_by] == 1
     ]
-    _collect(layer, bound, inputs, index)
+    samples = _collect(layer, bound, inputs, index, plan.migration.sample_rows())
     for b in bound:
         s, (stats, _) = b.subset, b.groups[0]
         if can_fold(layer, s.fed_by, stats.h.shape[0]):
             weights = [layer.get_submodule(m).weight.data for m in s.modules]
             # The scales suit the first module's scheme; those of a subset differ only by override.
-            method = plan.method(f"{spec.layers}.{index}.{s.modules[0]}") or plan.default
-            scales = plan.migration.scales(weights, stats, lambda w: method.round(w).weight())
+            name = f"{spec.layers}.{index}.{s.modules[0]}"
+            method = plan.method(name) or plan.default
+            sample = _input_sample(plan, name, stats, samples.get(b.name))
+            scales = plan.migration.scales(weights, stats, lambda w: method.round(w).weight(), sample)
             fold_input_scales(layer, s.modules, s.fed_by, scales, spec.norm_weight_offset)
+
+
+def _input_sample(plan: MethodPlan, module: str, stats: InputStats, rows: torch.Tensor | None) -> InputSample | None:
+    """The sampled input rows with what ``module``'s input quantizer makes of them once divided by
+    scales s (static levels calibrated on the divided range)."""
+    if rows is None:
+        return None
+    if plan.input_quantizer(module, stats) is None:
+        return InputSample(rows, None)
+    return InputSample(rows, lambda x, s: plan.input_quantizer(module, stats, s)(x))
 
 
 def _teacher(layer, inputs: LayerInputs, index: int, settings: DistillSettings | None):

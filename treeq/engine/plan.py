@@ -9,6 +9,8 @@ migration, if any, that runs on each layer first.
 
 from __future__ import annotations
 
+import torch
+
 from ..config import QuantConfig
 from ..methods import InputStats, Method, make_method
 from ..runtime.activations import ActivationQuantizer, input_quantizer
@@ -44,12 +46,18 @@ class MethodPlan:
             self._made[key] = make_method(config, scheme)
         return self._made[key]
 
-    def input_quantizer(self, module: str, stats: InputStats) -> ActivationQuantizer | None:
+    def input_quantizer(
+        self, module: str, stats: InputStats, scales: torch.Tensor | None = None
+    ) -> ActivationQuantizer | None:
         """What quantizes ``module``'s input once the module is quantized (the config's activation
-        scheme, static levels calibrated on the range in ``stats``); None: inputs stay as they are
-        (weight-only, or a module left in full precision)."""
+        scheme, static levels calibrated on the range in ``stats``, of the input divided by
+        ``scales`` if given); None: inputs stay as they are (weight-only, or a module left in full
+        precision)."""
         scheme = self.config.activations
         if scheme is None or self.scheme(module) is None:
             return None
         quantizer = input_quantizer(scheme, stats.low.shape[0])
-        return quantizer if scheme.dynamic else quantizer.calibrate(stats.low, stats.high)
+        if scheme.dynamic:
+            return quantizer
+        low, high = (stats.low, stats.high) if scales is None else (stats.low / scales, stats.high / scales)
+        return quantizer.calibrate(low, high)
