@@ -19,6 +19,7 @@ from treeq.errors import TreeqError
 from treeq.eval.tasks import TASKS, task_dir
 from treeq.methods import METHODS
 from treeq.models import load_spec_file
+from treeq.numerics import GRIDS
 from treeq.recipe import merged, read_recipe
 from treeq.runtime.input_transform import InputTransform
 from treeq.config import DistillSettings
@@ -317,6 +318,7 @@ def evaluate(
     help="input bits of the quantized linears per row, comma-separated; 16: weight-only (e.g. 16,8,4)",
 )
 @click.option("--migration", type=click.Choice(sorted(TRANSFORMS)), default=None, help="scale migration of every row")
+@click.option("--grid", type=click.Choice(list(GRIDS)), default=None, help="weight grid of every row (default minmax)")
 @click.option("--group-size", type=int, default=None, help=f"default 128 ({DEFAULT_GROUP_SIZE} for the built-in model)")
 @click.option("--tasks", default=None, help=f"lm-eval tasks too, comma-separated or 'all': {', '.join(TASKS)}")
 @click.option("--limit", type=click.IntRange(1), default=None, help="at most this many documents per task")
@@ -335,6 +337,7 @@ def compare(
     bits_list,
     act_bits_list,
     migration,
+    grid,
     group_size,
     tasks,
     limit,
@@ -367,6 +370,7 @@ def compare(
         calib_samples=calib_samples,
         seqlen=seqlen,
         **({} if migration is None else {"migration": migration}),
+        **({} if grid is None else {"grid": grid}),
     )
     click.echo((out / "compare.md").read_text())
     click.echo(f"written: {out / 'compare.md'}, {out / 'compare.csv'}")

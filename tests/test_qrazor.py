@@ -283,3 +283,18 @@ def test_the_qrazor_kv_preset_builds_razored_layers_and_shrinks_the_cache():
         KVCacheScheme(method="qrazor")
     with pytest.raises(pydantic.ValidationError, match="key_bits and value_bits in"):
         KVCacheScheme(method="qrazor", key_granularity="per-token", key_bits=8)
+
+
+def test_compare_rows_on_the_qrazor_grid(model_dir, text_file, tmp_path):
+    from test_cli import run
+
+    out = tmp_path / "cmp"
+    r = run(
+        "compare", str(model_dir), "--methods", "rtn,gptq", "--bits", "4", "--grid", "qrazor", "--group-size", "8",
+        "--calib-samples", "4", "--seqlen", "32", "--calib-text", str(text_file), "--eval-text", str(text_file),
+        "--eval-seqlen", "32", "--eval-windows", "2", "--out", str(out),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = (out / "compare.md").read_text()
+    assert "| rtn-qrazor | 4 | 16 | 8 |" in rows and "| gptq-qrazor | 4 | 16 | 8 |" in rows
+    assert treeq.inspect_checkpoint(out / "rtn-qrazor-w4a16g8").formats["model.layers.0.mlp.up_proj"].grid == "qrazor"

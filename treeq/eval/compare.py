@@ -69,6 +69,7 @@ def compare(
         fp, tok = api.load_fp_model(model)
         w, a = cfg.weights, 16 if cfg.activations is None else cfg.activations.bits
         method = f"{cfg.migration}+{cfg.method}" if cfg.migration else cfg.method
+        method += "" if w.grid == "minmax" else f"-{w.grid}"
         target = out / f"{method}-w{w.bits}a{a}g{w.group_size}"
         report = api.quantize(fp, cfg, target, tokenizer=tok, calib_text=calib_text)
         size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
