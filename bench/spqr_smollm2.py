@@ -4,7 +4,7 @@ the loaded checkpoint (they must agree within 0.1%), bits per weight counted fro
 (treeq inspect's count over all quantized linears: codes, zero points, scale codes, second-level
 steps and minima, act-order permutation, outlier rows, columns and values), the outlier share, and
 per module kind the mean outlier share and bits. One JSON line per row is appended to ``--out``;
-``--table`` writes the markdown table to bench/results/spqr_smollm2.md.
+``--table ROWS.jsonl`` writes the markdown table to bench/results/spqr_smollm2.md.
 
     flock /tmp/treeq-heavy.lock python bench/spqr_smollm2.py --rows spqr-w3-g16 --out spqr.jsonl
     python bench/spqr_smollm2.py --table spqr.jsonl
@@ -89,7 +89,15 @@ def run_row(name: str, windows: int) -> dict:
 def table(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     fp = next((r["ppl"] for r in rows if r["row"] == "fp"), None)
+    first = next(r for r in rows if r["row"] != "fp")
     lines = [
+        f"`python bench/spqr_smollm2.py` on {first['cpu']}; calibration {first['calibration']} wiki-train "
+        f"(treeq's default), eval {first['protocol']}",
+        "Baselines on this protocol (issue 16): fp 17.989, GPTQ 4-bit g64 22.24, GPTQ 3-bit g64 31.98.",
+        "bits/weight: stored bits of every quantized linear over their weights (treeq inspect's count: codes, "
+        "zero points, scale codes, second-level steps and minima, act-order groups, outlier counts, columns, "
+        "values).",
+        "",
         "| row | settings | bits/weight | ppl (loaded) | ppl in memory | loaded / memory - 1 | +% vs fp "
         "| outliers | outliers by module | mean loss | quantize s | kernels |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
@@ -117,7 +125,8 @@ def table(path: Path) -> str:
 @click.option("--table", "table_of", type=click.Path(path_type=Path), default=None)
 def main(rows, out, windows, threads, table_of):
     if table_of is not None:
-        print(table(table_of))
+        RESULTS.write_text(table(table_of) + "\n")
+        print(RESULTS.read_text())
         return
     torch.set_num_threads(threads)
     print(machine.cpu())
