@@ -33,7 +33,7 @@ def test_distilled_layers_lower_held_out_error_and_the_checkpoint_keeps_them(tra
     checkpoint differs from plain RTN's (in its scales too where they are learned, never in its
     zero points) and loads to the in-memory logits."""
     src = save_model_dir(tmp_path / "src", "llama", tokenizer)
-    distill = dict(steps=30, lr=3e-5, train_scales=train_scales)
+    distill = dict(steps=30, lr=0.003, train_scales=train_scales)
     report, records = quantize(src, tmp_path / "lkd", text_file, distill=distill)
     quantize(src, tmp_path / "rtn", text_file)
     assert [int(r[0]) for r in records] == [0, 1]
@@ -94,7 +94,7 @@ def test_a_worse_result_is_discarded_and_the_layer_keeps_its_weights():
 
 def test_training_lowers_held_out_error_on_its_levels():
     layer, hidden, kwargs, targets, results = _layer_case()
-    kept, record = distill_layer(layer, 0, results, hidden, kwargs, targets, DistillSettings(steps=30, lr=3e-5))
+    kept, record = distill_layer(layer, 0, results, hidden, kwargs, targets, DistillSettings(steps=30, lr=0.003))
     assert record.kept and record.after < record.before
     for name, (r, *_) in results.items():
         assert torch.equal(kept[name].scales, r.scales) and torch.equal(kept[name].zeros, r.zeros)
@@ -103,11 +103,11 @@ def test_training_lowers_held_out_error_on_its_levels():
 
 def test_learned_scales_lower_held_out_error_further_and_are_stored_in_fp16():
     """On the same layer and steps, learning the scales too reaches a lower held-out error than
-    moving weights alone (12% below the start against 2% here)."""
+    moving weights alone (9% below the start against 2% here)."""
     errors = {}
     for train_scales in (False, True):
         layer, hidden, kwargs, targets, results = _layer_case()
-        settings = DistillSettings(steps=30, lr=3e-5, train_scales=train_scales)
+        settings = DistillSettings(steps=30, lr=0.003, train_scales=train_scales)
         kept, record = distill_layer(layer, 0, results, hidden, kwargs, targets, settings)
         errors[train_scales] = record.after
     assert record.kept and errors[True] < errors[False] < record.before

@@ -45,22 +45,32 @@ class _Levels:
     """A module's levels and its trainable weight, which starts at the fp weight: training moves
     it across the rounding boundaries where that lowers the layer's output error. With
     ``train_scales`` each group's scale is learned too (straight through its fp16 rounding, as
-    :func:`treeq.numerics.fake_quantize_learned` does); zero points stay the method's."""
+    :func:`treeq.numerics.fake_quantize_learned` does); zero points stay the method's.
+
+    Both train in relative units, so one learning rate fits every layer and width: the weight as a
+    multiple of its group's (initial) step, the scale as its logarithm. An AdamW step then moves a
+    weight by about ``lr`` of a step and a scale by about ``lr`` of itself."""
 
     def __init__(self, result: QuantResult, bits: int, fp_weight: torch.Tensor, train_scales: bool):
         self.result, self.bits = result, bits
-        self.weight = nn.Parameter(fp_weight.detach().float().clone())
-        self.scales = nn.Parameter(result.scales.float().clone()) if train_scales else None
+        g = result.g_idx.long()
+        self.step = result.scales.float()[g].T  # [out, in]: each weight's group step
+        self.units = nn.Parameter(fp_weight.detach().float() / self.step)
+        self.log_scales = nn.Parameter(result.scales.float().log()) if train_scales else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.units * self.step
 
     def parameters(self) -> list[nn.Parameter]:
-        return [self.weight] + ([] if self.scales is None else [self.scales])
+        return [self.units] + ([] if self.log_scales is None else [self.log_scales])
 
     def fake_quantized(self) -> torch.Tensor:
         """The weight on its levels in the forward pass, the identity's gradient in the backward."""
         r, w = self.result, self.weight
-        if self.scales is not None:
+        if self.log_scales is not None:
             g = r.g_idx.long()
-            return fake_quantize_learned(w, self.scales[g].T, r.zeros.float()[g].T, 2**self.bits - 1)
+            return fake_quantize_learned(w, self.log_scales.exp()[g].T, r.zeros.float()[g].T, 2**self.bits - 1)
         on_levels = dequantize_grouped(self._codes(w.detach(), r.scales), r.scales, r.zeros, r.g_idx, r.grid)
         return w + (on_levels - w).detach()
 
@@ -69,7 +79,7 @@ class _Levels:
         return quantize_grouped(w, scales, r.zeros, r.g_idx, r.grid, self.bits)
 
     def rounded(self) -> QuantResult:
-        scales = self.result.scales if self.scales is None else _stored(self.scales.detach())
+        scales = self.result.scales if self.log_scales is None else _stored(self.log_scales.detach().exp())
         return replace(self.result, codes=self._codes(self.weight.detach(), scales), scales=scales)
 
 
@@ -100,7 +110,6 @@ def distill_layer(
     if settings.train_scales and (grids := {r.grid for r, *_ in results.values()} - {UniformGrid.name}):
         raise ValueError(f"LKD learns scales of the minmax grid only, not {sorted(grids)}; set train_scales=False")
     levels = {name: _Levels(r, bits, fp, settings.train_scales) for name, (r, bits, fp) in results.items()}
-    params = {f"{name}.weight": lv.weight for name, lv in levels.items()}
 
     def error(batches, weights=None) -> float:
         with torch.no_grad():
@@ -113,7 +122,7 @@ def distill_layer(
     with torch.enable_grad():
         for step in range(settings.steps):
             b, rows = steps[step % len(steps)]
-            weights = {key: levels[key[: -len(".weight")]].fake_quantized() for key in params}
+            weights = {f"{name}.weight": lv.fake_quantized() for name, lv in levels.items()}
             batch = len(inputs[b])
             loss = _loss(layer, inputs[b][rows], _rows(kwargs[b], rows, batch), targets[b][rows], weights)
             optimizer.zero_grad(set_to_none=True)
