@@ -76,12 +76,13 @@ def fp16_bytes(model, tokens: int) -> int:
 @click.option(
     "--chunk", type=click.IntRange(1), default=128, show_default=True, help="decode protocol's tokens per step"
 )
-@click.option("--rows", default=None, help="comma-separated row names to run (default: all)")
+@click.option("--rows", default=None, help="comma-separated row names to run, in that order (default: all)")
+@click.option("--protocols", default="simulated,decode", show_default=True, help="perplexity protocols per row")
 @click.option("--bytes-tokens", type=click.IntRange(1), default=4096, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="append one JSON line per row")
 @click.option("--table", "table_file", type=click.Path(exists=True, path_type=Path), default=None)
-def main(bits, windows, chunk, rows, bytes_tokens, threads, out, table_file):
+def main(bits, windows, chunk, rows, protocols, bytes_tokens, threads, out, table_file):
     if table_file is not None:
         print_table(table_file)
         return
@@ -89,26 +90,28 @@ def main(bits, windows, chunk, rows, bytes_tokens, threads, out, table_file):
     print(machine.cpu(), f"threads={threads}, torch {torch.__version__}", flush=True)
     model, tok = treeq.load_fp_model()
     ids = data.tokenize(tok, data.read_text("wiki-test"))
-    start = time.perf_counter()
-    activations = collect_kv_activations(model, calibration_windows(tok))
-    print(f"calibration activations and Fisher gradients: {time.perf_counter() - start:.0f} s", flush=True)
+    schemes = {name: s for b in bits.split(",") for name, s in ablation(int(b)).items()}
+    names = list(schemes) if rows is None else rows.split(",")  # in the order given
+    activations = None
+    if any(needs_calibration(schemes[name]) for name in names):
+        start = time.perf_counter()
+        activations = collect_kv_activations(model, calibration_windows(tok))
+        print(f"calibration activations and Fisher gradients: {time.perf_counter() - start:.0f} s", flush=True)
     bf16 = treeq.load_fp_model(dtype=torch.bfloat16)[0]
     prefix = ids[None, :bytes_tokens]
-    schemes = {name: s for b in bits.split(",") for name, s in ablation(int(b)).items()}
-    wanted = None if rows is None else set(rows.split(","))
-    for name, scheme in schemes.items():
-        if wanted is not None and name not in wanted:
-            continue
+    for name in names:
+        scheme = schemes[name]
         started = time.perf_counter()
         calibration = calibrate_kv(activations, scheme) if needs_calibration(scheme) else None
         row = dict(row=name, scheme=scheme.describe(), windows=windows, chunk=chunk)
-        for protocol in ("simulated", "decode"):
-            result = perplexity(model, ids, 1024, windows, kv=KVProtocol(scheme, protocol, chunk, calibration))
-            row[protocol] = result.ppl
         cache = kv_cache_for(bf16, scheme, calibration)
         with torch.no_grad():
             bf16(input_ids=prefix, cache=cache, use_cache=True)
         row |= dict(tokens=bytes_tokens, cache_bytes=cache_nbytes(cache), fp16_bytes=fp16_bytes(bf16, bytes_tokens))
+        for protocol in protocols.split(","):
+            result = perplexity(model, ids, 1024, windows, kv=KVProtocol(scheme, protocol, chunk, calibration))
+            row[protocol] = result.ppl
+            print(f"partial: {json.dumps(row)}", flush=True)  # a long row killed midway keeps what it measured
         row["seconds"] = round(time.perf_counter() - started)
         print(json.dumps(row), flush=True)
         if out is not None:
@@ -122,9 +125,8 @@ def print_table(path: Path) -> None:
     print("|---|---|---|---|")
     for r in rows:
         ratio = r["cache_bytes"] / r["fp16_bytes"]
-        print(
-            f"| {r['row']} | {r['simulated']:.3f} | {r['decode']:.3f} | {r['cache_bytes'] / 2**20:.2f} ({ratio:.3f}x) |"
-        )
+        decode = f"{r['decode']:.3f}" if "decode" in r else "-"
+        print(f"| {r['row']} | {r['simulated']:.3f} | {decode} | {r['cache_bytes'] / 2**20:.2f} ({ratio:.3f}x) |")
 
 
 if __name__ == "__main__":
