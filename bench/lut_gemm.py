@@ -15,7 +15,7 @@ import click
 import torch
 import torch.nn.functional as F
 from kernels import _quant_linear  # bench/kernels.py: run as a script, bench/ is on sys.path
-from machine import cpu
+import machine
 from timing import median_seconds
 
 from treeq import bcq
@@ -62,7 +62,7 @@ def main(threads: str, repeats: int) -> None:
     int4 = _quant_linear(4, GROUP, N)
     states = {q: cpu_lut_bcq.prepare(random_bcq(q)) for q in bcq.PLANES}
     columns = [f"lut q{q}" for q in bcq.PLANES] + ["lut q3 avx2"]
-    print(cpu())
+    print(machine.cpu())
     print(f"matmul {N}x{N}, group {GROUP}, median of {repeats} calls taken in turns, times in ms;")
     print(f"ratio = bf16 F.linear time / kernel time; int4 = {int4.kernel.name}; lut path at 1 token: {cpu_lut_bcq.path()}")
     header = " ".join(f"{c:>12} {'ratio':>6}" for c in ["int4 g128", *columns])
