@@ -12,6 +12,7 @@ from test_kivi import HEAD_DIM, kv_model, states
 
 from treeq.errors import TreeqError
 from treeq.eval.perplexity import evaluate_perplexity
+from treeq.eval.speed import generate as generate_text
 from treeq.models import spec_for
 from treeq.runtime.kv_cache import IdentityKV, QuantizedKVLayer, quantized_kv_cache
 from treeq.runtime.kv_calibration import calibrate_kv, collect_kv_activations, weighted_kmeans
@@ -228,3 +229,19 @@ def test_cli_eval_takes_the_kvquant_preset_and_its_fields(model_dir, text_file):
     assert "calibrated, weights: Fisher information" in r.output
     one_line_error(run("eval", model_dir, "--kv", "kivi-2", "--kv-outliers", 0.01, *common), "outliers=0.01")
     one_line_error(run("eval", model_dir, "--kv", "kvquant-3", *common), "head_dim 16 cannot be packed at 3 bits")
+
+
+def test_generate_calibrates_a_kvquant_scheme_and_attends_to_its_codes(tokenizer, text_file):
+    model = kv_model()
+    scheme = kvquant(4, residual=4)  # a fp window as well: sink, stored codes, window
+    text = generate_text(model, tokenizer, "The river ran", max_new_tokens=6, kv=scheme, kv_calib_text=str(text_file))
+    assert isinstance(text, str)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    _, fp_logits = generate(model, ids)
+    g = torch.Generator().manual_seed(4)
+    activations = collect_kv_activations(model, [torch.randint(0, 256, (1, 32), generator=g)])
+    cache = kv_cache_for(model, scheme, calibrate_kv(activations, scheme))
+    _, step_logits = generate(model, ids, cache)
+    layer = cache.layers[0]
+    assert layer.sink_keys.shape[-2] == 1 and layer.stored_tokens == 21 - 1 - 4
+    assert step_logits.isfinite().all() and not torch.allclose(step_logits, fp_logits, atol=1e-3)
