@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 
 import click
+import machine
 import torch
 import torch.nn.functional as F
 from kernels import _quant_linear  # bench/kernels.py: run as a script, bench/ is on sys.path
-import machine
 from timing import median_seconds
 
 from treeq import bcq
@@ -64,7 +64,8 @@ def main(threads: str, repeats: int) -> None:
     columns = [f"lut q{q}" for q in bcq.PLANES] + ["lut q3 avx2"]
     print(machine.cpu())
     print(f"matmul {N}x{N}, group {GROUP}, median of {repeats} calls taken in turns, times in ms;")
-    print(f"ratio = bf16 F.linear time / kernel time; int4 = {int4.kernel.name}; lut path at 1 token: {cpu_lut_bcq.path()}")
+    path = cpu_lut_bcq.path()
+    print(f"ratio = bf16 F.linear time / kernel time; int4 = {int4.kernel.name}; lut path at 1 token: {path}")
     header = " ".join(f"{c:>12} {'ratio':>6}" for c in ["int4 g128", *columns])
     print(f"{'threads':>7} {'M':>3} {'bf16':>8} {header}")
     for t in (int(v) for v in threads.split(",")):

@@ -91,7 +91,9 @@ def test_nearest_signs_pick_the_closest_of_all_levels():
     assert torch.equal((w - chosen).abs(), best)
 
 
-@pytest.mark.parametrize("grid", [UniformGrid(2, sym=False), UniformGrid(3, sym=False), UniformGrid(4), HalfStepGrid(4)])
+@pytest.mark.parametrize(
+    "grid", [UniformGrid(2, sym=False), UniformGrid(3, sym=False), UniformGrid(4), HalfStepGrid(4)]
+)
 def test_a_uniform_grid_converts_to_bcq_exactly(grid):
     w, gs = heavy_tailed(32, 128) * 0.02, 32
     groups = w.reshape(32, -1, gs).transpose(0, 1)

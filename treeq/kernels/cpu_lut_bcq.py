@@ -54,8 +54,8 @@ def unavailable() -> str | None:
 
 
 def path(tokens: int = 1) -> str:
-    """"dense" from DENSE_FROM tokens; below, "avx512" where the CPU has AVX512F and
-    ``$TREEQ_CPU_ISA`` allows AVX512, "avx2" otherwise."""
+    """The path for ``tokens`` rows: "dense" from DENSE_FROM tokens; below, "avx512" where the CPU
+    has AVX512F and ``$TREEQ_CPU_ISA`` allows AVX512, "avx2" otherwise."""
     if tokens >= DENSE_FROM:
         return "dense"
     lib = library()[0]
