@@ -56,7 +56,7 @@ class DistillSettings(BaseModel):
     steps: PositiveInt = Field(50, description="AdamW steps per layer")
     sequences_per_step: PositiveInt = Field(2, description="calibration sequences each step trains on")
     lr: float = Field(
-        0.005, gt=0, description="AdamW learning rate, relative: a step moves a weight by about lr of its grid step"
+        0.002, gt=0, description="AdamW learning rate, relative: a step moves a weight by about lr of its grid step"
     )
     layers: Literal["all"] | tuple[NonNegativeInt, ...] = Field("all", description="decoder layers to distil")
     holdout: float = Field(

@@ -1,14 +1,15 @@
 """Layer-wise knowledge distillation (ZeroQuant's LKD), run on a decoder layer once its modules
 are quantized.
 
-The student is the quantized layer: each quantized module's weight starts at its dequantized
-value and is trained through a straight-through fake-quant on the module's own levels (the
-method's scales and zero points stay fixed, so the result is still a checkpoint of that method's
-layout). The teacher is the same layer in full precision; both read the inputs the looper holds
-for the layer (what the model quantized so far computes). AdamW minimises the squared error of the
-layer's output on all but a held-out share of the calibration batches; the trained weights are
-re-rounded to the levels, and the layer keeps them only if the error on the held-out batches falls.
-Input quantizers hooked on the modules pass gradients straight through while training.
+The student is the quantized layer: each quantized module's weight starts at its fp value and is
+trained through a straight-through fake-quant on the module's own levels (the method's zero
+points stay fixed, its scales too unless ``train_scales``, so the result is still a checkpoint of
+that method's layout). The teacher is the same layer in full precision; both read the inputs the
+looper holds for the layer (what the model quantized so far computes). AdamW minimises the squared
+error of the layer's output on all but a held-out share of the calibration batches, its rate
+decaying linearly to 0; the trained weights are re-rounded to the levels, and the layer keeps them
+only if the error on the held-out batches falls. Input quantizers hooked on the modules pass
+gradients straight through while training.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def distill_layer(
     before = error(heldout)
     trained = [p for lv in levels.values() for p in lv.parameters()]
     optimizer = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
+    # Decaying to 0 lets the last steps settle: at a constant rate SmolLM2's held-out error fell
+    # by a quarter in 10 steps and climbed back by 30.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / settings.steps)
     steps = _micro_batches(train, inputs, settings.sequences_per_step)
     with torch.enable_grad():
         for step in range(settings.steps):
@@ -128,6 +132,7 @@ def distill_layer(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
     rounded = {name: lv.rounded() for name, lv in levels.items()}
     after = error(heldout, {f"{n}.weight": r.weight() for n, r in rounded.items()})
     kept = after < before
