@@ -29,6 +29,7 @@ def weights(rows=16, cols=64, seed=0):
 
 
 def fake_quant(grid, w):
+    grid = grid.for_weight(w)  # as methods do: QRazor's grid binds each row's scale here
     w = grid.prepare(w)
     scale, zero = grid.params(w)
     codes = grid.quantize(w, scale[:, None], zero[:, None])
@@ -146,7 +147,7 @@ class PlainGPTQKernel(Kernel):
 def test_kernels_refuse_offset_grids_unless_they_declare_them():
     fmt = LinearFormat(4, 64, True, False, 128, 64, grid="half-step")
     assert PlainGPTQKernel.rejects(fmt, "cpu", torch.float32) == (
-        "grid 'half-step' not supported (runs fp8-int4, minmax, restricted, signed)"
+        "grid 'half-step' not supported (runs fp8-int4, minmax, qrazor, restricted, signed)"
     )
     signed = LinearFormat(4, 64, True, False, 128, 64, grid="signed")
     assert PlainGPTQKernel.rejects(signed, "cpu", torch.float32) is None
