@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -25,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's treeq, not the installed one
 import machine  # noqa: E402
+from quantized_row import fp_ppl, quantized_row, run_rows  # noqa: E402
 
 QRAZOR = dict(bits=4, grid="qrazor", format="qrazor")
 # Round-to-nearest weights and dynamic activations use no calibration data: RTN rows calibrate on 4
@@ -58,37 +57,19 @@ def bits_per_weight(path: Path) -> float:
 
 def run_row(name: str, windows: int, memory_ppl: bool) -> dict:
     import treeq
-    from treeq.engine.quant_log import QuantLog
 
-    model, tok = treeq.load_fp_model()
     if name == "fp":
-        return dict(row="fp", ppl=treeq.evaluate_perplexity(model, tok, max_windows=windows).ppl)
+        return dict(row="fp", ppl=fp_ppl(windows))
     cfg = treeq.QuantConfig(**ROWS[name])
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        report = treeq.quantize(model, cfg, Path(tmp) / "q", tokenizer=tok, log=QuantLog(echo=lambda _: None))
-        seconds = time.perf_counter() - start
-        loaded, _ = treeq.load(Path(tmp) / "q")
-        ids = tok(treeq.data.read_text("wiki-test")[:4000], return_tensors="pt").input_ids[:, :512]
-        with torch.no_grad():
-            reload_diff = float((loaded(ids).logits - report.model(ids).logits).abs().max())
-        ppl = treeq.evaluate_perplexity(loaded, tok, max_windows=windows)
-        memory = treeq.evaluate_perplexity(report.model, tok, max_windows=windows).ppl if memory_ppl else None
-        bpw = bits_per_weight(Path(tmp) / "q")
-    losses = [r.loss for r in report.log.records]
-    return dict(
-        row=name,
-        settings=ROWS[name],
-        calibration=f"{cfg.calibration.calib_samples}x{cfg.calibration.seqlen}",
-        quantize_s=seconds,
-        ppl_memory=memory,
-        reload_max_logit_diff=reload_diff,
-        ppl=ppl.ppl,
-        bits_per_weight=bpw,
-        mean_loss=sum(losses) / len(losses),
-        kernels=machine.kernels(loaded),
-        protocol=ppl.protocol(),
-    )
+    with quantized_row(cfg, windows, memory_ppl) as row:
+        return dict(
+            row=name,
+            settings=ROWS[name],
+            calibration=f"{cfg.calibration.calib_samples}x{cfg.calibration.seqlen}",
+            **row.fields(),
+            bits_per_weight=bits_per_weight(row.out),
+            kernels=machine.kernels(row.loaded),
+        )
 
 
 def table(path: Path) -> None:
@@ -130,12 +111,10 @@ def main(rows, out, windows, threads, memory_ppl, table_of):
     print(machine.cpu())
     print(machine.calibration())
     print(f"threads={threads}, eval {windows}x1024 wiki-test")
-    for name in rows.split(","):
-        result = run_row(name, windows, name in memory_ppl.split(","))
-        result.update(cpu=machine.cpu(), windows=windows)
-        with out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(json.dumps(result), flush=True)
+    in_memory = memory_ppl.split(",")
+    run_rows(
+        rows.split(","), lambda name: run_row(name, windows, name in in_memory), out, cpu=machine.cpu(), windows=windows
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's treeq, not the installed one
 import machine  # noqa: E402
+from quantized_row import fp_ppl, quantized_row, run_rows  # noqa: E402
 
 SPQR = dict(method="spqr", bits=3, sym=False, format="spqr")
 ROWS = {
@@ -54,36 +53,22 @@ def outlier_counts(loaded) -> tuple[dict[str, int], dict[str, int]]:
 
 def run_row(name: str, windows: int) -> dict:
     import treeq
-    from treeq.engine.quant_log import QuantLog
 
-    model, tok = treeq.load_fp_model()
     if name == "fp":
-        return dict(row="fp", ppl=treeq.evaluate_perplexity(model, tok, max_windows=windows).ppl)
+        return dict(row="fp", ppl=fp_ppl(windows))
     cfg = treeq.QuantConfig(**ROWS[name])
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        report = treeq.quantize(model, cfg, Path(tmp) / "q", tokenizer=tok, log=QuantLog(echo=lambda _: None))
-        seconds = time.perf_counter() - start
-        memory = treeq.evaluate_perplexity(report.model, tok, max_windows=windows).ppl
-        loaded, _ = treeq.load(Path(tmp) / "q")
-        ppl = treeq.evaluate_perplexity(loaded, tok, max_windows=windows)
-        bpw = treeq.inspect_checkpoint(Path(tmp) / "q").mean_bits_per_weight
-        kept, total = outlier_counts(loaded)
-    losses = [r.loss for r in report.log.records]
-    return dict(
-        row=name,
-        settings=ROWS[name],
-        calibration=f"{cfg.calibration.calib_samples}x{cfg.calibration.seqlen}",
-        quantize_s=seconds,
-        ppl_memory=memory,
-        ppl=ppl.ppl,
-        bits_per_weight=bpw,
-        outliers=sum(kept.values()) / sum(total.values()),
-        outliers_by_kind={k: kept[k] / total[k] for k in total},
-        mean_loss=sum(losses) / len(losses),
-        kernels=machine.kernels(loaded),
-        protocol=ppl.protocol(),
-    )
+    with quantized_row(cfg, windows, memory_ppl=True) as row:
+        kept, total = outlier_counts(row.loaded)
+        return dict(
+            row=name,
+            settings=ROWS[name],
+            calibration=f"{cfg.calibration.calib_samples}x{cfg.calibration.seqlen}",
+            **row.fields(),
+            bits_per_weight=treeq.inspect_checkpoint(row.out).mean_bits_per_weight,
+            outliers=sum(kept.values()) / sum(total.values()),
+            outliers_by_kind={k: kept[k] / total[k] for k in total},
+            kernels=machine.kernels(row.loaded),
+        )
 
 
 def table(path: Path) -> str:
@@ -132,12 +117,7 @@ def main(rows, out, windows, threads, table_of):
     print(machine.cpu())
     print(machine.calibration())
     print(f"threads={threads}, eval {windows}x1024 wiki-test")
-    for name in rows.split(","):
-        result = run_row(name, windows)
-        result.update(cpu=machine.cpu(), windows=windows)
-        with out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(json.dumps(result), flush=True)
+    run_rows(rows.split(","), lambda name: run_row(name, windows), out, cpu=machine.cpu(), windows=windows)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -21,16 +19,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import machine  # noqa: E402
+from quantized_row import fp_ppl, quantized_row, run_rows  # noqa: E402
 
 W8 = dict(bits=8, group_size=-1)
+W6 = dict(bits=6, group_size=-1)
 A8 = dict(bits=8, granularity="per-token")
+A6 = dict(bits=6)
+SQ = dict(method="rtn", migration="smoothquant")
+ATTENTION_8BIT = dict(pattern=r".*self_attn\.", bits=8)
 ROWS = {
     "rtn-w8a16": dict(method="rtn", **W8),
     "rtn-w8a8": dict(method="rtn", **W8, activations=A8),
-    "sq0.5-w8a8": dict(method="rtn", migration="smoothquant", alpha=0.5, **W8, activations=A8),
-    "sq0.8-w8a8": dict(method="rtn", migration="smoothquant", alpha=0.8, **W8, activations=A8),
-    "sq0.8-gptq-w8a8": dict(method="gptq", migration="smoothquant", alpha=0.8, **W8, activations=A8),
+    "sq0.5-w8a8": dict(SQ, alpha=0.5, **W8, activations=A8),
+    "sq0.8-w8a8": dict(SQ, alpha=0.8, **W8, activations=A8),
+    "sq0.8-w8a8-static": dict(SQ, alpha=0.8, **W8, activations=dict(bits=8, granularity="per-tensor", dynamic=False)),
+    "sq-search-w8a8": dict(SQ, search=True, **W8, activations=A8),
+    "sq0.8-gptq-w8a8": dict(SQ, method="gptq", alpha=0.8, **W8, activations=A8),
+    "rtn-w6a6": dict(method="rtn", **W6, activations=A6),
+    "sq0.5-w6a6": dict(SQ, alpha=0.5, **W6, activations=A6),
+    "sq0.8-w6a6": dict(SQ, alpha=0.8, **W6, activations=A6),
+    "sq-search-w6a6": dict(SQ, search=True, **W6, activations=A6),
     "llm.int8": dict(method="rtn", **W8, activations=dict(A8, outlier_threshold=6.0)),
+    # ZeroQuant: group-wise weights, per-token dynamic inputs, attention 8-bit and MLP 4-bit by
+    # override, and layer-wise knowledge distillation (learned scales too).
+    "zq-w8a8": dict(method="rtn", bits=8, group_size=64, activations=A8),
+    "zq-w4/8-a16": dict(method="rtn", bits=4, group_size=64, overrides=[ATTENTION_8BIT]),
+    "zq-w4/8-a16-lkd": dict(
+        method="rtn",
+        bits=4,
+        group_size=64,
+        overrides=[ATTENTION_8BIT],
+        distill=dict(steps=15, lr=5e-3, train_scales=True),
+    ),
     "gptq-w4a8": dict(method="gptq", bits=4, group_size=64, activations=A8),
     "gptq-w4a4": dict(method="gptq", bits=4, group_size=64, activations=dict(bits=4)),
 }
@@ -50,34 +70,21 @@ def outlier_shares(model) -> dict[str, float]:
 
 def run_row(name: str, calib_samples: int, seqlen: int, windows: int) -> dict:
     import treeq
-    from treeq.engine.quant_log import QuantLog
 
-    model, tok = treeq.load_fp_model()
     if name == "fp":
-        return dict(row="fp", ppl=treeq.evaluate_perplexity(model, tok, max_windows=windows).ppl)
+        return dict(row="fp", ppl=fp_ppl(windows))
     cfg = treeq.QuantConfig(**ROWS[name], calib_samples=calib_samples, seqlen=seqlen)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        report = treeq.quantize(model, cfg, Path(tmp) / "q", tokenizer=tok, log=QuantLog(echo=lambda _: None))
-        seconds = time.perf_counter() - start
-        loaded, _ = treeq.load(Path(tmp) / "q")
-        # The perplexity is the loaded checkpoint's (what a user runs); the model still in memory
-        # after quantizing must give the same logits, or saving lost something.
-        ids = tok(treeq.data.read_text("wiki-test")[:4000], return_tensors="pt").input_ids[:, :512]
-        with torch.no_grad():
-            reload_diff = float((loaded(ids).logits - report.model(ids).logits).abs().max())
-        ppl = treeq.evaluate_perplexity(loaded, tok, max_windows=windows)
-    return dict(
-        row=name,
-        settings=ROWS[name],
-        quantize_s=seconds,
-        ppl=ppl.ppl,
-        reload_max_logit_diff=reload_diff,
-        kernels=machine.kernels(loaded),
-        protocol=ppl.protocol(),
-        mean_outlier_share=_mean(outlier_shares(loaded)),
-        outlier_shares=outlier_shares(loaded),
-    )
+    with quantized_row(cfg, windows) as row:
+        shares = outlier_shares(row.loaded)
+        return dict(
+            row=name,
+            settings=ROWS[name],
+            **row.fields(),
+            kernels=machine.kernels(row.loaded),
+            mean_outlier_share=_mean(shares),
+            outlier_shares=shares,
+            distillation=[line for line in row.report.log.lines if " LKD: " in line],
+        )
 
 
 def _mean(values: dict[str, float]) -> float | None:
@@ -118,12 +125,14 @@ def main(rows, out, calib_samples, seqlen, windows, threads, table_of):
     print(machine.cpu())
     print(machine.calibration())
     print(f"threads={threads} calibration={calib_samples}x{seqlen} wiki-train, eval {windows}x1024 wiki-test")
-    for name in rows.split(","):
-        result = run_row(name, calib_samples, seqlen, windows)
-        result.update(cpu=machine.cpu(), calibration=f"{calib_samples}x{seqlen}", windows=windows)
-        with out.open("a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(json.dumps({k: v for k, v in result.items() if k != "outlier_shares"}), flush=True)
+    run_rows(
+        rows.split(","),
+        lambda name: run_row(name, calib_samples, seqlen, windows),
+        out,
+        cpu=machine.cpu(),
+        calibration=f"{calib_samples}x{seqlen}",
+        windows=windows,
+    )
 
 
 if __name__ == "__main__":
