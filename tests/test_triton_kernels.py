@@ -143,7 +143,7 @@ def test_autotune_only_considers_tiles_that_fit_the_rows():
 def test_selected_on_cuda_never_on_cpu(dtype):
     fmt = LinearFormat(3, 64, False, True, 128, 64)
     assert select_kernel(fmt, "cuda", dtype) is KERNEL
-    assert select_kernel(fmt, "cpu", dtype).name == "torch"
+    assert select_kernel(fmt, "cpu", dtype) is not KERNEL  # a CPU kernel (cpu_lowbit for 3-bit bf16, else torch)
     assert explain(fmt, "cpu", dtype)[KERNEL.name] == "device cpu not in ['cuda']"
 
 
