@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's treeq, not the installed one
@@ -107,13 +106,15 @@ def main(rows, out, windows, threads, memory_ppl, table_of):
     if table_of is not None:
         table(table_of)
         return
-    torch.set_num_threads(threads)
-    print(machine.cpu())
-    print(machine.calibration())
-    print(f"threads={threads}, eval {windows}x1024 wiki-test")
     in_memory = memory_ppl.split(",")
     run_rows(
-        rows.split(","), lambda name: run_row(name, windows, name in in_memory), out, cpu=machine.cpu(), windows=windows
+        rows.split(","),
+        lambda name: run_row(name, windows, name in in_memory),
+        out,
+        threads,
+        f"eval {windows}x1024 wiki-test",
+        cpu=machine.cpu(),
+        windows=windows,
     )
 
 

@@ -66,9 +66,16 @@ def quantized_row(cfg, windows: int, memory_ppl: bool = False):
         yield Row(report, loaded, out, seconds, ppl, diff, memory)
 
 
-def run_rows(names: list[str], run, out: Path, **fields) -> None:
-    """``run(name)`` for each row, each appended to ``out`` as one JSON line (with ``fields``) as
-    soon as it is done, so a long run keeps what it finished, and printed."""
+def run_rows(names: list[str], run, out: Path, threads: int, header: str, **fields) -> None:
+    """On ``threads`` threads, after a header naming the CPU and the calibration path: ``run(name)``
+    for each row, each appended to ``out`` as one JSON line (with ``fields``) as soon as it is done,
+    so a long run keeps what it finished, and printed."""
+    import machine  # bench/machine.py, beside this file
+
+    torch.set_num_threads(threads)
+    print(machine.cpu())
+    print(machine.calibration())
+    print(f"threads={threads}, {header}")
     for name in names:
         result = {**run(name), **fields}
         with out.open("a") as f:

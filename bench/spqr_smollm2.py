@@ -18,7 +18,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import click
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's treeq, not the installed one
@@ -113,11 +112,10 @@ def main(rows, out, windows, threads, table_of):
         RESULTS.write_text(table(table_of) + "\n")
         print(RESULTS.read_text())
         return
-    torch.set_num_threads(threads)
-    print(machine.cpu())
-    print(machine.calibration())
-    print(f"threads={threads}, eval {windows}x1024 wiki-test")
-    run_rows(rows.split(","), lambda name: run_row(name, windows), out, cpu=machine.cpu(), windows=windows)
+    header = f"eval {windows}x1024 wiki-test"
+    run_rows(
+        rows.split(","), lambda name: run_row(name, windows), out, threads, header, cpu=machine.cpu(), windows=windows
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import machine  # noqa: E402
@@ -121,14 +120,12 @@ def main(rows, out, calib_samples, seqlen, windows, threads, table_of):
     if table_of is not None:
         table(table_of)
         return
-    torch.set_num_threads(threads)
-    print(machine.cpu())
-    print(machine.calibration())
-    print(f"threads={threads} calibration={calib_samples}x{seqlen} wiki-train, eval {windows}x1024 wiki-test")
     run_rows(
         rows.split(","),
         lambda name: run_row(name, calib_samples, seqlen, windows),
         out,
+        threads,
+        f"calibration {calib_samples}x{seqlen} wiki-train, eval {windows}x1024 wiki-test",
         cpu=machine.cpu(),
         calibration=f"{calib_samples}x{seqlen}",
         windows=windows,
