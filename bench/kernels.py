@@ -8,28 +8,21 @@
    header names the CPU and its AMX / AVX512-BF16 (the selection honours $TREEQ_CPU_ISA, so an AMX
    machine can measure its non-AMX paths too).
 2. Decode: prefill and batch-1 greedy decode tokens/s of RTN 4-bit checkpoints loaded in bf16
-   (the selected kernel, and cpu_int4 forced) against the same architecture in bf16: SmolLM2-135M
-   (group 64), and a random Llama with hidden 2048 x 16 layers (group 128) where the weights
-   dominate the time.
+   (the selected kernel, and cpu_int4 forced) against the same architecture in bf16 (SmolLM2-135M at
+   group 64, a random Llama 2048 x 16 layers at group 128; bench/model_speed.py).
 
 Usage: python bench/kernels.py [--threads 1,2] [--skip-decode]
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import click
 import torch
 import torch.nn.functional as F
-from timing import median_seconds  # bench/timing.py and bench/workloads.py: run as a script, bench/ is on sys.path
-from workloads import random_llama
+from model_speed import short_calibration, speed_table  # bench/: run as a script, bench/ is on sys.path
+from timing import median_seconds
 
-import treeq
 from treeq.config import QuantConfig
-from treeq.engine.quant_log import QuantLog
-from treeq.eval.speed import measure_speeds
 from treeq.kernels import LinearFormat, blocked_gemm, cpu_int4, cpu_int4_avx512, cpu_int8, cpu_isa
 from treeq.methods import InputStats, make_method
 from treeq.runtime.quant_linear import QuantLinear
@@ -80,43 +73,6 @@ def matmul_table(threads: list[int], n: int = 4096) -> None:
     print(f"kernels: {', '.join(f'{k} -> {v.kernel.name}' for k, v in layers.items())}")
 
 
-def _rtn_checkpoint(model, tokenizer, group_size: int, out: Path) -> None:
-    cfg = QuantConfig(method="rtn", bits=4, group_size=group_size, calib_samples=2, seqlen=32)
-    treeq.quantize(model, cfg, out, tokenizer=tokenizer, calib_text="news", log=QuantLog(echo=lambda _: None))
-
-
-def decode_table(threads: int, new_tokens: int, repeats: int) -> None:
-    torch.set_num_threads(threads)
-    fp, tok = treeq.load_fp_model()
-    ids = tok(treeq.api.BENCH_PROMPT, return_tensors="pt").input_ids
-    print(f"\ndecode: threads={threads}, prompt {ids.shape[1]} tokens, {new_tokens} greedy steps, median of {repeats}")
-    print(f"{'model':<31} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs bf16':>15}")
-    with tempfile.TemporaryDirectory() as tmp:
-        cases = {
-            "SmolLM2-135M g64": (fp, lambda: treeq.load_fp_model(dtype=torch.bfloat16)[0], 64),
-            "random Llama 2048x16 g128": (
-                random_llama(len(tok), torch.float32, 1024),
-                lambda: random_llama(len(tok), torch.bfloat16, 1024),
-                128,
-            ),
-        }
-        for name, (model, bf16_model, group_size) in cases.items():
-            out = Path(tmp) / name.split()[0]
-            _rtn_checkpoint(model, tok, group_size, out)
-            del model
-            models = {
-                "int4": treeq.load(out, device="cpu", dtype=torch.bfloat16)[0],
-                "int4 op": treeq.load(out, device="cpu", dtype=torch.bfloat16, kernel="cpu_int4")[0],
-                "bf16": bf16_model(),
-            }
-            speeds = measure_speeds(models, ids, new_tokens, repeats)
-            for kind, sp in speeds.items():
-                ratio = sp.decode_tokens_per_s / speeds["bf16"].decode_tokens_per_s
-                label = f"{name} {kind}"
-                print(f"{label:<31} {sp.prefill_tokens_per_s:>14.1f} {sp.decode_tokens_per_s:>13.2f} {ratio:>14.2f}x")
-            del models, speeds
-
-
 @click.command()
 @click.option("--threads", default="1,2", show_default=True, help="thread counts for the matmul table")
 @click.option("--decode-threads", type=int, default=2, show_default=True)
@@ -126,7 +82,12 @@ def decode_table(threads: int, new_tokens: int, repeats: int) -> None:
 def main(threads, decode_threads, new_tokens, repeats, skip_decode):
     matmul_table([int(t) for t in threads.split(",")])
     if not skip_decode:
-        decode_table(decode_threads, new_tokens, repeats)
+        configs = {
+            "SmolLM2-135M": short_calibration(method="rtn", bits=4, group_size=64),
+            "random Llama 2048x16": short_calibration(method="rtn", bits=4, group_size=128),
+        }
+        variants = {"int4": {}, "int4 op": {"kernel": "cpu_int4"}}
+        speed_table(configs, variants, None, [decode_threads], new_tokens, repeats)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ ROWS = {
         bits=4,
         group_size=64,
         overrides=[ATTENTION_8BIT],
-        distill=dict(steps=15, lr=5e-3, train_scales=True),
+        distill=dict(steps=25, train_scales=True),
     ),
     "gptq-w4a8": dict(method="gptq", bits=4, group_size=64, activations=A8),
     "gptq-w4a4": dict(method="gptq", bits=4, group_size=64, activations=dict(bits=4)),
