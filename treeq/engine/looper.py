@@ -219,6 +219,7 @@ def quantize_layers(
     stream=None,
     autocast: torch.dtype = torch.float32,
     lockstep: bool = True,
+    progress=None,
 ) -> dict[str, QuantResult]:
     """Quantize every module the spec names with the method ``plan`` gives it (skipping those it
     gives none); returns results by full module name. Modules whose input statistics hold fewer
@@ -236,6 +237,9 @@ def quantize_layers(
     Layer forwards run under ``autocast`` to that dtype unless it is float32. Without
     ``lockstep``, true-sequential reruns the layer per subset (:func:`run_rerunning`): the same
     results, slower, with one batch's activations in memory instead of every batch's.
+
+    A ``progress`` (:class:`treeq.engine.resume.Progress`) keeps each finished layer and the hidden
+    states out of it; holding finished layers, it puts them back and the loop starts after them.
     """
     log = log or QuantLog()
     map_large_allocations()
@@ -247,7 +251,13 @@ def quantize_layers(
         inputs = capture_inputs(model, spec, batches, device, autocast)
         if stream is not None:
             stream.inputs_captured()
-        for index, layer in enumerate(tqdm(layers, desc="quantizing layers", unit="layer")):
+        start = 0 if progress is None else progress.done
+        if start:  # the kwargs are recaptured above (cheap); the hidden states are the saved ones
+            inputs.hidden, kept = progress.restore(layers, device, stream)
+            results.update(kept)
+        steps = tqdm(range(start, len(layers)), "quantizing layers", len(layers), unit="layer", initial=start)
+        for index in steps:
+            layer = layers[index]
             if stream is not None:
                 stream.load(index, layer)
             layer.to(device)
@@ -284,6 +294,8 @@ def quantize_layers(
                 stream.emit(index, layer, layer_results)
             else:
                 results.update(layer_results)
+            if progress is not None:
+                progress.layer_done(index, layer, layer_results, inputs.hidden, stream)
             # Streamed out, the swapped-out fp modules (reachable from bound) and the codes are
             # garbage; dropped now, not when the next layer rebinds, they never overlap its peak.
             bound = layer_results = None

@@ -12,7 +12,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data, packing
-from ..atomic import atomic_directory
 from ..config import QuantConfig
 from ..default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from ..errors import TreeqError
@@ -29,6 +28,7 @@ from .looper import quantize_layers
 from .memory import release_free_heap
 from .plan import MethodPlan
 from .quant_log import QuantLog
+from .resume import Progress, directory_fingerprint, model_fingerprint, run_identity
 from .streaming import LayerStream, ShardReader
 
 
@@ -78,6 +78,7 @@ def quantize(
     workers: int | None = None,
     devices: str | list[str] | None = None,
     low_memory: bool = False,
+    resume: bool = False,
 ) -> QuantizeReport:
     """Calibrate, quantize layer by layer, and save a GPTQ-format checkpoint to ``out``.
 
@@ -87,6 +88,8 @@ def quantize(
     ``devices`` ("cuda:0,cuda:1", or ["cpu", "cpu"]: one worker each) when given; the checkpoint is
     the same bit for bit whatever the workers and devices. ``low_memory`` streams a model directory
     one decoder layer at a time (:mod:`treeq.engine.streaming`); the report then holds no model.
+    Finished layers are kept in ``out``.partial (:mod:`treeq.engine.resume`); after Ctrl-C,
+    ``resume`` continues from them to the checkpoint an uninterrupted run writes.
     """
     config = for_model(config or QuantConfig(), model)
     out = Path(out)
@@ -94,21 +97,25 @@ def quantize(
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
     log = log or QuantLog(echo=tqdm.write)
     log.lines.append(f"treeq {__version__} quantize, calibration text {calib_text}: {config.model_dump_json()}")
+    progress = Progress(out, resume, log)
     if low_memory:
         with log.capturing():
-            return _quantize_streaming(model, config, out, calib_text, device, log, workers, devices)
+            return _quantize_streaming(model, config, out, calib_text, device, log, workers, devices, progress)
     if tokenizer is None:
         model, tokenizer = load_fp_model(model)
     spec = spec_for(model.config)
+    fingerprint = model_fingerprint(model)
     _prepare(model, spec, config)
     start = time.perf_counter()
     batches = _calibration_batches(tokenizer, config, calib_text)
     with log.capturing():
-        results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices)
+        progress.check(run_identity(config, batches, fingerprint, False, len(model.get_submodule(spec.layers))))
+        results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices, progress)
     swap_in_quantized(model, results, config)
     seconds = time.perf_counter() - start
     log.lines.append(f"quantized {len(log.records)} modules in {seconds:.1f} s")
     save_quantized(model, tokenizer, config, results, out, log, source=source_name(model.config._name_or_path))
+    progress.discard()  # the checkpoint is complete
     return QuantizeReport(out, seconds, log, model, tokenizer)
 
 
@@ -135,12 +142,12 @@ def _calibration_batches(tokenizer, config: QuantConfig, calib_text: str) -> lis
 
 
 def _calibrate_and_quantize(
-    model, spec, batches, config: QuantConfig, device, log, workers, devices, stream=None
+    model, spec, batches, config: QuantConfig, device, log, workers, devices, progress: Progress, stream=None
 ) -> dict:
     calib = config.calibration
     calib_tokens = sum(b.numel() for b in batches)
     device = resolve_device(device)
-    with calibration_routing(model, spec, calib.routing):
+    with progress.interruptible(), calibration_routing(model, spec, calib.routing):
         return quantize_layers(
             model,
             spec,
@@ -155,10 +162,11 @@ def _calibrate_and_quantize(
             stream,
             calibration_dtype(calib.calib_dtype, device),
             lockstep=stream is None,  # streaming is for memory, so it reruns layers instead
+            progress=progress,
         )
 
 
-def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, device, log, workers, devices):
+def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, device, log, workers, devices, progress):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -175,15 +183,18 @@ def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, devic
         skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     _prepare(skeleton, spec, config)
-    with atomic_directory(out) as tmp:
-        start = time.perf_counter()
-        batches = _calibration_batches(tokenizer, config, calib_text)
-        # Tokenizing the whole text leaves ~300 MB of freed heap; hand it back before the weights come.
-        release_free_heap()
-        stream = LayerStream(skeleton, spec, config, ShardReader(path), tmp)
-        stream.load_surroundings()
-        _calibrate_and_quantize(skeleton, spec, batches, config, device, log, workers, devices, stream)
-        stream.finish()
-        seconds = time.perf_counter() - start
-        write_metadata(tmp, skeleton, tokenizer, config, stream.summary, log, source_name(path))
+    start = time.perf_counter()
+    batches = _calibration_batches(tokenizer, config, calib_text)
+    # Tokenizing the whole text leaves ~300 MB of freed heap; hand it back before the weights come.
+    release_free_heap()
+    layers = len(skeleton.get_submodule(spec.layers))
+    progress.check(run_identity(config, batches, directory_fingerprint(path), True, layers))
+    # Shards go where the finished layers are kept, the directory that becomes ``out`` when complete.
+    stream = LayerStream(skeleton, spec, config, ShardReader(path), progress.work)
+    stream.load_surroundings()
+    _calibrate_and_quantize(skeleton, spec, batches, config, device, log, workers, devices, progress, stream)
+    stream.finish()
+    seconds = time.perf_counter() - start
+    write_metadata(progress.work, skeleton, tokenizer, config, stream.summary, log, source_name(path))
+    progress.complete(out)
     return QuantizeReport(out, seconds, log, None, tokenizer)

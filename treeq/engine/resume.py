@@ -1,0 +1,205 @@
+"""Resumable quantize runs: after each finished decoder layer, what the run needs to go on from the
+next one exactly as if it had never stopped, kept in ``OUT.partial/resume/``.
+
+- ``layer-NNNNN.pt`` (in-memory runs): the finished layer's state dict (fake-quantized weights,
+  folded scales) and its QuantResults; streamed runs have already written the layer's shard to
+  ``OUT.partial``, the directory that becomes ``OUT``;
+- ``step-NNNNN.pt``: the hidden states the looper carries out of layer NNNNN, the log so far, and a
+  streamed run's shard index and format summary;
+- ``manifest.json``, written last, is the commit point: what the run is (:func:`run_identity`) and
+  how many layers are done. Every file is written under a temporary name and renamed, so an
+  interruption leaves the previous state or the next one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..config import QuantConfig
+from ..errors import TreeqError
+from ..version import __version__
+from .quant_log import QuantLog
+
+STATE_DIR = "resume"
+MANIFEST = "manifest.json"
+_SAMPLES = 4096  # values hashed per tensor, and bytes per end of a weight file (x256)
+
+
+def partial_dir(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its progress: beside it, never taken for a checkpoint."""
+    return out.with_name(out.name + ".partial")
+
+
+def model_fingerprint(model) -> str:
+    """A loaded model's identity: its config and an evenly spaced sample of every tensor (hashing
+    every weight would cost seconds per GB on every run)."""
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // _SAMPLES)].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def directory_fingerprint(path: Path) -> str:
+    """A model directory's identity without reading its weights: config.json, and each weight
+    file's size and first and last MiB (the safetensors header and tensors at both ends)."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    span = _SAMPLES * 256
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as handle:
+            h.update(handle.read(span))
+            handle.seek(max(0, size - span))
+            h.update(handle.read(span))
+    return h.hexdigest()
+
+
+def run_identity(config: QuantConfig, batches: list[torch.Tensor], source: str, streamed: bool, layers: int) -> dict:
+    """What must be equal for saved progress to continue this run bit for bit."""
+    calibration = hashlib.sha256()
+    for b in batches:
+        calibration.update(f"{tuple(b.shape)}".encode() + b.cpu().numpy().tobytes())
+    return {  # in the order a mismatch is looked for: the way the model is read decides its fingerprint
+        "treeq": __version__,
+        "low_memory": "with --low-memory" if streamed else "without --low-memory",
+        "model": source,
+        "layers": layers,
+        "settings": hashlib.sha256(config.model_dump_json().encode()).hexdigest(),
+        "calibration": calibration.hexdigest(),
+    }
+
+
+# How a mismatch is told, by the identity field that differs.
+_MISMATCH = {
+    "treeq": "was made by another treeq version",
+    "settings": "was made with other quantization settings",
+    "model": "is of another model",
+    "calibration": "was calibrated on other text or windows",
+    "low_memory": "was made {theirs}",
+    "layers": "is of a model with another number of layers",
+}
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C with finished layers kept: says how far the run got and where its state is."""
+
+    def __init__(self, done: int, total: int, work: Path):
+        super().__init__(done, total, work)
+        self.done, self.total, self.work = done, total, work
+
+    def told(self, how: str) -> str:
+        """One line: how far the run got, and ``how`` to continue it."""
+        return f"interrupted after {self.done} of {self.total} decoder layers, kept in {self.work}; continue with {how}"
+
+    def __str__(self) -> str:
+        return self.told("the same arguments and treeq.quantize(..., resume=True)")
+
+
+class Progress:
+    """The saved progress of the run writing ``out``. Opening it refuses at once, before any work,
+    to start over an interrupted run without ``resume`` or to resume nothing."""
+
+    def __init__(self, out: Path, resume: bool, log: QuantLog):
+        self.work, self.log, self.fresh = partial_dir(out), log, not resume
+        self.state = self.work / STATE_DIR
+        manifest = self.state / MANIFEST
+        self.saved = json.loads(manifest.read_text()) if manifest.is_file() else None
+        if resume and self.saved is None:
+            raise TreeqError(f"nothing to resume: no finished layer in {self.work}; run without --resume")
+        if not resume and self.work.exists():
+            raise TreeqError(
+                f"{self.work} holds an interrupted run; add --resume to continue it, or remove it to start over"
+            )
+        self.done = self.saved["done"] if self.saved else 0
+        self.identity: dict = {}
+
+    def check(self, identity: dict) -> None:
+        """Refuse saved progress of another run; call before anything is written."""
+        self.identity = identity
+        if self.saved is None:
+            return
+        for key, theirs in self.saved["identity"].items():
+            if identity.get(key) != theirs:
+                problem = _MISMATCH.get(key, f"differs in {key}").format(theirs=theirs)
+                raise TreeqError(
+                    f"{self.work} {problem}; resume with what made it, or remove it to start over without --resume"
+                )
+
+    def _step(self, index: int) -> Path:
+        return self.state / f"step-{index:05d}.pt"
+
+    def _layer(self, index: int) -> Path:
+        return self.state / f"layer-{index:05d}.pt"
+
+    def layer_done(self, index: int, layer, results: dict, hidden: list[torch.Tensor], stream=None) -> None:
+        """Keep decoder layer ``index`` (finished, on the CPU) and the hidden states out of it."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        if stream is None:
+            kept = {"state": layer.state_dict(), "results": results}
+            _write_atomic(self._layer(index), lambda p: torch.save(kept, p))
+        bookkeeping = None if stream is None else (stream.weight_map, stream.summary)
+        step = {"hidden": hidden, "records": self.log.records, "lines": self.log.lines, "stream": bookkeeping}
+        _write_atomic(self._step(index), lambda p: torch.save(step, p))
+        manifest = json.dumps({"identity": self.identity, "done": index + 1}, indent=2)
+        _write_atomic(self.state / MANIFEST, lambda p: p.write_text(manifest))
+        self.done = index + 1
+        self._step(index - 1).unlink(missing_ok=True)
+
+    def restore(self, layers, device, stream=None) -> tuple[list[torch.Tensor], dict]:
+        """Put the finished layers back (in memory: their saved state; streamed: the shard index)
+        and return the hidden states into the next layer and the finished layers' results."""
+        # Pickles (QuantResults carry transforms and quantizers), read only from the directory
+        # this run's own output sits beside.
+        step = torch.load(self._step(self.done - 1), map_location=device, weights_only=False)
+        self.log.records[:], self.log.lines[:] = step["records"], step["lines"]
+        self.log.say(f"resumed after {self.done} of {len(layers)} decoder layers from {self.work}")
+        results: dict = {}
+        if stream is not None:
+            stream.weight_map, stream.summary = step["stream"]
+            return step["hidden"], results
+        for index in range(self.done):
+            kept = torch.load(self._layer(index), weights_only=False)
+            layers[index].load_state_dict(kept["state"])
+            results.update(kept["results"])
+        return step["hidden"], results
+
+    @contextmanager
+    def interruptible(self):
+        """Around the layer loop, with the work directory made (streamed runs write shards there):
+        Ctrl-C keeps the finished layers and raises :class:`Interrupted`; any other failure of a
+        fresh run leaves nothing behind, as before resuming existed. Once every layer is done the
+        state stays until the checkpoint is complete, so a failure while saving resumes at once."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.done == 0 and self.fresh:
+                self.discard()
+                raise
+            raise Interrupted(self.done, self.identity["layers"], self.work) from None
+        except BaseException:
+            if self.fresh:
+                self.discard()
+            raise
+
+    def discard(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def complete(self, out: Path) -> None:
+        """A streamed run's work directory, its state removed, becomes ``out``."""
+        shutil.rmtree(self.state, ignore_errors=True)
+        self.work.rename(out)
