@@ -15,6 +15,7 @@ import treeq
 from treeq.config import CalibrationSettings, CheckpointSettings, QuantConfig
 from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
+from treeq.engine.resume import Interrupted
 from treeq.errors import TreeqError
 from treeq.eval.tasks import TASKS, task_dir
 from treeq.methods import METHODS
@@ -40,6 +41,9 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except TreeqError as e:
             raise click.ClickException(str(e)) from None
+        except Interrupted as e:  # Ctrl-C after finished layers: one line instead of a traceback
+            click.echo(e.told(f"the same command and --out {str(e.work).removesuffix('.partial')} --resume"), err=True)
+            raise SystemExit(130) from None
 
     return wrapper
 
@@ -168,6 +172,11 @@ SETTINGS = {
     help="stream MODEL one decoder layer at a time: peak memory about one layer's fp weights",
 )
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="continue an interrupted run from the finished layers kept in OUT.partial (same model and settings)",
+)
+@click.option(
     "--eval/--no-eval",
     "evaluate",
     default=None,
@@ -190,6 +199,7 @@ def quantize(
     device,
     devices,
     low_memory,
+    resume,
     evaluate,
     eval_windows,
     threads,
@@ -217,7 +227,7 @@ def quantize(
     elif out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
     click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
-    run = dict(calib_text=calib_text, device=device, devices=devices)
+    run = dict(calib_text=calib_text, device=device, devices=devices, resume=resume)
     if low_memory:
         # Perplexity would need the whole fp model in memory; `treeq eval OUT` measures the result.
         report = treeq.quantize(model, config, out, low_memory=True, **run)
