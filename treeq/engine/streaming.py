@@ -96,7 +96,7 @@ class LayerStream:
         swap_in_quantized(self.model, results, self.config)
         prefix = f"{self.spec.layers}.{index}."
         tensors = {prefix + n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}
-        self._write(laid_out(tensors, self.config), index + 1)
+        self._write(laid_out(tensors, self.config, self.spec), index + 1)
         self.summary = self.summary.merge(summary_of(results, self.config))
         layer.to("meta")
         release_free_heap()
@@ -107,5 +107,5 @@ class LayerStream:
         self.model.to("meta")  # its loaded copies of those tensors
         release_free_heap()
         rest = [k for k in self.reader.where if not k.startswith(f"{self.spec.layers}.")]
-        self._write(laid_out({k: self.reader.get(k) for k in rest}, self.config), self.shards)
+        self._write(laid_out({k: self.reader.get(k) for k in rest}, self.config, self.spec), self.shards)
         (self.out / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": self.weight_map}, indent=2))

@@ -1,4 +1,5 @@
-"""Sparse MoE decoders with Llama attention and routed experts only: Qwen3-MoE, Mixtral, OLMoE.
+"""Sparse MoE decoders with Llama attention and routed experts only: Qwen3-MoE, OLMoE (and Mixtral,
+under its own checkpoint names: treeq/models/mixtral.py).
 
 Qwen3-MoE may make some layers dense (``mlp_only_layers``), so the dense MLP's subsets are listed
 too, as optional."""
@@ -21,7 +22,7 @@ ATTENTION = LLAMA.subsets[:2]
 DENSE_MLP = gated_mlp("mlp")
 
 SPEC = TreeSpec(
-    model_types=("qwen3_moe", "mixtral", "olmoe"),
+    model_types=("qwen3_moe", "olmoe"),
     subsets=(*ATTENTION, *EXPERTS.subsets(fed_by="post_attention_layernorm"), *DENSE_MLP),
     experts=EXPERTS,
 )

@@ -84,6 +84,12 @@ class TreeSpec(BaseModel):
 
     ``keep_fp`` lists linears left in full precision on purpose (e.g. a one-output gate that no
     grid packs), so the spec check does not report them as uncovered.
+
+    ``checkpoint_names`` pairs a module path as transformers 5 names it in memory with the path the
+    architecture's original checkpoints use (transformers' own conversion_mapping.py renames the
+    latter into the former on load), both relative to a decoder layer, ``*`` standing for an expert
+    index; the first pair whose path leads a name applies. Checkpoints are written under the
+    original names, which other engines (GPTQModel, vLLM) look for.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -95,6 +101,7 @@ class TreeSpec(BaseModel):
     subsets: tuple[Subset, ...] = Field(min_length=1)
     experts: ExpertGroup | None = None
     keep_fp: tuple[str, ...] = ()
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
     # Norms compute x_normed * (offset + weight); Gemma's use offset 1. Scale folding needs to know.
     norm_weight_offset: float = 0.0
     attention: AttentionBlock | None = AttentionBlock()
@@ -107,6 +114,13 @@ class TreeSpec(BaseModel):
                 if m in seen:
                     raise ValueError(f"module {m!r} appears in more than one subset")
                 seen.add(m)
+        return self
+
+    @model_validator(mode="after")
+    def _renames_keep_expert_indices(self) -> "TreeSpec":
+        for memory, stored in self.checkpoint_names:
+            if memory.split(".").count(EACH_EXPERT) != stored.split(".").count(EACH_EXPERT):
+                raise ValueError(f"checkpoint_names {memory!r} -> {stored!r}: both must hold as many '*' segments")
         return self
 
     @model_validator(mode="after")

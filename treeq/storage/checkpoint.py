@@ -9,6 +9,7 @@ in ``QuantConfig.checkpoint.storage_dtype`` (fp16 by default).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,11 +23,13 @@ from ..errors import TreeqError
 from ..formats import FORMATS, FormatSummary
 from ..kernels import LinearFormat
 from ..methods import QuantResult
+from ..models import TreeSpec, spec_for
 from ..recipe import RECIPE_NAME, recipe_text
 from ..runtime.quant_linear import QuantLinear
 from ..schemes import ActivationScheme, WeightScheme
 from ..version import __version__
 from .model_card import QUANT_CONFIG_NAME, write_model_card
+from .names import upstream_dynamic, upstream_name, upstream_state
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -110,12 +113,24 @@ def treeq_meta(config: QuantConfig, summary: FormatSummary, source: str | None) 
 
 
 def quantization_config(
-    config: QuantConfig, summary: FormatSummary, source: str | None = None, unquantized: list[str] = ()
+    config: QuantConfig,
+    summary: FormatSummary,
+    source: str | None = None,
+    unquantized: list[str] = (),
+    spec: TreeSpec | None = None,
 ) -> dict:
     """What config.json's quantization_config (and quantize_config.json) say, in the terms of the
-    loaders of the config's format. ``unquantized``: the linears left in full precision."""
-    meta = treeq_meta(config, summary, source)
-    return FORMATS[config.weights.format].quantization_config(config, summary, meta, list(unquantized))
+    loaders of the config's format. ``unquantized``: the linears left in full precision. Module
+    names (in memory) are written as ``spec``'s original checkpoints spell them."""
+    if spec is None or not spec.checkpoint_names:
+        meta = treeq_meta(config, summary, source)
+        return FORMATS[config.weights.format].quantization_config(config, summary, meta, list(unquantized))
+    modules = (*summary.modules, *unquantized)
+    stored = replace(summary, modules=tuple(sorted(upstream_name(spec, m) for m in summary.modules)))
+    qcfg = quantization_config(config, stored, source, [upstream_name(spec, m) for m in unquantized])
+    if "dynamic" in qcfg:
+        qcfg["dynamic"] = upstream_dynamic(qcfg["dynamic"], spec, modules)
+    return qcfg
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -161,10 +176,11 @@ def round_to_storage_(model: nn.Module, dtype_name: str) -> None:
         state[key].copy_(value)
 
 
-def laid_out(tensors: dict[str, torch.Tensor], config: QuantConfig) -> dict[str, torch.Tensor]:
-    """A state dict in treeq's GPTQ layout (v2 zero points), as ``config`` says to write it."""
+def laid_out(tensors: dict[str, torch.Tensor], config: QuantConfig, spec: TreeSpec) -> dict[str, torch.Tensor]:
+    """A state dict in treeq's GPTQ layout (v2 zero points), as ``config`` says to write it, under
+    the names of ``spec``'s original checkpoints."""
     tensors = in_storage_dtype(tensors, config.checkpoint.storage_dtype)
-    return FORMATS[config.weights.format].to_stored(tensors, config)
+    return upstream_state(FORMATS[config.weights.format].to_stored(tensors, config), spec)
 
 
 def source_name(model_path: str | Path | None) -> str | None:
@@ -181,7 +197,7 @@ def write_metadata(
 ) -> None:
     """Everything of a checkpoint but its weights: config.json with quantization_config (and the
     storage dtype), quantize_config.json, the tokenizer, quant_log.csv and the model card."""
-    qcfg = quantization_config(config, summary, source, unquantized_linears(model))
+    qcfg = quantization_config(config, summary, source, unquantized_linears(model), spec_for(model.config))
     cfg = json.loads(model.config.to_json_string())
     cfg["dtype"] = config.checkpoint.storage_dtype
     cfg["quantization_config"] = qcfg
@@ -205,6 +221,7 @@ def save_quantized(
     out = Path(out)
     round_to_storage_(model, config.checkpoint.storage_dtype)
     with atomic_directory(out) as tmp:
-        save_file(laid_out(_unique_tensors(model), config), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        tensors = laid_out(_unique_tensors(model), config, spec_for(model.config))
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         write_metadata(tmp, model, tokenizer, config, summary_of(results, config), log, source)
     return out

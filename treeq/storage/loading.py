@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..runtime.input_transform import InputTransform
 from ..runtime.quant_linear import QuantLinear
 from ..schemes import ActivationScheme
 from .checkpoint import QUANT_CONFIG_NAME, set_module
+from .names import first_entry, runtime_state
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,17 @@ def in_runtime_layout(state: dict[str, torch.Tensor], qcfg: dict) -> dict[str, t
 def module_qcfg(qcfg: dict, name: str) -> dict | None:
     """``qcfg`` as it applies to the module ``name``: the first entry of GPTQModel's ``dynamic``
     whose pattern matches (re.match) overrides the checkpoint-wide fields; None where a "-:" entry
-    leaves the module unquantized. A changed grid brings its own offset."""
-    for pattern, fields in qcfg.get("dynamic", {}).items():
-        if not re.match(pattern.removeprefix("-:").removeprefix("+:"), name):
-            continue
-        if pattern.startswith("-:"):
-            return None
-        out = {**qcfg, **fields}
-        if "grid" in fields:
-            out.pop("grid_offset", None)
-        return out
-    return qcfg
+    leaves the module unquantized. A changed grid brings its own offset. ``name`` as stored."""
+    dynamic = qcfg.get("dynamic", {})
+    pattern = first_entry(dynamic, name)
+    if pattern is None:
+        return qcfg
+    if pattern.startswith("-:"):
+        return None
+    out = {**qcfg, **dynamic[pattern]}
+    if "grid" in dynamic[pattern]:
+        out.pop("grid_offset", None)
+    return out
 
 
 def linear_format_from(qcfg: dict, in_features: int, out_features: int, extras: str | None = None) -> LinearFormat:
@@ -157,7 +157,8 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     spec = spec_for(config)  # unsupported architectures fail here, with the list of supported ones
-    state = in_runtime_layout(_state_dict(path), qcfg)
+    # Formats and dynamic speak the stored names; the model transformers 5 builds, its own.
+    state, stored = runtime_state(in_runtime_layout(_state_dict(path), qcfg), spec)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     unfuse_experts(model, spec)  # checkpoints hold one set of quantized tensors per expert
@@ -167,7 +168,8 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
         linear = model.get_submodule(name)
         extras = weight_extras.stored_for(name, state)
         kind = None if extras is None else extras.kind
-        fmt = linear_format_from(quantized_module_qcfg(qcfg, name), linear.in_features, linear.out_features, kind)
+        own = quantized_module_qcfg(qcfg, stored[f"{name}.qweight"].removesuffix(".qweight"))
+        fmt = linear_format_from(own, linear.in_features, linear.out_features, kind)
         transform = InputTransform.stored_for(name, state, described, linear.in_features)
         layer = QuantLinear(fmt, linear.bias is not None, dtype, transform, extras)
         set_module(model, name, layer)
