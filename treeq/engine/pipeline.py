@@ -17,6 +17,9 @@ from ..default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from ..errors import TreeqError
 from ..fp_model import load_fp_model, model_path
 from ..models import spec_for
+from ..runtime.kv_calibration import KVCalibration, calibrate_on_text, needs_calibration
+from ..runtime.kv_choice import attach_kv
+from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import WeightScheme
 from ..spec_check import check_spec
 from ..storage.checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
@@ -65,6 +68,7 @@ class QuantizeReport:
     log: QuantLog
     model: object = field(repr=False)  # the quantized model, in memory
     tokenizer: object = field(repr=False)
+    kv_calibration: KVCalibration | None = field(default=None, repr=False)  # stored with the checkpoint
 
 
 def quantize(
@@ -98,6 +102,12 @@ def quantize(
     log = log or QuantLog(echo=tqdm.write)
     log.lines.append(f"treeq {__version__} quantize, calibration text {calib_text}: {config.model_dump_json()}")
     progress = Progress(out, resume, log)
+    kv = config.kv_cache
+    if low_memory and kv is not None and needs_calibration(kv):
+        raise TreeqError(
+            f"KV method {kv.method!r} calibrates through the whole model, which low_memory never holds; "
+            "quantize without --low-memory, or store no KV scheme and give it at eval (--kv)"
+        )
     if low_memory:
         with log.capturing():
             return _quantize_streaming(model, config, out, calib_text, device, log, workers, devices, progress)
@@ -106,17 +116,23 @@ def quantize(
     spec = spec_for(model.config)
     fingerprint = model_fingerprint(model)
     _prepare(model, spec, config)
+    if kv is not None and not needs_calibration(kv):
+        kv_cache_for(model, kv)  # a scheme that does not fit the attention heads fails before any work
     start = time.perf_counter()
     batches = _calibration_batches(tokenizer, config, calib_text)
     with log.capturing():
         progress.check(run_identity(config, batches, fingerprint, False, len(model.get_submodule(spec.layers))))
         results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices, progress)
     swap_in_quantized(model, results, config)
+    # On the quantized model: its keys and values are what the cache will hold once loaded.
+    kv_calibration = None if kv is None else calibrate_on_text(model, tokenizer, kv, calib_text)
+    attach_kv(model, kv, kv_calibration, f"stored with {out.name}")
     seconds = time.perf_counter() - start
     log.lines.append(f"quantized {len(log.records)} modules in {seconds:.1f} s")
-    save_quantized(model, tokenizer, config, results, out, log, source=source_name(model.config._name_or_path))
+    source = source_name(model.config._name_or_path)
+    save_quantized(model, tokenizer, config, results, out, log, source, kv_calibration)
     progress.discard()  # the checkpoint is complete
-    return QuantizeReport(out, seconds, log, model, tokenizer)
+    return QuantizeReport(out, seconds, log, model, tokenizer, kv_calibration)
 
 
 def for_model(config: QuantConfig, model) -> QuantConfig:

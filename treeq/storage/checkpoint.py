@@ -25,9 +25,11 @@ from ..kernels import LinearFormat
 from ..methods import QuantResult
 from ..models import TreeSpec, spec_for
 from ..recipe import RECIPE_NAME, recipe_text
+from ..runtime.kv_calibration import KVCalibration
 from ..runtime.quant_linear import QuantLinear
 from ..schemes import ActivationScheme, WeightScheme
 from ..version import __version__
+from .kv_checkpoint import save_kv_calibration
 from .model_card import QUANT_CONFIG_NAME, write_model_card
 from .names import upstream_dynamic, upstream_name, upstream_state
 
@@ -217,11 +219,15 @@ def save_quantized(
     out: Path,
     log: QuantLog,
     source: str | None = None,
+    kv_calibration: KVCalibration | None = None,
 ) -> Path:
+    """``kv_calibration``: what ``config.kv_cache`` was calibrated to, where it needs calibration."""
     out = Path(out)
     round_to_storage_(model, config.checkpoint.storage_dtype)
     with atomic_directory(out) as tmp:
         tensors = laid_out(_unique_tensors(model), config, spec_for(model.config))
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         write_metadata(tmp, model, tokenizer, config, summary_of(results, config), log, source)
+        if kv_calibration is not None:
+            save_kv_calibration(tmp, kv_calibration)
     return out

@@ -13,7 +13,17 @@ import torch
 from .. import extras as weight_extras
 from ..kernels import LinearFormat, explain, select_kernel
 from ..runtime.quant_linear import QuantLinear
-from .loading import linear_format_from, linear_shape, quantized_module_qcfg, read_quantization_config, stored_format
+from ..schemes import KVCacheScheme
+from .kv_checkpoint import KV_CALIBRATION_NAME
+from .loading import (
+    linear_format_from,
+    linear_shape,
+    quantized_module_qcfg,
+    read_quantization_config,
+    recorded_scheme,
+    stored_format,
+    weight_files,
+)
 
 
 @dataclass
@@ -29,6 +39,8 @@ class CheckpointInfo:
     # zero points, indices, an input transform's buffers, weight extras)
     bits_per_weight: dict[str, float]
     extras: dict[str, str]  # module -> what its weight extras hold (treeq.extras), where it has some
+    kv_cache: KVCacheScheme | None = None  # the KV-cache scheme stored with the checkpoint
+    kv_calibration: str | None = None  # the file holding its calibration, where it needs one
 
     @property
     def mean_bits_per_weight(self) -> float:
@@ -64,7 +76,7 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
     formats: dict[str, LinearFormat] = {}
     stored_bits: Counter = Counter()  # module -> bits of every tensor that stores its weight
     extras: dict[str, str] = {}
-    for weights in sorted(path.glob("*.safetensors")):  # one file, or the shards --low-memory writes
+    for weights in weight_files(path):
         with safe_open(weights, "pt") as f:
             keys = set(f.keys())
             for key in f.keys():
@@ -90,6 +102,8 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                             rejected.setdefault(kname, {})[name] = reason
                 elif key.rpartition(".")[2] not in quantized_state:
                     fp16_bytes += math.prod(shape) * 2
-    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in weight_files(path))
     per_weight = {n: stored_bits[n] / (f.in_features * f.out_features) for n, f in formats.items()}
-    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected, formats, per_weight, extras)
+    kv = recorded_scheme(qcfg, "kv_cache", KVCacheScheme)
+    calibration = KV_CALIBRATION_NAME if (path / KV_CALIBRATION_NAME).is_file() else None
+    return CheckpointInfo(path, qcfg, size, fp16_bytes, kernels, rejected, formats, per_weight, extras, kv, calibration)

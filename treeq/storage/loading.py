@@ -22,9 +22,11 @@ from ..kernels import LinearFormat, explain
 from ..models import spec_for
 from ..numerics import GRIDS, SUPPORTED_BITS, UniformGrid
 from ..runtime.input_transform import InputTransform
+from ..runtime.kv_choice import attach_kv
 from ..runtime.quant_linear import QuantLinear
-from ..schemes import ActivationScheme
+from ..schemes import ActivationScheme, KVCacheScheme
 from .checkpoint import QUANT_CONFIG_NAME, set_module
+from .kv_checkpoint import KV_CALIBRATION_NAME, check_layers, stored_kv_calibration
 from .names import first_entry, runtime_state
 
 log = logging.getLogger(__name__)
@@ -104,17 +106,22 @@ def linear_format_from(qcfg: dict, in_features: int, out_features: int, extras: 
     )
 
 
-def activation_scheme(qcfg: dict) -> ActivationScheme | None:
-    """How the checkpoint's linears quantize their inputs, as treeq recorded it (``meta.settings``);
-    None for weight-only checkpoints and those other tools wrote."""
-    recorded = qcfg.get("meta", {}).get("settings", {}).get("activations")
+def recorded_scheme(qcfg: dict, field: str, model: type[pydantic.BaseModel]):
+    """The scheme treeq recorded as QuantConfig's ``field`` (``meta.settings``); None where it
+    recorded none (older checkpoints, other tools')."""
+    recorded = qcfg.get("meta", {}).get("settings", {}).get(field)
     if recorded is None:
         return None
     try:
-        return ActivationScheme(**recorded)
+        return model.model_validate(recorded)
     except pydantic.ValidationError as e:
         problem = e.errors()[0]["msg"]
-        raise TreeqError(f"quantization_config's meta.settings.activations is not a valid scheme: {problem}") from None
+        raise TreeqError(f"quantization_config's meta.settings.{field} is not a valid scheme: {problem}") from None
+
+
+def activation_scheme(qcfg: dict) -> ActivationScheme | None:
+    """How the checkpoint's linears quantize their inputs; None for weight-only checkpoints."""
+    return recorded_scheme(qcfg, "activations", ActivationScheme)
 
 
 def _check_fields(qcfg: dict) -> dict:
@@ -137,8 +144,13 @@ def quantized_module_qcfg(qcfg: dict, name: str) -> dict:
     return _check_fields(found)
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: one, or the shards --low-memory writes (not the KV calibration)."""
+    return sorted(f for f in path.glob("*.safetensors") if f.name != KV_CALIBRATION_NAME)
+
+
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
+    files = weight_files(path)
     if not files:
         raise TreeqError(f"{path} has no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
@@ -157,6 +169,9 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
     spec = spec_for(config)  # unsupported architectures fail here, with the list of supported ones
+    kv_scheme = recorded_scheme(qcfg, "kv_cache", KVCacheScheme)
+    kv_calibration = stored_kv_calibration(path, kv_scheme, device)
+    check_layers(kv_calibration, config.get_text_config().num_hidden_layers, path)
     # Formats and dynamic speak the stored names; the model transformers 5 builds, its own.
     state, stored = runtime_state(in_runtime_layout(_state_dict(path), qcfg), spec)
     with init_empty_weights(include_buffers=False):
@@ -205,6 +220,7 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
                     if reason:
                         log.debug("%s: kernel %s rejected: %s", name, other, reason)
     log.info("kernels on %s/%s: %s", device_type, dtype, ", ".join(f"{k} x{n}" for k, n in chosen.items()))
+    attach_kv(model, kv_scheme, kv_calibration, f"stored with {path.name}")
     return model, AutoTokenizer.from_pretrained(path)
 
 
