@@ -12,7 +12,7 @@ import click
 import torch
 
 import treeq
-from treeq.config import CalibrationSettings, CheckpointSettings, QuantConfig
+from treeq.config import CalibrationSettings, CheckpointSettings, DistillSettings, QuantConfig
 from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.engine.resume import Interrupted
@@ -23,7 +23,7 @@ from treeq.models import load_spec_file
 from treeq.numerics import GRIDS
 from treeq.recipe import merged, read_recipe
 from treeq.runtime.input_transform import InputTransform
-from treeq.config import DistillSettings
+from treeq.runtime.kv_choice import NO_KV
 from treeq.schemes import ActivationScheme, WeightScheme
 from treeq.storage.model_card import record_perplexity
 from treeq.transforms import TRANSFORMS
@@ -183,6 +183,7 @@ SETTINGS = {
     help="perplexity before and after (default: on for the built-in model)",
 )
 @click.option("--eval-windows", type=int, default=32, show_default=True)
+@kv_options(with_protocol=False)
 @spec_option
 @threads_option
 @user_errors
@@ -202,13 +203,18 @@ def quantize(
     resume,
     evaluate,
     eval_windows,
+    kv_preset,
     threads,
     **settings,
 ):
-    """Quantize MODEL (a local HF directory; omit it for the built-in SmolLM2-135M) and save it."""
+    """Quantize MODEL (a local HF directory; omit it for the built-in SmolLM2-135M) and save it;
+    --kv stores a KV-cache scheme with it (calibrated on --calib-text where it needs calibration)."""
     _set_threads(threads)
     builtin = model is None
+    kv = kv_scheme(kv_preset, settings)  # takes the --kv-FIELD options out of settings
     given = settings_from(settings)
+    if kv is not None:
+        given["kv_cache"] = None if kv == NO_KV else kv.model_dump()
     given["options"] = {**given.get("options", {}), **parse_key_values(options)}
     if method is not None:
         given["method"] = method
@@ -300,18 +306,21 @@ def evaluate(
     """Evaluate TARGET: a treeq checkpoint, a local fp model, or (omitted) the built-in model."""
     _set_threads(threads)
     kv = kv_scheme(kv_preset, kv)
-    if kv is not None and tasks:
-        raise TreeqError("--kv applies to perplexity only so far; run --tasks without --kv")
     if target is not None and treeq.api.is_quantized_checkpoint(target):
         model, tok = treeq.load(target, device=device, kernel=kernel)
     else:
         model, tok = treeq.load_fp_model(target)
         model.to(treeq.api.resolve_device(device))
+    # Chosen (and a kvquant scheme calibrated) once for perplexity and tasks alike.
+    kv = treeq.api.choose_kv(model, tok, kv)
     if ppl:
         result = treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows, bos, kv, kv_protocol, kv_chunk)
         _print_ppl(target or DEFAULT_MODEL, result)
     if tasks:
-        for task, metrics in treeq.evaluate_tasks(model, tok, _task_names(tasks), limit).items():
+        how = treeq.api.kv_protocol_for(model, tok, kv, kv_protocol, kv_chunk)
+        click.echo(f"tasks KV: {'no quantized cache' if how is None else how.describe()}")
+        run = dict(kv=kv, kv_protocol=kv_protocol, kv_chunk=kv_chunk)
+        for task, metrics in treeq.evaluate_tasks(model, tok, _task_names(tasks), limit, **run).items():
             click.echo(f"{task}: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         click.echo(f"(task definitions: lm_eval --include_path {task_dir()})")
 
@@ -502,6 +511,9 @@ def inspect(directory, explain, list_modules, device, dtypes):
         f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}  "
         f"grid: {q.get('grid', 'minmax')}"
     )
+    if info.kv_cache is not None:
+        stored = f"; calibration in {info.kv_calibration}" if info.kv_calibration else ""
+        click.echo(f"KV cache (used by eval and generate unless --kv is given): {info.kv_cache.describe()}{stored}")
     transform = q.get("input_transform")
     if transform:
         click.echo(f"input transform (before the matmul): {InputTransform.explain(transform)}")

@@ -6,11 +6,12 @@ import torch
 
 from .engine.pipeline import QuantizeReport, for_model, quantize
 from .eval.activation_stats import activation_stats, save_stats
-from .eval.perplexity import evaluate_perplexity
+from .eval.perplexity import evaluate_perplexity, kv_protocol_for
 from .eval.report import ErrorReport, error_report
 from .eval.speed import BENCH_PROMPT, bench, generate
 from .eval.tasks import TASKS, run_tasks
 from .fp_model import load_fp_model, model_path
+from .runtime.kv_choice import choose_kv
 from .storage.inspect import CheckpointInfo, inspect_checkpoint
 from .storage.loading import is_quantized_checkpoint, load_quantized
 from .user_input import resolve_device
@@ -31,6 +32,7 @@ __all__ = [
     "ErrorReport",
     "QuantizeReport",
     "bench",
+    "choose_kv",
     "error_report",
     "evaluate_perplexity",
     "evaluate_tasks",
@@ -38,6 +40,7 @@ __all__ = [
     "generate",
     "inspect_checkpoint",
     "is_quantized_checkpoint",
+    "kv_protocol_for",
     "load",
     "load_fp_model",
     "model_path",

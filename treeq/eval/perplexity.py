@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from .. import data
 from ..data import Bos
 from ..errors import TreeqError
-from ..runtime.kv_calibration import KVCalibration, calibrate_on_text
+from ..runtime.kv_calibration import KVCalibration
+from ..runtime.kv_choice import KVChoice, choose_kv
 from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import KVCacheScheme
 
@@ -64,6 +65,7 @@ class KVProtocol:
     protocol: str = KV_PROTOCOLS[0]
     chunk: int = 32
     calibration: KVCalibration | None = None
+    origin: str = ""  # where the scheme came from: given, or stored with a checkpoint
 
     def __post_init__(self):
         if self.protocol not in KV_PROTOCOLS:
@@ -82,7 +84,24 @@ class KVProtocol:
     def describe(self) -> str:
         how = "window in one forward" if self.protocol == "simulated" else f"window fed {self.chunk} tokens at a time"
         calibrated = "" if self.calibration is None else f"; calibrated, weights: {self.calibration.sensitivity}"
-        return f"{self.protocol} ({how} through the cache), {self.scheme.describe()}{calibrated}"
+        origin = f" [{self.origin}]" if self.origin else ""
+        return f"{self.protocol} ({how} through the cache), {self.scheme.describe()}{calibrated}{origin}"
+
+
+def kv_protocol_for(
+    model,
+    tokenizer,
+    kv: KVChoice | KVCacheScheme | str | None,
+    protocol: str = KV_PROTOCOLS[0],
+    chunk: int = 32,
+    calib_text: str = "wiki-train",
+) -> KVProtocol | None:
+    """How ``model`` meets the KV cache ``kv`` chooses (runtime/kv_choice.py: None follows a loaded
+    checkpoint's stored scheme, "none" turns it off); None: no quantized cache."""
+    choice = choose_kv(model, tokenizer, kv, calib_text)
+    if choice.scheme is None:
+        return None
+    return KVProtocol(choice.scheme, protocol, chunk, choice.calibration, choice.origin)
 
 
 def perplexity(
@@ -121,19 +140,15 @@ def evaluate_perplexity(
     seqlen: int = 1024,
     max_windows: int | None = 32,
     bos: str = data.BOS_RULES[0],
-    kv: KVCacheScheme | str | None = None,
+    kv: KVChoice | KVCacheScheme | str | None = None,
     kv_protocol: str = KV_PROTOCOLS[0],
     kv_chunk: int = 32,
     kv_calib_text: str = "wiki-train",
 ) -> PerplexityResult:
     """``bos``: "auto" starts each window with a BOS where the tokenizer adds one; "always" / "never" force it.
     ``kv``: a KV-cache setting or preset name (``"kivi-2"``), measured by ``kv_protocol``; one that
-    needs calibration (kvquant) is calibrated on ``kv_calib_text`` first."""
+    needs calibration (kvquant) is calibrated on ``kv_calib_text`` first. None: the scheme a loaded
+    checkpoint stored, if any; "none": no quantized cache."""
     start = data.bos_for(tokenizer, bos)
-    if isinstance(kv, str):
-        kv = KVCacheScheme.named(kv)
-    protocol = None
-    if kv is not None:
-        calibration = calibrate_on_text(model, tokenizer, kv, kv_calib_text)
-        protocol = KVProtocol(kv, kv_protocol, kv_chunk, calibration)
+    protocol = kv_protocol_for(model, tokenizer, kv, kv_protocol, kv_chunk, kv_calib_text)
     return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start, protocol)

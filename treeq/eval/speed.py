@@ -11,8 +11,7 @@ import torch
 
 from ..errors import TreeqError
 from ..fp_model import load_fp_model
-from ..runtime.kv_calibration import calibrate_on_text
-from ..runtime.kv_schemes import kv_cache_for
+from ..runtime.kv_choice import KVChoice, choose_kv
 from ..schemes import KVCacheScheme
 from ..storage.loading import load_quantized, read_quantization_config
 
@@ -32,18 +31,15 @@ def generate(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
-    kv: KVCacheScheme | str | None = None,
+    kv: KVChoice | KVCacheScheme | str | None = None,
     kv_calib_text: str = "wiki-train",
 ) -> str:
     """Greedy at temperature 0, else sampling; returns only the new text. ``kv``: a KV-cache
-    setting or preset name (``"kivi-4"``) to keep keys and values in, else transformers' cache; one
-    that needs calibration (kvquant) is calibrated on ``kv_calib_text`` first."""
+    setting or preset name (``"kivi-4"``) to keep keys and values in; one that needs calibration
+    (kvquant) is calibrated on ``kv_calib_text`` first. None: the scheme a loaded checkpoint
+    stored, else transformers' cache; "none": transformers' cache."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    cache = None
-    if kv is not None:
-        kv = KVCacheScheme.named(kv) if isinstance(kv, str) else kv
-        calibration = calibrate_on_text(model, tokenizer, kv, kv_calib_text)
-        cache = kv_cache_for(model, kv, calibration)
+    cache = choose_kv(model, tokenizer, kv, kv_calib_text).cache(model)
     torch.manual_seed(seed)
     sample = temperature > 0
     with torch.no_grad():

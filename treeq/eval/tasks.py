@@ -11,9 +11,14 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from .. import data
 from ..default_model import cache_dir
 from ..errors import TreeqError
+from ..runtime.kv_choice import KVChoice
+from ..schemes import KVCacheScheme
+from .perplexity import KV_PROTOCOLS, KVProtocol, kv_protocol_for
 
 TASKS = ("treeq_wiki", "treeq_capitals", "treeq_mmlu")
 LETTERS = ("A", "B", "C", "D")
@@ -107,13 +112,38 @@ def task_dir() -> Path:
     return target
 
 
+def _through_cache(lm_class, kv: KVProtocol):
+    """lm-eval's HF model with every scoring forward run through a fresh quantized KV cache by
+    ``kv``'s protocol (simulated: the request in one forward, attention seeing what the cache
+    stores; decode: fed in chunks). Every task here scores log-likelihoods, so this is all of it."""
+
+    class ThroughKVCache(lm_class):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            with torch.no_grad():
+                return kv.logits(self.model, inps)
+
+    return ThroughKVCache
+
+
 def run_tasks(
-    model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8, max_length: int = 1024
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    kv: KVChoice | KVCacheScheme | str | None = None,
+    kv_protocol: str = KV_PROTOCOLS[0],
+    kv_chunk: int = 32,
 ) -> dict[str, dict]:
     """{task: {metric: value}} from lm-eval run on the in-memory ``model``.
 
     ``max_length`` caps the context (and the rolling-perplexity window): lm-eval would otherwise
     take the model's full context, and a batch of 8k-token windows' logits does not fit in RAM.
+    ``kv``, ``kv_protocol`` and ``kv_chunk`` as :func:`~treeq.eval.perplexity.kv_protocol_for`
+    takes them (kv None: a loaded checkpoint's stored scheme, if any). Through a quantized cache
+    requests go one at a time: lm-eval pads a batch on the right, and pad tokens would enter the
+    ranges of per-channel key groups.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -126,7 +156,9 @@ def run_tasks(
         raise TreeqError('lm-eval is not installed; run: pip install -e ".[eval]"') from None
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    protocol = kv_protocol_for(model, tokenizer, kv, kv_protocol, kv_chunk)
+    lm_class, batch_size = (HFLM, batch_size) if protocol is None else (_through_cache(HFLM, protocol), 1)
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
     return {
         task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
