@@ -142,7 +142,7 @@ def test_static_w8a8_checkpoint_keeps_the_calibrated_levels(granularity, tmp_pat
     [
         (dict(activations=dict(dynamic=False)), "cannot be per-token; use per-tensor or per-group"),
         (dict(activations=dict(bits=5)), "bits"),
-        (dict(activations={}, format="compressed-tensors", bits=8), "quantized inputs need 'gptq'"),
+        (dict(activations={}, format="compressed-tensors", bits=8), "int8 per-channel symmetric weights"),
         (dict(migration="smoothquant", alpha=1.5), "migration_options.alpha"),
         (dict(alpha=0.5), "alpha is a setting of migration smoothquant"),
     ],

@@ -14,7 +14,8 @@ stream GPTQ packs, only transposed:
 * ``weight_g_idx`` (older compressed-tensors, ``actorder: group``) read, never written: the current
   package has no act-order groups, so treeq exports contiguous groups only.
 
-Converting is exact both ways.
+Converting is exact both ways. Checkpoints that quantize their inputs (W8A8) are written in the
+``int-quantized`` layout instead (ct_int_quantized.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from .. import packing
 from ..errors import TreeqError
 from ..numerics import INTEGER_ZERO_GRIDS, group_width
+from . import ct_int_quantized as int_quantized
 from .base import FormatSummary, SingleSchemeFormat
 
 QUANT_METHOD = "compressed-tensors"
@@ -93,8 +95,11 @@ def from_compressed_tensors(tensors: dict[str, torch.Tensor], qcfg: dict) -> dic
     return out
 
 
-def quantization_config(bits: int, sym: bool, group_size: int, ignore: list[str], meta: dict) -> dict:
-    """The quantization_config llm-compressor writes for a weight-only integer scheme."""
+def quantization_config(
+    bits: int, sym: bool, group_size: int, ignore: list[str], meta: dict, quantized_inputs: bool = False
+) -> dict:
+    """The quantization_config llm-compressor writes for a weight-only integer scheme, or with
+    ``quantized_inputs`` for W8A8 (int8 weights per channel, int8 inputs per token)."""
     weights = {
         "num_bits": bits,
         "type": "int",
@@ -103,17 +108,18 @@ def quantization_config(bits: int, sym: bool, group_size: int, ignore: list[str]
         "strategy": "channel" if group_size == -1 else "group",
         "dynamic": False,
     }
+    layout = int_quantized.LAYOUT if quantized_inputs else LAYOUT
     return {
         "quant_method": QUANT_METHOD,
-        "format": LAYOUT,
+        "format": layout,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
                 "weights": weights,
-                "input_activations": None,
+                "input_activations": dict(int_quantized.INPUTS) if quantized_inputs else None,
                 "output_activations": None,
-                "format": LAYOUT,
+                "format": layout,
             }
         },
         "ignore": ignore,
@@ -127,16 +133,21 @@ def as_treeq_config(qcfg: dict) -> dict:
     """A compressed-tensors quantization_config in the terms treeq's loader reads."""
     groups = qcfg.get("config_groups") or {}
     fmt = qcfg.get("format")
-    if fmt != LAYOUT or len(groups) != 1:
+    if fmt not in (LAYOUT, int_quantized.LAYOUT) or len(groups) != 1:
         raise TreeqError(
             f"compressed-tensors checkpoint with format {fmt!r} and {len(groups)} scheme groups: treeq reads "
-            f"one weight-only '{LAYOUT}' scheme"
+            f"one weight-only '{LAYOUT}' or W8A8 '{int_quantized.LAYOUT}' scheme"
         )
     scheme = next(iter(groups.values()))
     weights = scheme.get("weights") or {}
     strategy = weights.get("strategy")
+    meta = qcfg.get("meta", {})
+    if fmt == int_quantized.LAYOUT:
+        # The inputs' scheme, where treeq's loader looks for it, also in checkpoints others wrote.
+        activations = int_quantized.activations_of(scheme.get("input_activations") or {})
+        meta = {**meta, "settings": {**meta.get("settings", {}), "activations": activations}}
     if (
-        scheme.get("input_activations") is not None
+        (scheme.get("input_activations") is not None) != (fmt == int_quantized.LAYOUT)
         or weights.get("type") != "int"
         or weights.get("num_bits") not in READABLE_BITS
         or strategy not in ("group", "channel")
@@ -147,12 +158,12 @@ def as_treeq_config(qcfg: dict) -> dict:
         )
     return {
         "quant_method": QUANT_METHOD,
-        "checkpoint_format": LAYOUT,
+        "checkpoint_format": fmt,
         "bits": weights["num_bits"],
         "group_size": weights["group_size"] if strategy == "group" else -1,
         "sym": bool(weights.get("symmetric", True)),
         "desc_act": weights.get("actorder") in ("group", True),
-        "meta": qcfg.get("meta", {}),
+        "meta": meta,
     }
 
 
@@ -178,22 +189,25 @@ class CompressedTensorsFormat(SingleSchemeFormat):
         if w.bits not in WRITABLE_BITS or w.grid not in INTEGER_ZERO_GRIDS:
             return f"checkpoint_format {self.name!r} holds 4- or 8-bit integer grids, not {w.bits}-bit {w.grid}"
         if config.activations is not None:
-            # Written as weight-only, its loaders would run the weights on unquantized inputs.
-            return f"checkpoint_format {self.name!r} is written weight-only here; quantized inputs need 'gptq'"
+            return int_quantized.refuses(config) or super().refuses(config)
         return super().refuses(config)
 
     def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
-        w = config.weights
-        return quantization_config(w.bits, summary.sym, w.group_size, list(unquantized), meta)
+        w, inputs = config.weights, config.activations is not None
+        return quantization_config(w.bits, summary.sym, w.group_size, list(unquantized), meta, inputs)
 
     def to_stored(self, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
         w = config.weights
+        if config.activations is not None:
+            return int_quantized.to_int_quantized(tensors)
         return to_compressed_tensors(tensors, w.bits, w.sym, w.group_size)
 
     def reader_config(self, qcfg: dict) -> dict:
         return as_treeq_config(qcfg)
 
     def to_runtime(self, state: dict[str, torch.Tensor], qcfg: dict, bits_of) -> dict[str, torch.Tensor]:
+        if qcfg["checkpoint_format"] == int_quantized.LAYOUT:
+            return int_quantized.from_int_quantized(state)
         return from_compressed_tensors(state, qcfg)
 
     def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
