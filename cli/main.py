@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -44,6 +45,21 @@ def user_errors(fn):
         except Interrupted as e:  # Ctrl-C after finished layers: one line instead of a traceback
             click.echo(e.told(f"the same command and --out {str(e.work).removesuffix('.partial')} --resume"), err=True)
             raise SystemExit(130) from None
+
+    return wrapper
+
+
+def sigterm_interrupts(fn):
+    """SIGTERM (a scheduler stopping the job) ends the command as Ctrl-C does, so an interrupted
+    quantize keeps its finished layers; the previous handler is back afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -187,6 +203,7 @@ SETTINGS = {
 @spec_option
 @threads_option
 @user_errors
+@sigterm_interrupts
 def quantize(
     model,
     recipe,

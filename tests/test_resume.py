@@ -3,6 +3,8 @@ byte; saved progress of another run, or none, is refused in one line with nothin
 
 import csv
 import io
+import os
+import signal
 
 import pytest
 from conftest import make_model
@@ -33,16 +35,20 @@ def source(tmp_path, tokenizer):
     return path
 
 
-def interrupt_in_layer(monkeypatch, layer: int) -> None:
-    """Ctrl-C, once, while layer ``layer`` is being quantized, after its first subset: the layers
-    before it are finished, and its own work so far must be thrown away."""
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+def interrupt_in_layer(monkeypatch, layer: int, interrupt=ctrl_c) -> None:
+    """Ctrl-C (or ``interrupt``), once, while layer ``layer`` is being quantized, after its first
+    subset: the layers before it are finished, and its own work so far must be thrown away."""
     real, seen = looper._quantize_subset, []
 
     def quantize_subset(layer_module, bound, plan, prefix, index, *args, **kw):
         if index == layer:
             seen.append(bound.name)
             if len(seen) == 2:
-                raise KeyboardInterrupt
+                interrupt()
         yield from real(layer_module, bound, plan, prefix, index, *args, **kw)
 
     monkeypatch.setattr(looper, "_quantize_subset", quantize_subset)
@@ -117,3 +123,12 @@ def test_resuming_a_run_of_other_settings_or_model_or_nothing_is_refused(
         unchanged_after(tmp_path, *refused, needles=needles)
     r = run(*args, "--resume")
     assert r.exit_code == 0 and out.is_dir() and not partial_dir(out).exists(), r.output
+
+
+def test_sigterm_stops_quantize_as_ctrl_c_does(source, tmp_path, text_file, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    interrupt_in_layer(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    r = run(*quantize_args(source, text_file, tmp_path / "q", "--no-eval"))
+    assert r.exit_code == 130 and "interrupted after 1 of 4 decoder layers" in r.output, r.output
+    assert (partial_dir(tmp_path / "q") / "resume" / "manifest.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) == before
