@@ -16,6 +16,7 @@ import treeq
 from treeq.engine import looper
 from treeq.engine.quant_log import LOG_NAME, RUN_LOG_NAME, QuantLog
 from treeq.engine.resume import Interrupted, partial_dir
+from treeq.methods import METHODS
 
 LAYERS = 4
 # Timings differ between any two runs; the logs are compared without them.
@@ -98,6 +99,29 @@ def test_interrupted_then_resumed_writes_the_uninterrupted_checkpoint(
     assert f"resumed after {layer} of {LAYERS} decoder layers" in "\n".join(log.lines)
     assert not partial_dir(out).exists()
     assert_same_checkpoint(whole, out)
+
+
+STATIC_INPUTS = dict(activations=dict(bits=8, dynamic=False, granularity="per-tensor"))
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [(m, {}) for m in sorted(set(METHODS) - {"gptq", "awq"})]
+    + [("rtn", {"distill": {}, **STATIC_INPUTS}), ("gptq", {"migration": "smoothquant", "activations": {"bits": 8}})],
+)
+def test_every_method_resumes_to_the_same_weights(method, extra, source, tmp_path, text_file, monkeypatch):
+    """What the saved layers hold (transforms, weight extras, calibrated input levels, distilled
+    weights, folded scales) comes back exactly."""
+
+    def quantize(out, **kw):
+        treeq.quantize(str(source), config(method, **extra), out, calib_text=str(text_file), log=QuantLog(str), **kw)
+
+    quantize(tmp_path / "whole")
+    interrupt_in_layer(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        quantize(tmp_path / "q")
+    quantize(tmp_path / "q", resume=True)
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "q")
 
 
 def test_resuming_a_run_of_other_settings_or_model_or_nothing_is_refused(
