@@ -28,7 +28,8 @@ from .quant_log import QuantLog
 
 STATE_DIR = "resume"
 MANIFEST = "manifest.json"
-_SAMPLES = 4096  # values hashed per tensor, and bytes per end of a weight file (x256)
+_SAMPLES = 4096  # values hashed per tensor of a loaded model
+_FILE_SPAN = 2**20  # bytes hashed at each end of a weight file
 
 
 def partial_dir(out: Path) -> Path:
@@ -51,14 +52,13 @@ def directory_fingerprint(path: Path) -> str:
     """A model directory's identity without reading its weights: config.json, and each weight
     file's size and first and last MiB (the safetensors header and tensors at both ends)."""
     h = hashlib.sha256((path / "config.json").read_bytes())
-    span = _SAMPLES * 256
     for f in sorted(path.glob("*.safetensors")):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with open(f, "rb") as handle:
-            h.update(handle.read(span))
-            handle.seek(max(0, size - span))
-            h.update(handle.read(span))
+            h.update(handle.read(_FILE_SPAN))
+            handle.seek(max(0, size - _FILE_SPAN))
+            h.update(handle.read(_FILE_SPAN))
     return h.hexdigest()
 
 
@@ -134,7 +134,7 @@ class Progress:
             return
         for key, theirs in self.saved["identity"].items():
             if identity.get(key) != theirs:
-                problem = _MISMATCH.get(key, f"differs in {key}").format(theirs=theirs)
+                problem = _MISMATCH[key].format(theirs=theirs)
                 raise TreeqError(
                     f"{self.work} {problem}; resume with what made it, or remove it to start over without --resume"
                 )
