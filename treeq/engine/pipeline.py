@@ -122,16 +122,20 @@ def quantize(
     batches = _calibration_batches(tokenizer, config, calib_text)
     with log.capturing():
         progress.check(run_identity(config, batches, fingerprint, False, len(model.get_submodule(spec.layers))))
-        results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices, progress)
-    swap_in_quantized(model, results, config)
-    # On the quantized model: its keys and values are what the cache will hold once loaded.
-    kv_calibration = None if kv is None else calibrate_on_text(model, tokenizer, kv, calib_text)
-    attach_kv(model, kv, kv_calibration, f"stored with {out.name}")
-    seconds = time.perf_counter() - start
-    log.lines.append(f"quantized {len(log.records)} modules in {seconds:.1f} s")
-    source = source_name(model.config._name_or_path)
-    save_quantized(model, tokenizer, config, results, out, log, source, kv_calibration)
-    progress.discard()  # the checkpoint is complete
+    # Until the checkpoint is saved: Ctrl-C keeps the finished layers, another failure of a fresh
+    # run leaves nothing behind.
+    with progress.interruptible():
+        with log.capturing():
+            results = _calibrate_and_quantize(model, spec, batches, config, device, log, workers, devices, progress)
+        swap_in_quantized(model, results, config)
+        # On the quantized model: its keys and values are what the cache will hold once loaded.
+        kv_calibration = None if kv is None else calibrate_on_text(model, tokenizer, kv, calib_text)
+        attach_kv(model, kv, kv_calibration, f"stored with {out.name}")
+        seconds = time.perf_counter() - start
+        log.lines.append(f"quantized {len(log.records)} modules in {seconds:.1f} s")
+        source = source_name(model.config._name_or_path)
+        save_quantized(model, tokenizer, config, results, out, log, source, kv_calibration)
+        progress.discard()  # the checkpoint is complete
     return QuantizeReport(out, seconds, log, model, tokenizer, kv_calibration)
 
 
@@ -163,7 +167,7 @@ def _calibrate_and_quantize(
     calib = config.calibration
     calib_tokens = sum(b.numel() for b in batches)
     device = resolve_device(device)
-    with progress.interruptible(), calibration_routing(model, spec, calib.routing):
+    with calibration_routing(model, spec, calib.routing):
         return quantize_layers(
             model,
             spec,
@@ -206,11 +210,12 @@ def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, devic
     layers = len(skeleton.get_submodule(spec.layers))
     progress.check(run_identity(config, batches, directory_fingerprint(path), True, layers))
     # Shards go where the finished layers are kept, the directory that becomes ``out`` when complete.
-    stream = LayerStream(skeleton, spec, config, ShardReader(path), progress.work)
-    stream.load_surroundings()
-    _calibrate_and_quantize(skeleton, spec, batches, config, device, log, workers, devices, progress, stream)
-    stream.finish()
-    seconds = time.perf_counter() - start
-    write_metadata(progress.work, skeleton, tokenizer, config, stream.summary, log, source_name(path))
-    progress.complete(out)
+    with progress.interruptible():  # as in quantize(), until the checkpoint is complete
+        stream = LayerStream(skeleton, spec, config, ShardReader(path), progress.work)
+        stream.load_surroundings()
+        _calibrate_and_quantize(skeleton, spec, batches, config, device, log, workers, devices, progress, stream)
+        stream.finish()
+        seconds = time.perf_counter() - start
+        write_metadata(progress.work, skeleton, tokenizer, config, stream.summary, log, source_name(path))
+        progress.complete(out)
     return QuantizeReport(out, seconds, log, None, tokenizer)

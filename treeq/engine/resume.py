@@ -179,10 +179,10 @@ class Progress:
 
     @contextmanager
     def interruptible(self):
-        """Around the layer loop, with the work directory made (streamed runs write shards there):
-        Ctrl-C keeps the finished layers and raises :class:`Interrupted`; any other failure of a
-        fresh run leaves nothing behind, as before resuming existed. Once every layer is done the
-        state stays until the checkpoint is complete, so a failure while saving resumes at once."""
+        """Around the layer loop and the saving after it, with the work directory made (streamed
+        runs write shards there): Ctrl-C keeps the finished layers and raises :class:`Interrupted`;
+        any other failure of a fresh run leaves nothing behind, as before resuming existed (a
+        resumed run keeps its state, so a failed save of one resumes at once)."""
         self.work.mkdir(parents=True, exist_ok=True)
         try:
             yield
