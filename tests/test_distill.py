@@ -58,6 +58,21 @@ def test_only_the_chosen_layers_are_distilled(tmp_path, tokenizer, text_file):
     assert [int(r[0]) for r in records] == [1]
 
 
+def test_the_fp_model_teacher_also_aims_at_the_error_earlier_layers_left(tmp_path, tokenizer, text_file):
+    """Layer 0 reads the same inputs either way, so both teachers give it the same targets and
+    record; from layer 1 on the fp-model teacher aims at the fp model's own hidden states, which
+    the quantized layer 0 no longer reproduces, so layer 1 starts further from its target. (Checked
+    to fail with layer 1's targets computed from the embeddings, i.e. the fp stream not advanced.)"""
+    src = save_model_dir(tmp_path / "src", "llama", tokenizer)
+    runs = {
+        teacher: quantize(src, tmp_path / teacher, text_file, distill=dict(steps=5, teacher=teacher))[1]
+        for teacher in ("fp-model", "fp-layer")
+    }
+    model, layer = runs["fp-model"], runs["fp-layer"]
+    assert model[0] == layer[0]
+    assert float(model[1][1]) > float(layer[1][1])
+
+
 def _layer_case(seed=0):
     """A tiny llama's first layer quantized to 2 bits, its inputs and fp outputs."""
     model = make_model("llama")

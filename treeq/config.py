@@ -63,6 +63,12 @@ class DistillSettings(BaseModel):
         0.25, gt=0, lt=1, description="share of calibration batches held out to judge a layer's result"
     )
     train_scales: bool = Field(False, description="learn each group's scale too (minmax grids)")
+    teacher: Literal["fp-model", "fp-layer"] = Field(
+        "fp-model",
+        description="target of the layer's output: fp-model, the fp model's own output at this layer (the fp "
+        "layer on the fp model's inputs, as ZeroQuant; it also undoes error the layers before left); fp-layer, "
+        "the fp layer on the inputs the quantized model computes",
+    )
 
     def applies_to(self, layer: int) -> bool:
         return self.layers == "all" or layer in self.layers

@@ -45,6 +45,9 @@ class LayerInputs:
     # Layer forwards autocast to this dtype (float32: none, they run as the weights are); weights
     # and the residual stream stay fp32, only the matmuls run in low precision.
     autocast: torch.dtype = torch.float32
+    # The fp model's own hidden states into the current layer (fp32), carried only where
+    # distillation targets them (DistillSettings.teacher "fp-model"); None otherwise.
+    fp_hidden: list[torch.Tensor] | None = None
 
 
 def _first_output(out):
@@ -249,11 +252,13 @@ def quantize_layers(
     workers = max(1, workers, len(devices))
     with torch.no_grad(), ThreadPoolExecutor(workers) as pool, batch_threads():
         inputs = capture_inputs(model, spec, batches, device, autocast)
+        if plan.config.distill is not None and plan.config.distill.teacher == "fp-model":
+            inputs.fp_hidden = list(inputs.hidden)  # the looper replaces entries, never the tensors
         if stream is not None:
             stream.inputs_captured()
         start = 0 if progress is None else progress.done
         if start:  # the kwargs are recaptured above (cheap); the hidden states are the saved ones
-            inputs.hidden, kept = progress.restore(layers, device, stream)
+            inputs.hidden, inputs.fp_hidden, kept = progress.restore(layers, device, stream)
             results.update(kept)
         steps = tqdm(range(start, len(layers)), "quantizing layers", len(layers), unit="layer", initial=start)
         for index in steps:
@@ -295,7 +300,7 @@ def quantize_layers(
             else:
                 results.update(layer_results)
             if progress is not None:
-                progress.layer_done(index, layer, layer_results, inputs.hidden, stream)
+                progress.layer_done(index, layer, layer_results, inputs.hidden, inputs.fp_hidden, stream)
             # Streamed out, the swapped-out fp modules (reachable from bound) and the codes are
             # garbage; dropped now, not when the next layer rebinds, they never overlap its peak.
             bound = layer_results = None
@@ -342,13 +347,21 @@ def _input_sample(plan: MethodPlan, module: str, stats: InputStats, rows: torch.
 
 
 def _teacher(layer, inputs: LayerInputs, index: int, settings: DistillSettings | None):
-    """The layer's inputs, its fp outputs on them (in fp32) and its linears' fp weights, kept for
-    distillation (``settings``) before quantizing changes the layer; None where the layer is not
-    distilled."""
+    """The layer's inputs, the outputs distillation aims at (in fp32) and its linears' fp weights,
+    kept for distillation (``settings``) before quantizing changes the layer; None where the layer
+    is not distilled. The targets are the fp layer's outputs on the fp model's hidden states, which
+    this advances past the layer (teacher "fp-model": every layer, distilled or not), or on the
+    inputs the quantized model computes (teacher "fp-layer")."""
+    kwargs = inputs.kwargs[index]
+    if inputs.fp_hidden is not None:
+        inputs.fp_hidden = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(inputs.fp_hidden, kwargs)]
     if settings is None or not settings.applies_to(index):
         return None
     hidden = list(inputs.hidden)  # the looper replaces entries with outputs, not the tensors
-    targets = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(hidden, inputs.kwargs[index])]
+    if inputs.fp_hidden is not None:
+        targets = list(inputs.fp_hidden)
+    else:
+        targets = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(hidden, kwargs)]
     weights = {name: m.weight.data.clone() for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
     return hidden, targets, weights
 

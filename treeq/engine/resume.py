@@ -145,23 +145,25 @@ class Progress:
     def _layer(self, index: int) -> Path:
         return self.state / f"layer-{index:05d}.pt"
 
-    def layer_done(self, index: int, layer, results: dict, hidden: list[torch.Tensor], stream=None) -> None:
-        """Keep decoder layer ``index`` (finished, on the CPU) and the hidden states out of it."""
+    def layer_done(self, index: int, layer, results: dict, hidden: list[torch.Tensor], fp_hidden, stream=None) -> None:
+        """Keep decoder layer ``index`` (finished, on the CPU) and the hidden states out of it (the
+        fp model's too, where distillation carries them; else ``fp_hidden`` is None)."""
         self.state.mkdir(parents=True, exist_ok=True)
         if stream is None:
             kept = {"state": layer.state_dict(), "results": results}
             _write_atomic(self._layer(index), lambda p: torch.save(kept, p))
         bookkeeping = None if stream is None else (stream.weight_map, stream.summary)
-        step = {"hidden": hidden, "records": self.log.records, "lines": self.log.lines, "stream": bookkeeping}
+        step = {"hidden": hidden, "fp_hidden": fp_hidden, "records": self.log.records, "lines": self.log.lines, "stream": bookkeeping}
         _write_atomic(self._step(index), lambda p: torch.save(step, p))
         manifest = json.dumps({"identity": self.identity, "done": index + 1}, indent=2)
         _write_atomic(self.state / MANIFEST, lambda p: p.write_text(manifest))
         self.done = index + 1
         self._step(index - 1).unlink(missing_ok=True)
 
-    def restore(self, layers, device, stream=None) -> tuple[list[torch.Tensor], dict]:
+    def restore(self, layers, device, stream=None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, dict]:
         """Put the finished layers back (in memory: their saved state; streamed: the shard index)
-        and return the hidden states into the next layer and the finished layers' results."""
+        and return the hidden states into the next layer (the quantized model's and the fp
+        model's, None where the run carries none) and the finished layers' results."""
         # Pickles (QuantResults carry transforms and quantizers), read only from the directory
         # this run's own output sits beside.
         step = torch.load(self._step(self.done - 1), map_location=device, weights_only=False)
@@ -170,12 +172,12 @@ class Progress:
         results: dict = {}
         if stream is not None:
             stream.weight_map, stream.summary = step["stream"]
-            return step["hidden"], results
+            return step["hidden"], step["fp_hidden"], results
         for index in range(self.done):
             kept = torch.load(self._layer(index), weights_only=False)
             layers[index].load_state_dict(kept["state"])
             results.update(kept["results"])
-        return step["hidden"], results
+        return step["hidden"], step["fp_hidden"], results
 
     @contextmanager
     def interruptible(self):
