@@ -40,7 +40,8 @@ ROWS = {
     "sq-search-w6a6": dict(SQ, search=True, **W6, activations=A6),
     "llm.int8": dict(method="rtn", **W8, activations=dict(A8, outlier_threshold=6.0)),
     # ZeroQuant: group-wise weights, per-token dynamic inputs, attention 8-bit and MLP 4-bit by
-    # override, and layer-wise knowledge distillation (learned scales too).
+    # override, and layer-wise knowledge distillation (learned scales too), towards the fp model's
+    # own layer outputs (the default teacher) or the fp layer's on the quantized model's inputs.
     "zq-w8a8": dict(method="rtn", bits=8, group_size=64, activations=A8),
     "zq-w4/8-a16": dict(method="rtn", bits=4, group_size=64, overrides=[ATTENTION_8BIT]),
     "zq-w4/8-a16-lkd": dict(
@@ -49,6 +50,13 @@ ROWS = {
         group_size=64,
         overrides=[ATTENTION_8BIT],
         distill=dict(steps=25, train_scales=True),
+    ),
+    "zq-w4/8-a16-lkd-fp-layer": dict(
+        method="rtn",
+        bits=4,
+        group_size=64,
+        overrides=[ATTENTION_8BIT],
+        distill=dict(steps=25, train_scales=True, teacher="fp-layer"),
     ),
     "gptq-w4a8": dict(method="gptq", bits=4, group_size=64, activations=A8),
     "gptq-w4a4": dict(method="gptq", bits=4, group_size=64, activations=dict(bits=4)),
