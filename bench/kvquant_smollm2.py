@@ -42,7 +42,7 @@ from treeq.runtime.kv_calibration import (  # noqa: E402
     collect_kv_activations,
     needs_calibration,
 )
-from treeq.runtime.kv_schemes import cache_nbytes, kv_cache_for  # noqa: E402
+from treeq.runtime.kv_schemes import cache_nbytes, fp16_cache_nbytes, kv_cache_for  # noqa: E402
 from treeq.schemes import KVCacheScheme  # noqa: E402
 
 BASE = dict(method="kvquant", group_size=64, residual=0, key_granularity="per-token")
@@ -63,11 +63,6 @@ def ablation(bits: int) -> dict[str, KVCacheScheme]:
         fields |= change
         rows[f"{bits}-bit {name}"] = KVCacheScheme(**fields)
     return rows
-
-
-def fp16_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * tokens * 2
 
 
 @click.command()
@@ -107,7 +102,9 @@ def main(bits, windows, chunk, rows, protocols, bytes_tokens, threads, out, tabl
         cache = kv_cache_for(bf16, scheme, calibration)
         with torch.no_grad():
             bf16(input_ids=prefix, cache=cache, use_cache=True)
-        row |= dict(tokens=bytes_tokens, cache_bytes=cache_nbytes(cache), fp16_bytes=fp16_bytes(bf16, bytes_tokens))
+        row |= dict(
+            tokens=bytes_tokens, cache_bytes=cache_nbytes(cache), fp16_bytes=fp16_cache_nbytes(bf16, bytes_tokens)
+        )
         for protocol in protocols.split(","):
             result = perplexity(model, ids, 1024, windows, kv=KVProtocol(scheme, protocol, chunk, calibration))
             row[protocol] = result.ppl

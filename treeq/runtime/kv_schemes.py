@@ -8,7 +8,7 @@ from ..errors import TreeqError
 from ..models import spec_for
 from ..schemes import KVCacheScheme
 from .kivi import MinMaxKV
-from .kv_cache import FULL_PRECISION, AttentionShape, IdentityKV, KVQuantizer, quantized_kv_cache
+from .kv_cache import FULL_PRECISION, AttentionShape, IdentityKV, KVQuantizer, attention_shape, quantized_kv_cache
 from .kv_calibration import KVCalibration, needs_calibration
 from .kvquant import KVQuantKV, check_packable_heads, uniform_levels
 from .qrazor_kv import QRazorKV
@@ -84,3 +84,11 @@ def cache_nbytes(cache: Cache) -> int:
     """Bytes the cache holds: stored codes, scales, minima and outliers, calibrated tables, and the
     full-precision sink and window."""
     return sum(layer.nbytes() for layer in cache.layers)
+
+
+def fp16_cache_nbytes(model, tokens: int) -> int:
+    """Bytes an fp16 cache of ``model`` holds for ``tokens`` tokens: 2 bytes x layers x kv heads x
+    head_dim, for keys and for values; what a quantized cache's bytes are measured against."""
+    config = model.config.get_text_config()
+    shape = attention_shape(config, spec_for(model.config))
+    return 2 * config.num_hidden_layers * shape.num_kv_heads * shape.head_dim * 2 * tokens
