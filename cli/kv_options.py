@@ -17,15 +17,19 @@ from .config_options import derived_options, settings_from
 OWNER = "kv"  # the derived options' key prefix (kv__group_size)
 
 
+def kv_chunk_option(fn):
+    return click.option(
+        "--kv-chunk", type=click.IntRange(1), default=32, show_default=True, help="tokens per step of decode"
+    )(fn)
+
+
 def kv_options(with_protocol: bool):
     """Decorator adding the KV options; ``with_protocol`` adds how perplexity meets the cache."""
 
     def decorate(fn):
         fn = derived_options({OWNER: [KVCacheScheme]}, prefix="kv-")(fn)
         if with_protocol:
-            fn = click.option(
-                "--kv-chunk", type=click.IntRange(1), default=32, show_default=True, help="tokens per step of decode"
-            )(fn)
+            fn = kv_chunk_option(fn)
             fn = click.option(
                 "--kv-protocol",
                 type=click.Choice(KV_PROTOCOLS),

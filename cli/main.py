@@ -18,6 +18,7 @@ from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.engine.resume import Interrupted
 from treeq.errors import TreeqError
+from treeq.eval.perplexity import KV_PROTOCOLS
 from treeq.eval.tasks import TASKS, task_dir
 from treeq.methods import METHODS
 from treeq.models import load_spec_file
@@ -25,12 +26,12 @@ from treeq.numerics import GRIDS
 from treeq.recipe import merged, read_recipe
 from treeq.runtime.input_transform import InputTransform
 from treeq.runtime.kv_choice import NO_KV
-from treeq.schemes import ActivationScheme, WeightScheme
+from treeq.schemes import KV_PRESETS, ActivationScheme, WeightScheme
 from treeq.storage.model_card import record_perplexity
 from treeq.transforms import TRANSFORMS
 
 from .config_options import derived_options, parse_key_values, settings_from
-from .kv_options import kv_options, kv_scheme
+from .kv_options import kv_chunk_option, kv_options, kv_scheme
 
 
 def user_errors(fn):
@@ -364,6 +365,27 @@ def evaluate(
 @click.option("--eval-text", default="wiki-test", show_default=True)
 @click.option("--eval-seqlen", type=int, default=1024, show_default=True)
 @click.option("--eval-windows", type=int, default=32, show_default=True)
+@click.option(
+    "--kv",
+    "kv_list",
+    default=None,
+    help=f"KV-cache rows on the fp model, comma-separated: {', '.join(KV_PRESETS)}; adds a cache bytes/token column",
+)
+@click.option(
+    "--kv-protocol",
+    "kv_protocols",
+    default=KV_PROTOCOLS[0],
+    show_default=True,
+    help=f"perplexity protocols of each KV row, comma-separated: {', '.join(KV_PROTOCOLS)} (as treeq eval's)",
+)
+@kv_chunk_option
+@click.option(
+    "--kv-tokens",
+    type=click.IntRange(1),
+    default=4096,
+    show_default=True,
+    help="tokens of --eval-text prefilled before cache bytes per token are counted",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="directory for checkpoints and tables")
 @threads_option
 @user_errors
@@ -383,10 +405,15 @@ def compare(
     eval_text,
     eval_seqlen,
     eval_windows,
+    kv_list,
+    kv_protocols,
+    kv_chunk,
+    kv_tokens,
     out,
     threads,
 ):
-    """Quantize MODEL with each method and bit width; one table of size, time, perplexity and tasks."""
+    """Quantize MODEL with each method and bit width, and evaluate each --kv cache on the fp model; one
+    table of size, time, perplexity and tasks (and cache bytes per token with --kv)."""
     _set_threads(threads)
     out = out or _free_path(Path("treeq-out") / f"compare-{_model_name(model)}")
     task_names = _task_names(tasks) if tasks else []
@@ -403,6 +430,10 @@ def compare(
         eval_text=eval_text,
         eval_seqlen=eval_seqlen,
         eval_windows=eval_windows,
+        kv=tuple(k.strip() for k in kv_list.split(",")) if kv_list else (),
+        kv_protocols=tuple(p.strip() for p in kv_protocols.split(",")),
+        kv_chunk=kv_chunk,
+        kv_tokens=kv_tokens,
         calib_samples=calib_samples,
         seqlen=seqlen,
         **({} if migration is None else {"migration": migration}),

@@ -1,12 +1,20 @@
 """Several methods and bit widths on one model, in one table: quantize once per setting, evaluate
-each the same way as the fp model, write the table as Markdown and CSV."""
+each the same way as the fp model, write the table as Markdown and CSV. KV-cache settings are rows
+too, on the fp model, with the bytes their cache holds per token."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import torch
+
+from .. import data
 from ..errors import TreeqError
+from ..runtime.kv_choice import KVChoice
+from ..runtime.kv_schemes import cache_nbytes, fp16_cache_nbytes
+from ..schemes import KVCacheScheme
+from .perplexity import KV_PROTOCOLS, PerplexityResult, check_kv_protocol
 
 
 def _fp16_bytes(model) -> int:
@@ -18,14 +26,25 @@ def _fp16_bytes(model) -> int:
     return total
 
 
-def _evaluate(model, tok, tasks, limit, text: str, seqlen: int, windows: int) -> dict:
+def _evaluate(model, tok, tasks, limit, text: str, seqlen: int, windows: int, **kv) -> tuple[dict, PerplexityResult]:
+    """A row's perplexity and task metrics, and how perplexity was measured; ``kv``: the ``kv``,
+    ``kv_protocol`` and ``kv_chunk`` that evaluate_perplexity and evaluate_tasks take."""
     from .. import api
 
-    row = {"ppl": api.evaluate_perplexity(model, tok, text, seqlen, windows).ppl}
-    for task, metrics in (api.evaluate_tasks(model, tok, list(tasks), limit) if tasks else {}).items():
+    result = api.evaluate_perplexity(model, tok, text, seqlen, windows, **kv)
+    row = {"ppl": result.ppl}
+    for task, metrics in (api.evaluate_tasks(model, tok, list(tasks), limit, **kv) if tasks else {}).items():
         for metric, value in metrics.items():
             row[f"{task}:{metric}"] = value
-    return row
+    return row, result
+
+
+def _cache_bytes_per_token(model, choice: KVChoice, ids: torch.Tensor) -> float:
+    """Bytes a fresh cache of ``choice`` holds per token once ``ids`` went through ``model`` in one forward."""
+    cache = choice.cache(model)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)  # only the cache is wanted
+    return cache_nbytes(cache) / ids.shape[-1]
 
 
 def compare(
@@ -41,17 +60,30 @@ def compare(
     eval_seqlen: int = 1024,
     eval_windows: int = 32,
     act_bits: tuple[int | None, ...] = (None,),
+    kv: tuple[str, ...] = (),
+    kv_protocols: tuple[str, ...] = (KV_PROTOCOLS[0],),
+    kv_chunk: int = 32,
+    kv_tokens: int = 4096,
     **settings,
 ) -> list[dict]:
     """Rows of the comparison (the fp model first); checkpoints and compare.{md,csv} go under ``out``.
     ``act_bits``: the input bits of each row's quantized linears, None for weight-only rows (one
-    row per method x weight bits x activation bits); ``settings`` may name a ``migration``."""
+    row per method x weight bits x activation bits); ``settings`` may name a ``migration``.
+    ``kv``: KV-cache preset names (``KV_PRESETS``, as ``treeq eval --kv`` takes them), one row each
+    per protocol of ``kv_protocols``, all on the fp model (a kvquant scheme calibrated on
+    ``calib_text`` first). With them the table gets a column of the bytes each row's cache holds per
+    token once the first ``kv_tokens`` tokens of ``eval_text`` went through; rows without a
+    quantized cache show an fp16 cache's."""
     from .. import api
     from ..config import QuantConfig
 
     out = Path(out)
     if out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    # Every KV name and protocol is checked before any model is loaded, quantized or evaluated.
+    kv_schemes = {name: KVCacheScheme.named(name) for name in kv}
+    for protocol in kv_protocols:
+        check_kv_protocol(protocol, kv_chunk)
     if group_size is not None:
         settings["group_size"] = group_size
     configs = [
@@ -61,10 +93,38 @@ def compare(
         for m in methods
     ]
     fp, tok = api.load_fp_model(model)
-    rows = [dict(method="fp", bits=16, act_bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)]
+    bytes_column = f"cache bytes/token ({kv_tokens} tokens)"
+    # Rows without a quantized cache show an fp16 cache's bytes, the reference the KV rows are read against.
+    no_kv = dict(kv=None, kv_protocol=None, **{bytes_column: fp16_cache_nbytes(fp, 1)}) if kv_schemes else {}
+    prefill = _first_tokens(tok, eval_text, kv_tokens) if kv_schemes else None
+    fp_cells = dict(method="fp", bits=16, act_bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)
+    rows = [{**fp_cells, **no_kv}]
     evaluation = dict(tasks=tasks, limit=limit, text=eval_text, seqlen=eval_seqlen, windows=eval_windows)
-    rows[0].update(_evaluate(fp, tok, **evaluation))
+    metrics, result = _evaluate(fp, tok, **evaluation)
+    rows[0].update(metrics)
+    notes = [f"perplexity: {result.protocol()}"]
+    choices = {label: api.choose_kv(fp, tok, scheme, calib_text) for label, scheme in kv_schemes.items()}
+    for label, choice in choices.items():
+        for protocol in kv_protocols:
+            kv_run = dict(kv=choice, kv_protocol=protocol, kv_chunk=kv_chunk)
+            metrics, result = _evaluate(fp, tok, **evaluation, **kv_run)
+            rows.append(dict(fp_cells, kv=label, kv_protocol=protocol, **metrics))
+            notes.append(f"{label}, {protocol}: {result.kv}")
     del fp
+    if choices:
+        # A bf16 copy gives the cache the 16-bit states a half-precision model would (the fp16 rows
+        # compare), after the fp32 model is gone; the calibration made on fp32 states applies as is.
+        half = api.load_fp_model(model, dtype=torch.bfloat16)[0]
+        per_token = {label: _cache_bytes_per_token(half, choice, prefill) for label, choice in choices.items()}
+        for row in rows[1:]:  # the KV rows: weight rows come later
+            row[bytes_column] = per_token[row["kv"]]
+        del half
+        notes.append(
+            f"{bytes_column}: the bytes a fresh cache's own tensors hold (codes, scales, outliers, tables, the "
+            f"full-precision window and sink) once the first {kv_tokens} tokens of {eval_text} went through a bf16 "
+            f"copy of the fp model, / {kv_tokens}; rows without a quantized cache: fp16, 2 bytes x layers x kv heads "
+            "x head_dim x 2 (keys, values)"
+        )
     for cfg in configs:
         fp, tok = api.load_fp_model(model)
         w, a = cfg.weights, 16 if cfg.activations is None else cfg.activations.bits
@@ -73,14 +133,22 @@ def compare(
         target = out / f"{method}-w{w.bits}a{a}g{w.group_size}"
         report = api.quantize(fp, cfg, target, tokenizer=tok, calib_text=calib_text)
         size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
-        row = dict(method=method, bits=w.bits, act_bits=a, group=w.group_size, size_mb=size / 2**20)
+        row = dict(method=method, bits=w.bits, act_bits=a, group=w.group_size, size_mb=size / 2**20, **no_kv)
         row["quant_s"] = report.seconds
-        row.update(_evaluate(report.model, tok, **evaluation))
+        row.update(_evaluate(report.model, tok, **evaluation)[0])
         rows.append(row)
         del fp, report
     add_deltas(rows)
-    write_table(rows, out)
+    write_table(rows, out, notes)
     return rows
+
+
+def _first_tokens(tokenizer, text: str, tokens: int) -> torch.Tensor:
+    """The first ``tokens`` tokens of ``text`` as one batch, the prefill cache bytes are counted after."""
+    ids = data.tokenize(tokenizer, data.read_text(text))
+    if ids.numel() < tokens:
+        raise TreeqError(f"kv_tokens={tokens} is more than the {ids.numel()} tokens of {text}; use at most that many")
+    return ids[None, :tokens]
 
 
 def _inputs(bits: int | None) -> dict | None:
@@ -103,7 +171,8 @@ def _cell(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_table(rows: list[dict], out: Path) -> None:
+def write_table(rows: list[dict], out: Path, notes: list[str] = ()) -> None:
+    """compare.csv, and compare.md with ``notes`` (how columns were measured) below its table."""
     out.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
     with open(out / "compare.csv", "w", newline="") as f:
@@ -112,4 +181,5 @@ def write_table(rows: list[dict], out: Path) -> None:
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["", *(f"- {note}" for note in notes)] if notes else []
     (out / "compare.md").write_text("\n".join(lines) + "\n")

@@ -57,6 +57,14 @@ class PerplexityResult:
         )
 
 
+def check_kv_protocol(protocol: str, chunk: int) -> None:
+    """One-line errors for a protocol or chunk no window can be fed by (callers check before any work)."""
+    if protocol not in KV_PROTOCOLS:
+        raise TreeqError(f"kv_protocol {protocol!r} is unknown; choose one of {', '.join(KV_PROTOCOLS)}")
+    if chunk < 1:
+        raise TreeqError(f"kv_chunk={chunk} feeds no token; use at least 1")
+
+
 @dataclass(frozen=True)
 class KVProtocol:
     """How each window meets a quantized cache (see the module docstring)."""
@@ -68,10 +76,7 @@ class KVProtocol:
     origin: str = ""  # where the scheme came from: given, or stored with a checkpoint
 
     def __post_init__(self):
-        if self.protocol not in KV_PROTOCOLS:
-            raise TreeqError(f"kv_protocol {self.protocol!r} is unknown; choose one of {', '.join(KV_PROTOCOLS)}")
-        if self.chunk < 1:
-            raise TreeqError(f"kv_chunk={self.chunk} feeds no token; use at least 1")
+        check_kv_protocol(self.protocol, self.chunk)
 
     def logits(self, model, x: torch.Tensor) -> torch.Tensor:
         cache = kv_cache_for(model, self.scheme, self.calibration)
