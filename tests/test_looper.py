@@ -148,8 +148,13 @@ def test_calibration_forwards_autocast_to_calib_dtype(calib_dtype, tokenizer, te
     fp32 = MethodPlan(treeq.QuantConfig(method="gptq", bits=4, group_size=32, calib_dtype="float32"))
     exact = looper.quantize_layers(reference, spec, fp32, batches, torch.device("cpu"), log=QuantLog(str))
     agree = torch.cat([(results[n].codes == exact[n].codes).flatten() for n in exact]).float().mean()
-    # A tiny random model has many weights near a rounding boundary: ~88% of codes agree.
-    assert agree == 1 if calib_dtype == "float32" else 0.8 < agree < 1
+    # bf16 forwards move many of a tiny random model's weights across a rounding boundary. Measured
+    # agreement: 0.884 with every route this test can take forced on a Zen 5 (native bf16 with
+    # treeq's Gram kernel; TREEQ_CPU_ISA=avx2, the fp32 statistics route; oneDNN capped with
+    # ONEDNN_MAX_CPU_ISA=AVX2 and AVX512_CORE; 1 and 2 threads), spread 5e-4; 0.799 with the
+    # method handed weights rounded to bf16 (weights must stay fp32). 0.84 sits between. Checked
+    # failing (0.799) with the looper rounding each weight to its statistics' dtype.
+    assert agree == 1 if calib_dtype == "float32" else 0.84 < agree < 1
 
 
 def test_auto_calib_dtype_is_bf16_only_where_native(monkeypatch):
