@@ -25,7 +25,8 @@ import time
 import click
 import torch
 from transformers import DynamicCache
-from workloads import random_llama  # bench/workloads.py: run as a script, bench/ is on sys.path
+from machine import kv_path  # bench/: run as a script, bench/ is on sys.path
+from workloads import random_llama
 
 import treeq
 from treeq.kernels.cpu_isa import describe
@@ -58,6 +59,8 @@ def dynamic_nbytes(cache: DynamicCache) -> int:
 def bytes_table(models: dict, lengths: dict[str, list[int]]) -> None:
     print("\n| model | tokens | bf16 cache MiB | " + " | ".join(f"{s} MiB (x bf16)" for s in SETTINGS) + " |")
     print("|---|---|---|" + "---|" * len(SETTINGS))
+    first = next(iter(models.values()))
+    paths = [f"{s}: {kv_path(filled(first, s, 1))}" for s in SETTINGS]
     for name, model in models.items():
         for tokens in lengths[name]:
             fp = dynamic_nbytes(filled(model, "bf16", tokens))
@@ -66,6 +69,7 @@ def bytes_table(models: dict, lengths: dict[str, list[int]]) -> None:
                 q = cache_nbytes(filled(model, s, tokens))
                 cells.append(f"{q / 2**20:.2f} ({q / fp:.3f}x)")
             print(f"| {name} | {tokens} | {fp / 2**20:.2f} | " + " | ".join(cells) + " |", flush=True)
+    print("\n".join(paths))
 
 
 def seconds_per_step(model, cache, steps: int) -> float:

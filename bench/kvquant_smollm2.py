@@ -100,6 +100,7 @@ def main(bits, windows, chunk, rows, protocols, bytes_tokens, threads, out, tabl
         calibration = calibrate_kv(activations, scheme) if needs_calibration(scheme) else None
         row = dict(row=name, scheme=scheme.describe(), windows=windows, chunk=chunk)
         cache = kv_cache_for(bf16, scheme, calibration)
+        print(f"{name}: {machine.kv_path(cache)}", flush=True)
         with torch.no_grad():
             bf16(input_ids=prefix, cache=cache, use_cache=True)
         row |= dict(

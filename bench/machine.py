@@ -31,3 +31,17 @@ def kernels(model) -> str:
     quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
     counts = Counter(m.kernel.name if m.kernel is not None else "none chosen yet" for m in quantized)
     return ", ".join(f"{name} x {n}" for name, n in counts.most_common()) or "none (no quantized linear)"
+
+
+def kv_path(cache) -> str:
+    """How a cache's layers store and read keys and values: each layer's class and its key and
+    value quantizers, counted (the KV caches have no fused kernel: each step dequantizes in
+    PyTorch ops before attention)."""
+
+    def described(layer) -> str:
+        if not hasattr(layer, "key_quantizer"):
+            return type(layer).__name__
+        return f"{type(layer).__name__}(keys {type(layer.key_quantizer).__name__}, values {type(layer.value_quantizer).__name__})"
+
+    kinds = ", ".join(f"{name} x {n}" for name, n in Counter(map(described, cache.layers)).most_common())
+    return f"KV path: {kinds}; dequantized in PyTorch ops before attention"

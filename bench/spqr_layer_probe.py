@@ -52,7 +52,8 @@ def main(layers, threads):
     model, tok = treeq.load_fp_model()
     ids = tok(treeq.data.read_text("wiki-train")[:200000], return_tensors="pt").input_ids[:, : 16 * 512]
     print(f"\n### Layer probe (`python bench/spqr_layer_probe.py --layers {layers}`), {machine.cpu()}")
-    print("per-module output loss on 16 x 512 wiki-train tokens through the fp model; not a perplexity\n")
+    print("per-module output loss on 16 x 512 wiki-train tokens through the fp model; not a perplexity")
+    print("path: the fp model's forwards in fp32; each module's loss from its fake-quant weight (no kernel runs)\n")
     print("| layer | row | " + " | ".join(m.rpartition(".")[2] for m in MODULES) + " | bits/weight | outliers |")
     print("| ---: | --- |" + " ---: |" * (len(MODULES) + 2))
     for index in [int(x) for x in layers.split(",")]:
