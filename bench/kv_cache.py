@@ -24,8 +24,8 @@ import time
 
 import click
 import torch
-from transformers import DynamicCache
 from machine import kv_path  # bench/: run as a script, bench/ is on sys.path
+from transformers import DynamicCache
 from workloads import random_llama
 
 import treeq

@@ -41,7 +41,8 @@ def kv_path(cache) -> str:
     def described(layer) -> str:
         if not hasattr(layer, "key_quantizer"):
             return type(layer).__name__
-        return f"{type(layer).__name__}(keys {type(layer.key_quantizer).__name__}, values {type(layer.value_quantizer).__name__})"
+        keys, values = type(layer.key_quantizer).__name__, type(layer.value_quantizer).__name__
+        return f"{type(layer).__name__}(keys {keys}, values {values})"
 
     kinds = ", ".join(f"{name} x {n}" for name, n in Counter(map(described, cache.layers)).most_common())
     return f"KV path: {kinds}; dequantized in PyTorch ops before attention"

@@ -28,7 +28,8 @@ TIMINGS = {"quant_log.csv", "quantize.log"}  # differ by design: seconds, and th
 
 
 def _command(method: str, bits: int, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", "quantize", "--method", method, "--bits", str(bits), "--out", str(out), *extra]
+    settings = ["--method", method, "--bits", str(bits), "--out", str(out), *extra]
+    return [sys.executable, "-m", "cli.main", "quantize", *settings]
 
 
 def _run(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:

@@ -73,6 +73,10 @@ class DistillSettings(BaseModel):
     def applies_to(self, layer: int) -> bool:
         return self.layers == "all" or layer in self.layers
 
+    def distills_after(self, layer: int) -> bool:
+        """Whether a layer after ``layer`` is distilled (it needs the fp model's hidden states)."""
+        return self.layers == "all" or any(chosen > layer for chosen in self.layers)
+
 
 class CheckpointSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

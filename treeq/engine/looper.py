@@ -350,16 +350,19 @@ def _teacher(layer, inputs: LayerInputs, index: int, settings: DistillSettings |
     """The layer's inputs, the outputs distillation aims at (in fp32) and its linears' fp weights,
     kept for distillation (``settings``) before quantizing changes the layer; None where the layer
     is not distilled. The targets are the fp layer's outputs on the fp model's hidden states, which
-    this advances past the layer (teacher "fp-model": every layer, distilled or not), or on the
-    inputs the quantized model computes (teacher "fp-layer")."""
+    this advances past the layer (teacher "fp-model": every layer up to the last distilled one), or
+    on the inputs the quantized model computes (teacher "fp-layer")."""
     kwargs = inputs.kwargs[index]
+    fp_outputs = None
     if inputs.fp_hidden is not None:
-        inputs.fp_hidden = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(inputs.fp_hidden, kwargs)]
+        fp_outputs = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(inputs.fp_hidden, kwargs)]
+        # Carried only while a later layer will be distilled (it is freed after the last one).
+        inputs.fp_hidden = fp_outputs if settings.distills_after(index) else None
     if settings is None or not settings.applies_to(index):
         return None
     hidden = list(inputs.hidden)  # the looper replaces entries with outputs, not the tensors
-    if inputs.fp_hidden is not None:
-        targets = list(inputs.fp_hidden)
+    if fp_outputs is not None:
+        targets = fp_outputs
     else:
         targets = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(hidden, kwargs)]
     weights = {name: m.weight.data.clone() for name, m in layer.named_modules() if isinstance(m, nn.Linear)}

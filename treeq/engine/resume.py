@@ -153,7 +153,13 @@ class Progress:
             kept = {"state": layer.state_dict(), "results": results}
             _write_atomic(self._layer(index), lambda p: torch.save(kept, p))
         bookkeeping = None if stream is None else (stream.weight_map, stream.summary)
-        step = {"hidden": hidden, "fp_hidden": fp_hidden, "records": self.log.records, "lines": self.log.lines, "stream": bookkeeping}
+        step = {
+            "hidden": hidden,
+            "fp_hidden": fp_hidden,
+            "records": self.log.records,
+            "lines": self.log.lines,
+            "stream": bookkeeping,
+        }
         _write_atomic(self._step(index), lambda p: torch.save(step, p))
         manifest = json.dumps({"identity": self.identity, "done": index + 1}, indent=2)
         _write_atomic(self.state / MANIFEST, lambda p: p.write_text(manifest))
