@@ -346,6 +346,11 @@ def _input_sample(plan: MethodPlan, module: str, stats: InputStats, rows: torch.
     return InputSample(rows, lambda x, s: plan.input_quantizer(module, stats, s)(x))
 
 
+def _fp32_outputs(layer, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """The layer's outputs on each batch of ``hidden``, computed in fp32 (no autocast)."""
+    return [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(hidden, kwargs)]
+
+
 def _teacher(layer, inputs: LayerInputs, index: int, settings: DistillSettings | None):
     """The layer's inputs, the outputs distillation aims at (in fp32) and its linears' fp weights,
     kept for distillation (``settings``) before quantizing changes the layer; None where the layer
@@ -355,7 +360,7 @@ def _teacher(layer, inputs: LayerInputs, index: int, settings: DistillSettings |
     kwargs = inputs.kwargs[index]
     fp_outputs = None
     if inputs.fp_hidden is not None:
-        fp_outputs = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(inputs.fp_hidden, kwargs)]
+        fp_outputs = _fp32_outputs(layer, inputs.fp_hidden, kwargs)
         # Carried only while a later layer will be distilled (it is freed after the last one).
         inputs.fp_hidden = fp_outputs if settings.distills_after(index) else None
     if settings is None or not settings.applies_to(index):
@@ -364,7 +369,7 @@ def _teacher(layer, inputs: LayerInputs, index: int, settings: DistillSettings |
     if fp_outputs is not None:
         targets = fp_outputs
     else:
-        targets = [_first_output(_forward(layer, h, kw, torch.float32)) for h, kw in zip(hidden, kwargs)]
+        targets = _fp32_outputs(layer, hidden, kwargs)
     weights = {name: m.weight.data.clone() for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
     return hidden, targets, weights
 
