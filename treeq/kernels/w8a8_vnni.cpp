@@ -239,6 +239,9 @@ extern "C" void treeq_w8a8_gemm(const int8_t* x, int64_t M, int64_t Kp, const ui
     const int64_t mc_split = (row_groups + split - 1) / split * kMaxRows;
     mc = mc_split < mc ? mc_split : mc;
     const int64_t mblocks = (M + mc - 1) / mc;
+    // Blocks of equal size: the static split gives each thread the same number of tasks, so a
+    // short last block (M = 128 at K = 4096: 108 + 20 rows) would leave one thread idle.
+    mc = (row_groups + mblocks - 1) / mblocks * kMaxRows;
     // Row-block-major tasks, statically split: a thread takes whole row blocks (or, with one,
     // consecutive units of it), and the threads' panels of one block come from memory once each.
 #pragma omp parallel num_threads(threads)
