@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 import click
+
+import treeq  # noqa: F401  (before torch: it sets allocator options torch reads once)
+
+# isort: split
 import machine
 import torch
 from accelerate import init_empty_weights

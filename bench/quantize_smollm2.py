@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 
 import click
+
+import treeq  # before torch: it sets allocator options torch reads once
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,7 +41,6 @@ def run_one(
     """Quantize in this process; timing covers load, calibration, quantization and saving. With
     ``layers`` only the model's first that many decoder layers (a quick look at the phases)."""
     torch.set_num_threads(threads)
-    import treeq
     from treeq.engine.quant_log import QuantLog
 
     clock = phases.install()
@@ -73,7 +76,6 @@ def run_one(
 
 def run_fp(threads: int, eval_windows: int) -> dict:
     torch.set_num_threads(threads)
-    import treeq
 
     model, tok = treeq.load_fp_model()
     ppl = treeq.evaluate_perplexity(model, tok, max_windows=eval_windows)

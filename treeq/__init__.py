@@ -1,9 +1,11 @@
 """treeq: post-training quantization of Hugging Face causal LMs, driven by declarative tree specs."""
 
+from .engine.memory import request_huge_pages
 from .reproducible import request_reproducible_blas
 from .version import __version__
 
 request_reproducible_blas()  # before anything calls MKL
+request_huge_pages()  # before torch's first allocation
 
 from .api import (  # noqa: E402
     activation_stats,

@@ -5,6 +5,12 @@ heaps and, after the first large free, raises its mmap threshold so later tensor
 from those heaps, which keep freed pages. On SmolLM2 (128 x 512 calibration) that took peak RSS
 from 1.9 GB to 4.8 GB. A fixed threshold makes every large tensor its own mapping, returned to the
 system when freed.
+
+Each such mapping is then page-faulted afresh at every op, 4 KB at a time: on a Zen 5 without AMX
+that was 38 s of SmolLM2's GPTQ layer forwards. torch's allocator asks for transparent huge pages
+for its large tensors when ``THP_MEM_ALLOC_ENABLE`` is set, which it reads once, at its first
+allocation: importing treeq sets it unless the user already has (or torch was imported first).
+Figures: bench/results/quantize_smollm2.md.
 """
 
 from __future__ import annotations
@@ -12,9 +18,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 LARGE = 1 << 20
+
+
+def request_huge_pages() -> None:
+    """Large tensors on 2 MB pages where the kernel allows them (transparent huge pages in
+    ``always`` or ``madvise`` mode); a no-op elsewhere."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 @functools.cache
