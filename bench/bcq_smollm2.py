@@ -1,9 +1,9 @@
 """BCQ (binary-coding quantization, method bcq) against RTN asym on the built-in SmolLM2-135M, group
 64: per-module output loss (the same calibration set, module by module) and perplexity; a BCQ row's
 perplexity is measured on its checkpoint loaded back (treeq.load; BCQ layers run the LUT kernel
-below cpu_lut_bcq.DENSE_FROM tokens and its exact dense path above, so windows of 1024 run the
-dense path), and on the first --same-windows windows both in memory and loaded; an RTN row's in
-memory only (RTN checkpoints are checked elsewhere).
+below cpu_lut_bcq.DENSE_FROM tokens of their number of planes and its exact dense path above, so
+windows of 1024 at 3 and 4 bits run the dense path), and on the first --same-windows windows both
+in memory and loaded; an RTN row's in memory only (RTN checkpoints are checked elsewhere).
 
 One process, the fp model loaded once and copied per row. The table goes to stdout and to
 bench/results/bcq_smollm2.md (rewritten after every row). Usage:

@@ -4,11 +4,15 @@ threads; LUT at 2, 3 and 4 bit-planes (group 128, with offset) on the AVX512 pat
 on the AVX2 path ($TREEQ_CPU_ISA=avx2 for that column only); int4 is RTN group 128 through the
 kernel selection picks (cpu_int4_avx512 on AVX512-BF16 CPUs). Ratios are bf16 time / kernel time.
 
-Usage: python bench/lut_gemm.py [--threads 1,2] [--repeats 40]
+``--dense``: the LUT path against the kernel's dense path (fp32 GEMM over the dequantized weight) at
+each number of planes, M = 1 to 1024 tokens: where cpu_lut_bcq.DENSE_FROM belongs.
+
+Usage: python bench/lut_gemm.py [--threads 1,2] [--repeats 40] [--dense]
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import click
@@ -24,6 +28,7 @@ from treeq.kernels import cpu_lut_bcq
 N = 4096
 GROUP = 128
 TOKENS = (1, 4, 16, 64)
+DENSE_TOKENS = (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def random_bcq(planes: int) -> bcq.BCQWeight:
@@ -38,18 +43,20 @@ def random_bcq(planes: int) -> bcq.BCQWeight:
     )
 
 
-def lut_call(state, x, isa: str | None):
-    """One LUT matmul, on the path ``isa`` ("avx2") forces, or the CPU's best."""
-    if isa is None:
-        return lambda: cpu_lut_bcq.matmul(state, x)
+def lut_call(state, x, isa: str | None = None, dense: bool = False):
+    """One matmul on the LUT path (the ISA ``isa``, "avx2", forces, or the CPU's best) or, with
+    ``dense``, on the dense path, whatever DENSE_FROM says."""
 
     def call():
-        before = os.environ.get("TREEQ_CPU_ISA")
-        os.environ["TREEQ_CPU_ISA"] = isa
+        before, dense_from = os.environ.get("TREEQ_CPU_ISA"), cpu_lut_bcq.DENSE_FROM
+        if isa is not None:
+            os.environ["TREEQ_CPU_ISA"] = isa
+        cpu_lut_bcq.DENSE_FROM = dict.fromkeys(bcq.PLANES, 0 if dense else None)
         try:
             return cpu_lut_bcq.matmul(state, x)
         finally:
-            os.environ.pop("TREEQ_CPU_ISA") if before is None else os.environ.__setitem__("TREEQ_CPU_ISA", before)
+            cpu_lut_bcq.DENSE_FROM = dense_from
+            os.environ.pop("TREEQ_CPU_ISA", None) if before is None else os.environ.__setitem__("TREEQ_CPU_ISA", before)
 
     return call
 
@@ -57,23 +64,35 @@ def lut_call(state, x, isa: str | None):
 @click.command()
 @click.option("--threads", default="1,2", show_default=True)
 @click.option("--repeats", type=int, default=40, show_default=True)
-def main(threads: str, repeats: int) -> None:
+@click.option("--dense", "dense_path", is_flag=True, help="LUT against dense path, M = 1 to 1024")
+def main(threads: str, repeats: int, dense_path: bool) -> None:
     dense = (torch.randn(N, N, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
-    int4 = _quant_linear(4, GROUP, N)
     states = {q: cpu_lut_bcq.prepare(random_bcq(q)) for q in bcq.PLANES}
-    columns = [f"lut q{q}" for q in bcq.PLANES] + ["lut q3 avx2"]
+    # column name -> (tokens x -> one call)
+    if dense_path:
+        columns = {
+            f"{p} q{q}": functools.partial(lut_call, states[q], dense=p == "dense")
+            for q in bcq.PLANES
+            for p in ("lut", "dense")
+        }
+        kernels = "dense = the kernel's dense path, dequantization included"
+    else:
+        int4 = _quant_linear(4, GROUP, N)
+        columns = {"int4 g128": lambda x: lambda: int4(x)}
+        columns |= {f"lut q{q}": functools.partial(lut_call, states[q]) for q in bcq.PLANES}
+        columns["lut q3 avx2"] = functools.partial(lut_call, states[3], isa="avx2")
+        kernels = f"int4 = {int4.kernel.name}"
     print(machine.cpu())
     print(f"matmul {N}x{N}, group {GROUP}, median of {repeats} calls taken in turns, times in ms;")
     path = cpu_lut_bcq.path()
-    print(f"ratio = bf16 F.linear time / kernel time; int4 = {int4.kernel.name}; lut path at 1 token: {path}")
-    header = " ".join(f"{c:>12} {'ratio':>6}" for c in ["int4 g128", *columns])
+    print(f"ratio = bf16 F.linear time / kernel time; {kernels}; lut path at 1 token: {path}")
+    header = " ".join(f"{c:>12} {'ratio':>6}" for c in columns)
     print(f"{'threads':>7} {'M':>3} {'bf16':>8} {header}")
     for t in (int(v) for v in threads.split(",")):
         torch.set_num_threads(t)
-        for m in TOKENS:
+        for m in DENSE_TOKENS if dense_path else TOKENS:
             x = torch.randn(m, N, dtype=torch.bfloat16)
-            fns = [lambda: F.linear(x, dense), lambda: int4(x)]
-            fns += [lut_call(states[q], x, None) for q in bcq.PLANES] + [lut_call(states[3], x, "avx2")]
+            fns = [lambda: F.linear(x, dense)] + [call(x) for call in columns.values()]
             with torch.no_grad():
                 base, *times = median_seconds(fns, repeats)
             cells = " ".join(f"{s * 1e3:>12.3f} {base / s:>5.2f}x" for s in times)

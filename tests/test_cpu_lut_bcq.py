@@ -1,12 +1,13 @@
 """The LUT-GEMM kernel for BCQ weights (treeq/kernels/cpu_lut_bcq.py): each path against the
 weight treeq.bcq dequantizes. ``TREEQ_CPU_ISA=avx2`` forces the AVX2 path on an AVX512 CPU, so both
-run here; the dense path (long prompts) by lowering DENSE_FROM."""
+run here; the dense path (long prompts) by lowering DENSE_FROM, and its native dequantizer alone."""
 
 import pytest
 import torch
 
 from treeq import bcq
 from treeq.errors import TreeqError
+from treeq.kernels import blocked_gemm
 from treeq.kernels import cpu_lut_bcq as lut
 
 needs_kernel = pytest.mark.skipif(lut.unavailable() is not None, reason=f"cpu_lut_bcq: {lut.unavailable()}")
@@ -55,12 +56,43 @@ def test_offsets_count_once_per_group(isa_path):
 
 
 @needs_kernel
-def test_the_dense_path_is_the_fake_quant_weight_exactly(monkeypatch):
-    monkeypatch.setattr(lut, "DENSE_FROM", 4)
-    weight = fitted(32, 64, 32, 3)
-    x = torch.randn(4, 64, dtype=torch.bfloat16)
-    assert lut.path(4) == "dense" and lut.path(3) != "dense"
-    assert torch.equal(lut.matmul(lut.prepare(weight), x), x.float() @ weight.dequantize().T)
+@pytest.mark.parametrize("planes", bcq.PLANES)
+@pytest.mark.parametrize("n, k, gs, lo, hi", [(16, 8, 8, 0, 16), (48, 96, 24, 16, 48), (64, 256, 64, 0, 64),
+                                              (32, 512, 512, 16, 32), (80, 128, 16, 32, 80)])  # fmt: skip
+def test_the_native_dequantizer_is_bcq_dequantize_bit_for_bit(planes, n, k, gs, lo, hi):
+    """Rows lo..hi of the weight from the kernel's layout equal treeq.bcq.dequantize's exactly. It has
+    one path for every CPU (no TREEQ_CPU_ISA choice), so no ISA parameter."""
+    # Checked to fail: every case with the offset added last in cpu_lut_bcq.cpp's dequantize_block
+    # (the planes summed first); every case with the planes summed in reverse order; the 9 cases with
+    # lo > 0 with the rows counted from 0 instead of lo.
+    weight = fitted(n, k, gs, planes)
+    out = torch.full((hi - lo, k), float("nan"))
+    lut.dequantize_rows(lut.prepare(weight), lo, hi, out.data_ptr())
+    assert torch.equal(out, weight.dequantize()[lo:hi])
+
+
+@needs_kernel
+@pytest.mark.parametrize("block_bytes", [None, 64 * 64 * 4])  # the whole layer; blocks of 64 rows, the last 48
+def test_the_dense_path_is_the_fp32_product_of_the_fake_quant_weight(block_bytes, monkeypatch):
+    """Long prompts: fp32 x @ W^T with W = treeq.bcq.dequantize's weight, the same torch.mm over the
+    same blocks of rows, so bit for bit."""
+    # Checked to fail: the blocked case with every block's rows taken from the first block; both
+    # cases with the offset added last in dequantize_block.
+    monkeypatch.setitem(lut.DENSE_FROM, 3, 4)
+    if block_bytes is not None:
+        monkeypatch.setattr(blocked_gemm, "FP32_GEMM_BYTES", block_bytes)
+    weight = fitted(176, 64, 32, 3)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert lut.path(4, 3) == "dense" and lut.path(3, 3) != "dense"
+    rows = 176 if block_bytes is None else 64
+    w, x32 = weight.dequantize(), x.float()
+    expected = torch.cat([x32 @ w[lo : lo + rows].T for lo in range(0, 176, rows)], dim=1)
+    assert torch.equal(lut.matmul(lut.prepare(weight), x), expected)
+
+
+def test_each_number_of_planes_has_its_dense_threshold():
+    assert set(lut.DENSE_FROM) == set(bcq.PLANES)
+    assert lut.path(10**6, 2) != "dense" and lut.path(10**6, 3) == lut.path(10**6, 4) == "dense"
 
 
 @pytest.mark.parametrize("n, k, gs, message", [(24, 64, 32, "out_features=24"), (32, 60, 20, "group_size=20")])

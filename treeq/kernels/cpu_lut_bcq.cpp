@@ -15,6 +15,9 @@
 // Two paths with the same layouts: AVX512 (16-lane gathers) and AVX2 (two 8-lane gathers), chosen
 // by the caller; functions carry their own target attributes so the library loads on AVX2-only
 // CPUs.
+//
+// treeq_bcq_dequantize writes rows of the fp32 weight itself from the same layouts, bit for bit
+// treeq.bcq.dequantize's, for the dense path of long prompts (cpu_lut_bcq.py).
 
 #include <immintrin.h>
 #include <omp.h>
@@ -175,6 +178,32 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Problem& p, int64_t bl
   }
 }
 
+// Rows of output block b as fp32 at `out` (row-major, k per row), bit for bit treeq.bcq.dequantize's:
+// each weight is ((offset + s_0 alpha_0) + s_1 alpha_1) + ..., s_i = +-1 from plane i's bit, the fp32
+// sums bcq.combine forms a level with, in its order (the sign is a select: alpha * -1 is -alpha
+// exactly). Computed along outputs, where planes, alphas and offsets are contiguous, so the compiler
+// vectorizes it (AVX2 here, no intrinsics); stored along inputs, 8 per row and slice.
+void dequantize_block(const Problem& p, int64_t b, float* out) {
+  const int64_t per_group = p.per_group();
+  const uint8_t* bytes = p.block_planes(b);
+  const float* alpha = p.block_alphas(b);
+  const float* offset = p.block_offsets(b);
+  for (int64_t s = 0; s < p.slices(); ++s) {
+    const int64_t g = s / per_group;
+    float v[kSlice][kLanes];
+    for (int e = 0; e < kSlice; ++e) {
+      for (int l = 0; l < kLanes; ++l) v[e][l] = offset[g * kLanes + l];
+      for (int64_t i = 0; i < p.q; ++i) {
+        const uint8_t* bits = bytes + (s * p.q + i) * kLanes;
+        const float* a = alpha + (g * p.q + i) * kLanes;
+        for (int l = 0; l < kLanes; ++l) v[e][l] += ((bits[l] >> e) & 1) ? a[l] : -a[l];
+      }
+    }
+    for (int l = 0; l < kLanes; ++l)
+      for (int e = 0; e < kSlice; ++e) out[l * p.k + s * kSlice + e] = v[e][l];
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -216,5 +245,13 @@ void treeq_bcq_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* p
       }
     }
   }
+}
+
+// out [hi - lo][k] fp32: rows lo..hi (multiples of 16) of the weight, from the layouts above.
+void treeq_bcq_dequantize(const uint8_t* planes, const float* alphas, const float* offsets, int64_t n, int64_t k,
+                          int64_t q, int64_t group_size, int64_t lo, int64_t hi, float* out, int threads) {
+  const Problem p{planes, alphas, offsets, n, k, q, group_size};
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = lo / kLanes; b < hi / kLanes; ++b) dequantize_block(p, b, out + (b * kLanes - lo) * k);
 }
 }

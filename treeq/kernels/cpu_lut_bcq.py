@@ -6,6 +6,10 @@ plane's alpha and adds offset x the group's input sum (``cpu_lut_bcq.cpp`` expla
 The weight is never expanded, so one token reads q bits per weight. All sums in fp32: the result
 equals x @ W^T of :func:`treeq.bcq.dequantize`'s weight up to summation order.
 
+From ``DENSE_FROM`` tokens on (3 and 4 planes; 2 planes' look-ups stay faster) the layer is an fp32
+GEMM over that weight instead (:mod:`.blocked_gemm`), dequantized bit for bit (``treeq_bcq_dequantize``)
+into a reused buffer of at most 4 MiB of rows: each block's product is torch's ``x @ W[rows].T``.
+
 Built with the system's g++ on first use. ``$TREEQ_CPU_ISA=avx2`` (:mod:`.cpu_isa`) forces the
 AVX2 path on an AVX512 CPU, so one machine tests both.
 """
@@ -24,16 +28,19 @@ from ..errors import TreeqError
 from ..numerics import group_width
 from . import _native, cpu_isa
 from .base import Kernel, matmul_2d
+from .blocked_gemm import blocked_gemm
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx2", "-mfma", "-fopenmp")  # the AVX512 path sets its own target attribute
 LANES = 16  # outputs per block: out_features must be a multiple
-# From this many tokens the weight is dequantized (treeq.bcq.dequantize, the fake-quant weight) and
-# multiplied in fp32 instead: the look-ups cost the same per token at any M (about 1 ms per token
-# on a 4096 x 4096 layer, one Zen 5 core, 3 planes), the dense path one dequantization (about
-# 0.3 s there) plus an fp32 GEMM, so they cross near 400 tokens (measured under load, not by a bench).
+# Per number of planes, the tokens from which the dense path runs instead of the look-ups (None:
+# never). The look-ups cost the same per token at any M; the dense path one dequantization (15-20 ms
+# for 4096 x 4096) plus an fp32 GEMM costing per token about what 3 planes' look-ups cost.
+# bench/lut_gemm.py --dense, AMD EPYC Zen 5 (family 26), 1 thread, loaded (bench/results/lut_gemm.md):
+# LUT time / dense time at 128 / 256 / 1024 tokens over 3-4 runs: 3 planes 0.61-0.91 / 0.83-1.07 /
+# 0.96-1.13, 4 planes 0.85-1.03 / 0.99-1.17 / 1.17-1.32, 2 planes 0.42-0.53 from 128 to 1024.
 # Read at each call.
-DENSE_FROM = 384
+DENSE_FROM = {2: None, 3: 256, 4: 256}
 
 
 @functools.cache
@@ -46,6 +53,8 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
     p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.treeq_bcq_lut_matmul.argtypes = [p, i, i, p, p, p, i, i, i, p, c_int, c_int]
     lib.treeq_bcq_lut_matmul.restype = None
+    lib.treeq_bcq_dequantize.argtypes = [p, p, p, i, i, i, i, i, i, p, c_int]
+    lib.treeq_bcq_dequantize.restype = None
     return lib, None
 
 
@@ -53,10 +62,12 @@ def unavailable() -> str | None:
     return library()[1]
 
 
-def path(tokens: int = 1) -> str:
-    """The path for ``tokens`` rows: "dense" from DENSE_FROM tokens; below, "avx512" where the CPU
-    has AVX512F and ``$TREEQ_CPU_ISA`` allows AVX512, "avx2" otherwise."""
-    if tokens >= DENSE_FROM:
+def path(tokens: int = 1, planes: int = 3) -> str:
+    """The path for ``tokens`` rows of a layer of ``planes`` bit-planes: "dense" from its DENSE_FROM
+    tokens; else "avx512" where the CPU has AVX512F and ``$TREEQ_CPU_ISA`` allows AVX512, "avx2"
+    otherwise."""
+    dense_from = DENSE_FROM[planes]
+    if dense_from is not None and tokens >= dense_from:
         return "dense"
     lib = library()[0]
     return "avx512" if lib is not None and lib.treeq_bcq_isa() == 2 and cpu_isa.allows("avx512_bf16") else "avx2"
@@ -73,7 +84,6 @@ def refuses(out_features: int, in_features: int, group_size: int) -> str | None:
 
 @dataclass
 class LutState:
-    weight: BCQWeight  # as stored, for the dense path
     planes: torch.Tensor  # uint8 [N/16, K/8, q, 16]
     alphas: torch.Tensor  # fp32 [N/16, groups, q, 16]
     offsets: torch.Tensor  # fp32 [N/16, groups, 16]
@@ -96,7 +106,16 @@ def prepare(weight: BCQWeight) -> LutState:
     planes = weight.planes.reshape(q, n // LANES, LANES, k // SLICE).permute(1, 3, 0, 2)
     alphas = weight.alphas.float().reshape(q, groups, n // LANES, LANES).permute(2, 1, 0, 3)
     offsets = weight.offsets.float().reshape(groups, n // LANES, LANES).permute(1, 0, 2)
-    return LutState(weight, planes.contiguous(), alphas.contiguous(), offsets.contiguous(), n, k, weight.group_size)
+    return LutState(planes.contiguous(), alphas.contiguous(), offsets.contiguous(), n, k, weight.group_size)
+
+
+def dequantize_rows(st: LutState, lo: int, hi: int, address: int) -> None:
+    """Output rows lo..hi (multiples of 16) of :func:`treeq.bcq.dequantize`'s fp32 weight, bit for
+    bit, at ``address`` ([hi - lo, in_features], row-major)."""
+    library()[0].treeq_bcq_dequantize(
+        st.planes.data_ptr(), st.alphas.data_ptr(), st.offsets.data_ptr(), st.out_features, st.in_features,
+        st.q, st.group_size, lo, hi, address, torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def matmul(st: LutState, x: torch.Tensor) -> torch.Tensor:
@@ -107,9 +126,13 @@ def matmul(st: LutState, x: torch.Tensor) -> torch.Tensor:
     x = x.float().contiguous()
     if x.dim() != 2 or x.shape[1] != st.in_features:
         raise TreeqError(f"cpu_lut_bcq: input of shape {tuple(x.shape)}, expected [tokens, {st.in_features}]")
-    chosen = path(x.shape[0])
+    chosen = path(x.shape[0], st.q)
     if chosen == "dense":
-        return x @ st.weight.dequantize().T
+
+        def rows(lo, hi, address, _layout):  # always PLAIN (onednn=False)
+            dequantize_rows(st, lo, hi, address)
+
+        return blocked_gemm(x, st.out_features, rows, onednn=False)
     y = torch.empty(x.shape[0], st.out_features)
     lib.treeq_bcq_lut_matmul(
         x.data_ptr(), x.shape[0], st.in_features, st.planes.data_ptr(), st.alphas.data_ptr(),
