@@ -37,8 +37,8 @@ LANES = 16  # outputs per block: out_features must be a multiple
 # never). The look-ups cost the same per token at any M; the dense path one dequantization (15-20 ms
 # for 4096 x 4096) plus an fp32 GEMM costing per token about what 3 planes' look-ups cost.
 # bench/lut_gemm.py --dense, AMD EPYC Zen 5 (family 26), 1 thread, loaded (bench/results/lut_gemm.md):
-# LUT time / dense time at 128 / 256 / 1024 tokens over 3-4 runs: 3 planes 0.61-0.91 / 0.83-1.07 /
-# 0.96-1.13, 4 planes 0.85-1.03 / 0.99-1.17 / 1.17-1.32, 2 planes 0.42-0.53 from 128 to 1024.
+# LUT time / dense time at 128 / 256 / 1024 tokens over 3-5 runs: 3 planes 0.61-0.91 / 0.83-1.07 /
+# 0.96-1.13, 4 planes 0.85-1.03 / 0.99-1.17 / 1.17-1.32, 2 planes 0.42-0.59 from 128 to 1024.
 # Read at each call.
 DENSE_FROM = {2: None, 3: 256, 4: 256}
 
