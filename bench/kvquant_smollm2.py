@@ -123,8 +123,8 @@ def print_table(path: Path) -> None:
     print("|---|---|---|---|")
     for r in rows:
         ratio = r["cache_bytes"] / r["fp16_bytes"]
-        decode = f"{r['decode']:.3f}" if "decode" in r else "-"
-        print(f"| {r['row']} | {r['simulated']:.3f} | {decode} | {r['cache_bytes'] / 2**20:.2f} ({ratio:.3f}x) |")
+        simulated, decode = (f"{r[p]:.3f}" if p in r else "-" for p in ("simulated", "decode"))  # --protocols
+        print(f"| {r['row']} | {simulated} | {decode} | {r['cache_bytes'] / 2**20:.2f} ({ratio:.3f}x) |")
 
 
 if __name__ == "__main__":
