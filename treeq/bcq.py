@@ -46,6 +46,16 @@ class BCQWeight:
         return dequantize(self.planes, self.alphas, self.offsets, self.group_size)
 
 
+def take_rows(base: BCQWeight, other: BCQWeight, rows: torch.Tensor) -> BCQWeight:
+    """``base`` with the output rows where ``rows`` (bool [out]) is True taken from ``other``."""
+    return BCQWeight(
+        planes=torch.where(rows[None, :, None], other.planes, base.planes),
+        alphas=torch.where(rows[None, None, :], other.alphas, base.alphas),
+        offsets=torch.where(rows[None, :], other.offsets, base.offsets),
+        group_size=base.group_size,
+    )
+
+
 def check_shape(in_features: int, group_size: int, planes: int) -> None:
     """Raise, in one line naming the fix, when BCQ cannot hold a layer of this shape."""
     if planes not in PLANES:

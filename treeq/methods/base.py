@@ -21,7 +21,7 @@ from ..engine.calib_precision import calibration_dtype, cpu_statistics
 from ..errors import parse_settings
 from ..extras import WeightExtras
 from ..kernels import gram_bf16
-from ..numerics import ROW_CHUNK, UniformGrid, dequantize_grouped, group_width, make_grid
+from ..numerics import ROW_CHUNK, Grid, UniformGrid, dequantize_grouped, group_width, make_grid
 from ..runtime.activations import ActivationQuantizer
 from ..runtime.input_transform import InputTransform
 from ..schemes import WeightScheme
@@ -133,14 +133,19 @@ def _cpu_matmul_inputs(dtype: torch.dtype):
         setting.fp32_precision = before
 
 
-def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
-    """Mean squared error of the layer output, E[(x·(W - Q)^T)^2], from H without touching inputs,
-    ROW_CHUNK output rows at a time."""
-    total = 0.0
+def row_output_errors(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Each output row's squared error E[(x·(w - q))^2] from H without touching inputs, ROW_CHUNK
+    rows at a time: rows are independent, so a method may pick between candidates row by row."""
+    errors = []
     for w, q in zip(weight.split(ROW_CHUNK), quantized.split(ROW_CHUNK)):
         delta = w.float() - q.float()
-        total += float(((delta @ h) * delta).sum())
-    return total / weight.shape[0]
+        errors.append(((delta @ h) * delta).sum(dim=1))
+    return torch.cat(errors)
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, h: torch.Tensor) -> float:
+    """Mean squared error of the layer output, E[(x·(W - Q)^T)^2], mean over output rows."""
+    return float(row_output_errors(weight, quantized, h).double().sum()) / weight.shape[0]
 
 
 class Method(ABC):
@@ -197,10 +202,11 @@ class Method(ABC):
     def quantize(self, weight: torch.Tensor, stats: InputStats) -> QuantResult:
         """Quantize one [out, in] weight given its subset's input statistics."""
 
-    def round(self, weight: torch.Tensor) -> QuantResult:
-        """Round-to-nearest on this method's scheme: codes and grid params of ``weight``, each group
-        on its own grid; loss not set. Scale migrations judge their scales by it."""
-        grid = self.grid.for_weight(weight)
+    def round(self, weight: torch.Tensor, grid: Grid | None = None) -> QuantResult:
+        """Round-to-nearest on this method's scheme (or on ``grid``, at the scheme's group size):
+        codes and grid params of ``weight``, each group on its own grid; loss not set. Scale
+        migrations judge their scales by it."""
+        grid = (grid or self.grid).for_weight(weight)
         w = grid.prepare(weight.float())
         out, n_in = w.shape
         gs = self.group_size(n_in)
@@ -210,4 +216,4 @@ class Method(ABC):
         codes = grid.quantize(groups, scales[..., None], zeros[..., None])
         codes = codes.transpose(0, 1).reshape(out, n_in).to(torch.uint8)
         g_idx = torch.arange(n_in, device=w.device, dtype=torch.int32) // gs
-        return QuantResult(codes, scales.half(), zeros.int(), g_idx, loss=math.nan, grid=self.grid.name)
+        return QuantResult(codes, scales.half(), zeros.int(), g_idx, loss=math.nan, grid=grid.name)
