@@ -1,8 +1,10 @@
-"""The BCQ LUT-GEMM kernel (treeq/kernels/cpu_lut_bcq.py) against bf16 F.linear and treeq's int4
-kernel, side by side in one process: a 4096 x 4096 linear, M = 1, 4, 16, 64 tokens, 1 and 2
-threads; LUT at 2, 3 and 4 bit-planes (group 128, with offset) on the AVX512 path, and at 3 planes
-on the AVX2 path ($TREEQ_CPU_ISA=avx2 for that column only); int4 is RTN group 128 through the
-kernel selection picks (cpu_int4_avx512 on AVX512-BF16 CPUs). Ratios are bf16 time / kernel time.
+"""The BCQ LUT-GEMM kernel (treeq/kernels/cpu_lut_bcq.py) and the SpQR layer against bf16 F.linear
+and treeq's int4 kernel, side by side in one process: a 4096 x 4096 linear, M = 1, 4, 16, 64
+tokens, 1 and 2 threads; LUT at 2, 3 and 4 bit-planes (group 128, with offset) on the AVX512 path,
+and at 3 planes on the AVX2 path ($TREEQ_CPU_ISA=avx2 for that column only); SpQR as
+bench/spqr_kernel.py builds it (3-bit codes in groups of 16 plus its sparse outliers; that script
+splits its time into the dense and the sparse part); int4 is RTN group 128 through the kernel
+selection picks (cpu_int4_avx512 on AVX512-BF16 CPUs). Ratios are bf16 time / kernel time.
 
 ``--dense``: the LUT path against the kernel's dense path (fp32 GEMM over the dequantized weight) at
 each number of planes, M = 1 to 1024 tokens: where cpu_lut_bcq.DENSE_FROM belongs.
@@ -20,6 +22,7 @@ import machine
 import torch
 import torch.nn.functional as F
 from kernels import _quant_linear  # bench/kernels.py: run as a script, bench/ is on sys.path
+from spqr_kernel import spqr_linear
 from timing import median_seconds
 
 from treeq import bcq
@@ -81,7 +84,10 @@ def main(threads: str, repeats: int, dense_path: bool) -> None:
         columns = {"int4 g128": lambda x: lambda: int4(x)}
         columns |= {f"lut q{q}": functools.partial(lut_call, states[q]) for q in bcq.PLANES}
         columns["lut q3 avx2"] = functools.partial(lut_call, states[3], isa="avx2")
-        kernels = f"int4 = {int4.kernel.name}"
+        spqr = spqr_linear(N)
+        columns["spqr 3b g16"] = lambda x: lambda: spqr(x)
+        share = spqr.extras.nnz / N**2
+        kernels = f"int4 = {int4.kernel.name}; spqr = {spqr.kernel.name} + sparse CSR ({share:.2%} outliers)"
     print(machine.cpu())
     print(f"matmul {N}x{N}, group {GROUP}, median of {repeats} calls taken in turns, times in ms;")
     path = cpu_lut_bcq.path()

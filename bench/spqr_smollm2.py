@@ -31,6 +31,10 @@ ROWS = {
     "spqr-w3-g16-t0.25-s32-clip": dict(group_size=16, outlier_threshold=0.25, stats_group=32, clip_search=True, **SPQR),
     # <= 3.1 bits: groups of 192 (3.06 bits before outliers), under 0.1% outliers
     "spqr-w3-g192-t2.5-clip": dict(group_size=192, outlier_threshold=2.5, clip_search=True, **SPQR),
+    # <= 3.1 bits with half the groups' width: groups of 96, second level per 32 rows (3.08 bits
+    # before outliers), few outliers
+    "spqr-w3-g96-t4-s32-clip": dict(group_size=96, outlier_threshold=4.0, stats_group=32, clip_search=True, **SPQR),
+    "spqr-w3-g96-t8-s32-clip": dict(group_size=96, outlier_threshold=8.0, stats_group=32, clip_search=True, **SPQR),
     # SpQR's default threshold and groups: about 2% outliers on SmolLM2, over 4 bits
     "spqr-w3-g16": dict(group_size=16, **SPQR),
 }
