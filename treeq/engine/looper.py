@@ -32,7 +32,7 @@ from ..transforms.base import InputSample
 from . import experts
 from .distill import distill_layer
 from .lockstep import StopForward, batch_threads, run_lockstep, run_rerunning
-from .memory import map_large_allocations
+from .memory import map_large_allocations, release_free_heap, reuse_freed_memory
 from .plan import MethodPlan
 from .quant_log import ModuleRecord, QuantLog, peak_memory_mb
 from .scaling import can_fold, fold_input_scales
@@ -245,7 +245,8 @@ def quantize_layers(
     states out of it; holding finished layers, it puts them back and the loop starts after them.
     """
     log = log or QuantLog()
-    map_large_allocations()
+    # Streaming is for memory; the in-memory looper reuses freed activations (engine/memory.py).
+    map_large_allocations() if stream is not None else reuse_freed_memory()
     layers = model.get_submodule(spec.layers)
     devices = devices or [device]
     results: dict[str, QuantResult] = {}
@@ -278,6 +279,7 @@ def quantize_layers(
                     for name, result in _quantize_subset(layer, b, plan, prefix, index, log, pool, fallback_below):
                         layer_results[prefix + name] = result
                 b.release()  # frees the statistics
+                release_free_heap()
 
             barriers = [(b.name, b.taps, b.record) for b in bound]
             if true_sequential and lockstep:
@@ -304,6 +306,7 @@ def quantize_layers(
             # Streamed out, the swapped-out fp modules (reachable from bound) and the codes are
             # garbage; dropped now, not when the next layer rebinds, they never overlap its peak.
             bound = layer_results = None
+            release_free_heap()
     return results
 
 

@@ -1,16 +1,25 @@
-"""Keep freed activation memory from piling up in glibc's per-thread heaps.
+"""Where the looper's activation memory comes from, and when it goes back.
 
-The lockstep looper runs each calibration batch in its own thread. glibc gives threads their own
-heaps and, after the first large free, raises its mmap threshold so later tensors of that size come
-from those heaps, which keep freed pages. On SmolLM2 (128 x 512 calibration) that took peak RSS
-from 1.9 GB to 4.8 GB. A fixed threshold makes every large tensor its own mapping, returned to the
-system when freed.
+The lockstep looper runs each calibration batch in its own thread, and every op of a layer forward
+makes fresh activation-sized tensors. Two ways glibc serves them both cost:
 
-Each such mapping is then page-faulted afresh at every op, 4 KB at a time: on a Zen 5 without AMX
-that was 38 s of SmolLM2's GPTQ layer forwards. torch's allocator asks for transparent huge pages
-for its large tensors when ``THP_MEM_ALLOC_ENABLE`` is set, which it reads once, at its first
-allocation: importing treeq sets it unless the user already has (or torch was imported first).
-Figures: bench/results/quantize_smollm2.md.
+* per-thread heaps: glibc gives each thread its own, and after the first large free raises its
+  mmap threshold so later tensors of that size come from them; each heap keeps the pages its
+  thread freed. On SmolLM2 (128 x 512 calibration) peak RSS went from 1.9 GB to 4.8 GB.
+* one mapping per large tensor (a low mmap threshold; streaming's setting, below):
+  memory goes back at every free, but every op page-faults its output afresh. Even on transparent
+  huge pages a 12 MB bf16 product or silu output took 1.6-2.2 ms instead of 0.6-1.3 ms reused.
+
+So the in-memory looper (:func:`reuse_freed_memory`) puts every thread on one heap, serves tensors up to
+glibc's largest mmap threshold (32 MB) from it and does not trim it as it goes: a layer's batches
+reuse each other's freed blocks. After each layer :func:`release_free_heap` hands the free pages
+back, so freed blocks never pile up across layers (and once per subset, while every batch is
+paused, which keeps peak RSS lower). Streaming keeps one mapping per tensor
+(:func:`map_large_allocations`): memory is its budget. Tensors above 32 MB are still mappings of
+their own; torch's allocator asks for transparent huge pages for them when
+``THP_MEM_ALLOC_ENABLE`` is set, which it reads once, at its first allocation: importing treeq sets
+it unless the user already has (or torch was imported first). Figures:
+bench/results/quantize_smollm2.md.
 """
 
 from __future__ import annotations
@@ -20,8 +29,14 @@ import ctypes.util
 import functools
 import os
 
-M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-LARGE = 1 << 20
+# From glibc's malloc.h.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+MMAP_THRESHOLD_MAX = 32 << 20  # the largest M_MMAP_THRESHOLD glibc accepts on 64-bit systems
+# Freed memory at the heap's top is kept up to this much between release_free_heap calls.
+TRIM_THRESHOLD = 1 << 30
+LARGE = 1 << 20  # streaming's mmap threshold
 
 
 def request_huge_pages() -> None:
@@ -42,16 +57,27 @@ def _glibc_function(name: str):
         return None
 
 
-@functools.cache
-def map_large_allocations() -> bool:
-    """Idempotent; False where the C library is not glibc (the setting then does not exist)."""
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply glibc malloc settings; False where the C library is not glibc or one is refused."""
     mallopt = _glibc_function("mallopt")
-    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, LARGE))
+    return mallopt is not None and all([bool(mallopt(param, value)) for param, value in settings])
+
+
+def reuse_freed_memory() -> bool:
+    """One heap for every thread, tensors up to 32 MB from it, no trimming as it goes: for the
+    in-memory looper, which hands free pages back itself (:func:`release_free_heap`)."""
+    return _mallopt((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def map_large_allocations() -> bool:
+    """Every tensor from 1 MB its own mapping, returned at its free: for streaming, where resident
+    memory is the budget and page faults the accepted price."""
+    return _mallopt((M_MMAP_THRESHOLD, LARGE))
 
 
 def release_free_heap() -> None:
     """Hand the heap's free pages back to the system (small allocations, e.g. a tokenizer's, stay
-    resident otherwise); for streaming, where resident memory is the budget."""
+    resident otherwise): after each layer, and in streaming, where resident memory is the budget."""
     trim = _glibc_function("malloc_trim")
     if trim is not None:
         trim(0)
