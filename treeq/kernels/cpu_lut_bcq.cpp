@@ -34,7 +34,7 @@ constexpr int kTable = 256;         // entries per table
 constexpr int kHalves = 32;         // entries of its two 16-entry halves
 constexpr int kTokenBlock = 8;      // tokens whose tables are built together
 constexpr int kTokenStep = 4;       // tokens the AVX512 path looks up together
-constexpr int64_t kL1Floats = 8192;  // table entries (32 KiB) a chunk of groups spans, over its tokens
+constexpr int64_t kChunkFloats = 262144;  // table entries (1 MiB, an L2) a chunk of groups spans, over its tokens
 
 // Per token t and slice s of 8 inputs, the halves lo[e] = sum_{j<4} (bit j of e ? +x : -x)[8s + j]
 // and hi[e] the same over inputs 8s + 4..7. With `full`, tables[t][s][16h + l] = lo[l] + hi[h]: the
@@ -225,9 +225,12 @@ void treeq_bcq_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* p
   for (int64_t t0 = 0; t0 < m; t0 += kTokenBlock) {
     const int64_t tokens = std::min<int64_t>(m - t0, kTokenBlock);
     build_tables(x + t0 * k, tokens, k, group_size, !avx512, tables.data(), sums.data(), threads);
-    // Groups in chunks whose tables (every token's) fit in L1, every output block per chunk: the
-    // look-ups then hit L1 (a whole row's 256-entry tables, 512 KiB at K = 4096, would not).
-    const int64_t chunk = std::max<int64_t>(1, kL1Floats / (tokens * (group_size / kSlice) * stride));
+    // Groups in chunks whose tables (every token's) fit in L2, every output block per chunk. Chunks
+    // sized for L1 (32 KiB) read each block's bit-planes in runs of a few KiB, jumping between
+    // blocks, which the prefetchers followed badly: with whole rows per chunk at one to 16 tokens
+    // the bytes stream in order and the 4096 x 4096 product took 0.6-0.8x the time on a Zen 5
+    // (figures: bench/results/lut_gemm.md).
+    const int64_t chunk = std::max<int64_t>(1, kChunkFloats / (tokens * (group_size / kSlice) * stride));
 #pragma omp parallel num_threads(threads)
     for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
       const int64_t g1 = std::min(groups, g0 + chunk);
