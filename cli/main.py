@@ -10,9 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 import click
+
+import treeq  # before torch: it sets allocator options torch and glibc read once
+
+# isort: split
 import torch
 
-import treeq
 from treeq.config import CalibrationSettings, CheckpointSettings, DistillSettings, QuantConfig
 from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL

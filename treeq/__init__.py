@@ -1,11 +1,12 @@
 """treeq: post-training quantization of Hugging Face causal LMs, driven by declarative tree specs."""
 
-from .engine.memory import request_huge_pages
+from .engine.memory import one_heap, request_huge_pages
 from .reproducible import request_reproducible_blas
 from .version import __version__
 
 request_reproducible_blas()  # before anything calls MKL
 request_huge_pages()  # before torch's first allocation
+one_heap()  # before threads that allocate come and go
 
 from .api import (  # noqa: E402
     activation_stats,

@@ -10,15 +10,15 @@ makes fresh activation-sized tensors. Two ways glibc serves them both cost:
   memory goes back at every free, but every op page-faults its output afresh. Even on transparent
   huge pages a 12 MB bf16 product or silu output took 1.6-2.2 ms instead of 0.6-1.3 ms reused.
 
-So the in-memory looper (:func:`reuse_freed_memory`) puts every thread on one heap, serves tensors up to
-glibc's largest mmap threshold (32 MB) from it and does not trim it as it goes: a layer's batches
-reuse each other's freed blocks. After each layer :func:`release_free_heap` hands the free pages
-back, so freed blocks never pile up across layers (and once per subset, while every batch is
-paused, which keeps peak RSS lower). Streaming keeps one mapping per tensor
-(:func:`map_large_allocations`): memory is its budget. Tensors above 32 MB are still mappings of
-their own; torch's allocator asks for transparent huge pages for them when
+So importing treeq puts every thread on one heap (:func:`one_heap`; the user's own
+``MALLOC_ARENA_MAX`` wins), and the in-memory looper (:func:`reuse_freed_memory`) serves tensors
+up to glibc's largest mmap threshold (32 MB) from it without trimming as it goes: a layer's batches
+reuse each other's freed blocks. :func:`release_free_heap` hands the free pages back once per
+subset (while every batch is paused) and once per layer, so freed blocks never pile up. Streaming
+keeps one mapping per tensor (:func:`map_large_allocations`): memory is its budget. Tensors above
+32 MB are mappings of their own; torch's allocator asks for transparent huge pages for them when
 ``THP_MEM_ALLOC_ENABLE`` is set, which it reads once, at its first allocation: importing treeq sets
-it unless the user already has (or torch was imported first). Figures:
+it unless the user already has (or torch allocated first). Figures:
 bench/results/quantize_smollm2.md.
 """
 
@@ -63,10 +63,19 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     return mallopt is not None and all([bool(mallopt(param, value)) for param, value in settings])
 
 
+def one_heap() -> bool:
+    """Every thread allocating from glibc's main heap from now on, unless the user set
+    ``MALLOC_ARENA_MAX``; called when treeq is imported. Setting it only when the looper starts
+    was too late: threads that had exited by then (a tokenizer's, an evaluation's) left their heaps
+    on glibc's free list, the looper's new threads took those, and their freed activations were
+    not reused (SmolLM2 GPTQ through the CLI: 199 s, against 156 s with one heap from the start)."""
+    return "MALLOC_ARENA_MAX" not in os.environ and _mallopt((M_ARENA_MAX, 1))
+
+
 def reuse_freed_memory() -> bool:
-    """One heap for every thread, tensors up to 32 MB from it, no trimming as it goes: for the
-    in-memory looper, which hands free pages back itself (:func:`release_free_heap`)."""
-    return _mallopt((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    """Tensors up to 32 MB from the heap, no trimming as it goes: for the in-memory looper, which
+    hands free pages back itself (:func:`release_free_heap`)."""
+    return _mallopt((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def map_large_allocations() -> bool:
