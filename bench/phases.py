@@ -24,6 +24,7 @@ DRIVING = [
     ("statistics", "treeq.methods.base:InputStats.add"),
     ("waiting", "treeq.engine.lockstep:_Batch.pause"),
     ("quantize subsets (wall)", "treeq.engine.looper:_quantize_subset"),
+    ("heap trims", "treeq.engine.looper:release_free_heap"),
     ("swap in quantized modules", "treeq.engine.pipeline:swap_in_quantized"),
     ("pack + save checkpoint", "treeq.engine.pipeline:save_quantized"),
 ]
