@@ -7,8 +7,8 @@ makes fresh activation-sized tensors. Two ways glibc serves them both cost:
   mmap threshold so later tensors of that size come from them; each heap keeps the pages its
   thread freed. On SmolLM2 (128 x 512 calibration) peak RSS went from 1.9 GB to 4.8 GB.
 * one mapping per large tensor (a low mmap threshold; streaming's setting, below):
-  memory goes back at every free, but every op page-faults its output afresh. Even on transparent
-  huge pages a 12 MB bf16 product or silu output took 1.6-2.2 ms instead of 0.6-1.3 ms reused.
+  memory goes back at every free, but every op page-faults its output afresh; transparent huge
+  pages make that cheaper, not free (a bf16 product or silu output took 2-3x as long as reused).
 
 So importing treeq puts every thread on one heap (:func:`one_heap`; the user's own
 ``MALLOC_ARENA_MAX`` wins), and the in-memory looper (:func:`reuse_freed_memory`) serves tensors
@@ -68,7 +68,7 @@ def one_heap() -> bool:
     ``MALLOC_ARENA_MAX``; called when treeq is imported. Setting it only when the looper starts
     was too late: threads that had exited by then (a tokenizer's, an evaluation's) left their heaps
     on glibc's free list, the looper's new threads took those, and their freed activations were
-    not reused (SmolLM2 GPTQ through the CLI: 199 s, against 156 s with one heap from the start)."""
+    not shared (GPTQ through the CLI took a third longer)."""
     return "MALLOC_ARENA_MAX" not in os.environ and _mallopt((M_ARENA_MAX, 1))
 
 

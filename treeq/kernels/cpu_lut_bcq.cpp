@@ -227,9 +227,8 @@ void treeq_bcq_lut_matmul(const float* x, int64_t m, int64_t k, const uint8_t* p
     build_tables(x + t0 * k, tokens, k, group_size, !avx512, tables.data(), sums.data(), threads);
     // Groups in chunks whose tables (every token's) fit in L2, every output block per chunk. Chunks
     // sized for L1 (32 KiB) read each block's bit-planes in runs of a few KiB, jumping between
-    // blocks, which the prefetchers followed badly: with whole rows per chunk at one to 16 tokens
-    // the bytes stream in order and the 4096 x 4096 product took 0.6-0.8x the time on a Zen 5
-    // (figures: bench/results/lut_gemm.md).
+    // blocks, which the prefetchers followed badly; with whole rows per chunk at one to 16 tokens
+    // the bytes stream in order (figures: bench/results/lut_gemm.md).
     const int64_t chunk = std::max<int64_t>(1, kChunkFloats / (tokens * (group_size / kSlice) * stride));
 #pragma omp parallel num_threads(threads)
     for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
