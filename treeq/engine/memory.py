@@ -8,7 +8,7 @@ makes fresh activation-sized tensors. Two ways glibc serves them both cost:
   thread freed. On SmolLM2 (128 x 512 calibration) peak RSS went from 1.9 GB to 4.8 GB.
 * one mapping per large tensor (a low mmap threshold; streaming's setting, below):
   memory goes back at every free, but every op page-faults its output afresh; transparent huge
-  pages make that cheaper, not free (a bf16 product or silu output took 2-3x as long as reused).
+  pages make that cheaper, not free (a bf16 product or silu output took 1.7-3x as long as reused).
 
 So importing treeq puts every thread on one heap (:func:`one_heap`; the user's own
 ``MALLOC_ARENA_MAX`` wins), and the in-memory looper (:func:`reuse_freed_memory`) serves tensors
