@@ -60,6 +60,7 @@ def _glibc_function(name: str):
 def _mallopt(*settings: tuple[int, int]) -> bool:
     """Apply glibc malloc settings; False where the C library is not glibc or one is refused."""
     mallopt = _glibc_function("mallopt")
+    # A list, not a generator: every setting is applied even after one is refused.
     return mallopt is not None and all([bool(mallopt(param, value)) for param, value in settings])
 
 

@@ -98,8 +98,7 @@ class LayerStream:
         tensors = {prefix + n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}
         self._write(laid_out(tensors, self.config, self.spec), index + 1)
         self.summary = self.summary.merge(summary_of(results, self.config))
-        layer.to("meta")
-        release_free_heap()
+        layer.to("meta")  # the looper hands the freed pages back once the layer is done
 
     def finish(self) -> None:
         """The tensors outside the decoder layers, from the source in the storage dtype, and the
