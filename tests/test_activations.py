@@ -182,7 +182,7 @@ def test_compare_puts_weight_activation_rows_beside_weight_only_ones(model_dir, 
         "compare", str(model_dir), "--methods", "rtn", "--bits", "8", "--act-bits", "16,8,4",
         "--migration", "smoothquant", "--group-size", "32", "--calib-samples", "4", "--seqlen", "32",
         "--calib-text", str(text_file), "--eval-text", str(text_file), "--eval-seqlen", "32",
-        "--eval-windows", "2", "--out", str(out),
+        "--eval-windows", "3", "--out", str(out),
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     with open(out / "compare.csv") as f:
@@ -194,7 +194,10 @@ def test_compare_puts_weight_activation_rows_beside_weight_only_ones(model_dir, 
         ("smoothquant+rtn", "8", "4"),
     ]
     ppl = [float(x["ppl"]) for x in rows]
-    assert len(set(ppl)) == 4  # each row evaluated its own model (a random tiny model: no order)
+    # Each row evaluated its own model (a random tiny model: no order). Three windows, not two: on an
+    # Intel Xeon with AMX the W8A16 row's two window losses moved by the same amount in opposite
+    # directions, so its perplexity equalled the fp row's to the last bit.
+    assert len(set(ppl)) == 4
     recorded = treeq.inspect_checkpoint(out / "smoothquant+rtn-w8a4g32").quantization["meta"]["settings"]
     assert recorded["activations"]["bits"] == 4 and recorded["migration"] == "smoothquant"
 
