@@ -2,8 +2,8 @@
 
 How each path is forced, so that every machine tests every path its CPU can run:
 - the ``kernel_path`` fixture replaces ``k4.path`` (the per-call choice) by one that returns the
-  path under test: "vector", "expanded" and "gemm" run wherever AVX512-BF16 exists, "amx" where
-  AMX exists too (skipped elsewhere); the gemm path's weight layout by tests/test_cpu_kernels.py's
+  path under test: "vector", "expanded" and "gemm" run wherever AVX512-BF16 exists, "amx" and
+  "amx_panel" where AMX exists too (skipped elsewhere); the gemm path's weight layout by tests/test_cpu_kernels.py's
   ``gemm_layout`` fixture (oneDNN's blocked layout, or rows through ``F.linear``);
 - the choice by token count is tested for both kinds of CPU; whether AMX is used is read when the
   kernel is chosen, and ``TREEQ_CPU_ISA=avx512_bf16`` forbids it (a machine with AMX stands in for
@@ -31,9 +31,9 @@ has_amx = k4.unavailable() is None and cpu_isa.allows("amx") and bool(k4.library
 FP32_PATH_TOLERANCE = 1e-5
 
 
-@pytest.fixture(params=["vector", "expanded", "amx", "gemm"])
+@pytest.fixture(params=["vector", "expanded", "amx", "amx_panel", "gemm"])
 def kernel_path(request, monkeypatch):
-    if request.param == "amx" and not has_amx:
+    if request.param.startswith("amx") and not has_amx:
         pytest.skip("no AMX on this CPU")
     monkeypatch.setattr(k4, "path", lambda tokens, amx: request.param)
     return request.param
@@ -61,6 +61,14 @@ def random_state(n, k, gs, seed):
     return state, w
 
 
+def rounded_once(y: torch.Tensor, exact: torch.Tensor) -> bool:
+    """Whether bf16 ``y`` is fp32 ``exact`` rounded to bf16 once, give or take the summation order:
+    within half a bf16 step (2^-8 of the value at most) plus FP32_PATH_TOLERANCE of the typical
+    output."""
+    slack = FP32_PATH_TOLERANCE * float(exact.norm()) / exact.numel() ** 0.5
+    return y.dtype == torch.bfloat16 and bool(((y.float() - exact).abs() <= exact.abs() * 2**-8 + slack).all())
+
+
 @needs_kernel
 @pytest.mark.parametrize("tokens", [1, 3, 16, 21, 40, 100])
 @pytest.mark.parametrize("n", [48, 80])  # one partial unit of blocks; a full one and a partial one
@@ -74,9 +82,24 @@ def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
     y, exact = k4.matmul(state, x), x.float() @ w.t()
     if kernel_path == "gemm":  # the reference kernel's bf16 weight and product, exactly
         assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.functional.linear(x, w.bfloat16()))
+    elif kernel_path == "amx_panel":  # the reference kernel's bf16 weight, fp32 sums, bf16 result
+        assert y.dtype == torch.bfloat16 and rounded_once(y, x.float() @ w.bfloat16().float().t())
     else:
         assert float((y - exact).norm() / exact.norm()) < FP32_PATH_TOLERANCE
     assert k4.matmul(state, x[:0]).shape == (0, n)
+
+
+@needs_kernel
+@pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
+@pytest.mark.parametrize("tokens", [5, 37])
+def test_amx_panel_path_carries_its_sums_across_panels(tokens, monkeypatch):
+    """Layers wider than one panel (4096 inputs): each panel's sums go on from the last one's."""
+    # Checked to fail with the sums zeroed at every panel, and with them loaded from the wrong
+    # group of token rows.
+    monkeypatch.setattr(k4, "path", lambda tokens, amx: "amx_panel")
+    state, w = random_state(80, 4096 + 64, 64, tokens)
+    x = torch.randn(tokens, 4096 + 64, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    assert rounded_once(k4.matmul(state, x), x.float() @ w.bfloat16().float().t())
 
 
 @needs_kernel
@@ -135,7 +158,8 @@ def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, t
 def test_path_follows_the_token_count():
     tokens = (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, k4.GEMM_FROM - 1, k4.GEMM_FROM, 2048)
     assert [k4.path(m, False) for m in tokens] == ["vector", "vector", "expanded", "expanded", "gemm", "gemm"]
-    assert [k4.path(m, True) for m in (1, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)] == ["amx", "amx", "gemm"]
+    tokens = (1, k4.AMX_PANEL_FROM - 1, k4.AMX_PANEL_FROM, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)
+    assert [k4.path(m, True) for m in tokens] == ["amx", "amx", "amx_panel", "amx_panel", "gemm"]
 
 
 @needs_kernel

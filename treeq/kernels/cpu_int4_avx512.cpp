@@ -340,6 +340,110 @@ void dequantize_tile(const uint8_t* src, __m512 scale, __m512i zero, __m512i row
     }
 }
 
+// AMX panel path (long prompts). The AMX path above applies each group's scale to fp32 sums it takes
+// out of the tiles, a vector step per group and 16 token rows that outweighs the tile products
+// themselves once the tokens are many. Here a unit's weights are dequantized once per call, each the
+// bf16 of (q - zero) * scale as treeq_int4_dequantize writes it, into a panel of B tiles over up to
+// kPanelTiles tiles of inputs; every 16 token rows then run one chain of tile products over the
+// whole panel, the sums staying in the tiles. Measured against it on an AMX Xeon (bench/results/
+// kernels.md): splitting the chain so a panel's part stays in L1 (sums stored and reloaded between
+// parts), 32 token rows x 2 blocks per chain, packing the inputs tile by tile, dequantizing the next
+// panel between tile products, and prefetching the weight tiles were all slower or no faster;
+// prefetching the next inputs' rows was faster at 256 tokens.
+constexpr int64_t kPanelTiles = 128;  // 4096 inputs: a unit's panel is 512 KiB, within L2
+constexpr int64_t kPanelAhead = 2;  // input tiles between a row's prefetch and its load
+
+// The accumulator tile of block b (tiles 2..5) to or from memory (row stride in floats).
+inline void acc_store(int b, float* dst, int64_t stride) {
+    switch (b) {
+        case 0: _tile_stored(2, dst, stride * 4); break;
+        case 1: _tile_stored(3, dst, stride * 4); break;
+        case 2: _tile_stored(4, dst, stride * 4); break;
+        default: _tile_stored(5, dst, stride * 4); break;
+    }
+}
+
+inline void acc_load(int b, const float* src, int64_t stride) {
+    switch (b) {
+        case 0: _tile_loadd(2, src, stride * 4); break;
+        case 1: _tile_loadd(3, src, stride * 4); break;
+        case 2: _tile_loadd(4, src, stride * 4); break;
+        default: _tile_loadd(5, src, stride * 4); break;
+    }
+}
+
+inline void acc_zero(int b) {
+    switch (b) {
+        case 0: _tile_zero(2); break;
+        case 1: _tile_zero(3); break;
+        case 2: _tile_zero(4); break;
+        default: _tile_zero(5); break;
+    }
+}
+
+// Input tiles k0..k1 of the unit's NB blocks into panel: tile i of block b at ((i - k0) * NB + b) * 512.
+template <int NB>
+void dequantize_panel(const uint8_t* w, const uint16_t* scales, const uint8_t* zeros, int64_t G, int64_t gs,
+                      int64_t k0, int64_t k1, uint16_t* panel) {
+    for (int64_t i = k0; i < k1; ++i) {
+        const int64_t g = i * kTileK / gs;
+        for (int b = 0; b < NB; ++b) {
+            const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scales + (b * G + g) * kTileN)));
+            const __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zeros + (b * G + g) * kTileN)));
+            __m512i rows[16];
+            dequantize_tile(w + (i * NB + b) * kBlockBytes, scale, zero, rows);
+            uint16_t* dst = panel + ((i - k0) * NB + b) * kTileN * kTileK;
+            for (int p = 0; p < kTileK / 2; ++p) _mm512_store_si512(dst + p * 2 * kTileN, rows[p]);
+        }
+    }
+}
+
+// NB blocks of 16 outputs for all M token rows, y written in bf16. Tiles configured as for
+// the AMX path; tail as there; panel: NB * kPanelTiles tiles of scratch; sums: [M/16][NB][16 x 16]
+// scratch that carries a panel's sums to the next where the inputs take several panels.
+template <int NB>
+void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w,
+                      const uint16_t* scales, const uint8_t* zeros, int64_t gs, uint16_t* y, int64_t N,
+                      uint16_t* panel, float* sums) {
+    const int64_t G = K / gs, tiles = K / kTileK;
+    alignas(64) float c[16 * 16];  // one tile's sums on their way to y
+    for (int64_t k0 = 0; k0 < tiles; k0 += kPanelTiles) {
+        const int64_t k1 = tiles - k0 < kPanelTiles ? tiles : k0 + kPanelTiles;
+        dequantize_panel<NB>(w, scales, zeros, G, gs, k0, k1, panel);
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+            const int64_t rows = M - m0 < 16 ? M - m0 : 16;
+            const uint16_t* xa = M > 16 && rows < 16 ? tail : x + m0 * K;  // tiles hold 16 rows
+            float* part = sums + (m0 / 16) * NB * 256;
+            for (int b = 0; b < NB; ++b) {
+                if (k0 == 0) acc_zero(b);
+                else acc_load(b, part + b * 256, 16);
+            }
+            for (int64_t i = k0; i < k1; ++i) {
+                const uint16_t* bt = panel + (i - k0) * NB * kTileN * kTileK;
+                for (int r = 0; r < rows; ++r) _mm_prefetch((const char*)(xa + r * K + (i + kPanelAhead) * kTileK), _MM_HINT_T0);
+                _tile_loadd(0, xa + i * kTileK, K * 2);
+                _tile_loadd(1, bt, 64);
+                _tile_dpbf16ps(2, 0, 1);
+                if constexpr (NB > 1) { _tile_loadd(6, bt + kTileN * kTileK, 64); _tile_dpbf16ps(3, 0, 6); }
+                if constexpr (NB > 2) { _tile_loadd(1, bt + 2 * kTileN * kTileK, 64); _tile_dpbf16ps(4, 0, 1); }
+                if constexpr (NB > 3) { _tile_loadd(6, bt + 3 * kTileN * kTileK, 64); _tile_dpbf16ps(5, 0, 6); }
+            }
+            for (int b = 0; b < NB; ++b) {
+                if (k1 < tiles) {
+                    acc_store(b, part + b * 256, 16);
+                    continue;
+                }
+                // The bf16 result, rounded to nearest even as torch rounds: written here, it saves
+                // a pass over an fp32 result that long prompts make tens of MB large.
+                acc_store(b, c, 16);
+                for (int64_t r = 0; r < rows; ++r)
+                    _mm256_storeu_si256((__m256i*)(y + (m0 + r) * N + b * kTileN),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + r * 16)));
+            }
+        }
+    }
+}
+
 // Token rows per pass of the expanded path: their inputs (768 KiB at 4096 wide) stay in a 1 MiB
 // L2 across units. Of 48, 96 and 192 rows, 96 was ahead or even at 256 and 1024 tokens (Zen 5).
 constexpr int64_t kExpandedRowBlock = 16 * kExpandedRows;
@@ -363,20 +467,26 @@ extern "C" int treeq_cpu_supported() {
 
 extern "C" int treeq_amx_supported() { return amx_usable(); }
 
-// y[M, N] fp32 = x[M, K] bf16 @ W^T with W = (q - zero) * scale per group of gs inputs.
+// y[M, N] = x[M, K] bf16 @ W^T with W = (q - zero) * scale per group of gs inputs, in fp32 (in bf16
+// from the AMX panel path).
 // w: the tile layout above, per unit of nb <= 4 blocks [K/32][nb][256 bytes]; scales: [N/16][G][16]
 // fp16; zeros: the same layout in uint8. N is a multiple of 16; K and gs multiples of 32.
 // path: 0 streams the codes through the vector units (few tokens), 1 expands them once per call
-// for the vector units, 2 for AMX tiles (falling back to 1 where the CPU has no AMX).
+// for the vector units, 2 for AMX tiles, 3 dequantizes them for AMX tiles (the AMX panel path; 2 and
+// 3 fall back to 1 where the CPU has no AMX).
 extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                                   const uint8_t* zeros, int64_t N, int64_t gs, float* y, int threads, int path) {
     if (M == 0) return;  // a tile of zero rows is an invalid configuration
     const int64_t G = K / gs, blocks = N / kTileN;
-    float* xsum = (float*)scratch(0, sizeof(float) * M * G);
-    group_sums(x, M, K, gs, xsum);
-    const bool amx = path == 2 && amx_usable(), expanded = path == 1 || (path == 2 && !amx);
+    const bool tiles = (path == 2 || path == 3) && amx_usable();
+    const bool amx = path == 2 && tiles, panel = path == 3 && tiles, expanded = path == 1 || (path >= 2 && !tiles);
+    float* xsum = nullptr;  // the panel path folds the zero points into its weights
+    if (!panel) {
+        xsum = (float*)scratch(0, sizeof(float) * M * G);
+        group_sums(x, M, K, gs, xsum);
+    }
     uint16_t* tail = nullptr;
-    if (amx && M > 16 && M % 16) {
+    if (tiles && M > 16 && M % 16) {
         const int64_t r = M % 16;
         tail = (uint16_t*)scratch(1, sizeof(uint16_t) * 16 * K);
         memcpy(tail, x + (M - r) * K, sizeof(uint16_t) * r * K);
@@ -388,9 +498,12 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         uint16_t* bbuf = nullptr;
         float* acc = nullptr;
         if (amx || expanded) bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * gs * kTileN);
-        if (amx) {
-            configure_tiles(M < 16 ? int(M) : 16);
-            acc = (float*)scratch(3, sizeof(float) * M * kMaxBlocks * kTileN);
+        if (tiles) configure_tiles(M < 16 ? int(M) : 16);
+        if (amx) acc = (float*)scratch(3, sizeof(float) * M * kMaxBlocks * kTileN);
+        if (panel) {
+            const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
+            bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK);
+            if (K / kTileK > kPanelTiles) acc = (float*)scratch(3, sizeof(float) * (M + 15) / 16 * 16 * kMaxBlocks * kTileN);
         }
         // Expanded path: a block of token rows through every unit, then the next block, so each
         // block's inputs are read from memory once rather than once per unit. A static schedule
@@ -416,7 +529,23 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 }
             }
         }
-        if (!expanded) {
+        if (panel) {
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < units; ++u) {
+                const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
+                const uint8_t* wb = w + b * block_bytes;
+                const uint16_t* sb = scales + b * G * kTileN;
+                const uint8_t* ob = zeros + b * G * kTileN;
+                uint16_t* yb = (uint16_t*)y + b * kTileN;
+                switch (nb) {
+                    case 1: blocks_amx_panel<1>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
+                    case 2: blocks_amx_panel<2>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
+                    case 3: blocks_amx_panel<3>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
+                    default: blocks_amx_panel<4>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
+                }
+            }
+        }
+        if (!expanded && !panel) {
 #pragma omp for schedule(static)
             for (int64_t u = 0; u < units; ++u) {
                 const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
@@ -438,7 +567,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 }
             }
         }
-        if (amx) _tile_release();
+        if (tiles) _tile_release();
     }
 }
 

@@ -1,19 +1,19 @@
 """CPU 4-bit kernel of our own for x86 with AVX512-BF16, using AMX tiles when the CPU has them.
 
 Weights stay 4-bit in memory and become bf16 only in registers, a per-thread buffer, or (long
-prompts) one block of rows per call; the source (``cpu_int4_avx512.cpp``) explains the
-layout. On a 4096-wide layer it runs ahead of torch's fused op from one token to long prompts, and
-of bf16 too with AMX; without AMX (a Zen 5) it stays below bf16 from 64 to 1024 tokens
-(bench/results/kernels.md says why). At one token on small (576-wide) layers the op can still be
-slightly faster.
+prompts) one panel or block of rows per call; the source (``cpu_int4_avx512.cpp``) explains the
+layout. How it compares with bf16 and with torch's fused op at each token count, with and without
+AMX: bench/results/kernels.md.
 Built with the system's g++ on first use; without a compiler or the instructions it declines and
 ``cpu_int4`` runs instead.
 
 Paths, chosen per call by the number of tokens (:func:`path`): without AMX, AVX512 dot products
 on codes streamed from memory ("vector") or, from a few tokens on, expanded once per block of
-tokens ("expanded"); with AMX, tiles ("amx"); on both, for long prompts, a bf16 GEMM over blocks of
-the weight dequantized exactly ("gemm", :mod:`.blocked_gemm`). ``$TREEQ_CPU_ISA`` (:mod:`.cpu_isa`)
-forbids AMX or AVX512-BF16 where the CPU has them, so one machine tests the paths of older ones.
+tokens ("expanded"); with AMX, tiles on codes expanded per group ("amx") or, from some hundred
+tokens on, on each unit's weights dequantized once per call ("amx_panel"); on both, for long
+prompts, a bf16 GEMM over blocks of the weight dequantized exactly ("gemm", :mod:`.blocked_gemm`).
+``$TREEQ_CPU_ISA`` (:mod:`.cpu_isa`) forbids AMX or AVX512-BF16 where the CPU has them, so one
+machine tests the paths of older ones.
 """
 
 from __future__ import annotations
@@ -39,18 +39,21 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # four token rows; the expanded path expands them once per 96 rows into a buffer and keeps 24 sums
 # in registers, as a GEMM library's inner kernel does. At 1 token the two were within noise of each
 # other (either ahead, by layer shape, on a Zen 5); from 8 tokens the expanded path was ahead on
-# every shape. With AMX the AMX path was 2x bf16 at 64 tokens, the most measured there; it re-reads
-# every input once per 64 outputs, which halved the expanded path's speed at 1024 tokens before
-# that path took its inputs in blocks, so from AMX_GEMM_FROM on an AMX bf16 GEMM over blocks of the
-# weight dequantized exactly runs instead. Without AMX the GEMM (oneDNN's, on the weight dequantized
-# into its own blocked layout) takes over from GEMM_FROM: on a Zen 5 (one core, thread CPU time, 10
-# interleaved runs, 4096 x 4096) the expanded path against it was 1.09 / 0.78x bf16 at 64 tokens,
-# 0.98 / 0.84x at 128, 0.88 / 0.90x at 256, 0.95 / 0.98x at 512 and 0.93 / 0.95x at 1024.
+# every shape. Without AMX the GEMM (oneDNN's, on the weight dequantized into its own blocked
+# layout) takes over from GEMM_FROM: on a Zen 5 (one core, thread CPU time, 10 interleaved runs,
+# 4096 x 4096) the expanded path against it was 1.09 / 0.78x bf16 at 64 tokens, 0.98 / 0.84x at
+# 128, 0.88 / 0.90x at 256, 0.95 / 0.98x at 512 and 0.93 / 0.95x at 1024.
+# With AMX the AMX path applies each group's scale to sums taken out of the tiles, a step per group
+# whose cost grows with the tokens; the AMX panel path dequantizes each weight once per call and
+# keeps the sums in the tiles. On an AMX Xeon (4096 x 4096, 1 and 2 threads) the AMX path was ahead
+# up to 128 tokens, the panel path from 192; the panel path was ahead of the GEMM up to 1536 tokens
+# and level with it or behind from 2048, where oneDNN's own packing has paid for itself.
 # Module attributes, read at each call.
 EXPANDED_FROM = 4
-AMX_GEMM_FROM = 256
 GEMM_FROM = 256
-PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2}  # the .cpp's path argument
+AMX_PANEL_FROM = 192
+AMX_GEMM_FROM = 2048
+PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3}  # the .cpp's path argument
 
 
 @functools.cache
@@ -87,9 +90,11 @@ def amx_allowed() -> bool:
 
 
 def path(tokens: int, amx: bool) -> str:
-    """The path a call with ``tokens`` rows takes: "vector", "expanded", "amx" or "gemm"."""
+    """The path a call with ``tokens`` rows takes: "vector", "expanded", "amx", "amx_panel" or "gemm"."""
     if amx:
-        return "gemm" if tokens >= AMX_GEMM_FROM else "amx"
+        if tokens >= AMX_GEMM_FROM:
+            return "gemm"
+        return "amx_panel" if tokens >= AMX_PANEL_FROM else "amx"
     if tokens >= GEMM_FROM:
         return "gemm"
     return "expanded" if tokens >= EXPANDED_FROM else "vector"
@@ -141,14 +146,14 @@ def dequantize_rows(st: _State, lo: int, hi: int, address: int, layout: int) -> 
 
 def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
     """[M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order); fp32 from
-    the kernel's own paths, bf16 from the GEMM."""
+    the kernel's own paths, bf16 from the AMX panel path and the GEMM."""
     lib, chosen = _library(), path(x.shape[0], st.amx)
     x = x.contiguous()
     m, k = x.shape
     n = _shape(st)[0]
     if chosen == "gemm":
         return blocked_gemm(x, n, functools.partial(dequantize_rows, st))
-    y = torch.empty(m, n)
+    y = torch.empty(m, n, dtype=torch.bfloat16 if chosen == "amx_panel" else torch.float32)
     lib.treeq_int4_matmul(
         x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(),
         n, st.group_size, y.data_ptr(), torch.get_num_threads(), PATH_CODES[chosen],
