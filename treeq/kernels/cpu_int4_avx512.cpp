@@ -472,14 +472,15 @@ extern "C" int treeq_amx_supported() { return amx_usable(); }
 // w: the tile layout above, per unit of nb <= 4 blocks [K/32][nb][256 bytes]; scales: [N/16][G][16]
 // fp16; zeros: the same layout in uint8. N is a multiple of 16; K and gs multiples of 32.
 // path: 0 streams the codes through the vector units (few tokens), 1 expands them once per call
-// for the vector units, 2 for AMX tiles, 3 dequantizes them for AMX tiles (the AMX panel path; 2 and
-// 3 fall back to 1 where the CPU has no AMX).
+// for the vector units, 2 for AMX tiles (falling back to 1 where the CPU has no AMX), 3 dequantizes
+// them for AMX tiles (the AMX panel path; only where treeq_amx_supported, else y is left as it was).
 extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                                   const uint8_t* zeros, int64_t N, int64_t gs, float* y, int threads, int path) {
     if (M == 0) return;  // a tile of zero rows is an invalid configuration
     const int64_t G = K / gs, blocks = N / kTileN;
     const bool tiles = (path == 2 || path == 3) && amx_usable();
-    const bool amx = path == 2 && tiles, panel = path == 3 && tiles, expanded = path == 1 || (path >= 2 && !tiles);
+    if (path == 3 && !tiles) return;  // y is bf16 there: no fp32 path may write it
+    const bool amx = path == 2 && tiles, panel = path == 3, expanded = path == 1 || (path == 2 && !tiles);
     float* xsum = nullptr;  // the panel path folds the zero points into its weights
     if (!panel) {
         xsum = (float*)scratch(0, sizeof(float) * M * G);
