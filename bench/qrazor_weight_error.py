@@ -20,7 +20,10 @@ import click
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's treeq, not the installed one
+import machine  # noqa: E402
+
 from treeq.config import QuantConfig  # noqa: E402
 from treeq.methods import make_method  # noqa: E402
 
@@ -72,6 +75,7 @@ def main(every: int) -> None:
     from treeq.default_model import GEMMA_GGUF_FILE, GGUF_FILE, gemma3_270m_path, package_dir
 
     torch.set_num_threads(2)
+    print(machine.cpu())
     print("squared weight error / RTN asym g64's (1.000 = RTN asym g64)\n")
     print("| weights | tensors | " + " | ".join(COLUMNS) + " |")
     print("| --- | ---: |" + " ---: |" * len(COLUMNS))
