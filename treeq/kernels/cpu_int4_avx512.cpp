@@ -321,7 +321,11 @@ void transpose16(__m512i r[16]) {
 }
 
 // One 16 x 32 tile of block rows as bf16 pairs: rows[p] holds, per output lane, inputs 2p and 2p + 1.
-void dequantize_tile(const uint8_t* src, __m512 scale, __m512i zero, __m512i rows[16]) {
+// group_scales, group_zeros: the 16 lanes' scales (fp16) and zero points of the tile's group.
+void dequantize_tile(const uint8_t* src, const uint16_t* group_scales, const uint8_t* group_zeros,
+                     __m512i rows[16]) {
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)group_scales));
+    const __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)group_zeros));
     // Element 2n takes lane n of the first converted vector, 2n + 1 lane n of the second.
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -388,10 +392,9 @@ void dequantize_panel(const uint8_t* w, const uint16_t* scales, const uint8_t* z
     for (int64_t i = k0; i < k1; ++i) {
         const int64_t g = i * kTileK / gs;
         for (int b = 0; b < NB; ++b) {
-            const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scales + (b * G + g) * kTileN)));
-            const __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zeros + (b * G + g) * kTileN)));
             __m512i rows[16];
-            dequantize_tile(w + (i * NB + b) * kBlockBytes, scale, zero, rows);
+            const int64_t at = (b * G + g) * kTileN;  // the group's 16 scales and zero points
+            dequantize_tile(w + (i * NB + b) * kBlockBytes, scales + at, zeros + at, rows);
             uint16_t* dst = panel + ((i - k0) * NB + b) * kTileN * kTileK;
             for (int p = 0; p < kTileK / 2; ++p) _mm512_store_si512(dst + p * 2 * kTileN, rows[p]);
         }
@@ -420,7 +423,8 @@ void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_
             }
             for (int64_t i = k0; i < k1; ++i) {
                 const uint16_t* bt = panel + (i - k0) * NB * kTileN * kTileK;
-                for (int r = 0; r < rows; ++r) _mm_prefetch((const char*)(xa + r * K + (i + kPanelAhead) * kTileK), _MM_HINT_T0);
+                for (int r = 0; r < rows; ++r)
+                    _mm_prefetch((const char*)(xa + r * K + (i + kPanelAhead) * kTileK), _MM_HINT_T0);
                 _tile_loadd(0, xa + i * kTileK, K * 2);
                 _tile_loadd(1, bt, 64);
                 _tile_dpbf16ps(2, 0, 1);
@@ -504,7 +508,8 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         if (panel) {
             const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
             bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK);
-            if (K / kTileK > kPanelTiles) acc = (float*)scratch(3, sizeof(float) * (M + 15) / 16 * 16 * kMaxBlocks * kTileN);
+            if (K / kTileK > kPanelTiles)  // sums carried from panel to panel
+                acc = (float*)scratch(3, sizeof(float) * (M + 15) / 16 * 16 * kMaxBlocks * kTileN);
         }
         // Expanded path: a block of token rows through every unit, then the next block, so each
         // block's inputs are read from memory once rather than once per unit. A static schedule
@@ -588,10 +593,8 @@ extern "C" void treeq_int4_dequantize(const uint8_t* w, const uint16_t* scales, 
             const int64_t nb = blocks - first < kMaxBlocks ? blocks - first : kMaxBlocks;
             const uint8_t* src = w + first * block_bytes + (i * nb + j) * kBlockBytes;
             const int64_t g = i * kTileK / gs, n = b * kTileN - n0;
-            const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scales + (b * G + g) * kTileN)));
-            const __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(zeros + (b * G + g) * kTileN)));
             __m512i rows[16];
-            dequantize_tile(src, scale, zero, rows);
+            dequantize_tile(src, scales + (b * G + g) * kTileN, zeros + (b * G + g) * kTileN, rows);
             if (layout == 0) {
                 transpose16(rows);
                 for (int r = 0; r < kTileN; ++r) _mm512_storeu_si512(out + (n + r) * K + i * kTileK, rows[r]);
