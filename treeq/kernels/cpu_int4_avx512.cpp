@@ -416,7 +416,7 @@ void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
             const int64_t rows = M - m0 < 16 ? M - m0 : 16;
             const uint16_t* xa = M > 16 && rows < 16 ? tail : x + m0 * K;  // tiles hold 16 rows
-            float* part = sums + (m0 / 16) * NB * 256;
+            float* part = sums ? sums + (m0 / 16) * NB * 256 : nullptr;  // null: one panel, no sums carried
             for (int b = 0; b < NB; ++b) {
                 if (k0 == 0) acc_zero(b);
                 else acc_load(b, part + b * 256, 16);
