@@ -1,8 +1,9 @@
 """Quantized CPU kernels against bf16, side by side in one process.
 
-1. Matmul: a 4096 x 4096 linear through QuantLinear with the int4 kernel selection picks (group
-   128), cpu_int4 (torch's fused int4 op, a blocked bf16 GEMM for long prompts) and the int8 kernel
-   (per row; its op, the same GEMM for long prompts), against bf16 F.linear, for M = 1 to 2048
+1. Matmul: a 4096 x 4096 linear (or each of ``--shapes``) through QuantLinear with the int4 kernel
+   selection picks (group 128; 64 where the inputs are no multiple of 128), cpu_int4 (torch's fused
+   int4 op, a blocked bf16 GEMM for long prompts) and the int8 kernel (per row; its op, the same
+   GEMM for long prompts), against bf16 F.linear, for M = 1 to 2048
    tokens, at 1 and 2 threads; each cell names the kernel path that ran ("gemm": dequantize a block
    of rows, then oneDNN's bf16 GEMM; the header says whether into oneDNN's own blocked layout). The
    header names the CPU and its AMX / AVX512-BF16 (the selection honours $TREEQ_CPU_ISA, so an AMX
@@ -11,7 +12,7 @@
    (the selected kernel, and cpu_int4 forced) against the same architecture in bf16 (SmolLM2-135M at
    group 64, a random Llama 2048 x 16 layers at group 128; bench/model_speed.py).
 
-Usage: python bench/kernels.py [--threads 1,2] [--skip-decode]
+Usage: python bench/kernels.py [--threads 1,2] [--skip-decode] [--shapes 4096x4096,576x576]
 """
 
 from __future__ import annotations
@@ -36,34 +37,39 @@ PATHS = {
 }
 
 
-def _quant_linear(bits: int, group_size: int, n: int, kernel: str | None = None) -> QuantLinear:
-    w = torch.randn(n, n) * 0.02
-    stats = InputStats(n, torch.device("cpu"))
-    stats.add(torch.randn(64, n))
+def _quant_linear(
+    bits: int, group_size: int, n: int, kernel: str | None = None, n_in: int | None = None
+) -> QuantLinear:
+    """An RTN-quantized [n, n_in] linear (n_in: n by default) with ``kernel`` (default: the selection's)."""
+    n_in = n_in or n
+    w = torch.randn(n, n_in) * 0.02
+    stats = InputStats(n_in, torch.device("cpu"))
+    stats.add(torch.randn(64, n_in))
     result = make_method(QuantConfig(method="rtn", bits=bits, group_size=group_size)).quantize(w, stats)
-    layer = QuantLinear.from_result(LinearFormat(bits, group_size, True, False, n, n), result, None)
+    layer = QuantLinear.from_result(LinearFormat(bits, group_size, True, False, n_in, n), result, None)
     layer.select_kernel("cpu", torch.bfloat16, kernel)
     return layer
 
 
-def matmul_table(threads: list[int], n: int = 4096) -> None:
-    dense = torch.randn(n, n, dtype=torch.bfloat16) * 0.02
+def matmul_table(threads: list[int], n: int = 4096, n_in: int = 4096) -> None:
+    dense = torch.randn(n, n_in, dtype=torch.bfloat16) * 0.02
+    group = 128 if n_in % 128 == 0 else 64  # SmolLM2's 576 inputs take groups of 64
     layers = {
-        "int4 g128": _quant_linear(4, 128, n),
-        "int4 op": _quant_linear(4, 128, n, "cpu_int4"),
-        "int8 row": _quant_linear(8, -1, n),
+        f"int4 g{group}": _quant_linear(4, group, n, n_in=n_in),
+        "int4 op": _quant_linear(4, group, n, "cpu_int4", n_in),
+        "int8 row": _quant_linear(8, -1, n, n_in=n_in),
     }
     print(f"\n{cpu_isa.describe()}")
-    onednn = blocked_gemm.block_rows(n, n)[1] == blocked_gemm.ONEDNN
+    onednn = blocked_gemm.block_rows(n, n_in)[1] == blocked_gemm.ONEDNN
     layout = "oneDNN's blocked layout" if onednn else "rows (oneDNN's layout differs here)"
     print(f"gemm path: 4-bit weights dequantized into {layout}, 8-bit ones into rows")
-    print(f"matmul {n}x{n}, median of 40 calls (8 from 256 tokens on) taken in turns, times in ms;")
+    print(f"matmul {n}x{n_in} (outputs x inputs), median of 40 calls (8 from 256 tokens on) taken in turns, in ms;")
     print("ratio = bf16 time / kernel time; path: the kernel's path for that many tokens")
     print(f"{'threads':>7} {'M':>4} {'bf16':>8} " + " ".join(f"{k:>10} {'ratio':>6} {'path':>8}" for k in layers))
     for t in threads:
         torch.set_num_threads(t)
         for m in MATMUL_TOKENS:
-            x = torch.randn(m, n, dtype=torch.bfloat16)
+            x = torch.randn(m, n_in, dtype=torch.bfloat16)
             with torch.no_grad():
                 fns = [lambda: F.linear(x, dense)] + [lambda layer=layer: layer(x) for layer in layers.values()]
                 base, *kernel_times = median_seconds(fns, 40 if m < 256 else 8)
@@ -79,8 +85,13 @@ def matmul_table(threads: list[int], n: int = 4096) -> None:
 @click.option("--new-tokens", type=int, default=32, show_default=True)
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--skip-decode", is_flag=True)
-def main(threads, decode_threads, new_tokens, repeats, skip_decode):
-    matmul_table([int(t) for t in threads.split(",")])
+@click.option(
+    "--shapes", default="4096x4096", show_default=True, help="matmul tables' OUTxIN shapes, e.g. 576x576,1536x576"
+)
+def main(threads, decode_threads, new_tokens, repeats, skip_decode, shapes):
+    for shape in shapes.split(","):
+        n, n_in = (int(v) for v in shape.split("x"))
+        matmul_table([int(t) for t in threads.split(",")], n, n_in)
     if not skip_decode:
         configs = {
             "SmolLM2-135M": short_calibration(method="rtn", bits=4, group_size=64),
