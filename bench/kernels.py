@@ -56,7 +56,7 @@ def matmul_table(threads: list[int], n: int = 4096, n_in: int = 4096) -> None:
     group = 128 if n_in % 128 == 0 else 64  # SmolLM2's 576 inputs take groups of 64
     layers = {
         f"int4 g{group}": _quant_linear(4, group, n, n_in=n_in),
-        "int4 op": _quant_linear(4, group, n, "cpu_int4", n_in),
+        "int4 op": _quant_linear(4, group, n, "cpu_int4", n_in=n_in),
         "int8 row": _quant_linear(8, -1, n, n_in=n_in),
     }
     print(f"\n{cpu_isa.describe()}")

@@ -246,7 +246,10 @@ def quantize_layers(
     """
     log = log or QuantLog()
     # Streaming is for memory; the in-memory looper reuses freed activations (engine/memory.py).
-    map_large_allocations() if stream is not None else reuse_freed_memory()
+    if stream is not None:
+        map_large_allocations()
+    else:
+        reuse_freed_memory()
     layers = model.get_submodule(spec.layers)
     devices = devices or [device]
     results: dict[str, QuantResult] = {}

@@ -245,6 +245,34 @@ void* scratch(int slot, size_t bytes) {
     return buf[slot];
 }
 
+// The accumulator tile of block b (tiles 2..5) to or from memory (row stride in floats).
+inline void acc_store(int b, float* dst, int64_t stride) {
+    switch (b) {
+        case 0: _tile_stored(2, dst, stride * 4); break;
+        case 1: _tile_stored(3, dst, stride * 4); break;
+        case 2: _tile_stored(4, dst, stride * 4); break;
+        default: _tile_stored(5, dst, stride * 4); break;
+    }
+}
+
+inline void acc_load(int b, const float* src, int64_t stride) {
+    switch (b) {
+        case 0: _tile_loadd(2, src, stride * 4); break;
+        case 1: _tile_loadd(3, src, stride * 4); break;
+        case 2: _tile_loadd(4, src, stride * 4); break;
+        default: _tile_loadd(5, src, stride * 4); break;
+    }
+}
+
+inline void acc_zero(int b) {
+    switch (b) {
+        case 0: _tile_zero(2); break;
+        case 1: _tile_zero(3); break;
+        case 2: _tile_zero(4); break;
+        default: _tile_zero(5); break;
+    }
+}
+
 // NB blocks of 16 outputs (weights w[b], per-group scale and offset vectors) for all M token rows.
 // bbuf: NB * gs * 16 bf16 scratch; acc: M * 16 * NB fp32 scratch; tail: the last M % 16 token rows
 // padded to 16 (or null).
@@ -276,12 +304,7 @@ void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, c
                 if constexpr (NB > 3) { _tile_loadd(6, bt + 3 * stride, 64); _tile_dpbf16ps(5, 0, 6); }
             }
             for (int b = 0; b < NB; ++b) {
-                switch (b) {
-                    case 0: _tile_stored(2, c, 64); break;
-                    case 1: _tile_stored(3, c, 64); break;
-                    case 2: _tile_stored(4, c, 64); break;
-                    default: _tile_stored(5, c, 64); break;
-                }
+                acc_store(b, c, 16);
                 __m512 s, o;
                 group_params(scales + (b * G + g) * kTileN, zeros + (b * G + g) * kTileN, &s, &o);
                 for (int64_t r = 0; r < rows; ++r) {
@@ -356,34 +379,6 @@ void dequantize_tile(const uint8_t* src, const uint16_t* group_scales, const uin
 // prefetching the next inputs' rows was faster at 256 tokens.
 constexpr int64_t kPanelTiles = 128;  // 4096 inputs: a unit's panel is 512 KiB, within L2
 constexpr int64_t kPanelAhead = 2;  // input tiles between a row's prefetch and its load
-
-// The accumulator tile of block b (tiles 2..5) to or from memory (row stride in floats).
-inline void acc_store(int b, float* dst, int64_t stride) {
-    switch (b) {
-        case 0: _tile_stored(2, dst, stride * 4); break;
-        case 1: _tile_stored(3, dst, stride * 4); break;
-        case 2: _tile_stored(4, dst, stride * 4); break;
-        default: _tile_stored(5, dst, stride * 4); break;
-    }
-}
-
-inline void acc_load(int b, const float* src, int64_t stride) {
-    switch (b) {
-        case 0: _tile_loadd(2, src, stride * 4); break;
-        case 1: _tile_loadd(3, src, stride * 4); break;
-        case 2: _tile_loadd(4, src, stride * 4); break;
-        default: _tile_loadd(5, src, stride * 4); break;
-    }
-}
-
-inline void acc_zero(int b) {
-    switch (b) {
-        case 0: _tile_zero(2); break;
-        case 1: _tile_zero(3); break;
-        case 2: _tile_zero(4); break;
-        default: _tile_zero(5); break;
-    }
-}
 
 // Input tiles k0..k1 of the unit's NB blocks into panel: tile i of block b at ((i - k0) * NB + b) * 512.
 template <int NB>
