@@ -84,10 +84,20 @@ void group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t gs, float* out)
         }
 }
 
+// rows x width fp32 sums (row stride ``stride`` floats; width a multiple of 16) into bf16 y (row
+// stride N), rounded to nearest even as torch rounds. Every path ends here: a bf16 result saves the
+// caller a conversion pass and the fp32 output's allocation, which cost a small layer more than its
+// products (a 576 x 576 layer's 64-token call took twice as long as its kernel).
+inline void store_bf16(const float* src, int64_t rows, int64_t width, int64_t stride, uint16_t* y, int64_t N) {
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < width; j += 16)
+            _mm256_storeu_si256((__m256i*)(y + r * N + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + r * stride + j)));
+}
+
 // Vector path: R token rows against one block of 16 output rows, K inputs.
 template <int R>
 void block_vector(const uint16_t* x, int64_t K, const uint8_t* w, int64_t stride, const uint16_t* scales,
-                  const uint8_t* zeros, const float* xsum, int64_t gs, float* y, int64_t N) {
+                  const uint8_t* zeros, const float* xsum, int64_t gs, uint16_t* y, int64_t N) {
     const int64_t G = K / gs;
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -115,17 +125,17 @@ void block_vector(const uint16_t* x, int64_t K, const uint8_t* w, int64_t stride
             acc[r] = _mm512_fnmadd_ps(_mm512_set1_ps(xsum[r * G + g]), o, acc[r]);
         }
     }
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
+    for (int r = 0; r < R; ++r) _mm256_storeu_si256((__m256i*)(y + r * N), (__m256i)_mm512_cvtneps_pbh(acc[r]));
 }
 
 // w: the block's first tile; stride: bytes from one of its tiles to the next (its unit's width).
 void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t stride, const uint16_t* scales,
-                 const uint8_t* zeros, const float* xsum, int64_t gs, float* y, int64_t N) {
+                 const uint8_t* zeros, const float* xsum, int64_t gs, uint16_t* y, int64_t N) {
     const int64_t G = K / gs;
     for (int64_t m = 0; m < M; m += 4) {
         const uint16_t* xm = x + m * K;
         const float* sm = xsum + m * G;
-        float* ym = y + m * N;
+        uint16_t* ym = y + m * N;
         switch (M - m) {
             case 1: block_vector<1>(xm, K, w, stride, scales, zeros, sm, gs, ym, N); break;
             case 2: block_vector<2>(xm, K, w, stride, scales, zeros, sm, gs, ym, N); break;
@@ -156,12 +166,13 @@ void expand_group(const uint8_t* w, int64_t g, int64_t tiles, uint16_t* bbuf) {
 }
 
 // Expanded vector path: R token rows (x at the first one's group start) against the NB expanded
-// blocks of one group; the group's dot products, scaled and offset, added to y (row stride N).
+// blocks of one group; the group's dot products, scaled and offset, added to the fp32 sums acc
+// (row stride NB * 16).
 // R x NB sums stay in registers (24 of the 32 at 6 x 4) so the dot-product units, not their
 // latency or the loads, set the pace, as in a GEMM library's inner kernel.
 template <int NB, int R>
 void group_rows_expanded(const uint16_t* x, int64_t K, const uint16_t* bbuf, int64_t pairs, const __m512* s,
-                         const __m512* o, const float* xsum, int64_t G, float* y, int64_t N) {
+                         const __m512* o, const float* xsum, int64_t G, float* acc) {
     __m512 dot[R][NB];
     for (int r = 0; r < R; ++r)
         for (int b = 0; b < NB; ++b) dot[r][b] = _mm512_setzero_ps();
@@ -176,7 +187,7 @@ void group_rows_expanded(const uint16_t* x, int64_t K, const uint16_t* bbuf, int
     }
     for (int r = 0; r < R; ++r)
         for (int b = 0; b < NB; ++b) {
-            float* a = y + r * N + b * kTileN;
+            float* a = acc + (r * NB + b) * kTileN;
             const __m512 v = _mm512_fmadd_ps(dot[r][b], s[b], _mm512_loadu_ps(a));
             _mm512_storeu_ps(a, _mm512_fnmadd_ps(_mm512_set1_ps(xsum[r * G]), o[b], v));
         }
@@ -185,12 +196,14 @@ void group_rows_expanded(const uint16_t* x, int64_t K, const uint16_t* bbuf, int
 constexpr int kExpandedRows = 6;
 
 // All M token rows against one unit of NB blocks (the caller keeps M small enough for these rows'
-// inputs to stay in L2 across units: see kExpandedRowBlock).
+// inputs to stay in L2 across units: see kExpandedRowBlock); acc: M * NB * 16 fp32 scratch.
 template <int NB>
 void blocks_expanded(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                     const uint8_t* zeros, const float* xsum, int64_t gs, float* y, int64_t N, uint16_t* bbuf) {
+                     const uint8_t* zeros, const float* xsum, int64_t gs, uint16_t* y, int64_t N, uint16_t* bbuf,
+                     float* acc) {
     const int64_t G = K / gs, tiles = gs / kTileK, pairs = gs / 2;
-    for (int64_t m = 0; m < M; ++m) memset(y + m * N, 0, sizeof(float) * NB * kTileN);
+    constexpr int W = NB * kTileN;  // outputs handled here
+    memset(acc, 0, sizeof(float) * M * W);
     for (int64_t g = 0; g < G; ++g) {
         expand_group<NB>(w, g, tiles, bbuf);
         __m512 s[NB], o[NB];
@@ -198,17 +211,18 @@ void blocks_expanded(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, 
         for (int64_t m0 = 0; m0 < M; m0 += kExpandedRows) {
             const uint16_t* xm = x + m0 * K + g * gs;
             const float* sm = xsum + m0 * G + g;
-            float* ym = y + m0 * N;
+            float* am = acc + m0 * W;
             switch (M - m0) {
-                case 1: group_rows_expanded<NB, 1>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
-                case 2: group_rows_expanded<NB, 2>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
-                case 3: group_rows_expanded<NB, 3>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
-                case 4: group_rows_expanded<NB, 4>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
-                case 5: group_rows_expanded<NB, 5>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
-                default: group_rows_expanded<NB, kExpandedRows>(xm, K, bbuf, pairs, s, o, sm, G, ym, N); break;
+                case 1: group_rows_expanded<NB, 1>(xm, K, bbuf, pairs, s, o, sm, G, am); break;
+                case 2: group_rows_expanded<NB, 2>(xm, K, bbuf, pairs, s, o, sm, G, am); break;
+                case 3: group_rows_expanded<NB, 3>(xm, K, bbuf, pairs, s, o, sm, G, am); break;
+                case 4: group_rows_expanded<NB, 4>(xm, K, bbuf, pairs, s, o, sm, G, am); break;
+                case 5: group_rows_expanded<NB, 5>(xm, K, bbuf, pairs, s, o, sm, G, am); break;
+                default: group_rows_expanded<NB, kExpandedRows>(xm, K, bbuf, pairs, s, o, sm, G, am); break;
             }
         }
     }
+    store_bf16(acc, M, W, W, y, N);
 }
 
 // AMX path. A unit's blocks of 16 outputs share each activation tile: tile 0 holds 16 token rows
@@ -278,7 +292,7 @@ inline void acc_zero(int b) {
 // padded to 16 (or null).
 template <int NB>
 void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w,
-                const uint16_t* scales, const uint8_t* zeros, const float* xsum, int64_t gs, float* y, int64_t N,
+                const uint16_t* scales, const uint8_t* zeros, const float* xsum, int64_t gs, uint16_t* y, int64_t N,
                 uint16_t* bbuf, float* acc) {
     const int64_t G = K / gs, tiles = gs / kTileK;
     constexpr int W = NB * kTileN;  // outputs handled here
@@ -315,7 +329,7 @@ void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, c
             }
         }
     }
-    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N, acc + m * W, sizeof(float) * W);
+    store_bf16(acc, M, W, W, y, N);
 }
 
 // The 16 x 16 32-bit matrix r transposed in place (r[i] lane j <-> r[j] lane i).
@@ -432,12 +446,8 @@ void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_
                     acc_store(b, part + b * 256, 16);
                     continue;
                 }
-                // The bf16 result, rounded to nearest even as torch rounds: written here, it saves
-                // a pass over an fp32 result that long prompts make tens of MB large.
                 acc_store(b, c, 16);
-                for (int64_t r = 0; r < rows; ++r)
-                    _mm256_storeu_si256((__m256i*)(y + (m0 + r) * N + b * kTileN),
-                                        (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + r * 16)));
+                store_bf16(c, rows, kTileN, kTileN, y + m0 * N + b * kTileN, N);
             }
         }
     }
@@ -466,19 +476,19 @@ extern "C" int treeq_cpu_supported() {
 
 extern "C" int treeq_amx_supported() { return amx_usable(); }
 
-// y[M, N] = x[M, K] bf16 @ W^T with W = (q - zero) * scale per group of gs inputs, in fp32 (in bf16
-// from the AMX panel path).
+// y[M, N] = x[M, K] bf16 @ W^T with W = (q - zero) * scale per group of gs inputs, summed in fp32 and
+// written in bf16 by every path.
 // w: the tile layout above, per unit of nb <= 4 blocks [K/32][nb][256 bytes]; scales: [N/16][G][16]
 // fp16; zeros: the same layout in uint8. N is a multiple of 16; K and gs multiples of 32.
 // path: 0 streams the codes through the vector units (few tokens), 1 expands them once per call
 // for the vector units, 2 for AMX tiles (falling back to 1 where the CPU has no AMX), 3 dequantizes
 // them for AMX tiles (the AMX panel path; only where treeq_amx_supported, else y is left as it was).
 extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                                  const uint8_t* zeros, int64_t N, int64_t gs, float* y, int threads, int path) {
+                                  const uint8_t* zeros, int64_t N, int64_t gs, uint16_t* y, int threads, int path) {
     if (M == 0) return;  // a tile of zero rows is an invalid configuration
     const int64_t G = K / gs, blocks = N / kTileN;
     const bool tiles = (path == 2 || path == 3) && amx_usable();
-    if (path == 3 && !tiles) return;  // y is bf16 there: no fp32 path may write it
+    if (path == 3 && !tiles) return;  // its weights are dequantized for tiles: nothing else runs them
     const bool amx = path == 2 && tiles, panel = path == 3, expanded = path == 1 || (path == 2 && !tiles);
     float* xsum = nullptr;  // the panel path folds the zero points into its weights
     if (!panel) {
@@ -500,6 +510,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         if (amx || expanded) bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * gs * kTileN);
         if (tiles) configure_tiles(M < 16 ? int(M) : 16);
         if (amx) acc = (float*)scratch(3, sizeof(float) * M * kMaxBlocks * kTileN);
+        if (expanded) acc = (float*)scratch(3, sizeof(float) * (M < kExpandedRowBlock ? M : kExpandedRowBlock) * kMaxBlocks * kTileN);
         if (panel) {
             const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
             bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK);
@@ -521,12 +532,12 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 const uint8_t* wb = w + b * block_bytes;
                 const uint16_t* sb = scales + b * G * kTileN;
                 const uint8_t* ob = zeros + b * G * kTileN;
-                float* ym = y + m1 * N + b * kTileN;
+                uint16_t* ym = y + m1 * N + b * kTileN;
                 switch (nb) {
-                    case 1: blocks_expanded<1>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf); break;
-                    case 2: blocks_expanded<2>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf); break;
-                    case 3: blocks_expanded<3>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf); break;
-                    default: blocks_expanded<4>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf); break;
+                    case 1: blocks_expanded<1>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf, acc); break;
+                    case 2: blocks_expanded<2>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf, acc); break;
+                    case 3: blocks_expanded<3>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf, acc); break;
+                    default: blocks_expanded<4>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf, acc); break;
                 }
             }
         }
@@ -537,7 +548,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 const uint8_t* wb = w + b * block_bytes;
                 const uint16_t* sb = scales + b * G * kTileN;
                 const uint8_t* ob = zeros + b * G * kTileN;
-                uint16_t* yb = (uint16_t*)y + b * kTileN;
+                uint16_t* yb = y + b * kTileN;
                 switch (nb) {
                     case 1: blocks_amx_panel<1>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
                     case 2: blocks_amx_panel<2>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
@@ -553,7 +564,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 const uint8_t* wb = w + b * block_bytes;  // every earlier unit is full
                 const uint16_t* sb = scales + b * G * kTileN;
                 const uint8_t* ob = zeros + b * G * kTileN;
-                float* yb = y + b * kTileN;
+                uint16_t* yb = y + b * kTileN;
                 if (!amx) {
                     for (int64_t j = 0; j < nb; ++j)
                         rows_vector(x, M, K, wb + j * kBlockBytes, nb * kBlockBytes, sb + j * G * kTileN,

@@ -145,15 +145,15 @@ def dequantize_rows(st: _State, lo: int, hi: int, address: int, layout: int) -> 
 
 
 def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
-    """[M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order); fp32 from
-    the kernel's own paths, bf16 from the AMX panel path and the GEMM."""
+    """[M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order), in bf16:
+    fp32 sums rounded once (the kernel's own paths) or the bf16 GEMM's."""
     lib, chosen = _library(), path(x.shape[0], st.amx)
     x = x.contiguous()
     m, k = x.shape
     n = _shape(st)[0]
     if chosen == "gemm":
         return blocked_gemm(x, n, functools.partial(dequantize_rows, st))
-    y = torch.empty(m, n, dtype=torch.bfloat16 if chosen == "amx_panel" else torch.float32)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
     lib.treeq_int4_matmul(
         x.data_ptr(), m, k, st.packed.data_ptr(), st.scales.data_ptr(), st.zeros.data_ptr(),
         n, st.group_size, y.data_ptr(), torch.get_num_threads(), PATH_CODES[chosen],
