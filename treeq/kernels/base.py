@@ -118,9 +118,17 @@ def matmul_2d(
 ) -> torch.Tensor:
     """Run ``matmul`` on x flattened to [tokens, in] in ``compute_dtype`` (input channels in
     ``perm``'s order, if given: see :func:`grouped_codes`); add the bias; restore x's leading shape
-    and dtype. The fused CPU kernels are fast only in bf16, so they compute there."""
-    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    and dtype. The fused CPU kernels are fast only in bf16, so they compute there.
+
+    Each torch call that changes nothing is skipped: a call costs a few microseconds (and over ten
+    once other work has evicted the dispatcher's data from the caches), as much as a decoding
+    step's whole matmul on a small layer."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.dtype != compute_dtype:
+        x2 = x2.to(compute_dtype)
     y = matmul(x2 if perm is None else x2.index_select(1, perm))
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

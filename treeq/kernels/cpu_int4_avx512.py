@@ -148,7 +148,8 @@ def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
     """[M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order), in bf16:
     fp32 sums rounded once (the kernel's own paths) or the bf16 GEMM's."""
     lib, chosen = _library(), path(x.shape[0], st.amx)
-    x = x.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     m, k = x.shape
     n = _shape(st)[0]
     if chosen == "gemm":
