@@ -76,7 +76,9 @@ def rounded_once(y: torch.Tensor, exact: torch.Tensor) -> bool:
 def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
     # Checked to fail: every case of the kernel's own paths with (17 + zero) * scale as the group
     # offset in group_params; the vector, the expanded and the AMX path with their sums rounded to
-    # bf16 after each group; every gemm case with zero + 1 in dequantize_tile.
+    # bf16 after each group; every gemm case with zero + 1 in dequantize_tile; the AMX panel path
+    # at 100 tokens with the 32-row chains' blocks and token rows swapped in their output, and with
+    # a unit's odd last block left out of them.
     monkeypatch.setattr(gemm_blocks, "GEMM_BYTES", 64 * 192 * 2)  # several blocks, the last one partial
     state, w = random_state(n, 192, 64, tokens)
     x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(n)).bfloat16()

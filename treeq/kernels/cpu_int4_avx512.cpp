@@ -236,10 +236,10 @@ struct alignas(64) TileConfig {
 };
 
 // Activation and accumulator tiles hold ``rows`` token rows (all of them when M < 16, so
-// decoding reads x in place); weight tiles always 16.
+// decoding reads x in place); weight tiles (1 and 6) always 16.
 void configure_tiles(int rows) {
     TileConfig c;
-    for (int i = 0; i < 7; ++i) {
+    for (int i = 0; i < 8; ++i) {
         c.rows[i] = i == 1 || i == 6 ? 16 : rows;
         c.colsb[i] = 64;
     }
@@ -385,13 +385,20 @@ void dequantize_tile(const uint8_t* src, const uint16_t* group_scales, const uin
 // out of the tiles, a vector step per group and 16 token rows that outweighs the tile products
 // themselves once the tokens are many. Here a unit's weights are dequantized once per call, each the
 // bf16 of (q - zero) * scale as treeq_int4_dequantize writes it, into a panel of B tiles over up to
-// kPanelTiles tiles of inputs; every 16 token rows then run one chain of tile products over the
-// whole panel, the sums staying in the tiles. Measured against it on an AMX Xeon (bench/results/
-// kernels.md): splitting the chain so a panel's part stays in L1 (sums stored and reloaded between
-// parts), 32 token rows x 2 blocks per chain, packing the inputs tile by tile, dequantizing the next
-// panel between tile products, and prefetching the weight tiles were all slower or no faster;
-// prefetching the next inputs' rows was faster at 256 tokens.
+// kPanelTiles tiles of inputs; token rows then run chains of tile products over the whole panel, the
+// sums staying in the tiles. A panel is larger than L1, so its weight tiles come from L2, which sets
+// the pace: 16 token rows against the unit's 4 blocks load a weight tile per product; 32 rows against
+// 2 blocks, one per two products, but two activation tiles per step, which stay in L1 (read once for
+// each pair of blocks) only where the inputs are few. So 32 rows x 2 blocks up to kRows32MaxInputs
+// inputs (on an AMX Xeon, 1 thread, 256 tokens: 0.78 -> 1.09x bf16 on 576 x 576, 0.86 -> 0.94x on
+// 2048 x 2048; 4096 x 4096 at 1024 tokens 1.01 -> 0.97x), 16 x 4 above. Also measured against it
+// (bench/results/kernels.md): splitting the chain so a panel's part stays in L1 (sums stored and
+// reloaded between parts), packing the inputs tile by tile, dequantizing the next panel between tile
+// products, and prefetching the weight tiles were all slower or no faster; prefetching the next
+// inputs' rows was faster at 256 tokens.
 constexpr int64_t kPanelTiles = 128;  // 4096 inputs: a unit's panel is 512 KiB, within L2
+constexpr int64_t kRows32MaxInputs = 2048;
+static_assert(kRows32MaxInputs <= kPanelTiles * kTileK, "chain_rows32 carries no sums from panel to panel");
 constexpr int64_t kPanelAhead = 2;  // input tiles between a row's prefetch and its load
 
 // Input tiles k0..k1 of the unit's NB blocks into panel: tile i of block b at ((i - k0) * NB + b) * 512.
@@ -410,45 +417,98 @@ void dequantize_panel(const uint8_t* w, const uint16_t* scales, const uint8_t* z
     }
 }
 
-// NB blocks of 16 outputs for all M token rows, y written in bf16. Tiles configured as for
-// the AMX path; tail as there; panel: NB * kPanelTiles tiles of scratch; sums: [M/16][NB][16 x 16]
-// scratch that carries a panel's sums to the next where the inputs take several panels.
+// A chain's sums in accumulator j (tile 2 + j): zeroed before the first panel, else loaded from
+// part, where the previous panel left them; after the last panel rounded to bf16 into rows token
+// rows of y (row stride N), else stored to part for the next.
+inline void acc_begin(int j, bool first, const float* part) {
+    if (first) acc_zero(j);
+    else acc_load(j, part, kTileN);
+}
+
+inline void acc_end(int j, bool last, float* part, int64_t rows, uint16_t* y, int64_t N) {
+    if (!last) {
+        acc_store(j, part, kTileN);
+        return;
+    }
+    alignas(64) float c[kTileN * kTileN];
+    acc_store(j, c, kTileN);
+    store_bf16(c, rows, kTileN, kTileN, y, N);
+}
+
+// One chain over input tiles k0..k1 of the panel for 16 token rows (xa: the first one's inputs, row
+// stride K) and the unit's NB blocks: one activation tile, then each block's weight tile, per step.
+template <int NB>
+void chain_rows16(const uint16_t* xa, int64_t rows, int64_t K, const uint16_t* panel, int64_t k0, int64_t k1,
+                  bool first, bool last, float* part, uint16_t* y, int64_t N) {
+    for (int b = 0; b < NB; ++b) acc_begin(b, first, part + b * 256);
+    for (int64_t i = k0; i < k1; ++i) {
+        const uint16_t* bt = panel + (i - k0) * NB * kTileN * kTileK;
+        for (int r = 0; r < rows; ++r)
+            _mm_prefetch((const char*)(xa + r * K + (i + kPanelAhead) * kTileK), _MM_HINT_T0);
+        _tile_loadd(0, xa + i * kTileK, K * 2);
+        _tile_loadd(1, bt, 64);
+        _tile_dpbf16ps(2, 0, 1);
+        if constexpr (NB > 1) { _tile_loadd(6, bt + kTileN * kTileK, 64); _tile_dpbf16ps(3, 0, 6); }
+        if constexpr (NB > 2) { _tile_loadd(1, bt + 2 * kTileN * kTileK, 64); _tile_dpbf16ps(4, 0, 1); }
+        if constexpr (NB > 3) { _tile_loadd(6, bt + 3 * kTileN * kTileK, 64); _tile_dpbf16ps(5, 0, 6); }
+    }
+    for (int b = 0; b < NB; ++b) acc_end(b, last, part + b * 256, rows, y + b * kTileN, N);
+}
+
+// One chain for 32 token rows (two activation tiles, 0 and 7) and PB = 1 or 2 blocks of the unit
+// starting at block p (weight tiles 1 and 6): four products per two weight tiles, where the chain
+// above takes one per weight tile. Accumulator 2 + j holds rows (j / 2) * 16 on of block p + j % 2.
+// Only where one panel holds all the inputs (kRows32MaxInputs), so no sums are carried.
+template <int NB, int PB>
+void chain_rows32(const uint16_t* xa, int64_t K, const uint16_t* panel, int p, int64_t tiles, uint16_t* y,
+                  int64_t N) {
+    for (int j = 0; j < 4; ++j)
+        if (j % 2 < PB) acc_zero(j);
+    const uint16_t* xb = xa + kTileN * K;
+    for (int64_t i = 0; i < tiles; ++i) {
+        const uint16_t* bt = panel + (i * NB + p) * kTileN * kTileK;
+        _tile_loadd(0, xa + i * kTileK, K * 2);
+        _tile_loadd(1, bt, 64);
+        _tile_dpbf16ps(2, 0, 1);
+        _tile_loadd(7, xb + i * kTileK, K * 2);
+        _tile_dpbf16ps(4, 7, 1);
+        if constexpr (PB > 1) {
+            _tile_loadd(6, bt + kTileN * kTileK, 64);
+            _tile_dpbf16ps(3, 0, 6);
+            _tile_dpbf16ps(5, 7, 6);
+        }
+    }
+    for (int j = 0; j < 4; ++j)
+        if (j % 2 < PB) acc_end(j, true, nullptr, kTileN, y + (j / 2 * kTileN) * N + j % 2 * kTileN, N);
+}
+
+// NB blocks of 16 outputs for all M token rows, y written in bf16. Tiles configured as for the AMX
+// path, tile 7 as a second activation tile; tail as there; panel: NB * kPanelTiles tiles of scratch;
+// sums: [M/16][NB][16 x 16] scratch that carries a panel's sums to the next where the inputs take
+// several panels. rows32: whether 32 token rows at a time take chain_rows32.
 template <int NB>
 void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w,
                       const uint16_t* scales, const uint8_t* zeros, int64_t gs, uint16_t* y, int64_t N,
-                      uint16_t* panel, float* sums) {
+                      uint16_t* panel, float* sums, bool rows32) {
     const int64_t G = K / gs, tiles = K / kTileK;
-    alignas(64) float c[16 * 16];  // one tile's sums on their way to y
     for (int64_t k0 = 0; k0 < tiles; k0 += kPanelTiles) {
         const int64_t k1 = tiles - k0 < kPanelTiles ? tiles : k0 + kPanelTiles;
+        const bool first = k0 == 0, last = k1 == tiles;
         dequantize_panel<NB>(w, scales, zeros, G, gs, k0, k1, panel);
-        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        for (int64_t m0 = 0; m0 < M;) {
+            if (rows32 && M - m0 >= 32) {
+                for (int p = 0; p + 1 < NB; p += 2)
+                    chain_rows32<NB, 2>(x + m0 * K, K, panel, p, tiles, y + m0 * N + p * kTileN, N);
+                if constexpr (NB % 2)
+                    chain_rows32<NB, 1>(x + m0 * K, K, panel, NB - 1, tiles, y + m0 * N + (NB - 1) * kTileN, N);
+                m0 += 32;
+                continue;
+            }
             const int64_t rows = M - m0 < 16 ? M - m0 : 16;
             const uint16_t* xa = M > 16 && rows < 16 ? tail : x + m0 * K;  // tiles hold 16 rows
             float* part = sums ? sums + (m0 / 16) * NB * 256 : nullptr;  // null: one panel, no sums carried
-            for (int b = 0; b < NB; ++b) {
-                if (k0 == 0) acc_zero(b);
-                else acc_load(b, part + b * 256, 16);
-            }
-            for (int64_t i = k0; i < k1; ++i) {
-                const uint16_t* bt = panel + (i - k0) * NB * kTileN * kTileK;
-                for (int r = 0; r < rows; ++r)
-                    _mm_prefetch((const char*)(xa + r * K + (i + kPanelAhead) * kTileK), _MM_HINT_T0);
-                _tile_loadd(0, xa + i * kTileK, K * 2);
-                _tile_loadd(1, bt, 64);
-                _tile_dpbf16ps(2, 0, 1);
-                if constexpr (NB > 1) { _tile_loadd(6, bt + kTileN * kTileK, 64); _tile_dpbf16ps(3, 0, 6); }
-                if constexpr (NB > 2) { _tile_loadd(1, bt + 2 * kTileN * kTileK, 64); _tile_dpbf16ps(4, 0, 1); }
-                if constexpr (NB > 3) { _tile_loadd(6, bt + 3 * kTileN * kTileK, 64); _tile_dpbf16ps(5, 0, 6); }
-            }
-            for (int b = 0; b < NB; ++b) {
-                if (k1 < tiles) {
-                    acc_store(b, part + b * 256, 16);
-                    continue;
-                }
-                acc_store(b, c, 16);
-                store_bf16(c, rows, kTileN, kTileN, y + m0 * N + b * kTileN, N);
-            }
+            chain_rows16<NB>(xa, rows, K, panel, k0, k1, first, last, part, y + m0 * N, N);
+            m0 += 16;
         }
     }
 }
@@ -503,6 +563,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         memset(tail + r * K, 0, sizeof(uint16_t) * (16 - r) * K);
     }
     const int64_t units = (blocks + kMaxBlocks - 1) / kMaxBlocks, block_bytes = (K / kTileK) * kBlockBytes;
+    const bool rows32 = K <= kRows32MaxInputs;
 #pragma omp parallel num_threads(threads)
     {
         uint16_t* bbuf = nullptr;
@@ -550,10 +611,10 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 const uint8_t* ob = zeros + b * G * kTileN;
                 uint16_t* yb = y + b * kTileN;
                 switch (nb) {
-                    case 1: blocks_amx_panel<1>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
-                    case 2: blocks_amx_panel<2>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
-                    case 3: blocks_amx_panel<3>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
-                    default: blocks_amx_panel<4>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc); break;
+                    case 1: blocks_amx_panel<1>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc, rows32); break;
+                    case 2: blocks_amx_panel<2>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc, rows32); break;
+                    case 3: blocks_amx_panel<3>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc, rows32); break;
+                    default: blocks_amx_panel<4>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc, rows32); break;
                 }
             }
         }
