@@ -36,7 +36,7 @@ FP32_PATH_TOLERANCE = 1e-5
 def kernel_path(request, monkeypatch):
     if request.param.startswith("amx") and not has_amx:
         pytest.skip("no AMX on this CPU")
-    monkeypatch.setattr(k4, "path", lambda tokens, amx: request.param)
+    monkeypatch.setattr(k4, "path", lambda tokens, amx, group_size: request.param)
     return request.param
 
 
@@ -99,7 +99,7 @@ def test_amx_panel_path_carries_its_sums_across_panels(tokens, monkeypatch):
     """Layers wider than one panel (4096 inputs): each panel's sums go on from the last one's."""
     # Checked to fail with the sums zeroed at every panel, and with them loaded from the wrong
     # group of token rows.
-    monkeypatch.setattr(k4, "path", lambda tokens, amx: "amx_panel")
+    monkeypatch.setattr(k4, "path", lambda tokens, amx, group_size: "amx_panel")
     state, w = random_state(80, 4096 + 64, 64, tokens)
     x = torch.randn(tokens, 4096 + 64, generator=torch.Generator().manual_seed(tokens)).bfloat16()
     assert rounded_once(k4.matmul(state, x), x.float() @ w.bfloat16().float().t())
@@ -160,9 +160,15 @@ def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, t
 
 def test_path_follows_the_token_count():
     tokens = (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, k4.GEMM_FROM - 1, k4.GEMM_FROM, 2048)
-    assert [k4.path(m, False) for m in tokens] == ["vector", "vector", "expanded", "expanded", "gemm", "gemm"]
-    tokens = (1, k4.AMX_PANEL_FROM - 1, k4.AMX_PANEL_FROM, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)
-    assert [k4.path(m, True) for m in tokens] == ["amx", "amx", "amx_panel", "amx_panel", "gemm"]
+    assert [k4.path(m, False, 128) for m in tokens] == ["vector", "vector", "expanded", "expanded", "gemm", "gemm"]
+    tokens = (1, 191, 192, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)
+    assert [k4.path(m, True, 128) for m in tokens] == ["amx", "amx", "amx_panel", "amx_panel", "gemm"]
+
+
+def test_amx_panel_path_takes_over_in_proportion_to_the_group_size():
+    # The AMX path's per-group step costs more the smaller the groups.
+    assert [k4.amx_panel_from(g) for g in (32, 64, 128, 4096)] == [48, 96, 192, k4.AMX_PANEL_FROM_MAX]
+    assert [k4.path(95, True, 64), k4.path(96, True, 64), k4.path(255, True, 4096)] == ["amx", "amx_panel", "amx"]
 
 
 @needs_kernel

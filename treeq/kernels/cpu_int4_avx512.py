@@ -44,14 +44,18 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # 4096 x 4096) the expanded path against it was 1.09 / 0.78x bf16 at 64 tokens, 0.98 / 0.84x at
 # 128, 0.88 / 0.90x at 256, 0.95 / 0.98x at 512 and 0.93 / 0.95x at 1024.
 # With AMX the AMX path applies each group's scale to sums taken out of the tiles, a step per group
-# whose cost grows with the tokens; the AMX panel path dequantizes each weight once per call and
-# keeps the sums in the tiles. On an AMX Xeon (4096 x 4096, 1 and 2 threads) the AMX path was ahead
-# up to 128 tokens, the panel path from 192; the panel path was ahead of the GEMM up to 1536 tokens
-# and level with it or behind from 2048, where oneDNN's own packing has paid for itself.
-# Module attributes, read at each call.
+# whose cost grows with the tokens and the groups; the AMX panel path dequantizes each weight once
+# per call and keeps the sums in the tiles. So the panel path takes over in proportion to the group
+# size: on an AMX Xeon (576 x 576, 1536 x 576, 2048 x 2048, 4096 x 4096; 1 and 2 threads) the two
+# crossed near 48, 96 and 192 tokens for groups of 32, 64 and 128, and with one group per row the
+# AMX path was still level with the panel path at 256 tokens. The panel path was ahead of the GEMM
+# up to 1024 tokens in total time over 1 and 2 threads, and level with it or behind from 2048 but
+# on 4096 x 4096, where oneDNN's own packing has paid for itself. Module attributes, read at each
+# call.
 EXPANDED_FROM = 4
 GEMM_FROM = 256
-AMX_PANEL_FROM = 192
+AMX_PANEL_FROM_PER_GROUP_INPUT = 1.5
+AMX_PANEL_FROM_MAX = 256
 AMX_GEMM_FROM = 2048
 PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3}  # the .cpp's path argument
 
@@ -89,12 +93,19 @@ def amx_allowed() -> bool:
     return cpu_isa.allows("amx") and bool(_library().treeq_amx_supported())
 
 
-def path(tokens: int, amx: bool) -> str:
-    """The path a call with ``tokens`` rows takes: "vector", "expanded", "amx", "amx_panel" or "gemm"."""
+def amx_panel_from(group_size: int) -> int:
+    """Tokens from which the AMX panel path takes over from the AMX path, for groups of
+    ``group_size`` inputs."""
+    return min(int(AMX_PANEL_FROM_PER_GROUP_INPUT * group_size), AMX_PANEL_FROM_MAX)
+
+
+def path(tokens: int, amx: bool, group_size: int) -> str:
+    """The path a call with ``tokens`` rows takes for groups of ``group_size`` inputs: "vector",
+    "expanded", "amx", "amx_panel" or "gemm"."""
     if amx:
         if tokens >= AMX_GEMM_FROM:
             return "gemm"
-        return "amx_panel" if tokens >= AMX_PANEL_FROM else "amx"
+        return "amx_panel" if tokens >= amx_panel_from(group_size) else "amx"
     if tokens >= GEMM_FROM:
         return "gemm"
     return "expanded" if tokens >= EXPANDED_FROM else "vector"
@@ -147,7 +158,7 @@ def dequantize_rows(st: _State, lo: int, hi: int, address: int, layout: int) -> 
 def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
     """[M, N] = bf16 x [M, K] times the packed weight (inputs already in kernel order), in bf16:
     fp32 sums rounded once (the kernel's own paths) or the bf16 GEMM's."""
-    lib, chosen = _library(), path(x.shape[0], st.amx)
+    lib, chosen = _library(), path(x.shape[0], st.amx, st.group_size)
     if not x.is_contiguous():
         x = x.contiguous()
     m, k = x.shape
