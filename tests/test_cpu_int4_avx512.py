@@ -149,11 +149,13 @@ def test_gemm_path_is_the_bf16_product_of_the_reference_weight(group_size, desc_
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group_size,desc_act", [(32, False), (64, True), (128, True), (-1, False)])
 @pytest.mark.parametrize("tokens", [1, 5, 33])
-def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, tokens, kernel_path):
+@pytest.mark.parametrize("bias", [True, False])  # without bias or act-order forward skips matmul_2d
+def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, tokens, bias, kernel_path):
     # Checked to fail: every act-order case with the permutation dropped in prepare; every case with
     # zeros + 1 in prepare; every case but gemm's with (17 + zero) * scale in group_params, and
-    # gemm's with zero + 1 in dequantize_tile.
-    layer = quant_linear(4, group_size, sym, desc_act)
+    # gemm's with zero + 1 in dequantize_tile; every case without bias or act-order with forward's
+    # direct call scaled by 1.01.
+    layer = quant_linear(4, group_size, sym, desc_act, bias=bias)
     x = torch.randn(2, tokens, 256).to(torch.bfloat16)
     assert error_ratio(layer, k4.KERNEL.name, x) < BF16_TOLERANCE
 
