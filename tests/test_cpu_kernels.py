@@ -3,9 +3,10 @@
 Tolerances are not round numbers but the reference kernel's own distance to the fp32 result in
 bf16 (bf16 weight and input, fp32 sums, bf16 output), measured in each test on the same input:
 a kernel may be at most BF16_TOLERANCE times as far. How each path is forced: the blocked GEMM of
-``cpu_int4`` and ``cpu_int8`` by setting their ``GEMM_FROM`` (the op by setting it beyond the
-tokens); its weight layout by the ``gemm_layout`` fixture (oneDNN's blocked layout wherever oneDNN
-takes it, rows through ``F.linear`` by declaring that layout unknown); ``cpu_int4_avx512``'s paths in
+``cpu_int4`` and ``cpu_int8`` by replacing their ``path`` (the GEMM also where the CPU emulates
+bf16, where it would not be chosen), the op by setting ``GEMM_FROM`` beyond the tokens; the GEMM's
+weight layout by the ``gemm_layout`` fixture (oneDNN's blocked layout wherever oneDNN takes it, rows
+through ``F.linear`` by declaring that layout unknown); ``cpu_int4_avx512``'s paths in
 tests/test_cpu_int4_avx512.py. Neither depends on the CPU's instruction sets beyond x86-64, so these
 run under every ``TREEQ_CPU_ISA`` cap.
 """
@@ -17,7 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from treeq.config import QuantConfig
-from treeq.kernels import LinearFormat, blocked_gemm, cpu_dequantize, cpu_int4, cpu_int4_avx512, cpu_int8, select_kernel
+from treeq.kernels import (
+    LinearFormat,
+    blocked_gemm,
+    cpu_dequantize,
+    cpu_int4,
+    cpu_int4_avx512,
+    cpu_int8,
+    cpu_isa,
+    select_kernel,
+)
 from treeq.methods import InputStats, make_method
 from treeq.runtime.quant_linear import QuantLinear
 
@@ -93,8 +103,9 @@ def bf16_product(layer, x, perm=None):
 
 @pytest.fixture(params=["op", pytest.param("gemm", marks=needs_dequantizer)])
 def int4_op_path(request, monkeypatch):
-    """cpu_int4's path: torch's fused op, or (forced by GEMM_FROM = 1) the blocked bf16 GEMM."""
-    monkeypatch.setattr(cpu_int4, "GEMM_FROM", 1 if request.param == "gemm" else 10**9)
+    """cpu_int4's path, forced: torch's fused op, or the blocked bf16 GEMM (which runs also where
+    the CPU emulates bf16, so every machine tests it)."""
+    monkeypatch.setattr(cpu_int4, "path", lambda tokens, native_bf16: request.param)
     return request.param
 
 
@@ -155,21 +166,33 @@ def test_gemm_path_is_the_bf16_product_of_the_reference_weight(
     # Checked to fail: every case with each block's rows taken from the next block in blocked_gemm;
     # every cpu_int4 onednn case with the pairs' halves swapped in cpu_dequantize.cpp's layout 1 store
     # (cpu_int8 writes rows in either case).
-    monkeypatch.setattr(cpu_int4, "GEMM_FROM", 1)
-    monkeypatch.setattr(cpu_int8, "GEMM_FROM", 1)
+    monkeypatch.setattr(cpu_int4, "path", lambda tokens, native_bf16: "gemm")
+    monkeypatch.setattr(cpu_int8, "path", lambda tokens, native_bf16: "gemm")
     layer = quant_linear(bits, group_size, sym, desc_act, out_f=192)
     layer.select_kernel("cpu", torch.bfloat16, kernel)
     x = torch.randn(2, tokens, 256).to(torch.bfloat16)
     assert torch.equal(layer(x), bf16_product(layer, x))
 
 
-def test_the_gemm_path_takes_over_at_its_token_count(monkeypatch):
+def test_the_gemm_path_takes_over_at_its_token_count_where_bf16_is_native(monkeypatch):
     monkeypatch.setattr(cpu_dequantize, "available", lambda: True)
     for module in (cpu_int4, cpu_int8):
         tokens = (1, module.GEMM_FROM - 1, module.GEMM_FROM, 2048)
-        assert [module.path(m) for m in tokens] == ["op", "op", "gemm", "gemm"]
+        assert [module.path(m, True) for m in tokens] == ["op", "op", "gemm", "gemm"]
+        assert module.path(2048, False) == "op"  # bf16 emulated: the op is ahead at every count
     monkeypatch.setattr(cpu_dequantize, "available", lambda: False)  # no compiler: the op throughout
-    assert cpu_int4.path(2048) == cpu_int8.path(2048) == "op"
+    assert cpu_int4.path(2048, True) == cpu_int8.path(2048, True) == "op"
+
+
+@pytest.mark.parametrize("kernel,bits", [("cpu_int4", 4), ("cpu_int8", 8)])
+def test_the_gemm_path_is_kept_for_cpus_with_native_bf16(kernel, bits, monkeypatch):
+    """Read when the kernel is chosen: AVX2 (the cap standing in for such a CPU) means the op."""
+    layer = quant_linear(bits, -1, True, False)
+    layer.select_kernel("cpu", torch.bfloat16, kernel)
+    assert layer.kernel_state.native_bf16 == cpu_isa.native_bf16()
+    monkeypatch.setenv(cpu_isa.ENV, "avx2")
+    layer.select_kernel("cpu", torch.bfloat16, kernel)
+    assert layer.kernel_state.native_bf16 is False
 
 
 def test_int4_act_order_permutation_matters():

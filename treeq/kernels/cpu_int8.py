@@ -14,20 +14,24 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_dequantize
+from . import cpu_dequantize, cpu_isa
 from .base import Kernel, matmul_2d
 from .blocked_gemm import blocked_gemm
 
 # The op falls behind bf16 from 8 tokens (0.25x from 256 on a 4096-wide layer); the blocked GEMM
 # (its dequantization costing about as much as 25 tokens of bf16 GEMM) against it on a Zen 5 (one
 # core, thread CPU time, 10 interleaved runs): 0.52 / 0.62x bf16 at 16 tokens, 0.56 / 0.50x at 24.
-# Read at each call, so tests can force either path.
+# Only where the CPU multiplies bf16 in hardware: elsewhere oneDNN emulates the bf16 GEMM, and on an
+# AMX Xeon standing in for such CPUs (oneDNN and ATen capped at AVX2, then at AVX512 without BF16;
+# 2048 x 2048, 1 and 2 threads) the op ran at 2.2-3.0x bf16 from 16 to 1024 tokens, the GEMM at
+# 0.86-1.0x. Read at each call, so tests can force either path.
 GEMM_FROM = 24
 
 
-def path(tokens: int) -> str:
-    """The path a call with ``tokens`` rows takes: "op" or "gemm"."""
-    return "gemm" if tokens >= GEMM_FROM and cpu_dequantize.available() else "op"
+def path(tokens: int, native_bf16: bool) -> str:
+    """The path a call with ``tokens`` rows takes: "op" or "gemm" (only where ``native_bf16``:
+    :func:`.cpu_isa.native_bf16` when the kernel was chosen)."""
+    return "gemm" if native_bf16 and tokens >= GEMM_FROM and cpu_dequantize.available() else "op"
 
 
 @dataclass
@@ -37,6 +41,7 @@ class _Int8State:
     offset: torch.Tensor | None  # bf16 [out]: (128 - zero) * scale, None when symmetric
     scale32: torch.Tensor  # fp32 [out], the checkpoint's, for the GEMM path
     zero: torch.Tensor  # int32 [out]
+    native_bf16: bool  # cpu_isa.native_bf16() when the kernel was chosen: whether the GEMM path may run
 
 
 def dequantize_rows(st: _Int8State, lo: int, hi: int, address: int) -> None:
@@ -66,6 +71,7 @@ class CpuInt8(Kernel):
             offset=None if bool((zero == 128).all()) else offset.to(torch.bfloat16),
             scale32=scale.contiguous(),
             zero=zero.to(torch.int32).contiguous(),
+            native_bf16=cpu_isa.native_bf16(),
         )
 
     @staticmethod
@@ -76,7 +82,7 @@ class CpuInt8(Kernel):
             dequantize_rows(st, lo, hi, address)
 
         def matmul(x2):
-            if path(x2.shape[0]) == "gemm":
+            if path(x2.shape[0], st.native_bf16) == "gemm":
                 return blocked_gemm(x2, st.weight.shape[0], rows, onednn=False)
             y = torch._weight_int8pack_mm(x2, st.weight, st.scale)
             if st.offset is not None:
