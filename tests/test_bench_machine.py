@@ -9,7 +9,7 @@ from conftest import make_model
 
 import treeq
 from treeq.engine.quant_log import QuantLog
-from treeq.kernels import cpu_isa
+from treeq.kernels import cpu_dequantize, cpu_isa
 
 BENCH = Path(__file__).parent.parent / "bench"
 
@@ -36,10 +36,11 @@ def test_kernels_counts_the_kernel_each_quantized_linear_runs(tmp_path, tokenize
     cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32, calib_samples=4, seqlen=32, batch_size=4)
     model = make_model("llama")
     treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file), log=QuantLog(str))
-    assert machine.kernels(treeq.load(tmp_path / "q")[0]) == "torch x 14"  # fp32 inputs: the reference
+    fp32 = "cpu_int4_fp32" if cpu_dequantize.available() else "torch"  # fp32 inputs: the reference's weight
+    assert machine.kernels(treeq.load(tmp_path / "q")[0]) == f"{fp32} x 14"
     assert machine.kernels(model) == "none chosen yet x 14"  # chosen at the first forward
     model(torch.zeros(1, 4, dtype=torch.long))
-    assert machine.kernels(model) == "torch x 14"
+    assert machine.kernels(model) == f"{fp32} x 14"
     monkeypatch.setenv(cpu_isa.ENV, "avx2")  # treeq's own int4 kernel declines; torch's int4 op runs bf16
     assert machine.kernels(treeq.load(tmp_path / "q", dtype=torch.bfloat16)[0]) == "cpu_int4 x 14"
     assert machine.kernels(make_model("llama")) == "none (no quantized linear)"

@@ -225,7 +225,8 @@ def test_selection_on_cpu():
     fmt = LinearFormat(4, 64, False, True, 576, 1536)
     fast = "cpu_int4" if cpu_int4_avx512.unavailable() else "cpu_int4_avx512"
     assert select_kernel(fmt, "cpu", torch.bfloat16).name == fast
-    assert select_kernel(fmt, "cpu", torch.float32).name == "torch"  # fp32 keeps the exact path
+    fp32 = "cpu_int4_fp32" if cpu_dequantize.available() else "torch"  # fp32: the reference's own weight
+    assert select_kernel(fmt, "cpu", torch.float32).name == fp32
     low = "cpu_lowbit" if cpu_dequantize.available() else "torch"  # 2/3-bit: dequantize + GEMM
     assert select_kernel(LinearFormat(3, 64, True, False, 576, 1536), "cpu", torch.bfloat16).name == low
     assert select_kernel(LinearFormat(8, -1, True, False, 576, 1536), "cpu", torch.bfloat16).name == "cpu_int8"

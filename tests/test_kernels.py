@@ -10,7 +10,7 @@ FMT = LinearFormat(bits=3, group_size=64, sym=False, desc_act=True, in_features=
 
 class Int4Only(Kernel):
     name = "int4-only"
-    priority = 10
+    priority = 100  # above every real kernel
     bits = frozenset({4})
     devices = frozenset({"cpu"})
     supports_desc_act = False

@@ -11,6 +11,7 @@ from test_end_to_end import logits, quick_config
 
 import treeq
 from treeq.engine.quant_log import QuantLog
+from treeq.kernels import cpu_dequantize
 
 
 def _tensors(directory):
@@ -48,7 +49,8 @@ def test_cli_low_memory_and_its_limits(tmp_path, tokenizer, text_file):
     r = run(*quantize_args(src, text_file, tmp_path / "q", "--low-memory"))
     assert r.exit_code == 0, r.output
     r = run("inspect", tmp_path / "q")
-    assert r.exit_code == 0 and "torch for 14 modules" in r.output, r.output
+    fp32 = "cpu_int4_fp32" if cpu_dequantize.available() else "torch"
+    assert r.exit_code == 0 and f"cpu/float32: {fp32} for 14 modules" in r.output, r.output
     moe = save_model_dir(tmp_path / "moe", "mixtral", tokenizer)
     one_line_error(run(*quantize_args(moe, text_file, tmp_path / "m", "--low-memory")), "MoE", "without --low-memory")
 

@@ -1,0 +1,70 @@
+"""CPU kernel for 4-bit GPTQ-layout layers of fp32 models: the reference kernel's own fp32 weight,
+dequantized natively (``cpu_dequantize.cpp``: (code - zero) * scale in fp32 as the numerics module
+computes it; any group size, act-order included) a block of output rows at a time, then the fp32
+GEMM the reference kernel runs (:mod:`.blocked_gemm`).
+
+The reference kernel unpacks and dequantizes through a chain of torch ops at every call, which on
+SmolLM2-135M was 0.57 s of a quantized fp32 forward over 1024 tokens that took 2.26 s, against
+1.46 s for the fp model (AMX Xeon, 2 threads). Evaluation loads models in fp32 by default, so
+perplexity runs this. Figures: bench/results/kernels.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import cpu_dequantize
+from .base import Kernel, matmul_2d
+from .blocked_gemm import blocked_gemm
+
+
+@dataclass
+class _State:
+    qweight: torch.Tensor  # int32 [in / 8, out], the checkpoint's
+    qzeros: torch.Tensor  # int32 [groups, out / 8]
+    scales: torch.Tensor  # fp32 [groups, out], the checkpoint's fp16 ones exactly
+    g_idx: torch.Tensor  # int32 [in]
+
+
+class CpuInt4Fp32(Kernel):
+    name = "cpu_int4_fp32"
+    priority = 10  # above the reference kernel, whose weight and product it computes
+    bits = frozenset({4})
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.float32})
+    in_multiple = 8  # 8 codes per word along the inputs
+    out_multiple = 16  # the dequantizer's blocks of output rows
+
+    @classmethod
+    def rejects(cls, fmt, device, dtype):
+        reason = super().rejects(fmt, device, dtype)
+        if reason is None and not cpu_dequantize.available():
+            reason = f"no native dequantizer: {cpu_dequantize.library()[1]}"
+        return reason
+
+    @classmethod
+    def prepare(cls, layer) -> None:
+        layer.kernel_state = _State(
+            qweight=layer.qweight.contiguous(),
+            qzeros=layer.qzeros.contiguous(),
+            scales=layer.scales.float().contiguous(),
+            g_idx=layer.g_idx.to(torch.int32).contiguous(),
+        )
+
+    @staticmethod
+    def forward(layer, x: torch.Tensor) -> torch.Tensor:
+        st: _State = layer.kernel_state
+        n, k = layer.out_features, layer.in_features
+
+        def rows(lo: int, hi: int, address: int, _layout: int) -> None:  # fp32 blocks are always rows
+            cpu_dequantize.functions(CpuInt4Fp32.name).treeq_gptq4_dequantize_fp32(
+                st.qweight.data_ptr(), st.qzeros.data_ptr(), st.scales.data_ptr(), st.g_idx.data_ptr(),
+                k, n, lo, hi, address, torch.get_num_threads(),
+            )  # fmt: skip
+
+        return matmul_2d(layer, x, torch.float32, lambda x2: blocked_gemm(x2, n, rows))
+
+
+KERNEL = CpuInt4Fp32
