@@ -32,6 +32,12 @@ def available() -> bool:
     return library()[0] is not None
 
 
+def unavailable() -> str | None:
+    """Why the kernels built on the dequantizer cannot run here; None when they can."""
+    lib, why = library()
+    return None if lib is not None else f"no native dequantizer: {why}"
+
+
 def functions(kernel: str) -> ctypes.CDLL:
     """The library, or a one-line error naming ``kernel`` and why it could not be built."""
     lib, why = library()

@@ -39,10 +39,7 @@ class CpuInt4Fp32(Kernel):
 
     @classmethod
     def rejects(cls, fmt, device, dtype):
-        reason = super().rejects(fmt, device, dtype)
-        if reason is None and not cpu_dequantize.available():
-            reason = f"no native dequantizer: {cpu_dequantize.library()[1]}"
-        return reason
+        return super().rejects(fmt, device, dtype) or cpu_dequantize.unavailable()
 
     @classmethod
     def prepare(cls, layer) -> None:
