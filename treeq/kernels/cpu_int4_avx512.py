@@ -213,8 +213,8 @@ class CpuInt4Avx512(Kernel):
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         st: _State = layer.kernel_state
         if x.dtype == torch.bfloat16 and st.perm is None and layer.bias is None:
-            # A bf16 model's usual layer, without matmul_2d's steps: with them a decoding step on a
-            # small layer took 7-9% longer (SmolLM2-135M, AMX Xeon), behind torch's op.
+            # A bf16 model's usual layer, without matmul_2d's steps: with them SmolLM2-135M decoded
+            # 7-9% slower (AMX Xeon), behind torch's op, its small layers' calls being that short.
             return matmul(st, x)
         return matmul_2d(layer, x, torch.bfloat16, lambda x2: matmul(st, x2), st.perm)
 
