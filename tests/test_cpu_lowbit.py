@@ -1,5 +1,6 @@
 """cpu_lowbit: 2- and 3-bit layers through the native dequantizer and oneDNN's bf16 GEMM compute
-with exactly the reference kernel's bf16 weight, act-order and groups of 16 included."""
+with exactly the reference kernel's bf16 weight, act-order and groups of 16 included; in fp32 models
+they give the reference kernel's output exactly."""
 
 import pytest
 import torch
@@ -40,9 +41,20 @@ def test_the_gemm_runs_the_reference_kernels_bf16_weight(method, bits, group_siz
     torch.testing.assert_close(q(x).float(), F.linear(x.float(), q.effective_weight()), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("method,bits,group_size", [("spqr", 3, 16), ("gptq", 2, 32), ("rtn", 3, -1)])
+def test_fp32_models_get_the_reference_kernels_output_exactly(method, bits, group_size):
+    # Checked to fail with zero + 1 in cpu_dequantize.cpp's gptq4_dequantize.
+    q = layer(method, bits, group_size)
+    x = torch.randn(2, 7, q.in_features)
+    q.select_kernel("cpu", torch.float32, "torch")
+    reference = q(x)
+    q.select_kernel("cpu", torch.float32)
+    assert q.kernel.name == "cpu_lowbit" and torch.equal(q(x), reference)
+
+
 def test_it_declines_what_others_run():
     reasons = explain(LinearFormat(4, 32, False, False, 256, 256), "cpu", torch.bfloat16)
     assert reasons["cpu_lowbit"] == "bits=4 not in [2, 3]"
     fp32 = explain(LinearFormat(3, 16, False, True, 256, 256), "cpu", torch.float32)
-    assert fp32["cpu_lowbit"] == "dtype torch.float32 not supported" and fp32["torch"] is None
+    assert fp32["cpu_lowbit"] is None and fp32["cpu_int4_fp32"] == "bits=3 not in [4]"
     assert KERNELS["cpu_lowbit"].priority > KERNELS["torch"].priority

@@ -26,6 +26,27 @@ class _State:
     qzeros: torch.Tensor  # int32 [groups, out / 8]
     scales: torch.Tensor  # fp32 [groups, out], the checkpoint's fp16 ones exactly
     g_idx: torch.Tensor  # int32 [in]
+    in_features: int
+    out_features: int
+
+
+def dequantize_rows(st, lo: int, hi: int, address: int) -> None:
+    """Output rows lo..hi of the reference kernel's fp32 weight at ``address``, [hi - lo, in]; ``st``
+    holds 4-bit GPTQ words (``qweight``, ``qzeros``), fp32 ``scales`` and int32 ``g_idx``, as this
+    kernel's state and ``cpu_lowbit``'s (2- and 3-bit codes repacked) do."""
+    cpu_dequantize.functions(CpuInt4Fp32.name).treeq_gptq4_dequantize_fp32(
+        st.qweight.data_ptr(), st.qzeros.data_ptr(), st.scales.data_ptr(), st.g_idx.data_ptr(),
+        st.in_features, st.out_features, lo, hi, address, torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def fp32_gemm(layer, st, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s output for fp32 ``x``, its weight dequantized from ``st`` a block of rows at a time."""
+
+    def rows(lo: int, hi: int, address: int, _layout: int) -> None:  # fp32 blocks are always rows
+        dequantize_rows(st, lo, hi, address)
+
+    return matmul_2d(layer, x, torch.float32, lambda x2: blocked_gemm(x2, st.out_features, rows))
 
 
 class CpuInt4Fp32(Kernel):
@@ -48,20 +69,13 @@ class CpuInt4Fp32(Kernel):
             qzeros=layer.qzeros.contiguous(),
             scales=layer.scales.float().contiguous(),
             g_idx=layer.g_idx.to(torch.int32).contiguous(),
+            in_features=layer.in_features,
+            out_features=layer.out_features,
         )
 
     @staticmethod
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
-        st: _State = layer.kernel_state
-        n, k = layer.out_features, layer.in_features
-
-        def rows(lo: int, hi: int, address: int, _layout: int) -> None:  # fp32 blocks are always rows
-            cpu_dequantize.functions(CpuInt4Fp32.name).treeq_gptq4_dequantize_fp32(
-                st.qweight.data_ptr(), st.qzeros.data_ptr(), st.scales.data_ptr(), st.g_idx.data_ptr(),
-                k, n, lo, hi, address, torch.get_num_threads(),
-            )  # fmt: skip
-
-        return matmul_2d(layer, x, torch.float32, lambda x2: blocked_gemm(x2, n, rows))
+        return fp32_gemm(layer, layer.kernel_state, x)
 
 
 KERNEL = CpuInt4Fp32

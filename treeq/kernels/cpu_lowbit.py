@@ -3,7 +3,9 @@ no fused kernel takes: codes and zero points repacked once as 4-bit words, then 
 long-prompt path at every token count, i.e. blocks of the reference kernel's bf16 weight dequantized
 natively (``cpu_dequantize.cpp`` reads g_idx, so any group size and act-order) into oneDNN's layout
 and oneDNN's bf16 GEMM. It replaces the reference kernel's per-call fp32 dequantization and
-F.linear with the same bf16 weight. Memory: the codes are held at 4 bits, not 2 or 3.
+F.linear with the same bf16 weight. fp32 models get ``cpu_int4_fp32``'s path on the same words:
+the reference kernel's fp32 weight and product exactly. Memory: the codes are held at 4 bits, not
+2 or 3.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import packing
-from . import cpu_dequantize, cpu_int4
+from . import cpu_dequantize, cpu_int4, cpu_int4_fp32
 from .base import Kernel, matmul_2d
 from .blocked_gemm import blocked_gemm
 
@@ -36,7 +38,7 @@ class CpuLowBit(Kernel):
     priority = 10
     bits = frozenset({2, 3})
     devices = frozenset({"cpu"})
-    dtypes = frozenset({torch.bfloat16, torch.float16})  # fp32 models keep the exact reference kernel
+    dtypes = frozenset({torch.bfloat16, torch.float16, torch.float32})
     in_multiple = 8  # 4-bit words along the inputs
     out_multiple = 16  # the dequantizer's row blocks (and 4-bit zero-point words)
 
@@ -58,6 +60,8 @@ class CpuLowBit(Kernel):
     @staticmethod
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         st: _Repacked = layer.kernel_state
+        if x.dtype == torch.float32:
+            return cpu_int4_fp32.fp32_gemm(layer, st, x)
         rows = functools.partial(cpu_int4.dequantize_rows, st, st.scales)
         return matmul_2d(layer, x, torch.bfloat16, lambda x2: blocked_gemm(x2, st.out_features, rows))
 
