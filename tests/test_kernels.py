@@ -5,7 +5,8 @@ import treeq.kernels as kernels
 from treeq.errors import TreeqError
 from treeq.kernels import Kernel, LinearFormat, explain, select_kernel
 
-FMT = LinearFormat(bits=3, group_size=64, sym=False, desc_act=True, in_features=128, out_features=64)
+# 5-bit: no kernel but the reference runs it on CPU (cpu_lowbit takes 2 and 3 bits, in fp32 too).
+FMT = LinearFormat(bits=5, group_size=64, sym=False, desc_act=True, in_features=128, out_features=64)
 
 
 class Int4Only(Kernel):
@@ -25,7 +26,7 @@ def test_reference_kernel_runs_every_format():
 
 
 def test_capabilities_give_reasons():
-    assert Int4Only.rejects(FMT, "cpu", torch.float32) == "bits=3 not in [4]"
+    assert Int4Only.rejects(FMT, "cpu", torch.float32) == "bits=5 not in [4]"
     fmt4 = LinearFormat(4, 64, True, True, 128, 64)
     assert Int4Only.rejects(fmt4, "cpu", torch.float32) == "act-order (g_idx) not supported"
     assert "device cuda" in Int4Only.rejects(LinearFormat(4, 64, True, False, 128, 64), "cuda", torch.float32)
@@ -36,18 +37,18 @@ def test_priority_picks_the_best_fitting_kernel(monkeypatch):
     fits = LinearFormat(4, 64, True, False, 128, 64)
     assert select_kernel(fits, "cpu", torch.float32) is Int4Only
     assert select_kernel(FMT, "cpu", torch.float32).name == "torch"
-    assert explain(FMT, "cpu", torch.float32)["int4-only"] == "bits=3 not in [4]"
+    assert explain(FMT, "cpu", torch.float32)["int4-only"] == "bits=5 not in [4]"
 
 
 def test_nothing_fits_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(kernels, "KERNELS", {Int4Only.name: Int4Only})
-    with pytest.raises(TreeqError, match="no kernel can run .* int4-only: bits=3 not in"):
+    with pytest.raises(TreeqError, match="no kernel can run .* int4-only: bits=5 not in"):
         select_kernel(FMT, "cpu", torch.float32)
 
 
 def test_forcing_an_unfit_kernel_says_why(monkeypatch):
     monkeypatch.setitem(kernels.KERNELS, Int4Only.name, Int4Only)
-    with pytest.raises(TreeqError, match="kernel 'int4-only' cannot run this layer: bits=3"):
+    with pytest.raises(TreeqError, match="kernel 'int4-only' cannot run this layer: bits=5"):
         select_kernel(FMT, "cpu", torch.float32, force="int4-only")
     with pytest.raises(TreeqError, match="unknown kernel 'nope'"):
         select_kernel(FMT, "cpu", torch.float32, force="nope")
