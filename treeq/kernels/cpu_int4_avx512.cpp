@@ -84,14 +84,18 @@ void group_sums(const uint16_t* x, int64_t M, int64_t K, int64_t gs, float* out)
         }
 }
 
+// 16 fp32 sums as bf16 at dst, rounded to nearest even as torch rounds. Every path ends here: a bf16
+// result saves the caller a conversion pass and the fp32 output's allocation, which cost a small
+// layer more than its products (a 576 x 576 layer's 64-token call took twice as long as its kernel).
+inline void store_bf16_lanes(uint16_t* dst, __m512 sums) {
+    _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(sums));
+}
+
 // rows x width fp32 sums (row stride ``stride`` floats; width a multiple of 16) into bf16 y (row
-// stride N), rounded to nearest even as torch rounds. Every path ends here: a bf16 result saves the
-// caller a conversion pass and the fp32 output's allocation, which cost a small layer more than its
-// products (a 576 x 576 layer's 64-token call took twice as long as its kernel).
+// stride N).
 inline void store_bf16(const float* src, int64_t rows, int64_t width, int64_t stride, uint16_t* y, int64_t N) {
     for (int64_t r = 0; r < rows; ++r)
-        for (int64_t j = 0; j < width; j += 16)
-            _mm256_storeu_si256((__m256i*)(y + r * N + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + r * stride + j)));
+        for (int64_t j = 0; j < width; j += 16) store_bf16_lanes(y + r * N + j, _mm512_loadu_ps(src + r * stride + j));
 }
 
 // Vector path: R token rows against one block of 16 output rows, K inputs.
@@ -125,7 +129,7 @@ void block_vector(const uint16_t* x, int64_t K, const uint8_t* w, int64_t stride
             acc[r] = _mm512_fnmadd_ps(_mm512_set1_ps(xsum[r * G + g]), o, acc[r]);
         }
     }
-    for (int r = 0; r < R; ++r) _mm256_storeu_si256((__m256i*)(y + r * N), (__m256i)_mm512_cvtneps_pbh(acc[r]));
+    for (int r = 0; r < R; ++r) store_bf16_lanes(y + r * N, acc[r]);
 }
 
 // w: the block's first tile; stride: bytes from one of its tiles to the next (its unit's width).
