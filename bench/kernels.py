@@ -60,8 +60,8 @@ def matmul_table(threads: list[int], n: int = 4096, n_in: int = 4096) -> None:
         "int8 row": _quant_linear(8, -1, n, n_in=n_in),
     }
     print(f"\n{cpu_isa.describe()}")
-    onednn = blocked_gemm.block_rows(n, n_in)[1] == blocked_gemm.ONEDNN
-    layout = "oneDNN's blocked layout" if onednn else "rows (oneDNN's layout differs here)"
+    block = blocked_gemm.block_rows(n, n_in)[1]
+    layout = f"oneDNN's blocked layout ({block}-row blocks)" if block else "rows (oneDNN's layout differs here)"
     print(f"gemm path: 4-bit weights dequantized into {layout}, 8-bit ones into rows")
     print(f"matmul {n}x{n_in} (outputs x inputs), median of 40 calls (8 from 256 tokens on) taken in turns, in ms;")
     print("ratio = bf16 time / kernel time; path: the kernel's path for that many tokens")

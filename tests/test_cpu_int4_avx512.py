@@ -106,14 +106,15 @@ def test_amx_panel_path_carries_its_sums_across_panels(tokens, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("layout", [gemm_blocks.PLAIN, gemm_blocks.ONEDNN])
+@pytest.mark.parametrize("layout", [gemm_blocks.PLAIN, *gemm_blocks.ONEDNN_BLOCK_ROWS])
 @pytest.mark.parametrize("group_size", [32, 64, -1])
 def test_dequantized_rows_are_the_reference_weight_exactly(group_size, layout):
-    """The gemm path's weight in either layout: every row block equals the reference kernel's bf16
-    weight, zero points (asymmetric) and act-order's input order included."""
+    """The gemm path's weight in every layout (oneDNN's blocked ones whichever this CPU's oneDNN
+    uses): every row block equals the reference kernel's bf16 weight, zero points (asymmetric) and
+    act-order's input order included."""
     # Checked to fail with zero + 1 in dequantize_tile; rows with the fp32 products truncated to bf16
-    # instead of rounded to nearest even; layout 1 with the 16-row blocks' offsets within 64 rows
-    # dropped.
+    # instead of rounded to nearest even; the blocked layouts with the 16-row blocks' offsets within
+    # a block dropped; the 32-row one with the block size fixed at 64 rows.
     layer = quant_linear(4, group_size, False, group_size == 64, out_f=192)
     layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
     st = layer.kernel_state
@@ -124,7 +125,7 @@ def test_dequantized_rows_are_the_reference_weight_exactly(group_size, layout):
     for lo in range(0, 192, 64):
         k4.dequantize_rows(st, lo, lo + 64, out.data_ptr(), layout)
         rows = reference[lo : lo + 64]
-        expected = rows.reshape(-1) if layout == gemm_blocks.PLAIN else gemm_blocks.onednn_layout(rows)
+        expected = rows.reshape(-1) if layout == gemm_blocks.PLAIN else gemm_blocks.onednn_layout(rows, layout)
         assert torch.equal(out.view(-1), expected)
 
 

@@ -84,10 +84,10 @@ needs_dequantizer = pytest.mark.skipif(
 def gemm_layout(request, monkeypatch):
     """The layout the GEMM path's dequantizers write, with blocks small enough for a test layer to
     take several: oneDNN's (skipped where this oneDNN holds weights otherwise) or plain rows."""
-    if request.param == "onednn" and not blocked_gemm.onednn_packs(64, 256):
-        pytest.skip("oneDNN here does not hold bf16 weights in the AB16b64a2b layout")
+    if request.param == "onednn" and not blocked_gemm.onednn_block_rows(64, 256):
+        pytest.skip("oneDNN here holds bf16 weights in none of the blocked layouts the dequantizers write")
     if request.param == "rows":
-        monkeypatch.setattr(blocked_gemm, "onednn_packs", lambda rows, k: False)
+        monkeypatch.setattr(blocked_gemm, "onednn_block_rows", lambda rows, k: 0)
     monkeypatch.setattr(blocked_gemm, "GEMM_BYTES", 64 * 256 * 2)  # 64 rows of a 256-wide layer
     return request.param
 
@@ -123,20 +123,21 @@ def test_int4_matches_reference_within_bf16(sym, group_size, desc_act, tokens, i
 
 
 @needs_dequantizer
-@pytest.mark.parametrize("layout", [blocked_gemm.PLAIN, blocked_gemm.ONEDNN])
+@pytest.mark.parametrize("layout", [blocked_gemm.PLAIN, *blocked_gemm.ONEDNN_BLOCK_ROWS])
 def test_int4_gemm_path_uses_the_reference_weight_exactly(layout):
     """Every output row block of the GEMM path's weight equals the reference kernel's in bf16, in
-    either layout, asymmetric zero points and act-order included."""
-    # Checked to fail: both layouts with zero + 1 in cpu_dequantize.cpp; rows with its fp32 products
-    # truncated to bf16 instead of rounded to nearest even; layout 1 with the halves of its pairs
-    # swapped.
+    every layout (oneDNN's blocked ones whichever this CPU's oneDNN uses), asymmetric zero points and
+    act-order included."""
+    # Checked to fail: every layout with zero + 1 in cpu_dequantize.cpp; rows with its fp32 products
+    # truncated to bf16 instead of rounded to nearest even; the blocked layouts with the halves of
+    # their pairs swapped; the 32-row one with the block size fixed at 64 rows in pair_slot.
     layer = quant_linear(4, 64, False, True, out_f=192)
     reference = layer.dequantized_weight().to(torch.bfloat16)
     scales, out = layer.scales.float(), torch.empty(64, 256, dtype=torch.bfloat16)
     for lo in range(0, 192, 64):
         cpu_int4.dequantize_rows(layer, scales, lo, lo + 64, out.data_ptr(), layout)
         rows = reference[lo : lo + 64]
-        expected = rows.reshape(-1) if layout == blocked_gemm.PLAIN else blocked_gemm.onednn_layout(rows)
+        expected = rows.reshape(-1) if layout == blocked_gemm.PLAIN else blocked_gemm.onednn_layout(rows, layout)
         assert torch.equal(out.view(-1), expected)
 
 

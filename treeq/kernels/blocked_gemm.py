@@ -7,10 +7,11 @@ point of quantizing. The product is the bf16 GEMM the bf16 model runs, on the we
 kernel dequantizes. BCQ's dense path (:mod:`.cpu_lut_bcq`) runs the same in fp32, in plain rows.
 
 bf16 ``F.linear`` repacks its whole weight into oneDNN's blocked layout at every call (oneDNN's
-"copy_B"). Where oneDNN takes weights in the layout ``ONEDNN`` names, the dequantizers write that
-layout straight into a prepacked oneDNN buffer, so the dequantization stands in for that repacking
-instead of adding to it. Elsewhere (another oneDNN, a shape it pads) the block is written row by row
-and goes through ``F.linear``.
+"copy_B"). Where oneDNN holds weights in one of the layouts ``ONEDNN_BLOCK_ROWS`` names (it picks
+by CPU: 64-row blocks without AMX, 32-row blocks with it), the dequantizers write that layout
+straight into a prepacked oneDNN buffer, so the dequantization stands in for that repacking instead
+of adding to it. Elsewhere (another oneDNN, a shape it pads) the block is written row by row and
+goes through ``F.linear``.
 
 Memory: each thread keeps one buffer per block shape and dtype, of at most ``GEMM_BYTES`` (bf16) or
 ``FP32_GEMM_BYTES``, reused by every call (a model's layers share a handful of shapes).
@@ -36,8 +37,20 @@ GEMM_BYTES = 32 << 20
 # other at 64 and 384 tokens (torch.mm, Zen 5, 1 thread, loaded), so an fp32 block is small: 256
 # rows there, a 16th of the layer.
 FP32_GEMM_BYTES = 4 << 20
-PLAIN, ONEDNN = 0, 1  # the dequantizers' layout argument (their sources describe both)
-ONEDNN_ROWS, ONEDNN_INPUTS = 64, 32  # oneDNN's AB16b64a2b: 64 rows x 32 inputs per block
+# The dequantizers' layout argument: PLAIN (rows), else oneDNN's blocked layout with that many rows
+# per block, AB16b64a2b or AB16b32a2b: per block of rows x 32 inputs, 16 pairs of inputs for each row
+# (their sources describe it). oneDNN 3.12 packed weights in 64-row blocks on a Zen 5 and in 32-row
+# blocks on an AMX Xeon, so both are written; each shape's is checked against oneDNN's own packing.
+PLAIN = 0
+ONEDNN_BLOCK_ROWS = (64, 32)
+ONEDNN_INPUTS = 32
+# The largest block worth writing in each blocked layout. With AMX (32-row blocks) oneDNN's GEMM ran
+# slower on a prepacked weight than on rows once the weight outgrew a core's L2 (AMX Xeon, 2 MB L2,
+# 1 and 2 threads, 1024 and 2048 tokens: 0.83-0.96x the rows' speed on 2048 x 2048 and 4096 x 4096),
+# while on 1536 x 576 and smaller the prepacked weight gained 2-12%; on rows oneDNN repacks the
+# weight a panel at a time into a buffer that stays in cache. Without AMX (64-row blocks, Zen 5)
+# the prepacked 4096 x 4096 weight was ahead (above), so there every block is written blocked.
+ONEDNN_MAX_BYTES = {64: GEMM_BYTES, 32: 2 << 20}
 # The token count oneDNN is told to pack for; it chose the same layout for 1 to 2048 (oneDNN 3.12).
 PACK_HINT = 256
 
@@ -46,39 +59,43 @@ Dequantize = Callable[[int, int, int, int], None]
 _local = threading.local()  # each thread's buffers, one per block shape and layout
 
 
-def onednn_layout(w: torch.Tensor) -> torch.Tensor:
-    """A [rows, k] weight's elements in the ``ONEDNN`` layout's order, flat."""
+def onednn_layout(w: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """A [rows, k] weight's elements in oneDNN's layout of ``block_rows``-row blocks, flat."""
     rows, k = w.shape
-    blocks = w.reshape(rows // ONEDNN_ROWS, ONEDNN_ROWS, k // ONEDNN_INPUTS, ONEDNN_INPUTS // 2, 2)
+    blocks = w.reshape(rows // block_rows, block_rows, k // ONEDNN_INPUTS, ONEDNN_INPUTS // 2, 2)
     return blocks.permute(0, 2, 3, 1, 4).reshape(-1)
 
 
 @functools.cache
-def onednn_packs(rows: int, k: int) -> bool:
-    """Whether oneDNN holds a [rows, k] bf16 weight in the ``ONEDNN`` layout: checked once per shape
-    against its own packing of a random weight, byte for byte."""
+def onednn_block_rows(rows: int, k: int) -> int:
+    """The rows per block (of ``ONEDNN_BLOCK_ROWS``) of the layout oneDNN holds a [rows, k] bf16
+    weight in, or 0 if none: checked once per shape against its own packing of a random weight, byte
+    for byte."""
     w = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)).bfloat16()
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_HINT)
         if torch.ops.mkldnn._nbytes(packed) != w.numel() * w.element_size():
-            return False  # padded
+            return 0  # padded
         raw = torch.empty_like(w)
         ctypes.memmove(raw.data_ptr(), torch.ops.mkldnn.data_ptr(packed), raw.numel() * raw.element_size())
     except (AttributeError, RuntimeError):  # a torch without these oneDNN ops, or without oneDNN
-        return False
-    return torch.equal(raw.view(-1), onednn_layout(w))
+        return 0
+    fits = (r for r in ONEDNN_BLOCK_ROWS if rows % r == 0 and torch.equal(raw.view(-1), onednn_layout(w, r)))
+    return next(fits, 0)
 
 
 def block_rows(n: int, k: int, onednn: bool = True, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
-    """(rows per block, layout) for an [n, k] weight: in bf16 the ``ONEDNN`` layout in blocks of a
-    multiple of 64 rows dividing n where oneDNN takes it (and ``onednn``), else ``PLAIN`` blocks of
-    a multiple of 16 rows."""
+    """(rows per block, layout) for an [n, k] weight: in bf16 oneDNN's blocked layout, in blocks of
+    a multiple of its rows per block dividing n, where oneDNN takes it (and ``onednn``), else
+    ``PLAIN`` blocks of a multiple of 16 rows."""
     fp32 = dtype == torch.float32
-    limit = max(ONEDNN_ROWS, FP32_GEMM_BYTES // (4 * k) if fp32 else GEMM_BYTES // (2 * k))
-    if onednn and not fp32 and n % ONEDNN_ROWS == 0 and k % ONEDNN_INPUTS == 0:
-        fits = [r for r in range(ONEDNN_ROWS, min(limit, n) + 1, ONEDNN_ROWS) if n % r == 0]
-        if fits and onednn_packs(fits[-1], k):
-            return fits[-1], ONEDNN
+    smallest = min(ONEDNN_BLOCK_ROWS)
+    limit = max(max(ONEDNN_BLOCK_ROWS), FP32_GEMM_BYTES // (4 * k) if fp32 else GEMM_BYTES // (2 * k))
+    if onednn and not fp32 and n % smallest == 0 and k % ONEDNN_INPUTS == 0:
+        rows = max(r for r in range(smallest, min(limit, n) + 1, smallest) if n % r == 0)
+        layout = onednn_block_rows(rows, k)
+        if layout and 2 * rows * k <= ONEDNN_MAX_BYTES[layout]:
+            return rows, layout
     return min(n, limit // 16 * 16), PLAIN
 
 
@@ -94,15 +111,15 @@ def _buffer(rows: int, k: int, layout: int, dtype: torch.dtype) -> torch.Tensor:
 
 def blocked_gemm(x: torch.Tensor, n: int, dequantize: Dequantize, onednn: bool = True) -> torch.Tensor:
     """[M, n] = x [M, K] @ W^T in x's dtype (bf16 or fp32), W's rows dequantized in that dtype a
-    block at a time by ``dequantize``; lo and hi are multiples of 16 (of 64 in the ``ONEDNN``
-    layout); ``onednn``: whether ``dequantize`` writes that layout (bf16 only)."""
+    block at a time by ``dequantize``; lo and hi are multiples of 16 (of the rows per block in
+    oneDNN's layout); ``onednn``: whether ``dequantize`` writes oneDNN's layouts (bf16 only)."""
     rows, layout = block_rows(n, x.shape[1], onednn, x.dtype)
     buf = _buffer(rows, x.shape[1], layout, x.dtype)
-    if layout == ONEDNN:
+    if layout != PLAIN:
         address = torch.ops.mkldnn.data_ptr(buf)
 
         def product(lo: int, hi: int) -> torch.Tensor:
-            dequantize(lo, hi, address, ONEDNN)
+            dequantize(lo, hi, address, layout)
             return torch.ops.mkldnn._linear_pointwise(x, buf, None, "none", [None], "")
 
     else:

@@ -7,9 +7,9 @@
 // kept in fp32: the reference kernel's dequantization followed by its cast to bf16, bit for bit, or
 // without it.
 //
-// layout 0 writes rows [n1 - n0][K]; layout 1 oneDNN's blocked weight (AB16b64a2b: per 64 rows x 32
-// inputs, 16 pairs of inputs for each of the 64 rows), which its GEMM reads without repacking it
-// first (n0, n1 multiples of 64, K of 32 there; see blocked_gemm.py).
+// layout 0 writes rows [n1 - n0][K]; layout R (32 or 64) oneDNN's blocked weight (AB16b<R>a2b: per R
+// rows x 32 inputs, 16 pairs of inputs for each of the R rows), which its GEMM reads without
+// repacking it first (n0, n1 multiples of R, K of 32 there; see blocked_gemm.py).
 #include <stdint.h>
 #include <string.h>
 
@@ -21,10 +21,10 @@ inline uint16_t bf16_nearest_even(float f) {
     return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // finite inputs only
 }
 
-// Where layout 1 keeps the pair of inputs k, k + 1 (k even) of row n (counted from n0), as 32-bit
+// Where layout R keeps the pair of inputs k, k + 1 (k even) of row n (counted from n0), as 32-bit
 // words: the next row's pair is the next word.
-inline uint32_t* pair_slot(uint16_t* out, int64_t n, int64_t k, int64_t K) {
-    return (uint32_t*)out + ((n / 64) * (K / 32) + k / 32) * 16 * 64 + (k % 32) / 2 * 64 + n % 64;
+inline uint32_t* pair_slot(uint16_t* out, int64_t n, int64_t k, int64_t K, int64_t R) {
+    return (uint32_t*)out + ((n / R) * (K / 32) + k / 32) * 16 * R + (k % 32) / 2 * R + n % R;
 }
 
 }  // namespace
@@ -51,7 +51,7 @@ __attribute__((always_inline)) inline void gptq4_dequantize(const uint32_t* qwei
     for (int64_t nb = n0; nb < n1; nb += 16)
         for (int64_t k8 = 0; k8 < K / 8; ++k8) {
             // 8 inputs x 16 outputs, computed along outputs (contiguous in every operand), then
-            // stored along inputs (layout 0) or as pairs of inputs along outputs (layout 1).
+            // stored along inputs (layout 0) or as pairs of inputs along outputs (layout R).
             T v[8][16];
             for (int i = 0; i < 8; ++i) {
                 const int64_t g = g_idx[8 * k8 + i];
@@ -70,7 +70,7 @@ __attribute__((always_inline)) inline void gptq4_dequantize(const uint32_t* qwei
             }
             if constexpr (sizeof(T) == 2)
                 for (int i = 0; i < 8; i += 2) {
-                    uint32_t* dst = pair_slot(out, nb - n0, 8 * k8 + i, K);
+                    uint32_t* dst = pair_slot(out, nb - n0, 8 * k8 + i, K, layout);
                     for (int j = 0; j < 16; ++j) dst[j] = v[i][j] | uint32_t(v[i + 1][j]) << 16;
                 }
         }
@@ -92,8 +92,8 @@ extern "C" __attribute__((target_clones("avx2", "default"))) void treeq_gptq4_de
 }
 
 // out [n1 - n0][K] for rows n0..n1 of an 8-bit weight with one scale per row, always in layout 0: a
-// row's pairs scattered into layout 1 cost more (7-10 ms against 2.5 for a 4096 x 4096 weight on
-// one Zen 5 core, strided reads waiting on memory) than oneDNN's repacking that layout 1 saves.
+// row's pairs scattered into layout R cost more (7-10 ms against 2.5 for a 4096 x 4096 weight on
+// one Zen 5 core, strided reads waiting on memory) than oneDNN's repacking that layout R saves.
 // w: int8 [N][K], code - 128; scales: fp32 [N]; zeros: [N].
 extern "C" __attribute__((target_clones("avx2", "default"))) void treeq_int8_dequantize(
     const int8_t* w, const float* scales, const int32_t* zeros, int64_t K, int64_t n0, int64_t n1, uint16_t* out,

@@ -650,9 +650,9 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
 
 
 // Rows n0..n1 of the weight as bf16 at out, for a bf16 GEMM. layout 0: [n1 - n0][K] (n0, n1 multiples of
-// 16); layout 1: oneDNN's blocked weight (AB16b64a2b: per 64 rows x 32 inputs, 16 pairs of inputs for
-// each of the 64 rows; n0, n1 multiples of 64), which its GEMM reads without repacking it first. A
-// tile's pairs are that layout's rows already, so layout 1 also skips the transpose.
+// 16); layout R (32 or 64): oneDNN's blocked weight (AB16b<R>a2b: per R rows x 32 inputs, 16 pairs of
+// inputs for each of the R rows; n0, n1 multiples of R), which its GEMM reads without repacking it
+// first. A tile's pairs are that layout's rows already, so layout R also skips the transpose.
 extern "C" void treeq_int4_dequantize(const uint8_t* w, const uint16_t* scales, const uint8_t* zeros, int64_t N,
                                       int64_t K, int64_t gs, int64_t n0, int64_t n1, uint16_t* out, int layout,
                                       int threads) {
@@ -670,8 +670,9 @@ extern "C" void treeq_int4_dequantize(const uint8_t* w, const uint16_t* scales, 
                 transpose16(rows);
                 for (int r = 0; r < kTileN; ++r) _mm512_storeu_si512(out + (n + r) * K + i * kTileK, rows[r]);
             } else {
-                uint16_t* dst = out + ((n / 64 * tiles + i) * 16 * 64 + n % 64) * 2;
-                for (int p = 0; p < kTileK / 2; ++p) _mm512_storeu_si512(dst + p * 64 * 2, rows[p]);
+                const int64_t R = layout;
+                uint16_t* dst = out + ((n / R * tiles + i) * 16 * R + n % R) * 2;
+                for (int p = 0; p < kTileK / 2; ++p) _mm512_storeu_si512(dst + p * R * 2, rows[p]);
             }
         }
 }
