@@ -106,6 +106,27 @@ def test_amx_panel_path_carries_its_sums_across_panels(tokens, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
+@pytest.mark.parametrize("k,tokens", [(2048, 549), (4096, 300)])  # passes of 128 / 64 token rows, the last partial
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_panel_path_keeps_each_units_panel_across_passes_of_token_rows(k, tokens, threads, monkeypatch):
+    """Long prompts run in passes of token rows (512 KiB of inputs each), each unit's panel
+    dequantized in the first pass and reused by the later ones, whichever thread runs it."""
+    # Checked to fail with every thread's units sharing one kept panel, and with each pass's rows
+    # taken from the first pass's.
+    monkeypatch.setattr(k4, "path", lambda tokens, amx, group_size: "amx_panel")
+    state, w = random_state(144, k, 64, tokens)  # 9 blocks: units of 4, 4 and 1
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(k)).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = k4.matmul(state, x)
+    finally:
+        torch.set_num_threads(before)
+    assert rounded_once(y, x.float() @ w.bfloat16().float().t())
+
+
+@needs_kernel
 @pytest.mark.parametrize("layout", [gemm_blocks.PLAIN, *gemm_blocks.ONEDNN_BLOCK_ROWS])
 @pytest.mark.parametrize("group_size", [32, 64, -1])
 def test_dequantized_rows_are_the_reference_weight_exactly(group_size, layout):

@@ -486,19 +486,21 @@ void chain_rows32(const uint16_t* xa, int64_t K, const uint16_t* panel, int p, i
         if (j % 2 < PB) acc_end(j, true, nullptr, kTileN, y + (j / 2 * kTileN) * N + j % 2 * kTileN, N);
 }
 
-// NB blocks of 16 outputs for all M token rows, y written in bf16. Tiles configured as for the AMX
-// path, tile 7 as a second activation tile; tail as there; panel: NB * kPanelTiles tiles of scratch;
-// sums: [M/16][NB][16 x 16] scratch that carries a panel's sums to the next where the inputs take
-// several panels. rows32: whether 32 token rows at a time take chain_rows32.
+// NB blocks of 16 outputs for M token rows, y written in bf16. Tiles configured as for the AMX
+// path, tile 7 as a second activation tile; tail: as there (the call's last M % 16 rows, padded),
+// null where the tiles hold every row; panel: NB * kPanelTiles tiles of scratch; sums: [M/16][NB]
+// [16 x 16] scratch that carries a panel's sums to the next where the inputs take several panels.
+// rows32: whether 32 token rows at a time take chain_rows32. dequantize: false where panel already
+// holds the unit's weights (one panel only: a later pass of token rows, see treeq_int4_matmul).
 template <int NB>
 void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w,
                       const uint16_t* scales, const uint8_t* zeros, int64_t gs, uint16_t* y, int64_t N,
-                      uint16_t* panel, float* sums, bool rows32) {
+                      uint16_t* panel, float* sums, bool rows32, bool dequantize) {
     const int64_t G = K / gs, tiles = K / kTileK;
     for (int64_t k0 = 0; k0 < tiles; k0 += kPanelTiles) {
         const int64_t k1 = tiles - k0 < kPanelTiles ? tiles : k0 + kPanelTiles;
         const bool first = k0 == 0, last = k1 == tiles;
-        dequantize_panel<NB>(w, scales, zeros, G, gs, k0, k1, panel);
+        if (dequantize) dequantize_panel<NB>(w, scales, zeros, G, gs, k0, k1, panel);
         for (int64_t m0 = 0; m0 < M;) {
             if (rows32 && M - m0 >= 32) {
                 for (int p = 0; p + 1 < NB; p += 2)
@@ -509,13 +511,22 @@ void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_
                 continue;
             }
             const int64_t rows = M - m0 < 16 ? M - m0 : 16;
-            const uint16_t* xa = M > 16 && rows < 16 ? tail : x + m0 * K;  // tiles hold 16 rows
+            const uint16_t* xa = tail && rows < 16 ? tail : x + m0 * K;  // tiles hold 16 rows
             float* part = sums ? sums + (m0 / 16) * NB * 256 : nullptr;  // null: one panel, no sums carried
             chain_rows16<NB>(xa, rows, K, panel, k0, k1, first, last, part, y + m0 * N, N);
             m0 += 16;
         }
     }
 }
+
+// Token rows per pass of the AMX panel path, where a unit's inputs fit one panel: a pass's inputs
+// (kPanelPassBytes) then stay in L2 across the thread's units, each unit's panel dequantized in the
+// first pass and kept (up to kPanelKeepBytes per thread; beyond, one pass). In one pass the inputs
+// were read from memory once per unit: from 1536 tokens, 576 and 1536 inputs wide, the path fell to
+// 0.74-0.96x bf16 (AMX Xeon, 2 MB L2, 1 and 2 threads); in passes of 512 KiB it ran at 1.04-1.35x
+// there (bench/results/kernels.md), passes of 1 MiB and keeping up to 8 MiB no faster.
+constexpr int64_t kPanelPassBytes = 512 << 10;
+constexpr int64_t kPanelKeepBytes = 2 << 20;
 
 // Token rows per pass of the expanded path: their inputs (768 KiB at 4096 wide) stay in a 1 MiB
 // L2 across units. Of 48, 96 and 192 rows, 96 was ahead or even at 256 and 1024 tokens (Zen 5).
@@ -568,6 +579,13 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
     }
     const int64_t units = (blocks + kMaxBlocks - 1) / kMaxBlocks, block_bytes = (K / kTileK) * kBlockBytes;
     const bool rows32 = K <= kRows32MaxInputs;
+    // The panel path's passes of token rows (a multiple of 32 rows), and the panels a thread keeps.
+    const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
+    const int64_t panel_bytes = sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK;
+    const int64_t kept_panels = (units + threads - 1) / threads;
+    const bool one_panel = K / kTileK <= kPanelTiles, keep = kept_panels * panel_bytes <= kPanelKeepBytes;
+    const int64_t pass_rows = kPanelPassBytes / (2 * K) / 32 * 32;
+    const int64_t pass = panel && one_panel && keep && pass_rows > 0 ? pass_rows : M;
 #pragma omp parallel num_threads(threads)
     {
         uint16_t* bbuf = nullptr;
@@ -577,8 +595,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         if (amx) acc = (float*)scratch(3, sizeof(float) * M * kMaxBlocks * kTileN);
         if (expanded) acc = (float*)scratch(3, sizeof(float) * (M < kExpandedRowBlock ? M : kExpandedRowBlock) * kMaxBlocks * kTileN);
         if (panel) {
-            const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
-            bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK);
+            bbuf = (uint16_t*)scratch(2, panel_bytes * (pass < M ? kept_panels : 1));
             if (K / kTileK > kPanelTiles)  // sums carried from panel to panel
                 acc = (float*)scratch(3, sizeof(float) * (M + 15) / 16 * 16 * kMaxBlocks * kTileN);
         }
@@ -606,19 +623,26 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 }
             }
         }
-        if (panel) {
-#pragma omp for schedule(static)
+        // Panel path: as the expanded path, a pass of token rows through the thread's units (the
+        // same units in every pass, so each keeps its panel from the first), then the next pass.
+        for (int64_t m1 = 0; panel && m1 < M; m1 += pass) {
+            const int64_t rows = M - m1 < pass ? M - m1 : pass;
+            const uint16_t* xm = x + m1 * K;
+            int64_t kept = 0;  // this thread's units so far in this pass
+#pragma omp for schedule(static) nowait
             for (int64_t u = 0; u < units; ++u) {
                 const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
                 const uint8_t* wb = w + b * block_bytes;
                 const uint16_t* sb = scales + b * G * kTileN;
                 const uint8_t* ob = zeros + b * G * kTileN;
-                uint16_t* yb = y + b * kTileN;
+                uint16_t* ym = y + m1 * N + b * kTileN;
+                uint16_t* pb = bbuf + (pass < M ? kept++ : 0) * panel_bytes / sizeof(uint16_t);
+                const bool dq = m1 == 0;
                 switch (nb) {
-                    case 1: blocks_amx_panel<1>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc, rows32); break;
-                    case 2: blocks_amx_panel<2>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc, rows32); break;
-                    case 3: blocks_amx_panel<3>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc, rows32); break;
-                    default: blocks_amx_panel<4>(x, tail, M, K, wb, sb, ob, gs, yb, N, bbuf, acc, rows32); break;
+                    case 1: blocks_amx_panel<1>(xm, tail, rows, K, wb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 2: blocks_amx_panel<2>(xm, tail, rows, K, wb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 3: blocks_amx_panel<3>(xm, tail, rows, K, wb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    default: blocks_amx_panel<4>(xm, tail, rows, K, wb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
                 }
             }
         }
