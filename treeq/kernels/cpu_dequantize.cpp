@@ -1,7 +1,8 @@
 // Output rows of a quantized weight as bf16, for the long-prompt GEMM of cpu_int4 (GPTQ-layout 4-bit)
-// and cpu_int8 (8-bit per row), or as fp32 for cpu_int4_fp32's (fp32 models), on any x86 CPU (no AVX512 needed: the loops are written for the
-// compiler to vectorize, and each function is cloned for AVX2 and for baseline x86-64, the loader
-// picking the one the CPU runs).
+// and cpu_int8 (8-bit per row), or as fp32 for cpu_int4_fp32's (fp32 models), on any x86 CPU (no
+// AVX512 needed: the loops are written for the compiler to vectorize, in GCC's vector extensions
+// where it would not, and the work of each block of rows is cloned for AVX2 and for baseline
+// x86-64, the loader picking the one the CPU runs).
 //
 // Each weight is (code - zero) * scale in fp32, rounded once to bf16 (to nearest, ties to even) or
 // kept in fp32: the reference kernel's dequantization followed by its cast to bf16, bit for bit, or
@@ -39,70 +40,125 @@ inline uint16_t stored<uint16_t>(float f) { return bf16_nearest_even(f); }
 template <>
 inline float stored<float>(float f) { return f; }
 
-// out for rows n0..n1 (multiples of 16). qweight: [K/8][N] words of 8 codes, input 8i + j in bits
-// 4j..4j+3 of word i; qzeros: [G][N/8] the same way along outputs; scales: fp32 [G][N]; g_idx: each
-// input's group. T: uint16_t (bf16, either layout) or float (layout 0).
-template <typename T>
-__attribute__((always_inline)) inline void gptq4_dequantize(const uint32_t* qweight, const uint32_t* qzeros,
-                                                            const float* scales, const int32_t* g_idx, int64_t K,
-                                                            int64_t N, int64_t n0, int64_t n1, T* out, int layout,
-                                                            int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t nb = n0; nb < n1; nb += 16)
-        for (int64_t k8 = 0; k8 < K / 8; ++k8) {
-            // 8 inputs x 16 outputs, computed along outputs (contiguous in every operand), then
-            // stored along inputs (layout 0) or as pairs of inputs along outputs (layout R).
-            T v[8][16];
-            for (int i = 0; i < 8; ++i) {
-                const int64_t g = g_idx[8 * k8 + i];
-                const uint32_t* w = qweight + k8 * N + nb;
-                const uint32_t* z = qzeros + g * (N / 8) + nb / 8;
-                const float* s = scales + g * N + nb;
-                for (int j = 0; j < 16; ++j) {
-                    const float code = float((w[j] >> (4 * i)) & 15u), zero = float((z[j / 8] >> (4 * (j % 8))) & 15u);
-                    v[i][j] = stored<T>((code - zero) * s[j]);
-                }
-            }
-            if (layout == 0) {
-                for (int j = 0; j < 16; ++j)
-                    for (int i = 0; i < 8; ++i) out[(nb + j - n0) * K + 8 * k8 + i] = v[i][j];
-                continue;
-            }
-            if constexpr (sizeof(T) == 2)
-                for (int i = 0; i < 8; i += 2) {
-                    uint32_t* dst = pair_slot(out, nb - n0, 8 * k8 + i, K, layout);
-                    for (int j = 0; j < 16; ++j) dst[j] = v[i][j] | uint32_t(v[i + 1][j]) << 16;
-                }
+// 8 lanes in GCC's vector extensions, which each clone below compiles for its own instructions (the
+// compiler left the same loop written in scalars unvectorized, judging it unprofitable).
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef float F8 __attribute__((vector_size(32)));
+typedef uint16_t H8 __attribute__((vector_size(16)));
+constexpr U8 kShifts = {0, 4, 8, 12, 16, 20, 24, 28};  // input i's code: bits 4i..4i+3 of the word
+
+// 8 weights stored as bf16 (to nearest, ties to even: bf16_nearest_even lane by lane) or fp32.
+inline void store8(uint16_t* out, F8 f) {
+    U8 u;
+    memcpy(&u, &f, sizeof u);
+    const H8 h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, H8);
+    memcpy(out, &h, sizeof h);
+}
+inline void store8(float* out, F8 f) { memcpy(out, &f, sizeof f); }
+
+// The zero points (as floats) and scales of one group for 16 outputs, reloaded only when the group
+// changes: unpacked per input, they kept the compiler from vectorizing the loops below.
+struct GroupParams {
+    int64_t group = -1;
+    float zero[16], scale[16];
+    void load(const uint32_t* qzeros, const float* scales, int64_t N, int64_t nb, int64_t g) {
+        if (g == group) return;
+        group = g;
+        const uint32_t* z = qzeros + g * (N / 8) + nb / 8;
+        for (int j = 0; j < 16; ++j) {
+            zero[j] = float((z[j / 8] >> (4 * (j % 8))) & 15u);
+            scale[j] = scales[g * N + nb + j];
         }
+    }
+};
+
+// Output rows nb..nb + 15 of out (rows n0..n1, multiples of 16). qweight: [K/8][N] words of 8 codes,
+// input 8i + j in bits 4j..4j+3 of word i; qzeros: [G][N/8] the same way along outputs; scales: fp32
+// [G][N]; g_idx: each input's group. T: uint16_t (bf16, either layout) or float (layout 0).
+template <typename T>
+__attribute__((always_inline)) inline void gptq4_block(const uint32_t* qweight, const uint32_t* qzeros,
+                                                       const float* scales, const int32_t* g_idx, int64_t K,
+                                                       int64_t N, int64_t n0, int64_t nb, T* out, int layout) {
+    GroupParams p;
+    for (int64_t k8 = 0; k8 < K / 8; ++k8) {
+        const uint32_t* w = qweight + k8 * N + nb;
+        const int32_t* gi = g_idx + 8 * k8;
+        bool one_group = true;
+        for (int i = 1; i < 8; ++i) one_group &= gi[i] == gi[0];
+        if (layout == 0 && one_group) {
+            // Rows: each output's 8 inputs from its one word, along the inputs (the stored order).
+            p.load(qzeros, scales, N, nb, gi[0]);
+            for (int j = 0; j < 16; ++j) {
+                const U8 codes = (U8{} + w[j]) >> kShifts & 15u;
+                store8(out + (nb + j - n0) * K + 8 * k8, (__builtin_convertvector(codes, F8) - p.zero[j]) * p.scale[j]);
+            }
+            continue;
+        }
+        // 8 inputs x 16 outputs, computed along outputs, then stored along inputs (layout 0: the
+        // inputs of several groups, as act-order's) or as pairs of inputs along outputs (layout R).
+        T v[8][16];
+        for (int i = 0; i < 8; ++i) {
+            p.load(qzeros, scales, N, nb, gi[i]);
+            for (int j = 0; j < 16; ++j) v[i][j] = stored<T>((float((w[j] >> (4 * i)) & 15u) - p.zero[j]) * p.scale[j]);
+        }
+        if (layout == 0) {
+            for (int j = 0; j < 16; ++j)
+                for (int i = 0; i < 8; ++i) out[(nb + j - n0) * K + 8 * k8 + i] = v[i][j];
+            continue;
+        }
+        if constexpr (sizeof(T) == 2)
+            for (int i = 0; i < 8; i += 2) {
+                uint32_t* dst = pair_slot(out, nb - n0, 8 * k8 + i, K, layout);
+                for (int j = 0; j < 16; ++j) dst[j] = v[i][j] | uint32_t(v[i + 1][j]) << 16;
+            }
+    }
+}
+
+// The per-block and per-row work, each cloned for AVX2 and for baseline x86-64. The OpenMP loops
+// stay in the callers: GCC compiles a parallel loop's body once, for the baseline, whatever clones
+// the function around it has, so inside the clones it ran on SSE2 only.
+__attribute__((target_clones("avx2", "default"))) void gptq4_block_bf16(
+    const uint32_t* qweight, const uint32_t* qzeros, const float* scales, const int32_t* g_idx, int64_t K, int64_t N,
+    int64_t n0, int64_t nb, uint16_t* out, int layout) {
+    gptq4_block(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, layout);
+}
+
+__attribute__((target_clones("avx2", "default"))) void gptq4_block_fp32(
+    const uint32_t* qweight, const uint32_t* qzeros, const float* scales, const int32_t* g_idx, int64_t K, int64_t N,
+    int64_t n0, int64_t nb, float* out) {
+    gptq4_block(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, 0);
+}
+
+__attribute__((target_clones("avx2", "default"))) void int8_row(const int8_t* src, float scale, int32_t shift,
+                                                                int64_t K, uint16_t* out) {
+    for (int64_t k = 0; k < K; ++k) out[k] = bf16_nearest_even(float(src[k] + shift) * scale);
 }
 
 }  // namespace
 
-extern "C" __attribute__((target_clones("avx2", "default"))) void treeq_gptq4_dequantize(
-    const uint32_t* qweight, const uint32_t* qzeros, const float* scales, const int32_t* g_idx, int64_t K, int64_t N,
-    int64_t n0, int64_t n1, uint16_t* out, int layout, int threads) {
-    gptq4_dequantize(qweight, qzeros, scales, g_idx, K, N, n0, n1, out, layout, threads);
+// Rows n0..n1 (multiples of 16) of a 4-bit GPTQ-layout weight in bf16, in layout 0 or R (gptq4_block).
+extern "C" void treeq_gptq4_dequantize(const uint32_t* qweight, const uint32_t* qzeros, const float* scales,
+                                       const int32_t* g_idx, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                                       uint16_t* out, int layout, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t nb = n0; nb < n1; nb += 16) gptq4_block_bf16(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, layout);
 }
 
 // The same rows in fp32, [n1 - n0][K]: exactly the reference kernel's fp32 weight, for fp32 models.
-extern "C" __attribute__((target_clones("avx2", "default"))) void treeq_gptq4_dequantize_fp32(
-    const uint32_t* qweight, const uint32_t* qzeros, const float* scales, const int32_t* g_idx, int64_t K, int64_t N,
-    int64_t n0, int64_t n1, float* out, int threads) {
-    gptq4_dequantize(qweight, qzeros, scales, g_idx, K, N, n0, n1, out, 0, threads);
+extern "C" void treeq_gptq4_dequantize_fp32(const uint32_t* qweight, const uint32_t* qzeros, const float* scales,
+                                            const int32_t* g_idx, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                                            float* out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t nb = n0; nb < n1; nb += 16) gptq4_block_fp32(qweight, qzeros, scales, g_idx, K, N, n0, nb, out);
 }
 
 // out [n1 - n0][K] for rows n0..n1 of an 8-bit weight with one scale per row, always in layout 0: a
 // row's pairs scattered into layout R cost more (7-10 ms against 2.5 for a 4096 x 4096 weight on
 // one Zen 5 core, strided reads waiting on memory) than oneDNN's repacking that layout R saves.
 // w: int8 [N][K], code - 128; scales: fp32 [N]; zeros: [N].
-extern "C" __attribute__((target_clones("avx2", "default"))) void treeq_int8_dequantize(
-    const int8_t* w, const float* scales, const int32_t* zeros, int64_t K, int64_t n0, int64_t n1, uint16_t* out,
-    int threads) {
+extern "C" void treeq_int8_dequantize(const int8_t* w, const float* scales, const int32_t* zeros, int64_t K,
+                                      int64_t n0, int64_t n1, uint16_t* out, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = n0; n < n1; ++n) {
-        const int8_t* src = w + n * K;
-        const float s = scales[n];
-        const int32_t shift = 128 - zeros[n];  // code - zero = w + 128 - zero, exact in fp32
-        for (int64_t k = 0; k < K; ++k) out[(n - n0) * K + k] = bf16_nearest_even(float(src[k] + shift) * s);
-    }
+    for (int64_t n = n0; n < n1; ++n)  // code - zero = w + 128 - zero, exact in fp32
+        int8_row(w + n * K, scales[n], 128 - zeros[n], K, out + (n - n0) * K);
 }
