@@ -1,5 +1,6 @@
-"""cpu_int4_fp32: 4-bit layers of fp32 models through the native fp32 dequantizer and the fp32 GEMM,
-which must give the reference kernel's output bit for bit (same weight, same product)."""
+"""cpu_int4_fp32 and cpu_int8_fp32: 4- and 8-bit layers of fp32 models through the native fp32
+dequantizer and the fp32 GEMM, which must give the reference kernel's output bit for bit (same
+weight, same product)."""
 
 import pytest
 import torch
@@ -12,26 +13,32 @@ needs_dequantizer = pytest.mark.skipif(not cpu_dequantize.available(), reason="n
 
 
 @needs_dequantizer
+@pytest.mark.parametrize("bits,kernel", [(4, "cpu_int4_fp32"), (8, "cpu_int8_fp32")])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group_size,desc_act", [(32, False), (64, True), (-1, False)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tokens", [1, 37])
-def test_output_is_the_reference_kernels_bit_for_bit(sym, group_size, desc_act, bias, tokens, monkeypatch):
-    # Checked to fail: every case with zero + 1 in cpu_dequantize.cpp's gptq4_dequantize; every case
-    # with each block's rows dequantized from row 0 instead of its own first row.
+def test_output_is_the_reference_kernels_bit_for_bit(
+    bits, kernel, sym, group_size, desc_act, bias, tokens, monkeypatch
+):
+    # Checked to fail: every case with zero + 1 in cpu_dequantize.cpp's gptq_block; every case with
+    # each block's rows dequantized from row 0 instead of its own first row; every 8-bit case with
+    # the second word of 8 inputs read from the first word's row (codes8), and the act-order ones
+    # with code_at's word index i / (32 / B) taken as i / 8.
     monkeypatch.setattr(gemm_blocks, "FP32_GEMM_BYTES", 4 * 256 * 16)  # 64-row blocks: the 96 rows take two
-    layer = quant_linear(4, group_size, sym, desc_act, bias=bias)
+    layer = quant_linear(bits, group_size, sym, desc_act, bias=bias)
     x = torch.randn(2, tokens, 256)
     layer.select_kernel("cpu", torch.float32, "torch")
     reference = layer(x)
     layer.select_kernel("cpu", torch.float32)
-    assert layer.kernel.name == "cpu_int4_fp32"
+    assert layer.kernel.name == kernel
     assert torch.equal(layer(x), reference)
 
 
-def test_declines_without_the_dequantizer_and_the_reference_kernel_runs(monkeypatch):
+@pytest.mark.parametrize("bits,kernel", [(4, "cpu_int4_fp32"), (8, "cpu_int8_fp32")])
+def test_declines_without_the_dequantizer_and_the_reference_kernel_runs(bits, kernel, monkeypatch):
     monkeypatch.setattr(cpu_dequantize, "library", lambda: (None, "no C++ compiler found"))
-    fmt = LinearFormat(4, 64, True, False, 256, 96)
-    assert explain(fmt, "cpu", torch.float32)["cpu_int4_fp32"] == "no native dequantizer: no C++ compiler found"
+    fmt = LinearFormat(bits, 64, True, False, 256, 96)
+    assert explain(fmt, "cpu", torch.float32)[kernel] == "no native dequantizer: no C++ compiler found"
     assert select_kernel(fmt, "cpu", torch.float32).name == "torch"
-    assert explain(fmt, "cpu", torch.bfloat16)["cpu_int4_fp32"] == "dtype torch.bfloat16 not supported"
+    assert explain(fmt, "cpu", torch.bfloat16)[kernel] == "dtype torch.bfloat16 not supported"

@@ -45,7 +45,28 @@ inline float stored<float>(float f) { return f; }
 typedef uint32_t U8 __attribute__((vector_size(32)));
 typedef float F8 __attribute__((vector_size(32)));
 typedef uint16_t H8 __attribute__((vector_size(16)));
-constexpr U8 kShifts = {0, 4, 8, 12, 16, 20, 24, 28};  // input i's code: bits 4i..4i+3 of the word
+
+// GPTQ's words: 32 / B codes of B bits each (B = 4 or 8), the first in the lowest bits.
+template <int B>
+constexpr uint32_t kMask = (1u << B) - 1;
+
+// The code at position i of a row of words (stride: between words along the rows).
+template <int B>
+inline uint32_t code_at(const uint32_t* words, int64_t stride, int64_t i) {
+    return (words[i / (32 / B) * stride] >> (B * (i % (32 / B)))) & kMask<B>;
+}
+
+// The codes of inputs 8 k8 .. 8 k8 + 7 of one output (w: its word for inputs from 8 k8 on; N: the
+// stride between words along the inputs): all 8 codes of one 4-bit word, or 4 of each of two 8-bit words.
+template <int B>
+inline U8 codes8(const uint32_t* w, int64_t N) {
+    if constexpr (B == 4) {
+        return (U8{} + w[0]) >> U8{0, 4, 8, 12, 16, 20, 24, 28} & kMask<4>;
+    } else {
+        const uint32_t a = w[0], b = w[N];
+        return U8{a, a, a, a, b, b, b, b} >> U8{0, 8, 16, 24, 0, 8, 16, 24} & kMask<8>;
+    }
+}
 
 // 8 weights stored as bf16 (to nearest, ties to even: bf16_nearest_even lane by lane) or fp32.
 inline void store8(uint16_t* out, F8 f) {
@@ -58,39 +79,40 @@ inline void store8(float* out, F8 f) { memcpy(out, &f, sizeof f); }
 
 // The zero points (as floats) and scales of one group for 16 outputs, reloaded only when the group
 // changes: unpacked per input, they kept the compiler from vectorizing the loops below.
+template <int B>
 struct GroupParams {
     int64_t group = -1;
     float zero[16], scale[16];
     void load(const uint32_t* qzeros, const float* scales, int64_t N, int64_t nb, int64_t g) {
         if (g == group) return;
         group = g;
-        const uint32_t* z = qzeros + g * (N / 8) + nb / 8;
         for (int j = 0; j < 16; ++j) {
-            zero[j] = float((z[j / 8] >> (4 * (j % 8))) & 15u);
+            zero[j] = float(code_at<B>(qzeros + g * (N / (32 / B)), 1, nb + j));
             scale[j] = scales[g * N + nb + j];
         }
     }
 };
 
-// Output rows nb..nb + 15 of out (rows n0..n1, multiples of 16). qweight: [K/8][N] words of 8 codes,
-// input 8i + j in bits 4j..4j+3 of word i; qzeros: [G][N/8] the same way along outputs; scales: fp32
-// [G][N]; g_idx: each input's group. T: uint16_t (bf16, either layout) or float (layout 0).
-template <typename T>
-__attribute__((always_inline)) inline void gptq4_block(const uint32_t* qweight, const uint32_t* qzeros,
-                                                       const float* scales, const int32_t* g_idx, int64_t K,
-                                                       int64_t N, int64_t n0, int64_t nb, T* out, int layout) {
-    GroupParams p;
+// Output rows nb..nb + 15 of out (rows n0..n1, multiples of 16) of a B-bit weight. qweight:
+// [K B/32][N] words of 32 / B codes, input (32 / B) i + j in bits B j.. of word i; qzeros:
+// [G][N B/32] the same way along outputs; scales: fp32 [G][N]; g_idx: each input's group. K is a
+// multiple of 8. T: uint16_t (bf16, either layout) or float (layout 0).
+template <int B, typename T>
+__attribute__((always_inline)) inline void gptq_block(const uint32_t* qweight, const uint32_t* qzeros,
+                                                      const float* scales, const int32_t* g_idx, int64_t K,
+                                                      int64_t N, int64_t n0, int64_t nb, T* out, int layout) {
+    GroupParams<B> p;
     for (int64_t k8 = 0; k8 < K / 8; ++k8) {
-        const uint32_t* w = qweight + k8 * N + nb;
+        const uint32_t* w = qweight + k8 * (B * 8 / 32) * N + nb;  // the words of inputs 8 k8 on
         const int32_t* gi = g_idx + 8 * k8;
         bool one_group = true;
         for (int i = 1; i < 8; ++i) one_group &= gi[i] == gi[0];
         if (layout == 0 && one_group) {
-            // Rows: each output's 8 inputs from its one word, along the inputs (the stored order).
+            // Rows: each output's 8 inputs, along the inputs (the stored order).
             p.load(qzeros, scales, N, nb, gi[0]);
             for (int j = 0; j < 16; ++j) {
-                const U8 codes = (U8{} + w[j]) >> kShifts & 15u;
-                store8(out + (nb + j - n0) * K + 8 * k8, (__builtin_convertvector(codes, F8) - p.zero[j]) * p.scale[j]);
+                const F8 codes = __builtin_convertvector(codes8<B>(w + j, N), F8);
+                store8(out + (nb + j - n0) * K + 8 * k8, (codes - p.zero[j]) * p.scale[j]);
             }
             continue;
         }
@@ -99,7 +121,7 @@ __attribute__((always_inline)) inline void gptq4_block(const uint32_t* qweight, 
         T v[8][16];
         for (int i = 0; i < 8; ++i) {
             p.load(qzeros, scales, N, nb, gi[i]);
-            for (int j = 0; j < 16; ++j) v[i][j] = stored<T>((float((w[j] >> (4 * i)) & 15u) - p.zero[j]) * p.scale[j]);
+            for (int j = 0; j < 16; ++j) v[i][j] = stored<T>((float(code_at<B>(w + j, N, i)) - p.zero[j]) * p.scale[j]);
         }
         if (layout == 0) {
             for (int j = 0; j < 16; ++j)
@@ -120,13 +142,14 @@ __attribute__((always_inline)) inline void gptq4_block(const uint32_t* qweight, 
 __attribute__((target_clones("avx2", "default"))) void gptq4_block_bf16(
     const uint32_t* qweight, const uint32_t* qzeros, const float* scales, const int32_t* g_idx, int64_t K, int64_t N,
     int64_t n0, int64_t nb, uint16_t* out, int layout) {
-    gptq4_block(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, layout);
+    gptq_block<4>(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, layout);
 }
 
-__attribute__((target_clones("avx2", "default"))) void gptq4_block_fp32(
+__attribute__((target_clones("avx2", "default"))) void gptq_block_fp32(
     const uint32_t* qweight, const uint32_t* qzeros, const float* scales, const int32_t* g_idx, int64_t K, int64_t N,
-    int64_t n0, int64_t nb, float* out) {
-    gptq4_block(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, 0);
+    int64_t n0, int64_t nb, float* out, int bits) {
+    if (bits == 8) gptq_block<8>(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, 0);
+    else gptq_block<4>(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, 0);
 }
 
 __attribute__((target_clones("avx2", "default"))) void int8_row(const int8_t* src, float scale, int32_t shift,
@@ -136,7 +159,7 @@ __attribute__((target_clones("avx2", "default"))) void int8_row(const int8_t* sr
 
 }  // namespace
 
-// Rows n0..n1 (multiples of 16) of a 4-bit GPTQ-layout weight in bf16, in layout 0 or R (gptq4_block).
+// Rows n0..n1 (multiples of 16) of a 4-bit GPTQ-layout weight in bf16, in layout 0 or R (gptq_block).
 extern "C" void treeq_gptq4_dequantize(const uint32_t* qweight, const uint32_t* qzeros, const float* scales,
                                        const int32_t* g_idx, int64_t K, int64_t N, int64_t n0, int64_t n1,
                                        uint16_t* out, int layout, int threads) {
@@ -144,12 +167,13 @@ extern "C" void treeq_gptq4_dequantize(const uint32_t* qweight, const uint32_t* 
     for (int64_t nb = n0; nb < n1; nb += 16) gptq4_block_bf16(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, layout);
 }
 
-// The same rows in fp32, [n1 - n0][K]: exactly the reference kernel's fp32 weight, for fp32 models.
-extern "C" void treeq_gptq4_dequantize_fp32(const uint32_t* qweight, const uint32_t* qzeros, const float* scales,
-                                            const int32_t* g_idx, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                                            float* out, int threads) {
+// Rows n0..n1 of a 4- or 8-bit (bits) GPTQ-layout weight in fp32, [n1 - n0][K]: exactly the reference
+// kernel's fp32 weight, for fp32 models.
+extern "C" void treeq_gptq_dequantize_fp32(const uint32_t* qweight, const uint32_t* qzeros, const float* scales,
+                                           const int32_t* g_idx, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                                           float* out, int bits, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t nb = n0; nb < n1; nb += 16) gptq4_block_fp32(qweight, qzeros, scales, g_idx, K, N, n0, nb, out);
+    for (int64_t nb = n0; nb < n1; nb += 16) gptq_block_fp32(qweight, qzeros, scales, g_idx, K, N, n0, nb, out, bits);
 }
 
 // out [n1 - n0][K] for rows n0..n1 of an 8-bit weight with one scale per row, always in layout 0: a

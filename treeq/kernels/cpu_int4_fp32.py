@@ -30,21 +30,23 @@ class _State:
     out_features: int
 
 
-def dequantize_rows(st, lo: int, hi: int, address: int) -> None:
+def dequantize_rows(st, lo: int, hi: int, address: int, bits: int = 4) -> None:
     """Output rows lo..hi of the reference kernel's fp32 weight at ``address``, [hi - lo, in]; ``st``
-    holds 4-bit GPTQ words (``qweight``, ``qzeros``), fp32 ``scales`` and int32 ``g_idx``, as this
-    kernel's state and ``cpu_lowbit``'s (2- and 3-bit codes repacked) do."""
-    cpu_dequantize.functions(CpuInt4Fp32.name).treeq_gptq4_dequantize_fp32(
+    holds ``bits``-bit GPTQ words (``qweight``, ``qzeros``; 4 or 8 bits), fp32 ``scales`` and int32
+    ``g_idx``, as this kernel's state, ``cpu_int8_fp32``'s and ``cpu_lowbit``'s (2- and 3-bit codes
+    repacked in 4-bit words) do."""
+    cpu_dequantize.functions(CpuInt4Fp32.name).treeq_gptq_dequantize_fp32(
         st.qweight.data_ptr(), st.qzeros.data_ptr(), st.scales.data_ptr(), st.g_idx.data_ptr(),
-        st.in_features, st.out_features, lo, hi, address, torch.get_num_threads(),
+        st.in_features, st.out_features, lo, hi, address, bits, torch.get_num_threads(),
     )  # fmt: skip
 
 
-def fp32_gemm(layer, st, x: torch.Tensor) -> torch.Tensor:
-    """``layer``'s output for fp32 ``x``, its weight dequantized from ``st`` a block of rows at a time."""
+def fp32_gemm(layer, st, x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """``layer``'s output for fp32 ``x``, its weight dequantized from ``st`` (``bits``-bit words) a
+    block of rows at a time."""
 
     def rows(lo: int, hi: int, address: int, _layout: int) -> None:  # fp32 blocks are always rows
-        dequantize_rows(st, lo, hi, address)
+        dequantize_rows(st, lo, hi, address, bits)
 
     return matmul_2d(layer, x, torch.float32, lambda x2: blocked_gemm(x2, st.out_features, rows))
 
