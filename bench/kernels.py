@@ -21,7 +21,7 @@ import click
 import torch
 import torch.nn.functional as F
 from model_speed import short_calibration, speed_table  # bench/: run as a script, bench/ is on sys.path
-from timing import median_seconds
+from timing import MAX_ROUNDS, median_seconds
 
 from treeq.config import QuantConfig
 from treeq.kernels import LinearFormat, blocked_gemm, cpu_int4, cpu_int4_avx512, cpu_int8, cpu_isa
@@ -29,6 +29,9 @@ from treeq.methods import InputStats, make_method
 from treeq.runtime.quant_linear import QuantLinear
 
 MATMUL_TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 2048)
+# Seconds of timed rounds per cell: a small layer's long-prompt call takes a millisecond or less,
+# and 8 rounds of it left medians 10-30% apart from run to run on a VM.
+ROUND_BUDGET = 2.0
 # The kernels that choose a path per call by the number of tokens; the others have one.
 PATHS = {
     "cpu_int4_avx512": lambda layer, m: cpu_int4_avx512.path(m, layer.kernel_state.amx, layer.kernel_state.group_size),
@@ -63,7 +66,10 @@ def matmul_table(threads: list[int], n: int = 4096, n_in: int = 4096) -> None:
     block = blocked_gemm.block_rows(n, n_in)[1]
     layout = f"oneDNN's blocked layout ({block}-row blocks)" if block else "rows (oneDNN's layout differs here)"
     print(f"gemm path: 4-bit weights dequantized into {layout}, 8-bit ones into rows")
-    print(f"matmul {n}x{n_in} (outputs x inputs), median of 40 calls (8 from 256 tokens on) taken in turns, in ms;")
+    print(
+        f"matmul {n}x{n_in} (outputs x inputs), median of 40 calls (8 from 256 tokens on; more, up to"
+        f" {MAX_ROUNDS}, where {ROUND_BUDGET:g} s allow) taken in turns, in ms;"
+    )
     print("ratio = bf16 time / kernel time; path: the kernel's path for that many tokens")
     print(f"{'threads':>7} {'M':>4} {'bf16':>8} " + " ".join(f"{k:>10} {'ratio':>6} {'path':>8}" for k in layers))
     for t in threads:
@@ -72,7 +78,7 @@ def matmul_table(threads: list[int], n: int = 4096, n_in: int = 4096) -> None:
             x = torch.randn(m, n_in, dtype=torch.bfloat16)
             with torch.no_grad():
                 fns = [lambda: F.linear(x, dense)] + [lambda layer=layer: layer(x) for layer in layers.values()]
-                base, *kernel_times = median_seconds(fns, 40 if m < 256 else 8)
+                base, *kernel_times = median_seconds(fns, 40 if m < 256 else 8, budget=ROUND_BUDGET)
             paths = [PATHS.get(layer.kernel.name, lambda *_: "op")(layer, m) for layer in layers.values()]
             cells = [f"{s * 1e3:>10.3f} {base / s:>5.2f}x {p:>8}" for s, p in zip(kernel_times, paths)]
             print(f"{t:>7} {m:>4} {base * 1e3:>8.3f} " + " ".join(cells), flush=True)
