@@ -522,9 +522,9 @@ void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_
 // Token rows per pass of the AMX panel path, where a unit's inputs fit one panel: a pass's inputs
 // (kPanelPassBytes) then stay in L2 across the thread's units, each unit's panel dequantized in the
 // first pass and kept (up to kPanelKeepBytes per thread; beyond, one pass). In one pass the inputs
-// were read from memory once per unit: from 1536 tokens, 576 and 1536 inputs wide, the path fell to
-// 0.74-0.96x bf16 (AMX Xeon, 2 MB L2, 1 and 2 threads); in passes of 512 KiB it ran at 1.04-1.35x
-// there (bench/results/kernels.md), passes of 1 MiB and keeping up to 8 MiB no faster.
+// were read from memory once per unit: from 1536 tokens, 576 and 1536 inputs wide, passes of
+// 512 KiB ran 1.13-1.45x as fast (AMX Xeon, 2 MB L2, 1 and 2 threads; bench/results/kernels.md);
+// passes of 1 MiB and keeping up to 8 MiB were no faster.
 constexpr int64_t kPanelPassBytes = 512 << 10;
 constexpr int64_t kPanelKeepBytes = 2 << 20;
 
