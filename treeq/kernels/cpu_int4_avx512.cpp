@@ -405,16 +405,17 @@ constexpr int64_t kRows32MaxInputs = 2048;
 static_assert(kRows32MaxInputs <= kPanelTiles * kTileK, "chain_rows32 carries no sums from panel to panel");
 constexpr int64_t kPanelAhead = 2;  // input tiles between a row's prefetch and its load
 
-// Input tiles k0..k1 of the unit's NB blocks into panel: tile i of block b at ((i - k0) * NB + b) * 512.
+// Input tiles k0..k1 of NB blocks into panel: tile i of block b at ((i - k0) * NB + b) * 512. w: the
+// first block's first tile in a unit of `stride` blocks (whose tiles interleave).
 template <int NB>
-void dequantize_panel(const uint8_t* w, const uint16_t* scales, const uint8_t* zeros, int64_t G, int64_t gs,
-                      int64_t k0, int64_t k1, uint16_t* panel) {
+void dequantize_panel(const uint8_t* w, int64_t stride, const uint16_t* scales, const uint8_t* zeros, int64_t G,
+                      int64_t gs, int64_t k0, int64_t k1, uint16_t* panel) {
     for (int64_t i = k0; i < k1; ++i) {
         const int64_t g = i * kTileK / gs;
         for (int b = 0; b < NB; ++b) {
             __m512i rows[16];
             const int64_t at = (b * G + g) * kTileN;  // the group's 16 scales and zero points
-            dequantize_tile(w + (i * NB + b) * kBlockBytes, scales + at, zeros + at, rows);
+            dequantize_tile(w + (i * stride + b) * kBlockBytes, scales + at, zeros + at, rows);
             uint16_t* dst = panel + ((i - k0) * NB + b) * kTileN * kTileK;
             for (int p = 0; p < kTileK / 2; ++p) _mm512_store_si512(dst + p * 2 * kTileN, rows[p]);
         }
@@ -494,13 +495,13 @@ void chain_rows32(const uint16_t* xa, int64_t K, const uint16_t* panel, int p, i
 // holds the unit's weights (one panel only: a later pass of token rows, see treeq_int4_matmul).
 template <int NB>
 void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w,
-                      const uint16_t* scales, const uint8_t* zeros, int64_t gs, uint16_t* y, int64_t N,
-                      uint16_t* panel, float* sums, bool rows32, bool dequantize) {
+                      int64_t stride, const uint16_t* scales, const uint8_t* zeros, int64_t gs, uint16_t* y,
+                      int64_t N, uint16_t* panel, float* sums, bool rows32, bool dequantize) {
     const int64_t G = K / gs, tiles = K / kTileK;
     for (int64_t k0 = 0; k0 < tiles; k0 += kPanelTiles) {
         const int64_t k1 = tiles - k0 < kPanelTiles ? tiles : k0 + kPanelTiles;
         const bool first = k0 == 0, last = k1 == tiles;
-        if (dequantize) dequantize_panel<NB>(w, scales, zeros, G, gs, k0, k1, panel);
+        if (dequantize) dequantize_panel<NB>(w, stride, scales, zeros, G, gs, k0, k1, panel);
         for (int64_t m0 = 0; m0 < M;) {
             if (rows32 && M - m0 >= 32) {
                 for (int p = 0; p + 1 < NB; p += 2)
@@ -582,7 +583,10 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
     // The panel path's passes of token rows (a multiple of 32 rows), and the panels a thread keeps.
     const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
     const int64_t panel_bytes = sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK;
-    const int64_t kept_panels = (units + threads - 1) / threads;
+    // Where the units do not divide evenly among the threads (SmolLM2's 192 and 576 outputs make 3
+    // and 9), each takes its units' halves of 2 blocks, as many as the threads give it.
+    const int64_t split = panel && units % threads ? 2 : 1, items = units * split;
+    const int64_t kept_panels = (items + threads - 1) / threads;
     const bool one_panel = K / kTileK <= kPanelTiles, keep = kept_panels * panel_bytes <= kPanelKeepBytes;
     const int64_t pass_rows = kPanelPassBytes / (2 * K) / 32 * 32;
     const int64_t pass = panel && one_panel && keep && pass_rows > 0 ? pass_rows : M;
@@ -630,19 +634,23 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
             const uint16_t* xm = x + m1 * K;
             int64_t kept = 0;  // this thread's units so far in this pass
 #pragma omp for schedule(static) nowait
-            for (int64_t u = 0; u < units; ++u) {
-                const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
-                const uint8_t* wb = w + b * block_bytes;
+            for (int64_t t = 0; t < items; ++t) {
+                const int64_t u = t / split, b0 = u * kMaxBlocks;
+                const int64_t unit_nb = blocks - b0 < kMaxBlocks ? blocks - b0 : kMaxBlocks;
+                const int64_t first = t % split * (kMaxBlocks / split), b = b0 + first;  // this item's blocks
+                const int64_t nb = unit_nb - first < kMaxBlocks / split ? unit_nb - first : kMaxBlocks / split;
+                if (nb <= 0) continue;  // the second half of a last unit of 2 blocks or fewer
+                const uint8_t* wb = w + b0 * block_bytes + first * kBlockBytes;
                 const uint16_t* sb = scales + b * G * kTileN;
                 const uint8_t* ob = zeros + b * G * kTileN;
                 uint16_t* ym = y + m1 * N + b * kTileN;
                 uint16_t* pb = bbuf + (pass < M ? kept++ : 0) * panel_bytes / sizeof(uint16_t);
                 const bool dq = m1 == 0;
                 switch (nb) {
-                    case 1: blocks_amx_panel<1>(xm, tail, rows, K, wb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 2: blocks_amx_panel<2>(xm, tail, rows, K, wb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 3: blocks_amx_panel<3>(xm, tail, rows, K, wb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    default: blocks_amx_panel<4>(xm, tail, rows, K, wb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 1: blocks_amx_panel<1>(xm, tail, rows, K, wb, unit_nb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 2: blocks_amx_panel<2>(xm, tail, rows, K, wb, unit_nb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 3: blocks_amx_panel<3>(xm, tail, rows, K, wb, unit_nb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    default: blocks_amx_panel<4>(xm, tail, rows, K, wb, unit_nb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
                 }
             }
         }
