@@ -93,6 +93,26 @@ def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [48, 144])  # 1 unit of 3 blocks; 3 units (4, 4, 1): odd on 2 threads
+@pytest.mark.parametrize("tokens", [1, 9, 100])
+def test_each_path_hands_out_half_units_where_units_do_not_divide_among_threads(n, tokens, kernel_path):
+    """On 2 threads an odd number of units runs as half units of 2 blocks (1 where a unit has 3 or
+    1): each half reads its tiles at its unit's stride."""
+    # Checked to fail on every path but gemm with a half unit's tile stride taken as its own block
+    # count (item_of), on AMX and with AMX forbidden.
+    state, w = random_state(n, 192, 64, tokens)
+    x = torch.randn(tokens, 192, generator=torch.Generator().manual_seed(n)).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = k4.matmul(state, x)
+    finally:
+        torch.set_num_threads(before)
+    exact = x.float() @ (w.bfloat16().float() if kernel_path in ("gemm", "amx_panel") else w).t()
+    assert rounded_once(y, exact)
+
+
+@needs_kernel
 @pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
 @pytest.mark.parametrize("tokens", [5, 37])
 def test_amx_panel_path_carries_its_sums_across_panels(tokens, monkeypatch):

@@ -153,11 +153,12 @@ void rows_vector(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int6
 // (NB * gs * 16 bf16): block b's tile rows in order, one pair of inputs for 16 outputs per 64
 // bytes, then multiply every token row with it.
 
+// w: the first block's first tile in a unit of `stride` blocks (whose tiles interleave).
 template <int NB>
-void expand_group(const uint8_t* w, int64_t g, int64_t tiles, uint16_t* bbuf) {
+void expand_group(const uint8_t* w, int64_t stride, int64_t g, int64_t tiles, uint16_t* bbuf) {
     for (int64_t i = 0; i < tiles; ++i)
         for (int b = 0; b < NB; ++b) {
-            const uint8_t* src = w + ((g * tiles + i) * NB + b) * kBlockBytes;
+            const uint8_t* src = w + ((g * tiles + i) * stride + b) * kBlockBytes;
             uint16_t* dst = bbuf + (b * tiles + i) * kTileN * kTileK;
             for (int t = 0; t < kTileK / 4; ++t) {
                 __m512i even, odd;
@@ -199,17 +200,18 @@ void group_rows_expanded(const uint16_t* x, int64_t K, const uint16_t* bbuf, int
 
 constexpr int kExpandedRows = 6;
 
-// All M token rows against one unit of NB blocks (the caller keeps M small enough for these rows'
-// inputs to stay in L2 across units: see kExpandedRowBlock); acc: M * NB * 16 fp32 scratch.
+// All M token rows against NB blocks of a unit of `stride` blocks (the caller keeps M small enough
+// for these rows' inputs to stay in L2 across units: see kExpandedRowBlock); acc: M * NB * 16 fp32
+// scratch.
 template <int NB>
-void blocks_expanded(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
-                     const uint8_t* zeros, const float* xsum, int64_t gs, uint16_t* y, int64_t N, uint16_t* bbuf,
-                     float* acc) {
+void blocks_expanded(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t stride,
+                     const uint16_t* scales, const uint8_t* zeros, const float* xsum, int64_t gs, uint16_t* y,
+                     int64_t N, uint16_t* bbuf, float* acc) {
     const int64_t G = K / gs, tiles = gs / kTileK, pairs = gs / 2;
     constexpr int W = NB * kTileN;  // outputs handled here
     memset(acc, 0, sizeof(float) * M * W);
     for (int64_t g = 0; g < G; ++g) {
-        expand_group<NB>(w, g, tiles, bbuf);
+        expand_group<NB>(w, stride, g, tiles, bbuf);
         __m512 s[NB], o[NB];
         for (int b = 0; b < NB; ++b) group_params(scales + (b * G + g) * kTileN, zeros + (b * G + g) * kTileN, &s[b], &o[b]);
         for (int64_t m0 = 0; m0 < M; m0 += kExpandedRows) {
@@ -291,11 +293,11 @@ inline void acc_zero(int b) {
     }
 }
 
-// NB blocks of 16 outputs (weights w[b], per-group scale and offset vectors) for all M token rows.
-// bbuf: NB * gs * 16 bf16 scratch; acc: M * 16 * NB fp32 scratch; tail: the last M % 16 token rows
-// padded to 16 (or null).
+// NB blocks of 16 outputs (weights w[b] in a unit of `stride` blocks, per-group scale and offset
+// vectors) for all M token rows. bbuf: NB * gs * 16 bf16 scratch; acc: M * 16 * NB fp32 scratch;
+// tail: the last M % 16 token rows padded to 16 (or null).
 template <int NB>
-void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w,
+void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w, int64_t stride,
                 const uint16_t* scales, const uint8_t* zeros, const float* xsum, int64_t gs, uint16_t* y, int64_t N,
                 uint16_t* bbuf, float* acc) {
     const int64_t G = K / gs, tiles = gs / kTileK;
@@ -303,7 +305,7 @@ void blocks_amx(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, c
     alignas(64) float c[16 * 16];
     memset(acc, 0, sizeof(float) * M * W);
     for (int64_t g = 0; g < G; ++g) {
-        expand_group<NB>(w, g, tiles, bbuf);  // once, reused by every 16 token rows
+        expand_group<NB>(w, stride, g, tiles, bbuf);  // once, reused by every 16 token rows
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
             const int64_t rows = M - m0 < 16 ? M - m0 : 16;
             const uint16_t* xa = (rows < 16 && tail ? tail : x + m0 * K) + g * gs;
@@ -520,6 +522,21 @@ void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_
     }
 }
 
+// Work item t of a call: unit t / split whole (split 1) or, split 2, its half t % 2 of up to 2 blocks
+// (none for the second half of a last unit of 2 blocks or fewer). w: its first block's first tile;
+// stride: its unit's blocks, whose tiles interleave.
+struct Item {
+    int64_t b, nb, stride;
+    const uint8_t* w;
+};
+
+inline Item item_of(int64_t t, int64_t split, int64_t blocks, const uint8_t* w, int64_t block_bytes) {
+    const int64_t b0 = t / split * kMaxBlocks, stride = blocks - b0 < kMaxBlocks ? blocks - b0 : kMaxBlocks;
+    const int64_t first = t % split * (kMaxBlocks / split), rest = stride - first;
+    return {b0 + first, rest < kMaxBlocks / split ? rest : kMaxBlocks / split, stride,
+            w + b0 * block_bytes + first * kBlockBytes};
+}
+
 // Token rows per pass of the AMX panel path, where a unit's inputs fit one panel: a pass's inputs
 // (kPanelPassBytes) then stay in L2 across the thread's units, each unit's panel dequantized in the
 // first pass and kept (up to kPanelKeepBytes per thread; beyond, one pass). In one pass the inputs
@@ -583,9 +600,10 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
     // The panel path's passes of token rows (a multiple of 32 rows), and the panels a thread keeps.
     const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
     const int64_t panel_bytes = sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK;
-    // Where the units do not divide evenly among the threads (SmolLM2's 192 and 576 outputs make 3
-    // and 9), each takes its units' halves of 2 blocks, as many as the threads give it.
-    const int64_t split = panel && units % threads ? 2 : 1, items = units * split;
+    // Work items: units of 4 blocks or, where those do not divide evenly among the threads (SmolLM2's
+    // 192 and 576 outputs make 3 and 9), half units of 2 blocks, so no thread waits on another's extra
+    // unit (bench/results/kernels.md).
+    const int64_t split = units % threads ? 2 : 1, items = units * split;
     const int64_t kept_panels = (items + threads - 1) / threads;
     const bool one_panel = K / kTileK <= kPanelTiles, keep = kept_panels * panel_bytes <= kPanelKeepBytes;
     const int64_t pass_rows = kPanelPassBytes / (2 * K) / 32 * 32;
@@ -605,7 +623,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
         }
         // Expanded path: a block of token rows through every unit, then the next block, so each
         // block's inputs are read from memory once rather than once per unit. A static schedule
-        // gives each thread the same units in every block, and units write disjoint outputs, so
+        // gives each thread the same work items in every block, and they write disjoint outputs, so
         // no thread waits for the others between blocks (on a busy machine each wait could cost
         // a time slice).
         for (int64_t m1 = 0; expanded && m1 < M; m1 += kExpandedRowBlock) {
@@ -613,17 +631,19 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
             const uint16_t* xm = x + m1 * K;
             const float* sm = xsum + m1 * G;
 #pragma omp for schedule(static) nowait
-            for (int64_t u = 0; u < units; ++u) {
-                const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
-                const uint8_t* wb = w + b * block_bytes;
-                const uint16_t* sb = scales + b * G * kTileN;
-                const uint8_t* ob = zeros + b * G * kTileN;
-                uint16_t* ym = y + m1 * N + b * kTileN;
-                switch (nb) {
-                    case 1: blocks_expanded<1>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf, acc); break;
-                    case 2: blocks_expanded<2>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf, acc); break;
-                    case 3: blocks_expanded<3>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf, acc); break;
-                    default: blocks_expanded<4>(xm, rows, K, wb, sb, ob, sm, gs, ym, N, bbuf, acc); break;
+            for (int64_t t = 0; t < items; ++t) {
+                const Item it = item_of(t, split, blocks, w, block_bytes);
+                if (it.nb <= 0) continue;
+                const uint8_t* wb = it.w;
+                const int64_t st = it.stride;
+                const uint16_t* sb = scales + it.b * G * kTileN;
+                const uint8_t* ob = zeros + it.b * G * kTileN;
+                uint16_t* ym = y + m1 * N + it.b * kTileN;
+                switch (it.nb) {
+                    case 1: blocks_expanded<1>(xm, rows, K, wb, st, sb, ob, sm, gs, ym, N, bbuf, acc); break;
+                    case 2: blocks_expanded<2>(xm, rows, K, wb, st, sb, ob, sm, gs, ym, N, bbuf, acc); break;
+                    case 3: blocks_expanded<3>(xm, rows, K, wb, st, sb, ob, sm, gs, ym, N, bbuf, acc); break;
+                    default: blocks_expanded<4>(xm, rows, K, wb, st, sb, ob, sm, gs, ym, N, bbuf, acc); break;
                 }
             }
         }
@@ -635,44 +655,44 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
             int64_t kept = 0;  // this thread's units so far in this pass
 #pragma omp for schedule(static) nowait
             for (int64_t t = 0; t < items; ++t) {
-                const int64_t u = t / split, b0 = u * kMaxBlocks;
-                const int64_t unit_nb = blocks - b0 < kMaxBlocks ? blocks - b0 : kMaxBlocks;
-                const int64_t first = t % split * (kMaxBlocks / split), b = b0 + first;  // this item's blocks
-                const int64_t nb = unit_nb - first < kMaxBlocks / split ? unit_nb - first : kMaxBlocks / split;
-                if (nb <= 0) continue;  // the second half of a last unit of 2 blocks or fewer
-                const uint8_t* wb = w + b0 * block_bytes + first * kBlockBytes;
-                const uint16_t* sb = scales + b * G * kTileN;
-                const uint8_t* ob = zeros + b * G * kTileN;
-                uint16_t* ym = y + m1 * N + b * kTileN;
+                const Item it = item_of(t, split, blocks, w, block_bytes);
+                if (it.nb <= 0) continue;
+                const uint16_t* sb = scales + it.b * G * kTileN;
+                const uint8_t* ob = zeros + it.b * G * kTileN;
+                uint16_t* ym = y + m1 * N + it.b * kTileN;
                 uint16_t* pb = bbuf + (pass < M ? kept++ : 0) * panel_bytes / sizeof(uint16_t);
                 const bool dq = m1 == 0;
-                switch (nb) {
-                    case 1: blocks_amx_panel<1>(xm, tail, rows, K, wb, unit_nb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 2: blocks_amx_panel<2>(xm, tail, rows, K, wb, unit_nb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 3: blocks_amx_panel<3>(xm, tail, rows, K, wb, unit_nb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    default: blocks_amx_panel<4>(xm, tail, rows, K, wb, unit_nb, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                const uint8_t* wb = it.w;
+                const int64_t st = it.stride;
+                switch (it.nb) {
+                    case 1: blocks_amx_panel<1>(xm, tail, rows, K, wb, st, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 2: blocks_amx_panel<2>(xm, tail, rows, K, wb, st, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 3: blocks_amx_panel<3>(xm, tail, rows, K, wb, st, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    default: blocks_amx_panel<4>(xm, tail, rows, K, wb, st, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
                 }
             }
         }
         if (!expanded && !panel) {
 #pragma omp for schedule(static)
-            for (int64_t u = 0; u < units; ++u) {
-                const int64_t b = u * kMaxBlocks, nb = blocks - b < kMaxBlocks ? blocks - b : kMaxBlocks;
-                const uint8_t* wb = w + b * block_bytes;  // every earlier unit is full
-                const uint16_t* sb = scales + b * G * kTileN;
-                const uint8_t* ob = zeros + b * G * kTileN;
-                uint16_t* yb = y + b * kTileN;
+            for (int64_t t = 0; t < items; ++t) {
+                const Item it = item_of(t, split, blocks, w, block_bytes);
+                if (it.nb <= 0) continue;
+                const uint8_t* wb = it.w;
+                const int64_t st = it.stride;
+                const uint16_t* sb = scales + it.b * G * kTileN;
+                const uint8_t* ob = zeros + it.b * G * kTileN;
+                uint16_t* yb = y + it.b * kTileN;
                 if (!amx) {
-                    for (int64_t j = 0; j < nb; ++j)
-                        rows_vector(x, M, K, wb + j * kBlockBytes, nb * kBlockBytes, sb + j * G * kTileN,
+                    for (int64_t j = 0; j < it.nb; ++j)
+                        rows_vector(x, M, K, wb + j * kBlockBytes, st * kBlockBytes, sb + j * G * kTileN,
                                     ob + j * G * kTileN, xsum, gs, yb + j * kTileN, N);
                     continue;
                 }
-                switch (nb) {
-                    case 1: blocks_amx<1>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                    case 2: blocks_amx<2>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                    case 3: blocks_amx<3>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                    default: blocks_amx<4>(x, tail, M, K, wb, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                switch (it.nb) {
+                    case 1: blocks_amx<1>(x, tail, M, K, wb, st, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                    case 2: blocks_amx<2>(x, tail, M, K, wb, st, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                    case 3: blocks_amx<3>(x, tail, M, K, wb, st, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                    default: blocks_amx<4>(x, tail, M, K, wb, st, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
                 }
             }
         }
