@@ -524,17 +524,20 @@ void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_
 
 // Work item t of a call: unit t / split whole (split 1) or, split 2, its half t % 2 of up to 2 blocks
 // (none for the second half of a last unit of 2 blocks or fewer). w: its first block's first tile;
-// stride: its unit's blocks, whose tiles interleave.
+// stride: its unit's blocks, whose tiles interleave; scales, zeros: its first block's.
 struct Item {
     int64_t b, nb, stride;
     const uint8_t* w;
+    const uint16_t* scales;
+    const uint8_t* zeros;
 };
 
-inline Item item_of(int64_t t, int64_t split, int64_t blocks, const uint8_t* w, int64_t block_bytes) {
+inline Item item_of(int64_t t, int64_t split, int64_t blocks, const uint8_t* w, int64_t block_bytes,
+                    const uint16_t* scales, const uint8_t* zeros, int64_t G) {
     const int64_t b0 = t / split * kMaxBlocks, stride = blocks - b0 < kMaxBlocks ? blocks - b0 : kMaxBlocks;
-    const int64_t first = t % split * (kMaxBlocks / split), rest = stride - first;
-    return {b0 + first, rest < kMaxBlocks / split ? rest : kMaxBlocks / split, stride,
-            w + b0 * block_bytes + first * kBlockBytes};
+    const int64_t first = t % split * (kMaxBlocks / split), rest = stride - first, b = b0 + first;
+    const int64_t nb = rest < kMaxBlocks / split ? rest : kMaxBlocks / split;
+    return {b, nb, stride, w + b0 * block_bytes + first * kBlockBytes, scales + b * G * kTileN, zeros + b * G * kTileN};
 }
 
 // Token rows per pass of the AMX panel path, where a unit's inputs fit one panel: a pass's inputs
@@ -632,18 +635,14 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
             const float* sm = xsum + m1 * G;
 #pragma omp for schedule(static) nowait
             for (int64_t t = 0; t < items; ++t) {
-                const Item it = item_of(t, split, blocks, w, block_bytes);
+                const Item it = item_of(t, split, blocks, w, block_bytes, scales, zeros, G);
                 if (it.nb <= 0) continue;
-                const uint8_t* wb = it.w;
-                const int64_t st = it.stride;
-                const uint16_t* sb = scales + it.b * G * kTileN;
-                const uint8_t* ob = zeros + it.b * G * kTileN;
                 uint16_t* ym = y + m1 * N + it.b * kTileN;
                 switch (it.nb) {
-                    case 1: blocks_expanded<1>(xm, rows, K, wb, st, sb, ob, sm, gs, ym, N, bbuf, acc); break;
-                    case 2: blocks_expanded<2>(xm, rows, K, wb, st, sb, ob, sm, gs, ym, N, bbuf, acc); break;
-                    case 3: blocks_expanded<3>(xm, rows, K, wb, st, sb, ob, sm, gs, ym, N, bbuf, acc); break;
-                    default: blocks_expanded<4>(xm, rows, K, wb, st, sb, ob, sm, gs, ym, N, bbuf, acc); break;
+                    case 1: blocks_expanded<1>(xm, rows, K, it.w, it.stride, it.scales, it.zeros, sm, gs, ym, N, bbuf, acc); break;
+                    case 2: blocks_expanded<2>(xm, rows, K, it.w, it.stride, it.scales, it.zeros, sm, gs, ym, N, bbuf, acc); break;
+                    case 3: blocks_expanded<3>(xm, rows, K, it.w, it.stride, it.scales, it.zeros, sm, gs, ym, N, bbuf, acc); break;
+                    default: blocks_expanded<4>(xm, rows, K, it.w, it.stride, it.scales, it.zeros, sm, gs, ym, N, bbuf, acc); break;
                 }
             }
         }
@@ -655,44 +654,36 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
             int64_t kept = 0;  // this thread's units so far in this pass
 #pragma omp for schedule(static) nowait
             for (int64_t t = 0; t < items; ++t) {
-                const Item it = item_of(t, split, blocks, w, block_bytes);
+                const Item it = item_of(t, split, blocks, w, block_bytes, scales, zeros, G);
                 if (it.nb <= 0) continue;
-                const uint16_t* sb = scales + it.b * G * kTileN;
-                const uint8_t* ob = zeros + it.b * G * kTileN;
                 uint16_t* ym = y + m1 * N + it.b * kTileN;
                 uint16_t* pb = bbuf + (pass < M ? kept++ : 0) * panel_bytes / sizeof(uint16_t);
                 const bool dq = m1 == 0;
-                const uint8_t* wb = it.w;
-                const int64_t st = it.stride;
                 switch (it.nb) {
-                    case 1: blocks_amx_panel<1>(xm, tail, rows, K, wb, st, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 2: blocks_amx_panel<2>(xm, tail, rows, K, wb, st, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 3: blocks_amx_panel<3>(xm, tail, rows, K, wb, st, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
-                    default: blocks_amx_panel<4>(xm, tail, rows, K, wb, st, sb, ob, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 1: blocks_amx_panel<1>(xm, tail, rows, K, it.w, it.stride, it.scales, it.zeros, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 2: blocks_amx_panel<2>(xm, tail, rows, K, it.w, it.stride, it.scales, it.zeros, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 3: blocks_amx_panel<3>(xm, tail, rows, K, it.w, it.stride, it.scales, it.zeros, gs, ym, N, pb, acc, rows32, dq); break;
+                    default: blocks_amx_panel<4>(xm, tail, rows, K, it.w, it.stride, it.scales, it.zeros, gs, ym, N, pb, acc, rows32, dq); break;
                 }
             }
         }
         if (!expanded && !panel) {
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < items; ++t) {
-                const Item it = item_of(t, split, blocks, w, block_bytes);
+                const Item it = item_of(t, split, blocks, w, block_bytes, scales, zeros, G);
                 if (it.nb <= 0) continue;
-                const uint8_t* wb = it.w;
-                const int64_t st = it.stride;
-                const uint16_t* sb = scales + it.b * G * kTileN;
-                const uint8_t* ob = zeros + it.b * G * kTileN;
                 uint16_t* yb = y + it.b * kTileN;
                 if (!amx) {
                     for (int64_t j = 0; j < it.nb; ++j)
-                        rows_vector(x, M, K, wb + j * kBlockBytes, st * kBlockBytes, sb + j * G * kTileN,
-                                    ob + j * G * kTileN, xsum, gs, yb + j * kTileN, N);
+                        rows_vector(x, M, K, it.w + j * kBlockBytes, it.stride * kBlockBytes, it.scales + j * G * kTileN,
+                                    it.zeros + j * G * kTileN, xsum, gs, yb + j * kTileN, N);
                     continue;
                 }
                 switch (it.nb) {
-                    case 1: blocks_amx<1>(x, tail, M, K, wb, st, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                    case 2: blocks_amx<2>(x, tail, M, K, wb, st, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                    case 3: blocks_amx<3>(x, tail, M, K, wb, st, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
-                    default: blocks_amx<4>(x, tail, M, K, wb, st, sb, ob, xsum, gs, yb, N, bbuf, acc); break;
+                    case 1: blocks_amx<1>(x, tail, M, K, it.w, it.stride, it.scales, it.zeros, xsum, gs, yb, N, bbuf, acc); break;
+                    case 2: blocks_amx<2>(x, tail, M, K, it.w, it.stride, it.scales, it.zeros, xsum, gs, yb, N, bbuf, acc); break;
+                    case 3: blocks_amx<3>(x, tail, M, K, it.w, it.stride, it.scales, it.zeros, xsum, gs, yb, N, bbuf, acc); break;
+                    default: blocks_amx<4>(x, tail, M, K, it.w, it.stride, it.scales, it.zeros, xsum, gs, yb, N, bbuf, acc); break;
                 }
             }
         }
