@@ -2,9 +2,9 @@
 the reference kernel's fp32 weight dequantized natively (any group size, act-order included) a block
 of output rows at a time, then the same fp32 GEMM.
 
-The reference kernel's per-call torch dequantization took 1.3 ms of a 576 x 576 layer's 3.4 ms at
-1024 tokens, against 2.0 ms for the fp32 ``F.linear`` alone (AMX Xeon, 2 threads); evaluation
-loads fp32 models by default. Figures: bench/results/kernels.md.
+The reference kernel dequantizes through torch ops at every call, which cost 8-bit layers of fp32
+models most of the time of the product itself; evaluation loads fp32 models by default. Figures:
+bench/results/kernels.md.
 """
 
 from __future__ import annotations
