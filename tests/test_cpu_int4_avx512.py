@@ -2,8 +2,9 @@
 
 How each path is forced, so that every machine tests every path its CPU can run:
 - the ``kernel_path`` fixture replaces ``k4.path`` (the per-call choice) by one that returns the
-  path under test: "vector", "expanded" and "gemm" run wherever AVX512-BF16 exists, "amx" and
-  "amx_panel" where AMX exists too (skipped elsewhere); the gemm path's weight layout by tests/test_cpu_kernels.py's
+  path under test: "vector", "expanded", "panel" and "gemm" run wherever AVX512-BF16 exists, "amx"
+  and "amx_panel" where AMX exists too (skipped elsewhere); ``panel_path`` likewise for the two
+  panel paths; the gemm path's weight layout by tests/test_cpu_kernels.py's
   ``gemm_layout`` fixture (oneDNN's blocked layout, or rows through ``F.linear``);
 - the choice by token count is tested for both kinds of CPU; whether AMX is used is read when the
   kernel is chosen, and ``TREEQ_CPU_ISA=avx512_bf16`` forbids it (a machine with AMX stands in for
@@ -32,12 +33,25 @@ has_amx = k4.unavailable() is None and cpu_isa.allows("amx") and bool(k4.library
 FP32_PATH_TOLERANCE = 1e-5
 
 
-@pytest.fixture(params=["vector", "expanded", "amx", "amx_panel", "gemm"])
-def kernel_path(request, monkeypatch):
-    if request.param.startswith("amx") and not has_amx:
+# The paths whose weights are the reference kernel's bf16 ones (dequantized once per call).
+BF16_WEIGHT_PATHS = ("panel", "amx_panel", "gemm")
+
+
+def force_path(name: str, monkeypatch) -> str:
+    if name.startswith("amx") and not has_amx:
         pytest.skip("no AMX on this CPU")
-    monkeypatch.setattr(k4, "path", lambda tokens, amx, group_size: request.param)
-    return request.param
+    monkeypatch.setattr(k4, "path", lambda tokens, amx, group_size: name)
+    return name
+
+
+@pytest.fixture(params=["vector", "expanded", "panel", "amx", "amx_panel", "gemm"])
+def kernel_path(request, monkeypatch):
+    return force_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["panel", "amx_panel"])
+def panel_path(request, monkeypatch):
+    return force_path(request.param, monkeypatch)
 
 
 def test_tile_layout_puts_input_pairs_of_16_outputs_in_each_row():
@@ -85,7 +99,7 @@ def test_each_path_matches_fp32_reference(tokens, n, kernel_path, monkeypatch):
     y, exact = k4.matmul(state, x), x.float() @ w.t()
     if kernel_path == "gemm":  # the reference kernel's bf16 weight and product, exactly
         assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.functional.linear(x, w.bfloat16()))
-    elif kernel_path == "amx_panel":  # the reference kernel's bf16 weight, fp32 sums, bf16 result
+    elif kernel_path in BF16_WEIGHT_PATHS:  # the reference kernel's bf16 weight, fp32 sums, bf16 result
         assert rounded_once(y, x.float() @ w.bfloat16().float().t())
     else:  # the exact weight, fp32 sums, bf16 result
         assert rounded_once(y, exact)
@@ -108,33 +122,29 @@ def test_each_path_hands_out_half_units_where_units_do_not_divide_among_threads(
         y = k4.matmul(state, x)
     finally:
         torch.set_num_threads(before)
-    exact = x.float() @ (w.bfloat16().float() if kernel_path in ("gemm", "amx_panel") else w).t()
+    exact = x.float() @ (w.bfloat16().float() if kernel_path in BF16_WEIGHT_PATHS else w).t()
     assert rounded_once(y, exact)
 
 
 @needs_kernel
-@pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
 @pytest.mark.parametrize("tokens", [5, 37])
-def test_amx_panel_path_carries_its_sums_across_panels(tokens, monkeypatch):
+def test_panel_paths_carry_their_sums_across_panels(tokens, panel_path):
     """Layers wider than one panel (4096 inputs): each panel's sums go on from the last one's."""
-    # Checked to fail with the sums zeroed at every panel, and with them loaded from the wrong
-    # group of token rows.
-    monkeypatch.setattr(k4, "path", lambda tokens, amx, group_size: "amx_panel")
+    # Checked to fail on both paths with the sums zeroed at every panel, and with them loaded from
+    # the wrong group of token rows.
     state, w = random_state(80, 4096 + 64, 64, tokens)
     x = torch.randn(tokens, 4096 + 64, generator=torch.Generator().manual_seed(tokens)).bfloat16()
     assert rounded_once(k4.matmul(state, x), x.float() @ w.bfloat16().float().t())
 
 
 @needs_kernel
-@pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
 @pytest.mark.parametrize("k,tokens", [(2048, 549), (4096, 300)])  # passes of 128 / 64 token rows, the last partial
 @pytest.mark.parametrize("threads", [1, 2])
-def test_amx_panel_path_keeps_each_units_panel_across_passes_of_token_rows(k, tokens, threads, monkeypatch):
+def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(k, tokens, threads, panel_path):
     """Long prompts run in passes of token rows (512 KiB of inputs each), each unit's panel
     dequantized in the first pass and reused by the later ones, whichever thread runs it."""
-    # Checked to fail with every thread's units sharing one kept panel, and with each pass's rows
-    # taken from the first pass's.
-    monkeypatch.setattr(k4, "path", lambda tokens, amx, group_size: "amx_panel")
+    # Checked to fail on both paths with every thread's units sharing one kept panel, and with each
+    # pass's rows taken from the first pass's.
     state, w = random_state(144, k, 64, tokens)  # 9 blocks: units of 4, 4 and 1
     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(k)).bfloat16()
     before = torch.get_num_threads()
@@ -175,12 +185,12 @@ def test_dequantized_rows_are_the_reference_weight_exactly(group_size, layout):
 @pytest.mark.parametrize("tokens", [1, 70])
 @pytest.mark.usefixtures("gemm_layout")
 def test_gemm_path_is_the_bf16_product_of_the_reference_weight(group_size, desc_act, tokens, monkeypatch):
-    """Long prompts without AMX (and with it): exactly the bf16 model's F.linear on the reference
-    kernel's weight, inputs in the kernel's order, in each layout, over several blocks of rows."""
+    """Long prompts with AMX (forced here on every machine): exactly the bf16 model's F.linear on the
+    reference kernel's weight, inputs in the kernel's order, in each layout, over several blocks of
+    rows."""
     # Checked to fail: every onednn case with the 16-row blocks' offsets within 64 rows dropped in
     # treeq_int4_dequantize; every case with each block's rows taken from the next block.
-    monkeypatch.setattr(k4, "GEMM_FROM", 1)
-    monkeypatch.setattr(k4, "AMX_GEMM_FROM", 1)
+    force_path("gemm", monkeypatch)
     layer = quant_linear(4, group_size, False, desc_act, out_f=192)
     layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
     x = torch.randn(2, tokens, 256).to(torch.bfloat16)
@@ -203,16 +213,19 @@ def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, t
 
 
 def test_path_follows_the_token_count():
-    tokens = (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, k4.GEMM_FROM - 1, k4.GEMM_FROM, 2048)
-    assert [k4.path(m, False, 128) for m in tokens] == ["vector", "vector", "expanded", "expanded", "gemm", "gemm"]
+    tokens = (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, 127, 128, 100_000)
+    assert [k4.path(m, False, 128) for m in tokens] == ["vector", "vector", "expanded", "expanded", "panel", "panel"]
     tokens = (1, 191, 192, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)
     assert [k4.path(m, True, 128) for m in tokens] == ["amx", "amx", "amx_panel", "amx_panel", "gemm"]
 
 
-def test_amx_panel_path_takes_over_in_proportion_to_the_group_size():
-    # The AMX path's per-group step costs more the smaller the groups.
-    assert [k4.amx_panel_from(g) for g in (32, 64, 128, 4096)] == [48, 96, 192, k4.AMX_PANEL_FROM_MAX]
+def test_panel_paths_take_over_in_proportion_to_the_group_size():
+    # The AMX and the expanded path's per-group step costs more the smaller the groups.
+    assert [k4.panel_from(g, True) for g in (32, 64, 128, 4096)] == [48, 96, 192, k4.PANEL_FROM_MAX]
+    assert [k4.panel_from(g, False) for g in (32, 64, 128, 4096)] == [32, 64, 128, k4.PANEL_FROM_MAX]
     assert [k4.path(95, True, 64), k4.path(96, True, 64), k4.path(255, True, 4096)] == ["amx", "amx_panel", "amx"]
+    without_amx = [k4.path(63, False, 64), k4.path(64, False, 64), k4.path(255, False, 4096)]
+    assert without_amx == ["expanded", "panel", "expanded"]
 
 
 @needs_kernel

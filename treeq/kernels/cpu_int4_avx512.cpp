@@ -522,6 +522,71 @@ void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_
     }
 }
 
+// Vector panel path (long prompts without AMX): the AMX panel path's panels, multiplied by the
+// vector units. A panel tile's row p is 16 outputs' pairs of inputs 2p, 2p + 1, one dot-product
+// operand against a broadcast input pair, so R token rows x NB blocks of sums stay in registers over
+// the whole panel, as in the expanded path but with no scale or zero point to apply per group: the
+// weights are the reference kernel's bf16 ones already. 24 sums per chain (R = 24 / NB, at most 12
+// rows: beyond that the broadcasts, one load each, outnumber the products).
+template <int NB>
+constexpr int kVectorPanelRows = 24 / NB < 12 ? 24 / NB : 12;
+
+// R token rows (x: the first one's inputs, row stride K) against input tiles k0..k1 of the panel:
+// sums zeroed before the first panel, else loaded from part (R x NB x 16 fp32, where the previous
+// panel left them); after the last panel rounded to bf16 into y (row stride N), else stored to part.
+template <int NB, int R>
+void chain_vector(const uint16_t* x, int64_t K, const uint16_t* panel, int64_t k0, int64_t k1, bool first,
+                  bool last, float* part, uint16_t* y, int64_t N) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < NB; ++b) acc[r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + (r * NB + b) * kTileN);
+    const uint32_t* xp = (const uint32_t*)x;  // input pairs
+    for (int64_t i = k0; i < k1; ++i) {
+        const uint16_t* bt = panel + (i - k0) * NB * kTileN * kTileK;
+        for (int p = 0; p < kTileK / 2; ++p) {
+            __m512bh wv[NB];
+            for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_load_si512(bt + b * kTileN * kTileK + p * 2 * kTileN);
+            for (int r = 0; r < R; ++r) {
+                const __m512bh xb = (__m512bh)_mm512_set1_epi32(xp[r * K / 2 + i * kTileK / 2 + p]);
+                for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xb, wv[b]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < NB; ++b) {
+            if (last) store_bf16_lanes(y + r * N + b * kTileN, acc[r][b]);
+            else _mm512_storeu_ps(part + (r * NB + b) * kTileN, acc[r][b]);
+        }
+}
+
+// chain_vector for the last ``rows`` < R rows of a call: the instance with that many.
+template <int NB, int R>
+void chain_vector_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_t* panel, int64_t k0, int64_t k1,
+                       bool first, bool last, float* part, uint16_t* y, int64_t N) {
+    if constexpr (R > 1)
+        if (rows < R) return chain_vector_rows<NB, R - 1>(rows, x, K, panel, k0, k1, first, last, part, y, N);
+    chain_vector<NB, R>(x, K, panel, k0, k1, first, last, part, y, N);
+}
+
+// NB blocks of 16 outputs for M token rows, as blocks_amx_panel (panel, sums, dequantize: the same)
+// with vector chains.
+template <int NB>
+void blocks_vector_panel(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t stride,
+                         const uint16_t* scales, const uint8_t* zeros, int64_t gs, uint16_t* y, int64_t N,
+                         uint16_t* panel, float* sums, bool dequantize) {
+    constexpr int R = kVectorPanelRows<NB>;
+    const int64_t G = K / gs, tiles = K / kTileK;
+    for (int64_t k0 = 0; k0 < tiles; k0 += kPanelTiles) {
+        const int64_t k1 = tiles - k0 < kPanelTiles ? tiles : k0 + kPanelTiles;
+        const bool first = k0 == 0, last = k1 == tiles;
+        if (dequantize) dequantize_panel<NB>(w, stride, scales, zeros, G, gs, k0, k1, panel);
+        for (int64_t m0 = 0; m0 < M; m0 += R) {
+            float* part = sums ? sums + m0 * NB * kTileN : nullptr;  // null: one panel, no sums carried
+            chain_vector_rows<NB, R>(M - m0, x + m0 * K, K, panel, k0, k1, first, last, part, y + m0 * N, N);
+        }
+    }
+}
+
 // Work item t of a call: unit t / split whole (split 1) or, split 2, its half t % 2 of up to 2 blocks
 // (none for the second half of a last unit of 2 blocks or fewer). w: its first block's first tile;
 // stride: its unit's blocks, whose tiles interleave; scales, zeros: its first block's.
@@ -540,7 +605,17 @@ inline Item item_of(int64_t t, int64_t split, int64_t blocks, const uint8_t* w, 
     return {b, nb, stride, w + b0 * block_bytes + first * kBlockBytes, scales + b * G * kTileN, zeros + b * G * kTileN};
 }
 
-// Token rows per pass of the AMX panel path, where a unit's inputs fit one panel: a pass's inputs
+// A panel path's work item: the AMX one's tile chains (amx) or the vector one's.
+template <int NB>
+void blocks_panel(bool amx, const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const Item& it,
+                  int64_t gs, uint16_t* y, int64_t N, uint16_t* panel, float* sums, bool rows32, bool dequantize) {
+    if (amx)
+        blocks_amx_panel<NB>(x, tail, M, K, it.w, it.stride, it.scales, it.zeros, gs, y, N, panel, sums, rows32, dequantize);
+    else
+        blocks_vector_panel<NB>(x, M, K, it.w, it.stride, it.scales, it.zeros, gs, y, N, panel, sums, dequantize);
+}
+
+// Token rows per pass of the panel paths, where a unit's inputs fit one panel: a pass's inputs
 // (kPanelPassBytes) then stay in L2 across the thread's units, each unit's panel dequantized in the
 // first pass and kept (up to kPanelKeepBytes per thread; beyond, one pass). In one pass the inputs
 // were read from memory once per unit: from 1536 tokens, 576 and 1536 inputs wide, passes of
@@ -578,15 +653,17 @@ extern "C" int treeq_amx_supported() { return amx_usable(); }
 // fp16; zeros: the same layout in uint8. N is a multiple of 16; K and gs multiples of 32.
 // path: 0 streams the codes through the vector units (few tokens), 1 expands them once per call
 // for the vector units, 2 for AMX tiles (falling back to 1 where the CPU has no AMX), 3 dequantizes
-// them for AMX tiles (the AMX panel path; only where treeq_amx_supported, else y is left as it was).
+// them for AMX tiles (the AMX panel path; only where treeq_amx_supported, else y is left as it was),
+// 4 dequantizes them likewise for the vector units (the vector panel path).
 extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                                   const uint8_t* zeros, int64_t N, int64_t gs, uint16_t* y, int threads, int path) {
     if (M == 0) return;  // a tile of zero rows is an invalid configuration
     const int64_t G = K / gs, blocks = N / kTileN;
     const bool tiles = (path == 2 || path == 3) && amx_usable();
     if (path == 3 && !tiles) return;  // its weights are dequantized for tiles: nothing else runs them
-    const bool amx = path == 2 && tiles, panel = path == 3, expanded = path == 1 || (path == 2 && !tiles);
-    float* xsum = nullptr;  // the panel path folds the zero points into its weights
+    const bool amx = path == 2 && tiles, expanded = path == 1 || (path == 2 && !tiles);
+    const bool amx_panel = path == 3, panel = amx_panel || path == 4;
+    float* xsum = nullptr;  // the panel paths fold the zero points into their weights
     if (!panel) {
         xsum = (float*)scratch(0, sizeof(float) * M * G);
         group_sums(x, M, K, gs, xsum);
@@ -660,10 +737,10 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 uint16_t* pb = bbuf + (pass < M ? kept++ : 0) * panel_bytes / sizeof(uint16_t);
                 const bool dq = m1 == 0;
                 switch (it.nb) {
-                    case 1: blocks_amx_panel<1>(xm, tail, rows, K, it.w, it.stride, it.scales, it.zeros, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 2: blocks_amx_panel<2>(xm, tail, rows, K, it.w, it.stride, it.scales, it.zeros, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 3: blocks_amx_panel<3>(xm, tail, rows, K, it.w, it.stride, it.scales, it.zeros, gs, ym, N, pb, acc, rows32, dq); break;
-                    default: blocks_amx_panel<4>(xm, tail, rows, K, it.w, it.stride, it.scales, it.zeros, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 1: blocks_panel<1>(amx_panel, xm, tail, rows, K, it, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 2: blocks_panel<2>(amx_panel, xm, tail, rows, K, it, gs, ym, N, pb, acc, rows32, dq); break;
+                    case 3: blocks_panel<3>(amx_panel, xm, tail, rows, K, it, gs, ym, N, pb, acc, rows32, dq); break;
+                    default: blocks_panel<4>(amx_panel, xm, tail, rows, K, it, gs, ym, N, pb, acc, rows32, dq); break;
                 }
             }
         }

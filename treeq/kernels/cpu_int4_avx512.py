@@ -9,9 +9,10 @@ Built with the system's g++ on first use; without a compiler or the instructions
 
 Paths, chosen per call by the number of tokens (:func:`path`): without AMX, AVX512 dot products
 on codes streamed from memory ("vector") or, from a few tokens on, expanded once per block of
-tokens ("expanded"); with AMX, tiles on codes expanded per group ("amx") or, from some hundred
-tokens on, on each unit's weights dequantized once per call ("amx_panel"); on both, for long
-prompts, a bf16 GEMM over blocks of the weight dequantized exactly ("gemm", :mod:`.blocked_gemm`).
+tokens ("expanded"), or from some dozens of tokens on, on each unit's weights dequantized once per
+call ("panel"); with AMX, tiles on codes expanded per group ("amx") or, from some hundred tokens
+on, on each unit's weights dequantized once per call ("amx_panel"), and for long prompts a bf16
+GEMM over blocks of the weight dequantized exactly ("gemm", :mod:`.blocked_gemm`).
 ``$TREEQ_CPU_ISA`` (:mod:`.cpu_isa`) forbids AMX or AVX512-BF16 where the CPU has them, so one
 machine tests the paths of older ones.
 """
@@ -39,10 +40,13 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # four token rows; the expanded path expands them once per 96 rows into a buffer and keeps 24 sums
 # in registers, as a GEMM library's inner kernel does. At 1 token the two were within noise of each
 # other (either ahead, by layer shape, on a Zen 5); from 8 tokens the expanded path was ahead on
-# every shape. Without AMX the GEMM (oneDNN's, on the weight dequantized into its own blocked
-# layout) takes over from GEMM_FROM: on a Zen 5 (one core, thread CPU time, 10 interleaved runs,
-# 4096 x 4096) the expanded path against it was 1.09 / 0.78x bf16 at 64 tokens, 0.98 / 0.84x at
-# 128, 0.88 / 0.90x at 256, 0.95 / 0.98x at 512 and 0.93 / 0.95x at 1024.
+# every shape. The expanded path applies each group's scale and zero point to its sums, a step per
+# group and 6 token rows; the vector panel path dequantizes each weight once per call, as the AMX
+# panel path does, and keeps the sums in registers over all the inputs. With AVX512-BF16 and no AMX
+# (an AMX Xeon capped, oneDNN too) the two crossed near as many tokens as a group has inputs (64 at
+# groups of 64, 128 at 128), and from there to 2048 tokens the panel path was ahead of oneDNN's
+# bf16 GEMM on every shape, alone and on the weight dequantized into its own layout, so without AMX
+# no GEMM path is taken.
 # With AMX the AMX path applies each group's scale to sums taken out of the tiles, a step per group
 # whose cost grows with the tokens and the groups; the AMX panel path dequantizes each weight once
 # per call and keeps the sums in the tiles. So the panel path takes over in proportion to the group
@@ -53,11 +57,11 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # on 4096 x 4096, where oneDNN's own packing has paid for itself. Module attributes, read at each
 # call.
 EXPANDED_FROM = 4
-GEMM_FROM = 256
+PANEL_FROM_PER_GROUP_INPUT = 1.0
 AMX_PANEL_FROM_PER_GROUP_INPUT = 1.5
-AMX_PANEL_FROM_MAX = 256
+PANEL_FROM_MAX = 256  # one group per row: few steps per group, the panel paths take over late
 AMX_GEMM_FROM = 2048
-PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3}  # the .cpp's path argument
+PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3, "panel": 4}  # the .cpp's path argument
 
 
 @functools.cache
@@ -93,21 +97,22 @@ def amx_allowed() -> bool:
     return cpu_isa.allows("amx") and bool(_library().treeq_amx_supported())
 
 
-def amx_panel_from(group_size: int) -> int:
-    """Tokens from which the AMX panel path takes over from the AMX path, for groups of
-    ``group_size`` inputs."""
-    return min(int(AMX_PANEL_FROM_PER_GROUP_INPUT * group_size), AMX_PANEL_FROM_MAX)
+def panel_from(group_size: int, amx: bool) -> int:
+    """Tokens from which a panel path (AMX or vector) takes over from the path that scales its sums
+    per group, for groups of ``group_size`` inputs."""
+    per_input = AMX_PANEL_FROM_PER_GROUP_INPUT if amx else PANEL_FROM_PER_GROUP_INPUT
+    return min(int(per_input * group_size), PANEL_FROM_MAX)
 
 
 def path(tokens: int, amx: bool, group_size: int) -> str:
     """The path a call with ``tokens`` rows takes for groups of ``group_size`` inputs: "vector",
-    "expanded", "amx", "amx_panel" or "gemm"."""
+    "expanded", "panel", "amx", "amx_panel" or "gemm"."""
     if amx:
         if tokens >= AMX_GEMM_FROM:
             return "gemm"
-        return "amx_panel" if tokens >= amx_panel_from(group_size) else "amx"
-    if tokens >= GEMM_FROM:
-        return "gemm"
+        return "amx_panel" if tokens >= panel_from(group_size, amx) else "amx"
+    if tokens >= panel_from(group_size, amx):
+        return "panel"
     return "expanded" if tokens >= EXPANDED_FROM else "vector"
 
 
