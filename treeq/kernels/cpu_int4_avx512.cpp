@@ -21,10 +21,11 @@
 //
 // Paths. The vector path streams the codes and expands them once per four token rows; the
 // expanded path expands each group of a unit once per block of token rows into a buffer that the
-// vector units then multiply with every row; the AMX path does the same with tiles. For long
-// prompts treeq_int4_dequantize writes blocks of the bf16 weight for oneDNN's bf16 GEMM (AMX where
-// the CPU has it), each weight rounded once from the fp32 product (q - zero) * scale as the
-// reference kernel rounds it.
+// vector units then multiply with every row; the AMX path does the same with tiles. The panel
+// paths (long prompts) dequantize each unit's weights once per call into bf16 panels, each weight
+// rounded once from the fp32 product (q - zero) * scale as the reference kernel rounds it, which
+// AMX tiles or the vector units then multiply; for the longest prompts with AMX,
+// treeq_int4_dequantize writes the same weights in blocks for oneDNN's bf16 GEMM.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
