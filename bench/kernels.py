@@ -8,11 +8,12 @@
    of rows, then oneDNN's bf16 GEMM; the header says whether into oneDNN's own blocked layout). The
    header names the CPU and its AMX / AVX512-BF16 (the selection honours $TREEQ_CPU_ISA, so an AMX
    machine can measure its non-AMX paths too).
-2. Decode: prefill and batch-1 greedy decode tokens/s of RTN 4-bit checkpoints loaded in bf16
-   (the selected kernel, and cpu_int4 forced) against the same architecture in bf16 (SmolLM2-135M at
-   group 64, a random Llama 2048 x 16 layers at group 128; bench/model_speed.py).
+2. Decode: prefill (of each ``--prompt-tokens``) and batch-1 greedy decode tokens/s of RTN 4-bit
+   checkpoints loaded in bf16 (the selected kernel, and cpu_int4 forced) against the same
+   architecture in bf16 (SmolLM2-135M at group 64, a random Llama 2048 x 16 layers at group 128;
+   bench/model_speed.py).
 
-Usage: python bench/kernels.py [--threads 1,2] [--skip-decode] [--shapes 4096x4096,576x576]
+Usage: python bench/kernels.py [--threads 1,2] [--skip-decode] [--prompt-tokens 30,1024] [--shapes 4096x4096,576x576]
 """
 
 from __future__ import annotations
@@ -92,10 +93,15 @@ def matmul_table(threads: list[int], n: int = 4096, n_in: int = 4096) -> None:
 @click.option("--repeats", type=int, default=5, show_default=True)
 @click.option("--skip-decode", is_flag=True)
 @click.option(
+    "--prompt-tokens",
+    default="",
+    help="model speed: prompt lengths, e.g. 30,1024 (repeating the bench prompt); default: the bench prompt",
+)
+@click.option(
     "--shapes", default="4096x4096", show_default=True, help="matmul tables' OUTxIN shapes, e.g. 576x576,1536x576"
 )
-def main(threads, decode_threads, new_tokens, repeats, skip_decode, shapes):
-    for shape in shapes.split(","):
+def main(threads, decode_threads, new_tokens, repeats, skip_decode, prompt_tokens, shapes):
+    for shape in filter(None, shapes.split(",")):  # --shapes "": the model speed table alone
         n, n_in = (int(v) for v in shape.split("x"))
         matmul_table([int(t) for t in threads.split(",")], n, n_in)
     if not skip_decode:
@@ -104,7 +110,8 @@ def main(threads, decode_threads, new_tokens, repeats, skip_decode, shapes):
             "random Llama 2048x16": short_calibration(method="rtn", bits=4, group_size=128),
         }
         variants = {"int4": {}, "int4 op": {"kernel": "cpu_int4"}}
-        speed_table(configs, variants, None, [decode_threads], new_tokens, repeats)
+        lengths = [int(n) for n in prompt_tokens.split(",")] if prompt_tokens else [None]
+        speed_table(configs, variants, lengths, [decode_threads], new_tokens, repeats)
 
 
 if __name__ == "__main__":

@@ -37,18 +37,22 @@ def prompt_ids(tokenizer, tokens: int | None) -> torch.Tensor:
 def speed_table(
     configs: dict[str, QuantConfig],
     variants: dict[str, dict],
-    prompt_tokens: int | None,
+    prompt_tokens: int | None | list[int | None],
     threads: list[int],
     new_tokens: int,
     repeats: int,
 ) -> None:
     """For each workload named in ``configs`` (its quantization settings), quantize, load the
     checkpoint once per ``variants`` entry (keyword arguments of treeq.load, e.g. a forced kernel)
-    and time them with the bf16 model at each thread count."""
+    and time them with the bf16 model at each thread count and prompt length (``prompt_tokens``:
+    one or a list; None: the bench prompt)."""
     tok = treeq.load_fp_model()[1]
-    ids = prompt_ids(tok, prompt_tokens)
-    print(f"\nmodel speed: prompt {ids.shape[1]} tokens, {new_tokens} greedy steps, median of {repeats}")
-    print(f"{'model':<40} {'threads':>7} {'prefill tok/s':>14} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8}")
+    lengths = prompt_tokens if isinstance(prompt_tokens, list) else [prompt_tokens]
+    prompts = [prompt_ids(tok, n) for n in lengths]
+    shown = ", ".join(str(ids.shape[1]) for ids in prompts)
+    print(f"\nmodel speed: prompt {shown} tokens, {new_tokens} greedy steps, median of {repeats}")
+    speeds = f"{'prefill tok/s':>14} {'vs bf16':>8} {'decode tok/s':>13} {'vs bf16':>8}"
+    print(f"{'model':<40} {'threads':>7} {'prompt':>6} {speeds}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, load in workloads(tok).items():
             if name not in configs:
@@ -62,13 +66,13 @@ def speed_table(
             bf16 = {"device": "cpu", "dtype": torch.bfloat16}
             models = {kind: treeq.load(out, **bf16, **kw)[0] for kind, kw in variants.items()}
             models["bf16"] = load(torch.bfloat16)
-            for t in threads:
+            for t, ids in ((t, ids) for t in threads for ids in prompts):
                 torch.set_num_threads(t)
                 speeds = measure_speeds(models, ids, new_tokens, repeats)
                 base = speeds["bf16"]
                 for kind, sp in speeds.items():
                     print(
-                        f"{name + ' ' + kind:<40} {t:>7} {sp.prefill_tokens_per_s:>14.1f} "
+                        f"{name + ' ' + kind:<40} {t:>7} {ids.shape[1]:>6} {sp.prefill_tokens_per_s:>14.1f} "
                         f"{sp.prefill_tokens_per_s / base.prefill_tokens_per_s:>7.2f}x {sp.decode_tokens_per_s:>13.2f} "
                         f"{sp.decode_tokens_per_s / base.decode_tokens_per_s:>7.2f}x",
                         flush=True,
