@@ -494,17 +494,17 @@ void chain_rows32(const uint16_t* xa, int64_t K, const uint16_t* panel, int p, i
 // path, tile 7 as a second activation tile; tail: as there (the call's last M % 16 rows, padded),
 // null where the tiles hold every row; panel: NB * kPanelTiles tiles of scratch; sums: [M/16][NB]
 // [16 x 16] scratch that carries a panel's sums to the next where the inputs take several panels.
-// rows32: whether 32 token rows at a time take chain_rows32. dequantize: false where panel already
-// holds the unit's weights (one panel only: a later pass of token rows, see treeq_int4_matmul).
-template <int NB>
-void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const uint8_t* w,
-                      int64_t stride, const uint16_t* scales, const uint8_t* zeros, int64_t gs, uint16_t* y,
-                      int64_t N, uint16_t* panel, float* sums, bool rows32, bool dequantize) {
-    const int64_t G = K / gs, tiles = K / kTileK;
+// rows32: whether 32 token rows at a time take chain_rows32. fill(k0, k1, panel) dequantizes input
+// tiles k0..k1 of the unit's NB blocks into panel; null where panel already holds the unit's
+// weights (one panel only: a later pass of token rows, see panel_matmul).
+template <int NB, class Fill>
+void blocks_amx_panel(const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const Fill* fill, uint16_t* y,
+                      int64_t N, uint16_t* panel, float* sums, bool rows32) {
+    const int64_t tiles = K / kTileK;
     for (int64_t k0 = 0; k0 < tiles; k0 += kPanelTiles) {
         const int64_t k1 = tiles - k0 < kPanelTiles ? tiles : k0 + kPanelTiles;
         const bool first = k0 == 0, last = k1 == tiles;
-        if (dequantize) dequantize_panel<NB>(w, stride, scales, zeros, G, gs, k0, k1, panel);
+        if (fill) (*fill)(k0, k1, panel);
         for (int64_t m0 = 0; m0 < M;) {
             if (rows32 && M - m0 >= 32) {
                 for (int p = 0; p + 1 < NB; p += 2)
@@ -569,18 +569,17 @@ void chain_vector_rows(int64_t rows, const uint16_t* x, int64_t K, const uint16_
     chain_vector<NB, R>(x, K, panel, k0, k1, first, last, part, y, N);
 }
 
-// NB blocks of 16 outputs for M token rows, as blocks_amx_panel (panel, sums, dequantize: the same)
-// with vector chains.
-template <int NB>
-void blocks_vector_panel(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, int64_t stride,
-                         const uint16_t* scales, const uint8_t* zeros, int64_t gs, uint16_t* y, int64_t N,
-                         uint16_t* panel, float* sums, bool dequantize) {
+// NB blocks of 16 outputs for M token rows, as blocks_amx_panel (fill, panel, sums: the same) with
+// vector chains.
+template <int NB, class Fill>
+void blocks_vector_panel(const uint16_t* x, int64_t M, int64_t K, const Fill* fill, uint16_t* y, int64_t N,
+                         uint16_t* panel, float* sums) {
     constexpr int R = kVectorPanelRows<NB>;
-    const int64_t G = K / gs, tiles = K / kTileK;
+    const int64_t tiles = K / kTileK;
     for (int64_t k0 = 0; k0 < tiles; k0 += kPanelTiles) {
         const int64_t k1 = tiles - k0 < kPanelTiles ? tiles : k0 + kPanelTiles;
         const bool first = k0 == 0, last = k1 == tiles;
-        if (dequantize) dequantize_panel<NB>(w, stride, scales, zeros, G, gs, k0, k1, panel);
+        if (fill) (*fill)(k0, k1, panel);
         for (int64_t m0 = 0; m0 < M; m0 += R) {
             float* part = sums ? sums + m0 * NB * kTileN : nullptr;  // null: one panel, no sums carried
             chain_vector_rows<NB, R>(M - m0, x + m0 * K, K, panel, k0, k1, first, last, part, y + m0 * N, N);
@@ -598,22 +597,81 @@ struct Item {
     const uint8_t* zeros;
 };
 
-inline Item item_of(int64_t t, int64_t split, int64_t blocks, const uint8_t* w, int64_t block_bytes,
-                    const uint16_t* scales, const uint8_t* zeros, int64_t G) {
+// Its blocks alone (pointers null), for weights in another layout.
+inline Item place_of(int64_t t, int64_t split, int64_t blocks) {
     const int64_t b0 = t / split * kMaxBlocks, stride = blocks - b0 < kMaxBlocks ? blocks - b0 : kMaxBlocks;
-    const int64_t first = t % split * (kMaxBlocks / split), rest = stride - first, b = b0 + first;
-    const int64_t nb = rest < kMaxBlocks / split ? rest : kMaxBlocks / split;
-    return {b, nb, stride, w + b0 * block_bytes + first * kBlockBytes, scales + b * G * kTileN, zeros + b * G * kTileN};
+    const int64_t first = t % split * (kMaxBlocks / split), rest = stride - first;
+    return {b0 + first, rest < kMaxBlocks / split ? rest : kMaxBlocks / split, stride, nullptr, nullptr, nullptr};
 }
 
-// A panel path's work item: the AMX one's tile chains (amx) or the vector one's.
-template <int NB>
-void blocks_panel(bool amx, const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const Item& it,
-                  int64_t gs, uint16_t* y, int64_t N, uint16_t* panel, float* sums, bool rows32, bool dequantize) {
+inline Item item_of(int64_t t, int64_t split, int64_t blocks, const uint8_t* w, int64_t block_bytes,
+                    const uint16_t* scales, const uint8_t* zeros, int64_t G) {
+    Item it = place_of(t, split, blocks);
+    const int64_t b0 = t / split * kMaxBlocks;
+    it.w = w + b0 * block_bytes + (it.b - b0) * kBlockBytes;
+    it.scales = scales + it.b * G * kTileN;
+    it.zeros = zeros + it.b * G * kTileN;
+    return it;
+}
+
+// Weights a panel path reads: fill<NB>(it, k0, k1, panel) writes input tiles k0..k1 of work item
+// it's NB blocks as dequantize_panel does.
+// 4-bit codes in the tile layout (treeq_int4_matmul's arguments).
+struct Int4Tiles {
+    const uint8_t* w;
+    const uint16_t* scales;
+    const uint8_t* zeros;
+    int64_t blocks, block_bytes, G, gs;
+    Item item(int64_t t, int64_t split) const { return item_of(t, split, blocks, w, block_bytes, scales, zeros, G); }
+    template <int NB>
+    void fill(const Item& it, int64_t k0, int64_t k1, uint16_t* panel) const {
+        dequantize_panel<NB>(it.w, it.stride, it.scales, it.zeros, G, gs, k0, k1, panel);
+    }
+};
+
+// 8-bit weights as signed rows [N][K] (cpu_int8's: code - 128), each row's fp32 scale and zero
+// point: (w + 128 - zero) * scale in fp32, rounded once to bf16, as the reference kernel's weight.
+struct Int8Rows {
+    const int8_t* w;
+    const float* scales;
+    const int32_t* zeros;
+    int64_t blocks, K;
+    Item item(int64_t t, int64_t split) const { return place_of(t, split, blocks); }
+    template <int NB>
+    void fill(const Item& it, int64_t k0, int64_t k1, uint16_t* panel) const {
+        for (int64_t i = k0; i < k1; ++i)
+            for (int b = 0; b < NB; ++b) {
+                const int64_t n0 = (it.b + b) * kTileN;
+                __m512i rows[16];  // first output n's 32 inputs (16 pairs), then transposed
+                for (int r = 0; r < kTileN; ++r) {
+                    const __m256i q = _mm256_loadu_si256((const __m256i*)(w + (n0 + r) * K + i * kTileK));
+                    const __m512i shift = _mm512_set1_epi32(128 - zeros[n0 + r]);
+                    const __m512 scale = _mm512_set1_ps(scales[n0 + r]);
+                    const __m512 lo = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)), shift)), scale);
+                    const __m512 hi = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)), shift)),
+                        scale);
+                    rows[r] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+                }
+                transpose16(rows);
+                uint16_t* dst = panel + ((i - k0) * NB + b) * kTileN * kTileK;
+                for (int p = 0; p < kTileK / 2; ++p) _mm512_store_si512(dst + p * 2 * kTileN, rows[p]);
+            }
+    }
+};
+
+// A panel path's work item: the AMX one's tile chains (amx) or the vector one's; fill: whether its
+// panel is to be dequantized (false: kept from an earlier pass).
+template <int NB, class Source>
+void blocks_panel(bool amx, const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const Source& src,
+                  const Item& it, uint16_t* y, int64_t N, uint16_t* panel, float* sums, bool rows32, bool fill) {
+    const auto fill_panel = [&](int64_t k0, int64_t k1, uint16_t* p) { src.template fill<NB>(it, k0, k1, p); };
+    const auto* f = fill ? &fill_panel : nullptr;
     if (amx)
-        blocks_amx_panel<NB>(x, tail, M, K, it.w, it.stride, it.scales, it.zeros, gs, y, N, panel, sums, rows32, dequantize);
+        blocks_amx_panel<NB>(x, tail, M, K, f, y, N, panel, sums, rows32);
     else
-        blocks_vector_panel<NB>(x, M, K, it.w, it.stride, it.scales, it.zeros, gs, y, N, panel, sums, dequantize);
+        blocks_vector_panel<NB>(x, M, K, f, y, N, panel, sums);
 }
 
 // Token rows per pass of the panel paths, where a unit's inputs fit one panel: a pass's inputs
@@ -639,6 +697,72 @@ bool amx_usable() {
     return ok;
 }
 
+// The last M % 16 token rows of x padded with zeros to 16 (AMX tiles hold 16 rows), or null where
+// the tiles hold every row (M <= 16 or a multiple of 16).
+const uint16_t* padded_tail(const uint16_t* x, int64_t M, int64_t K) {
+    if (M <= 16 || M % 16 == 0) return nullptr;
+    const int64_t r = M % 16;
+    uint16_t* tail = (uint16_t*)scratch(1, sizeof(uint16_t) * 16 * K);
+    memcpy(tail, x + (M - r) * K, sizeof(uint16_t) * r * K);
+    memset(tail + r * K, 0, sizeof(uint16_t) * (16 - r) * K);
+    return tail;
+}
+
+// Work items: units of 4 blocks or, where those do not divide evenly among the threads (SmolLM2's
+// 192 and 576 outputs make 3 and 9), half units of 2 blocks, so no thread waits on another's extra
+// unit (bench/results/kernels.md). Returns the split (1 or 2); items = units * split.
+inline int64_t item_split(int64_t blocks, int threads) {
+    return (blocks + kMaxBlocks - 1) / kMaxBlocks % threads ? 2 : 1;
+}
+
+// The panel paths: y[M, N] = x[M, K] @ W^T in bf16 for the weights src reads, each unit's weights
+// dequantized once per call (AMX tiles where amx, else the vector units). Long prompts run in
+// passes of token rows (a multiple of 32), each thread's units keeping their panels from the first.
+template <class Source>
+void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads, bool amx,
+                  const Source& src) {
+    const uint16_t* tail = amx ? padded_tail(x, M, K) : nullptr;
+    const int64_t blocks = N / kTileN, split = item_split(blocks, threads);
+    const int64_t items = (blocks + kMaxBlocks - 1) / kMaxBlocks * split;
+    const bool rows32 = K <= kRows32MaxInputs;
+    const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
+    const int64_t panel_bytes = sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK;
+    const int64_t kept_panels = (items + threads - 1) / threads;
+    const bool one_panel = K / kTileK <= kPanelTiles, keep = kept_panels * panel_bytes <= kPanelKeepBytes;
+    const int64_t pass_rows = kPanelPassBytes / (2 * K) / 32 * 32;
+    const int64_t pass = one_panel && keep && pass_rows > 0 ? pass_rows : M;
+#pragma omp parallel num_threads(threads)
+    {
+        if (amx) configure_tiles(M < 16 ? int(M) : 16);
+        uint16_t* bbuf = (uint16_t*)scratch(2, panel_bytes * (pass < M ? kept_panels : 1));
+        float* acc = nullptr;
+        if (!one_panel)  // sums carried from panel to panel
+            acc = (float*)scratch(3, sizeof(float) * (M + 15) / 16 * 16 * kMaxBlocks * kTileN);
+        // As the expanded path: a pass of token rows through the thread's units (the same units in
+        // every pass, so each keeps its panel from the first), then the next pass.
+        for (int64_t m1 = 0; m1 < M; m1 += pass) {
+            const int64_t rows = M - m1 < pass ? M - m1 : pass;
+            const uint16_t* xm = x + m1 * K;
+            int64_t kept = 0;  // this thread's units so far in this pass
+#pragma omp for schedule(static) nowait
+            for (int64_t t = 0; t < items; ++t) {
+                const Item it = src.item(t, split);
+                if (it.nb <= 0) continue;
+                uint16_t* ym = y + m1 * N + it.b * kTileN;
+                uint16_t* pb = bbuf + (pass < M ? kept++ : 0) * panel_bytes / sizeof(uint16_t);
+                const bool dq = m1 == 0;
+                switch (it.nb) {
+                    case 1: blocks_panel<1>(amx, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
+                    case 2: blocks_panel<2>(amx, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
+                    case 3: blocks_panel<3>(amx, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
+                    default: blocks_panel<4>(amx, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
+                }
+            }
+        }
+        if (amx) _tile_release();
+    }
+}
+
 }  // namespace
 
 extern "C" int treeq_cpu_supported() {
@@ -659,49 +783,28 @@ extern "C" int treeq_amx_supported() { return amx_usable(); }
 extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                                   const uint8_t* zeros, int64_t N, int64_t gs, uint16_t* y, int threads, int path) {
     if (M == 0) return;  // a tile of zero rows is an invalid configuration
-    const int64_t G = K / gs, blocks = N / kTileN;
-    const bool tiles = (path == 2 || path == 3) && amx_usable();
-    if (path == 3 && !tiles) return;  // its weights are dequantized for tiles: nothing else runs them
-    const bool amx = path == 2 && tiles, expanded = path == 1 || (path == 2 && !tiles);
-    const bool amx_panel = path == 3, panel = amx_panel || path == 4;
-    float* xsum = nullptr;  // the panel paths fold the zero points into their weights
-    if (!panel) {
-        xsum = (float*)scratch(0, sizeof(float) * M * G);
-        group_sums(x, M, K, gs, xsum);
+    const int64_t G = K / gs, blocks = N / kTileN, block_bytes = (K / kTileK) * kBlockBytes;
+    const Int4Tiles src{w, scales, zeros, blocks, block_bytes, G, gs};
+    if (path == 3 || path == 4) {
+        if (path == 3 && !amx_usable()) return;  // its weights are dequantized for tiles: nothing else runs them
+        panel_matmul(x, M, K, N, y, threads, path == 3, src);
+        return;
     }
-    uint16_t* tail = nullptr;
-    if (tiles && M > 16 && M % 16) {
-        const int64_t r = M % 16;
-        tail = (uint16_t*)scratch(1, sizeof(uint16_t) * 16 * K);
-        memcpy(tail, x + (M - r) * K, sizeof(uint16_t) * r * K);
-        memset(tail + r * K, 0, sizeof(uint16_t) * (16 - r) * K);
-    }
-    const int64_t units = (blocks + kMaxBlocks - 1) / kMaxBlocks, block_bytes = (K / kTileK) * kBlockBytes;
-    const bool rows32 = K <= kRows32MaxInputs;
-    // The panel path's passes of token rows (a multiple of 32 rows), and the panels a thread keeps.
-    const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
-    const int64_t panel_bytes = sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK;
-    // Work items: units of 4 blocks or, where those do not divide evenly among the threads (SmolLM2's
-    // 192 and 576 outputs make 3 and 9), half units of 2 blocks, so no thread waits on another's extra
-    // unit (bench/results/kernels.md).
-    const int64_t split = units % threads ? 2 : 1, items = units * split;
-    const int64_t kept_panels = (items + threads - 1) / threads;
-    const bool one_panel = K / kTileK <= kPanelTiles, keep = kept_panels * panel_bytes <= kPanelKeepBytes;
-    const int64_t pass_rows = kPanelPassBytes / (2 * K) / 32 * 32;
-    const int64_t pass = panel && one_panel && keep && pass_rows > 0 ? pass_rows : M;
+    const bool amx = path == 2 && amx_usable(), expanded = !amx && path != 0;
+    float* xsum = (float*)scratch(0, sizeof(float) * M * G);
+    group_sums(x, M, K, gs, xsum);
+    const uint16_t* tail = amx ? padded_tail(x, M, K) : nullptr;
+    const int64_t split = item_split(blocks, threads), items = (blocks + kMaxBlocks - 1) / kMaxBlocks * split;
 #pragma omp parallel num_threads(threads)
     {
         uint16_t* bbuf = nullptr;
         float* acc = nullptr;
         if (amx || expanded) bbuf = (uint16_t*)scratch(2, sizeof(uint16_t) * kMaxBlocks * gs * kTileN);
-        if (tiles) configure_tiles(M < 16 ? int(M) : 16);
-        if (amx) acc = (float*)scratch(3, sizeof(float) * M * kMaxBlocks * kTileN);
-        if (expanded) acc = (float*)scratch(3, sizeof(float) * (M < kExpandedRowBlock ? M : kExpandedRowBlock) * kMaxBlocks * kTileN);
-        if (panel) {
-            bbuf = (uint16_t*)scratch(2, panel_bytes * (pass < M ? kept_panels : 1));
-            if (K / kTileK > kPanelTiles)  // sums carried from panel to panel
-                acc = (float*)scratch(3, sizeof(float) * (M + 15) / 16 * 16 * kMaxBlocks * kTileN);
+        if (amx) {
+            configure_tiles(M < 16 ? int(M) : 16);
+            acc = (float*)scratch(3, sizeof(float) * M * kMaxBlocks * kTileN);
         }
+        if (expanded) acc = (float*)scratch(3, sizeof(float) * (M < kExpandedRowBlock ? M : kExpandedRowBlock) * kMaxBlocks * kTileN);
         // Expanded path: a block of token rows through every unit, then the next block, so each
         // block's inputs are read from memory once rather than once per unit. A static schedule
         // gives each thread the same work items in every block, and they write disjoint outputs, so
@@ -713,7 +816,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
             const float* sm = xsum + m1 * G;
 #pragma omp for schedule(static) nowait
             for (int64_t t = 0; t < items; ++t) {
-                const Item it = item_of(t, split, blocks, w, block_bytes, scales, zeros, G);
+                const Item it = src.item(t, split);
                 if (it.nb <= 0) continue;
                 uint16_t* ym = y + m1 * N + it.b * kTileN;
                 switch (it.nb) {
@@ -724,31 +827,10 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 }
             }
         }
-        // Panel path: as the expanded path, a pass of token rows through the thread's units (the
-        // same units in every pass, so each keeps its panel from the first), then the next pass.
-        for (int64_t m1 = 0; panel && m1 < M; m1 += pass) {
-            const int64_t rows = M - m1 < pass ? M - m1 : pass;
-            const uint16_t* xm = x + m1 * K;
-            int64_t kept = 0;  // this thread's units so far in this pass
-#pragma omp for schedule(static) nowait
-            for (int64_t t = 0; t < items; ++t) {
-                const Item it = item_of(t, split, blocks, w, block_bytes, scales, zeros, G);
-                if (it.nb <= 0) continue;
-                uint16_t* ym = y + m1 * N + it.b * kTileN;
-                uint16_t* pb = bbuf + (pass < M ? kept++ : 0) * panel_bytes / sizeof(uint16_t);
-                const bool dq = m1 == 0;
-                switch (it.nb) {
-                    case 1: blocks_panel<1>(amx_panel, xm, tail, rows, K, it, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 2: blocks_panel<2>(amx_panel, xm, tail, rows, K, it, gs, ym, N, pb, acc, rows32, dq); break;
-                    case 3: blocks_panel<3>(amx_panel, xm, tail, rows, K, it, gs, ym, N, pb, acc, rows32, dq); break;
-                    default: blocks_panel<4>(amx_panel, xm, tail, rows, K, it, gs, ym, N, pb, acc, rows32, dq); break;
-                }
-            }
-        }
-        if (!expanded && !panel) {
+        if (!expanded) {
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < items; ++t) {
-                const Item it = item_of(t, split, blocks, w, block_bytes, scales, zeros, G);
+                const Item it = src.item(t, split);
                 if (it.nb <= 0) continue;
                 uint16_t* yb = y + it.b * kTileN;
                 if (!amx) {
@@ -765,10 +847,18 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
                 }
             }
         }
-        if (tiles) _tile_release();
+        if (amx) _tile_release();
     }
 }
 
+// y[M, N] = x[M, K] bf16 @ W^T for 8-bit weights in rows (Int8Rows: w [N][K] signed, scales fp32
+// [N], zeros int32 [N]) by a panel path: AMX tiles where amx and treeq_amx_supported, else the
+// vector units. N a multiple of 16, K of 32.
+extern "C" void treeq_int8_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scales,
+                                  const int32_t* zeros, int64_t N, uint16_t* y, int threads, int amx) {
+    if (M == 0) return;
+    panel_matmul(x, M, K, N, y, threads, amx && amx_usable(), Int8Rows{w, scales, zeros, N / kTileN, K});
+}
 
 // Rows n0..n1 of the weight as bf16 at out, for a bf16 GEMM. layout 0: [n1 - n0][K] (n0, n1 multiples of
 // 16); layout R (32 or 64): oneDNN's blocked weight (AB16b<R>a2b: per R rows x 32 inputs, 16 pairs of

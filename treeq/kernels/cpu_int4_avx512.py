@@ -74,7 +74,8 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
     p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.treeq_int4_matmul.argtypes = [p, i, i, p, p, p, i, i, p, c_int, c_int]
     lib.treeq_int4_dequantize.argtypes = [p, p, p, i, i, i, i, i, p, c_int, c_int]
-    lib.treeq_int4_matmul.restype = lib.treeq_int4_dequantize.restype = None
+    lib.treeq_int8_matmul.argtypes = [p, i, i, p, p, p, i, p, c_int, c_int]
+    lib.treeq_int4_matmul.restype = lib.treeq_int4_dequantize.restype = lib.treeq_int8_matmul.restype = None
     return lib, None
 
 

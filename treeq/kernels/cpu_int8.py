@@ -77,19 +77,29 @@ class CpuInt8(Kernel):
     @staticmethod
     def forward(layer, x: torch.Tensor) -> torch.Tensor:
         st: _Int8State = layer.kernel_state
+        return matmul_2d(layer, x, torch.bfloat16, lambda x2: matmul(st, x2))
 
-        def rows(lo, hi, address, _layout):  # always PLAIN (onednn=False): cpu_dequantize.cpp says why
-            dequantize_rows(st, lo, hi, address)
 
-        def matmul(x2):
-            if path(x2.shape[0], st.native_bf16) == "gemm":
-                return blocked_gemm(x2, st.weight.shape[0], rows, onednn=False)
-            y = torch._weight_int8pack_mm(x2, st.weight, st.scale)
-            if st.offset is not None:
-                y = y + x2.sum(dim=1, keepdim=True) * st.offset
-            return y
+def op_matmul(st: _Int8State, x2: torch.Tensor) -> torch.Tensor:
+    """[M, out] = bf16 x2 [M, in] times the weight by torch's int8-weight op."""
+    y = torch._weight_int8pack_mm(x2, st.weight, st.scale)
+    if st.offset is not None:
+        y = y + x2.sum(dim=1, keepdim=True) * st.offset
+    return y
 
-        return matmul_2d(layer, x, torch.bfloat16, matmul)
+
+def gemm_matmul(st: _Int8State, x2: torch.Tensor) -> torch.Tensor:
+    """The same product by the bf16 GEMM on the reference kernel's weight, a block of rows at a time."""
+
+    def rows(lo, hi, address, _layout):  # always PLAIN (onednn=False): cpu_dequantize.cpp says why
+        dequantize_rows(st, lo, hi, address)
+
+    return blocked_gemm(x2, st.weight.shape[0], rows, onednn=False)
+
+
+def matmul(st: _Int8State, x2: torch.Tensor) -> torch.Tensor:
+    """The op, or the GEMM path from ``GEMM_FROM`` tokens (:func:`path`)."""
+    return gemm_matmul(st, x2) if path(x2.shape[0], st.native_bf16) == "gemm" else op_matmul(st, x2)
 
 
 KERNEL = CpuInt8

@@ -1,0 +1,110 @@
+"""The 8-bit per-row kernel for AVX512-BF16: ``cpu_int8``'s op for a few tokens, ``cpu_int4_avx512``'s
+panel paths on the op's own int8 rows beyond, and with AMX the GEMM for the longest prompts.
+
+Paths are forced by replacing ``k8.path``; the AMX panel path runs where AMX exists (skipped
+elsewhere, and under ``TREEQ_CPU_ISA=avx512_bf16``), the vector one wherever AVX512-BF16 does; under
+``TREEQ_CPU_ISA=avx2`` every case that needs the kernel is skipped and the decline test runs.
+"""
+
+import pytest
+import torch
+from test_cpu_int4_avx512 import has_amx, needs_kernel, rounded_once
+from test_cpu_kernels import BF16_TOLERANCE, bf16_product, error_ratio, needs_dequantizer, quant_linear
+
+from treeq.kernels import LinearFormat, cpu_int4_avx512, cpu_isa, explain, select_kernel
+from treeq.kernels import cpu_int8_avx512 as k8
+
+
+def panel_layer(sym, in_f, out_f, amx, monkeypatch):
+    if amx and not has_amx:
+        pytest.skip("no AMX on this CPU")
+    monkeypatch.setattr(k8, "path", lambda tokens, amx: "panel")
+    layer = quant_linear(8, -1, sym, False, in_f=in_f, out_f=out_f, bias=False)
+    layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)
+    layer.kernel_state.amx = amx
+    return layer
+
+
+@needs_kernel
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("in_f,out_f", [(256, 96), (4160, 208)])  # units 4 + 2; several panels, units 4+4+4+1
+@pytest.mark.parametrize("tokens", [1, 17, 40])
+@pytest.mark.parametrize("threads", [1, 2])  # 2 threads: half units where the units are odd
+def test_panel_paths_multiply_the_reference_weight_with_fp32_sums(sym, in_f, out_f, tokens, threads, amx, monkeypatch):
+    """Each weight is the reference kernel's bf16 one ((code - zero) * scale in fp32, rounded once),
+    the sums fp32, the result rounded once to bf16."""
+    # Checked to fail (AMX and vector): every case with 127 - zero as the shift in Int8Rows; with the
+    # two halves of a row's 32 inputs swapped; with the transpose left out; with each tile's inputs
+    # taken from the first tile's.
+    layer = panel_layer(sym, in_f, out_f, amx, monkeypatch)
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    assert rounded_once(y, x.float() @ layer.dequantized_weight().bfloat16().float().t())
+
+
+@needs_kernel
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(threads, amx, monkeypatch):
+    """2048 inputs: passes of 128 token rows, the last partial; each unit's panel dequantized once."""
+    layer = panel_layer(False, 2048, 144, amx, monkeypatch)
+    x = torch.randn(300, 2048, generator=torch.Generator().manual_seed(3)).bfloat16()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    assert rounded_once(y, x.float() @ layer.dequantized_weight().bfloat16().float().t())
+
+
+@needs_kernel
+@needs_dequantizer
+def test_gemm_path_is_the_bf16_product_of_the_reference_weight(monkeypatch):
+    monkeypatch.setattr(k8, "path", lambda tokens, amx: "gemm")
+    layer = quant_linear(8, -1, False, False, out_f=192)
+    layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)
+    x = torch.randn(2, 70, 256).to(torch.bfloat16)
+    assert torch.equal(layer(x), bf16_product(layer, x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("tokens", [1, 9, 40])  # the op; with AMX the panel path, without the op; the panel path
+def test_layer_matches_reference_kernel_within_bf16(sym, tokens):
+    # Checked to fail: the asymmetric case on the op (1 token) with the op's offset dropped; every
+    # case on a panel path with its weights scaled by 1.01 in Int8Rows.
+    layer = quant_linear(8, -1, sym, False)
+    x = torch.randn(2, tokens, 256).to(torch.bfloat16)
+    assert error_ratio(layer, k8.KERNEL.name, x) < BF16_TOLERANCE
+
+
+def test_path_follows_the_token_count():
+    tokens = (
+        1,
+        k8.AMX_PANEL_FROM - 1,
+        k8.AMX_PANEL_FROM,
+        cpu_int4_avx512.AMX_GEMM_FROM - 1,
+        cpu_int4_avx512.AMX_GEMM_FROM,
+    )
+    assert [k8.path(m, True) for m in tokens] == ["op", "op", "panel", "panel", "gemm"]
+    tokens = (1, k8.PANEL_FROM - 1, k8.PANEL_FROM, 100_000)
+    assert [k8.path(m, False) for m in tokens] == ["op", "op", "panel", "panel"]
+
+
+def test_chosen_for_8_bit_rows_where_it_runs_and_declines_with_the_reason(monkeypatch):
+    fmt = LinearFormat(8, -1, True, False, 576, 1536)
+    fast = "cpu_int8" if cpu_int4_avx512.unavailable() else k8.KERNEL.name
+    assert select_kernel(fmt, "cpu", torch.bfloat16).name == fast
+    assert explain(LinearFormat(8, -1, True, False, 576, 40), "cpu", torch.bfloat16)[k8.KERNEL.name] == (
+        "out_features=40 not a multiple of 16"
+    )
+    monkeypatch.setenv(cpu_isa.ENV, "avx2")  # as on a CPU without AVX512-BF16
+    assert "AVX512_BF16" in explain(fmt, "cpu", torch.bfloat16)[k8.KERNEL.name].upper().replace("-", "_")
+    assert select_kernel(fmt, "cpu", torch.bfloat16).name == "cpu_int8"

@@ -1,0 +1,82 @@
+"""CPU 8-bit kernel for per-row groups on x86 with AVX512-BF16: ``cpu_int8``'s op for a few tokens,
+and for longer prompts ``cpu_int4_avx512``'s panel paths on the op's own int8 rows.
+
+``cpu_int8``'s long-prompt path dequantizes the whole weight into rows that oneDNN then repacks for
+its bf16 GEMM, two passes over a bf16 copy of the weight per call, and stayed below bf16 at every
+length (bench/results/kernels.md). Here each 64 outputs' weights are dequantized once per call
+into bf16 panels, each weight the reference kernel's ((code - zero) * scale in fp32, rounded once),
+which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp32 sums, as
+``cpu_int4_avx512`` does for 4-bit weights; no second copy of the weight is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import cpu_int4_avx512
+from .base import matmul_2d
+from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
+
+# Token counts from which the panel path takes over from the op (bench/kernels.py; figures in
+# bench/results/kernels.md): with AMX the panel path was ahead from 8 tokens on 576 x 576 and
+# 2048 x 2048 (the op from 4 down); without AMX (that Xeon capped) the op was ahead up to 16 tokens
+# and the panel path from 32. With AMX the GEMM takes over again where cpu_int4_avx512's does
+# (AMX_GEMM_FROM): on 2048 x 2048 at 2048 tokens on one thread it was ahead of the AMX panels. Read
+# at each call, so tests can force each path.
+PANEL_FROM = 24
+AMX_PANEL_FROM = 8
+
+
+def path(tokens: int, amx: bool) -> str:
+    """The path a call with ``tokens`` rows takes: "op", "panel" or (with AMX) "gemm"."""
+    if tokens < (AMX_PANEL_FROM if amx else PANEL_FROM):
+        return "op"
+    return "gemm" if amx and tokens >= cpu_int4_avx512.AMX_GEMM_FROM else "panel"
+
+
+@dataclass
+class _State(_Int8State):
+    amx: bool  # cpu_int4_avx512.amx_allowed() when the kernel was chosen
+
+
+def panel_matmul(st: _State, x2: torch.Tensor) -> torch.Tensor:
+    """[M, out] = bf16 x2 [M, in] times the reference kernel's bf16 weight, fp32 sums, in bf16."""
+    x2 = x2.contiguous()
+    n = st.weight.shape[0]
+    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    cpu_int4_avx512.library()[0].treeq_int8_matmul(
+        x2.data_ptr(), x2.shape[0], x2.shape[1], st.weight.data_ptr(), st.scale32.data_ptr(), st.zero.data_ptr(), n,
+        y.data_ptr(), torch.get_num_threads(), st.amx,
+    )  # fmt: skip
+    return y
+
+
+class CpuInt8Avx512(CpuInt8):
+    name = "cpu_int8_avx512"
+    priority = 25  # above cpu_int8: its op for a few tokens, the panel paths beyond
+    in_multiple = cpu_int4_avx512.TILE_K
+    out_multiple = cpu_int4_avx512.TILE_N
+
+    @classmethod
+    def rejects(cls, fmt, device, dtype):
+        return super().rejects(fmt, device, dtype) or cpu_int4_avx512.unavailable()
+
+    @classmethod
+    def prepare(cls, layer) -> None:
+        super().prepare(layer)
+        base = layer.kernel_state
+        layer.kernel_state = _State(**vars(base), amx=cpu_int4_avx512.amx_allowed())
+
+    @staticmethod
+    def forward(layer, x: torch.Tensor) -> torch.Tensor:
+        st: _State = layer.kernel_state
+        return matmul_2d(layer, x, torch.bfloat16, lambda x2: matmul(st, x2))
+
+
+def matmul(st: _State, x2: torch.Tensor) -> torch.Tensor:
+    return {"op": op_matmul, "panel": panel_matmul, "gemm": gemm_matmul}[path(x2.shape[0], st.amx)](st, x2)
+
+
+KERNEL = CpuInt8Avx512
