@@ -2,9 +2,9 @@
 
 1. Matmul: a 4096 x 4096 linear (or each of ``--shapes``) through QuantLinear with the int4 kernel
    selection picks (group 128; 64 where the inputs are no multiple of 128), cpu_int4 (torch's fused
-   int4 op, a blocked bf16 GEMM for long prompts) and the int8 kernel (per row; its op, the same
-   GEMM for long prompts), against bf16 F.linear, for M = 1 to 2048
-   tokens, at 1 and 2 threads; each cell names the kernel path that ran ("gemm": dequantize a block
+   int4 op, a blocked bf16 GEMM for long prompts), the int8 kernel selection picks (per row) and
+   cpu_int8 (torch's int8 op, the same GEMM for long prompts), against bf16 F.linear, for M = 1 to
+   2048 tokens, at 1 and 2 threads; each cell names the kernel path that ran ("gemm": dequantize a block
    of rows, then oneDNN's bf16 GEMM; the header says whether into oneDNN's own blocked layout). The
    header names the CPU and its AMX / AVX512-BF16 (the selection honours $TREEQ_CPU_ISA, so an AMX
    machine can measure its non-AMX paths too).
@@ -25,7 +25,7 @@ from model_speed import short_calibration, speed_table  # bench/: run as a scrip
 from timing import MAX_ROUNDS, median_seconds
 
 from treeq.config import QuantConfig
-from treeq.kernels import LinearFormat, blocked_gemm, cpu_int4, cpu_int4_avx512, cpu_int8, cpu_isa
+from treeq.kernels import LinearFormat, blocked_gemm, cpu_int4, cpu_int4_avx512, cpu_int8, cpu_int8_avx512, cpu_isa
 from treeq.methods import InputStats, make_method
 from treeq.runtime.quant_linear import QuantLinear
 
@@ -38,6 +38,7 @@ PATHS = {
     "cpu_int4_avx512": lambda layer, m: cpu_int4_avx512.path(m, layer.kernel_state.amx, layer.kernel_state.group_size),
     "cpu_int4": lambda layer, m: cpu_int4.path(m, layer.kernel_state.native_bf16),
     "cpu_int8": lambda layer, m: cpu_int8.path(m, layer.kernel_state.native_bf16),
+    "cpu_int8_avx512": lambda layer, m: cpu_int8_avx512.path(m, layer.kernel_state.amx),
 }
 
 
@@ -62,6 +63,7 @@ def matmul_table(threads: list[int], n: int = 4096, n_in: int = 4096) -> None:
         f"int4 g{group}": _quant_linear(4, group, n, n_in=n_in),
         "int4 op": _quant_linear(4, group, n, "cpu_int4", n_in=n_in),
         "int8 row": _quant_linear(8, -1, n, n_in=n_in),
+        "int8 op": _quant_linear(8, -1, n, "cpu_int8", n_in=n_in),
     }
     print(f"\n{cpu_isa.describe()}")
     block = blocked_gemm.block_rows(n, n_in)[1]
