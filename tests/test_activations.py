@@ -114,7 +114,9 @@ def test_static_levels_come_from_the_calibrated_range_and_clamp_beyond_it():
     assert asym.zero.tolist() == [round(3.0 / (7.0 / 15))]
     x = torch.tensor([[-3.0, 0.0, 4.0, 100.0]])
     assert asym(x)[0, -1] == (15 - asym.zero[0]) * asym.scale[0]  # clamped to the top level
-    clipped = FakeQuantActivation(ActivationScheme(bits=8, granularity="per-tensor", dynamic=False, outlier_threshold=2.5), 4)
+    clipped = FakeQuantActivation(
+        ActivationScheme(bits=8, granularity="per-tensor", dynamic=False, outlier_threshold=2.5), 4
+    )
     clipped.calibrate(low, high)
     torch.testing.assert_close(clipped.scale, torch.tensor([2.5 / 127]))
 
@@ -211,7 +213,9 @@ def test_the_quantize_table_gives_each_modules_share_of_fp_input_columns(tmp_pat
         report = quantize(src, tmp_path / name, text_file, method="rtn", activations=act)
         shares[name] = [r.fp_input_share for r in report.log.records]
         with open(tmp_path / name / "quant_log.csv") as f:
-            assert [row["fp_input_share"] for row in csv.DictReader(f)] == ["" if s is None else str(s) for s in shares[name]]
+            assert [row["fp_input_share"] for row in csv.DictReader(f)] == [
+                "" if s is None else str(s) for s in shares[name]
+            ]
     assert shares["low"] and all(s == 1.0 for s in shares["low"])
     assert all(s == 0.0 for s in shares["high"]) and all(s is None for s in shares["none"])
     assert "fp inputs 100.00%" in (tmp_path / "low" / "quantize.log").read_text()
@@ -259,7 +263,9 @@ def test_smoothquant_search_picks_the_strength_with_the_least_quantized_output_e
 def test_smoothquant_search_quantizes_and_round_trips(tmp_path, tokenizer, text_file):
     src = save_model_dir(tmp_path / "src", "llama", tokenizer)
     act = dict(bits=8, granularity="per-tensor", dynamic=False)
-    report = quantize(src, tmp_path / "q", text_file, method="rtn", migration="smoothquant", search=True, activations=act)
+    report = quantize(
+        src, tmp_path / "q", text_file, method="rtn", migration="smoothquant", search=True, activations=act
+    )
     loaded, _ = treeq.load(tmp_path / "q")
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

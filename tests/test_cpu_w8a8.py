@@ -75,8 +75,11 @@ def test_outlier_columns_run_in_full_precision():
 
 @pytest.mark.parametrize(
     "activation, reason",
-    [(None, "weight-only layer"), (ActivationScheme(bits=6), "activations 6-bit per-token sym dynamic"),
-        (ActivationScheme(bits=8, granularity="per-group", group_size=32, dynamic=False), "per-group of 32 sym static")],
+    [
+        (None, "weight-only layer"),
+        (ActivationScheme(bits=6), "activations 6-bit per-token sym dynamic"),
+        (ActivationScheme(bits=8, granularity="per-group", group_size=32, dynamic=False), "per-group of 32 sym static"),
+    ],
 )
 def test_refuses_layers_it_does_not_implement(activation, reason):
     layer, _ = w8a8_layer(activation)

@@ -11,24 +11,30 @@ from conftest import make_model, save_model_dir
 from test_path_equivalence import tensors
 
 import treeq
+from treeq.config import DistillSettings
 from treeq.engine.distill import distill_layer
 from treeq.engine.quant_log import QuantLog
-from treeq.config import DistillSettings
 from treeq.errors import TreeqError
 from treeq.methods import InputStats, make_method
 
 CALIB = dict(bits=3, group_size=32, calib_samples=16, seqlen=64, batch_size=4, method="rtn")
-LKD_LINE = re.compile(r"layer (\d+) LKD: held-out output error (\S+) -> (\S+) \((\d+) codes changed\), (kept|discarded)")
+LKD_LINE = re.compile(
+    r"layer (\d+) LKD: held-out output error (\S+) -> (\S+) \((\d+) codes changed\), (kept|discarded)"
+)
 
 
 def quantize(src, out, text_file, **settings):
     lines = []
-    report = treeq.quantize(str(src), treeq.QuantConfig(**{**CALIB, **settings}), out, calib_text=str(text_file), log=QuantLog(lines.append))
+    report = treeq.quantize(
+        str(src), treeq.QuantConfig(**{**CALIB, **settings}), out, calib_text=str(text_file), log=QuantLog(lines.append)
+    )
     return report, [LKD_LINE.match(line).groups() for line in lines if LKD_LINE.match(line)]
 
 
 @pytest.mark.parametrize("train_scales", [False, True])
-def test_distilled_layers_lower_held_out_error_and_the_checkpoint_keeps_them(train_scales, tmp_path, tokenizer, text_file):
+def test_distilled_layers_lower_held_out_error_and_the_checkpoint_keeps_them(
+    train_scales, tmp_path, tokenizer, text_file
+):
     """Every layer is reported; a kept layer's held-out error fell and its codes moved; the
     checkpoint differs from plain RTN's (in its scales too where they are learned, never in its
     zero points) and loads to the in-memory logits."""

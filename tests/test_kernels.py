@@ -56,10 +56,9 @@ def test_forcing_an_unfit_kernel_says_why(monkeypatch):
 
 def test_quantized_state_names_every_buffer_but_bias():
     """inspect counts a checkpoint's fp16-equivalent size from this list; a new buffer must join it."""
-    from treeq.runtime.quant_linear import QuantLinear
-
     from treeq.extras import EXTRAS
     from treeq.runtime.input_transform import InputTransform
+    from treeq.runtime.quant_linear import QuantLinear
 
     transform = InputTransform.stored_for("m", {"m.channel_scales": 0, "m.pairs": torch.zeros(2, 64)}, None, 64)
     names = set()

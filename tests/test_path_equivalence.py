@@ -81,11 +81,7 @@ def quantized_state(directory):
         if isinstance(m, QuantLinear)
     }
     inside = tuple(f"{name}." for name in quantized)
-    rest = {
-        name: t
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-        if not name.startswith(inside)
-    }
+    rest = {name: t for name, t in [*model.named_parameters(), *model.named_buffers()] if not name.startswith(inside)}
     return quantized, rest
 
 

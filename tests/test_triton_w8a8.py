@@ -51,7 +51,9 @@ def test_quant_linear_multiplies_the_fake_quant_integers(activation):
     x2 = x.reshape(6, 96)
     codes = (layer.input_quantizer(x2) / _scales(layer, x2)[:, None]).round().to(torch.int8)
     w_int8 = (result.codes.to(torch.int16) - 128).to(torch.int8)
-    reference = w8a8_vnni.int8_linear_reference(codes, _scales(layer, x2), w_int8, layer.scales[0].float(), layer.bias, torch.float32)
+    reference = w8a8_vnni.int8_linear_reference(
+        codes, _scales(layer, x2), w_int8, layer.scales[0].float(), layer.bias, torch.float32
+    )
     assert torch.equal(y.reshape(6, -1), reference)
 
 

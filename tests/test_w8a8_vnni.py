@@ -46,7 +46,9 @@ def test_reference_definition_on_hand_computed_values():
     assert scale.tolist() == [torch.tensor(4.0) / 3] and zero.tolist() == [1]  # round(0.75)
     assert codes.dtype == torch.uint8 and codes.tolist() == [[0, 3]]
     codes, scale, zero = numerics.quantize_activation(torch.tensor([[1.0, -2.0], [4.0, 0.0]]), 8, per_token=False)
-    assert scale.shape == () and float(scale) == float(torch.tensor(4.0) / 127) and codes.tolist() == [[32, -64], [127, 0]]
+    assert (
+        scale.shape == () and float(scale) == float(torch.tensor(4.0) / 127) and codes.tolist() == [[32, -64], [127, 0]]
+    )
     y = numerics.fake_quantize_activation(x.bfloat16(), bits=3)
     assert y.dtype == torch.bfloat16 and y.tolist() == [[3, 2, 0, 2, -3], [0] * 5]
     with pytest.raises(ValueError, match="bits=9"):

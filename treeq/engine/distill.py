@@ -99,9 +99,10 @@ def distill_layer(
     settings: DistillSettings,
 ) -> tuple[dict[str, QuantResult], DistillRecord]:
     """Train the quantized modules of ``layer`` (``results``: module name in the layer -> (result,
-    bits, fp weight)) so its outputs on ``inputs`` match ``targets`` (the fp layer's), and return the results
-    to keep (re-rounded, or the given ones where held-out error did not fall) with the record.
-    The layer runs in fp32 (no autocast), as ``targets`` were computed. Each module's weight is left at its kept result's dequantized value."""
+    bits, fp weight)) so its outputs on ``inputs`` match ``targets`` (the fp layer's), and return the
+    results to keep (re-rounded, or the given ones where held-out error did not fall) with the
+    record. The layer runs in fp32 (no autocast), as ``targets`` were computed. Each module's weight
+    is left at its kept result's dequantized value."""
     if transformed := [n for n, (r, *_) in results.items() if r.transform is not None]:
         raise ValueError(f"LKD trains plain weights; {transformed[0]} has an input transform")
     held = max(1, math.ceil(len(inputs) * settings.holdout))

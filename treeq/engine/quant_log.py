@@ -50,9 +50,10 @@ def _fp_inputs(r: ModuleRecord) -> str:
 
 
 def format_record(r: ModuleRecord) -> str:
+    notes = " ".join(filter(None, (r.fallback, r.extras, _fp_inputs(r))))
     return (
         f"{r.layer:>5} {r.module:<26} {r.in_features:>6} {r.out_features:>6} {r.loss:>11.4e} "
-        f"{r.samples:>8} {r.seconds:>6.2f} {r.peak_mem_mb:>8.0f} {' '.join(filter(None, (r.fallback, r.extras, _fp_inputs(r))))}"
+        f"{r.samples:>8} {r.seconds:>6.2f} {r.peak_mem_mb:>8.0f} {notes}"
     )
 
 

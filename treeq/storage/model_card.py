@@ -13,7 +13,6 @@ CARD_NAME = "README.md"
 QUANT_CONFIG_NAME = "quantize_config.json"
 
 
-
 def _override_line(override: dict) -> str:
     if override["skip"]:
         return "kept in full precision"

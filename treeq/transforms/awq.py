@@ -21,7 +21,9 @@ ALPHAS = [i / 20 for i in range(20)]
 class AWQSearch(ScaleMigration):
     name = "awq"
 
-    def scales(self, weights: list[torch.Tensor], stats: InputStats, round_weight: RoundWeight, sample=None) -> torch.Tensor:
+    def scales(
+        self, weights: list[torch.Tensor], stats: InputStats, round_weight: RoundWeight, sample=None
+    ) -> torch.Tensor:
         rms = stats.h.diagonal().clamp(min=0).sqrt()
         # Dead channels would get scale 0; lift them to a small share of the largest.
         rms = rms.clamp(min=float(rms.max()) * 1e-4 + 1e-12)

@@ -51,7 +51,11 @@ class ScaleMigration(ABC):
 
     @abstractmethod
     def scales(
-        self, weights: list[torch.Tensor], stats: InputStats, round_weight: RoundWeight, sample: InputSample | None = None
+        self,
+        weights: list[torch.Tensor],
+        stats: InputStats,
+        round_weight: RoundWeight,
+        sample: InputSample | None = None,
     ) -> torch.Tensor:
         """Positive scales [in_features] for the subset whose fp ``weights`` read inputs with
         ``stats``; ``sample`` where :meth:`sample_rows` asks for one."""

@@ -45,7 +45,11 @@ class SmoothQuant(ScaleMigration):
         return SEARCH_ROWS if self.options.search else 0
 
     def scales(
-        self, weights: list[torch.Tensor], stats: InputStats, round_weight: RoundWeight, sample: InputSample | None = None
+        self,
+        weights: list[torch.Tensor],
+        stats: InputStats,
+        round_weight: RoundWeight,
+        sample: InputSample | None = None,
     ) -> torch.Tensor:
         x_max = stats.absmax.clamp(min=FLOOR)
         w_max = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0).clamp(min=FLOOR)

@@ -40,8 +40,12 @@ def _int8_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=(offs_m < M)[:, None] & mask_k[None, :], other=0)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_w + offs_k[:, None], mask=mask_k[:, None] & (offs_n < N)[None, :], other=0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=(offs_m < M)[:, None] & mask_k[None, :], other=0
+        )
+        w = tl.load(
+            w_ptr + offs_n[None, :] * stride_w + offs_k[:, None], mask=mask_k[:, None] & (offs_n < N)[None, :], other=0
+        )
         acc += tl.dot(x, w, out_dtype=tl.int32)
     x_scale = tl.load(x_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
     w_scale = tl.load(w_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
