@@ -138,14 +138,18 @@ def test_panel_paths_carry_their_sums_across_panels(tokens, panel_path):
 
 
 @needs_kernel
-@pytest.mark.parametrize("k,tokens", [(2048, 549), (4096, 300)])  # passes of 128 / 64 token rows, the last partial
+# Passes of 128 / 64 token rows, the last partial; 144 outputs: 9 blocks, units of 4, 4 and 1. 576
+# outputs at 4096 inputs: 9 units of 512 KiB panels, more than the 4 a thread keeps (2 MiB), so the
+# units run in groups, each through every pass.
+@pytest.mark.parametrize("n,k,tokens", [(144, 2048, 549), (144, 4096, 300), (576, 4096, 150)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(k, tokens, threads, panel_path):
+def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(n, k, tokens, threads, panel_path):
     """Long prompts run in passes of token rows (512 KiB of inputs each), each unit's panel
     dequantized in the first pass and reused by the later ones, whichever thread runs it."""
-    # Checked to fail on both paths with every thread's units sharing one kept panel, and with each
-    # pass's rows taken from the first pass's.
-    state, w = random_state(144, k, 64, tokens)  # 9 blocks: units of 4, 4 and 1
+    # Checked to fail on both paths with every thread's units sharing one kept panel, with each
+    # pass's rows taken from the first pass's, and (576 outputs) with the panels dequantized in the
+    # first group only.
+    state, w = random_state(n, k, 64, tokens)
     x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(k)).bfloat16()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

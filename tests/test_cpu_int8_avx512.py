@@ -61,11 +61,14 @@ def test_panel_paths_multiply_the_reference_weight_with_fp32_sums(sym, in_f, out
 @needs_kernel
 @pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(threads, amx, monkeypatch):
-    """2048 inputs: passes of 128 token rows, the last partial; each unit's panel dequantized once."""
-    # Checked to fail (AMX and vector, 1 and 2 threads) with every thread's units sharing one kept panel.
-    layer = panel_layer(False, 2048, 144, amx, monkeypatch)
-    x = torch.randn(300, 2048, generator=torch.Generator().manual_seed(3)).bfloat16()
+@pytest.mark.parametrize("in_f,out_f,tokens", [(2048, 144, 300), (4096, 576, 150)])  # one group; groups of units
+def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(in_f, out_f, tokens, threads, amx, monkeypatch):
+    """Passes of 128 / 64 token rows, the last partial; each unit's panel dequantized once (as in
+    tests/test_cpu_int4_avx512.py)."""
+    # Checked to fail (AMX and vector, 1 and 2 threads) with every thread's units sharing one kept
+    # panel, and (576 outputs) with the panels dequantized in the first group only.
+    layer = panel_layer(False, in_f, out_f, amx, monkeypatch)
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(3)).bfloat16()
     assert rounded_once(on_threads(threads, layer, x), x.float() @ layer.dequantized_weight().bfloat16().float().t())
 
 

@@ -676,12 +676,14 @@ void blocks_panel(bool amx, const uint16_t* x, const uint16_t* tail, int64_t M, 
 
 // Token rows per pass of the panel paths, where a unit's inputs fit one panel: a pass's inputs
 // (kPanelPassBytes) then stay in L2 across the thread's units, each unit's panel dequantized in the
-// first pass and kept (up to kPanelKeepBytes per thread; beyond, one pass). In one pass the inputs
-// were read from memory once per unit: from 1536 tokens, 576 and 1536 inputs wide, passes of
-// 512 KiB ran 1.13-1.45x as fast (AMX Xeon, 2 MB L2, 1 and 2 threads; bench/results/kernels.md);
-// passes of 1 MiB and keeping up to 8 MiB were no faster.
+// first pass and kept. In one pass the inputs were read from memory once per unit: from 1536
+// tokens, 576 and 1536 inputs wide, passes of 512 KiB ran 1.13-1.45x as fast (AMX Xeon, 2 MB L2, 1
+// and 2 threads; bench/results/kernels.md); passes of 1 MiB were no faster. A thread keeps up to
+// kPanelKeepBytes of panels; where its units need more, they run in groups of that much, each group
+// through every pass (the inputs then read once per group). With a pass's inputs that fits a 2 MB
+// L2: groups of 2 MiB ran 0.76-0.86x as fast as 1 MiB on 4096 x 4096 from 512 tokens (AMX Xeon).
 constexpr int64_t kPanelPassBytes = 512 << 10;
-constexpr int64_t kPanelKeepBytes = 2 << 20;
+constexpr int64_t kPanelKeepBytes = 1 << 20;
 
 // Token rows per pass of the expanded path: their inputs (768 KiB at 4096 wide) stay in a 1 MiB
 // L2 across units. Of 48, 96 and 192 rows, 96 was ahead or even at 256 and 1024 tokens (Zen 5).
@@ -727,10 +729,14 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
     const bool rows32 = K <= kRows32MaxInputs;
     const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
     const int64_t panel_bytes = sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK;
-    const int64_t kept_panels = (items + threads - 1) / threads;
-    const bool one_panel = K / kTileK <= kPanelTiles, keep = kept_panels * panel_bytes <= kPanelKeepBytes;
+    const bool one_panel = K / kTileK <= kPanelTiles;
     const int64_t pass_rows = kPanelPassBytes / (2 * K) / 32 * 32;
-    const int64_t pass = one_panel && keep && pass_rows > 0 ? pass_rows : M;
+    const int64_t pass = one_panel && pass_rows > 0 ? pass_rows : M;
+    // Work items in groups of as many panels as each thread keeps (kPanelKeepBytes), each group
+    // through every pass: a pass's inputs are then read from memory once per group, not per unit.
+    const int64_t keep_units = kPanelKeepBytes / panel_bytes > 0 ? kPanelKeepBytes / panel_bytes : 1;
+    const int64_t group_items = pass < M && keep_units * threads < items ? keep_units * threads : items;
+    const int64_t kept_panels = (group_items + threads - 1) / threads;
 #pragma omp parallel num_threads(threads)
     {
         if (amx) configure_tiles(M < 16 ? int(M) : 16);
@@ -738,14 +744,15 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
         float* acc = nullptr;
         if (!one_panel)  // sums carried from panel to panel
             acc = (float*)scratch(3, sizeof(float) * (M + 15) / 16 * 16 * kMaxBlocks * kTileN);
-        // As the expanded path: a pass of token rows through the thread's units (the same units in
-        // every pass, so each keeps its panel from the first), then the next pass.
+        // As the expanded path: a pass of token rows through the thread's units of the group (the
+        // same units in every pass, so each keeps its panel from the first), then the next pass.
+        for (int64_t g0 = 0; g0 < items; g0 += group_items)
         for (int64_t m1 = 0; m1 < M; m1 += pass) {
-            const int64_t rows = M - m1 < pass ? M - m1 : pass;
+            const int64_t rows = M - m1 < pass ? M - m1 : pass, g1 = items - g0 < group_items ? items : g0 + group_items;
             const uint16_t* xm = x + m1 * K;
             int64_t kept = 0;  // this thread's units so far in this pass
 #pragma omp for schedule(static) nowait
-            for (int64_t t = 0; t < items; ++t) {
+            for (int64_t t = g0; t < g1; ++t) {
                 const Item it = src.item(t, split);
                 if (it.nb <= 0) continue;
                 uint16_t* ym = y + m1 * N + it.b * kTileN;
