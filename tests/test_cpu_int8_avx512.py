@@ -73,6 +73,24 @@ def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(in_f, out
 
 
 @needs_kernel
+@pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("in_f,out_f", [(256, 96), (4160, 208)])
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_rows_path_multiplies_the_reference_weight_with_fp32_sums(sym, in_f, out_f, tokens, threads, monkeypatch):
+    """Up to 16 tokens with AMX: the weights' rows as tiles, the inputs transposed; the same numbers
+    as the panel paths."""
+    # Checked to fail: every case with the sums stored into y untransposed, with every K tile's
+    # inputs taken from the first's, and with each unit's second block of rows taken from its first.
+    monkeypatch.setattr(k8, "path", lambda tokens, amx: "amx_rows")
+    layer = quant_linear(8, -1, sym, False, in_f=in_f, out_f=out_f, bias=False)
+    layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    assert rounded_once(on_threads(threads, layer, x), x.float() @ layer.dequantized_weight().bfloat16().float().t())
+
+
+@needs_kernel
 @needs_dequantizer
 def test_gemm_path_is_the_bf16_product_of_the_reference_weight(monkeypatch):
     monkeypatch.setattr(k8, "path", lambda tokens, amx: "gemm")
@@ -95,14 +113,9 @@ def test_layer_matches_reference_kernel_within_bf16(sym, kernel_path, monkeypatc
 
 
 def test_path_follows_the_token_count():
-    tokens = (
-        1,
-        k8.AMX_PANEL_FROM - 1,
-        k8.AMX_PANEL_FROM,
-        cpu_int4_avx512.AMX_GEMM_FROM - 1,
-        cpu_int4_avx512.AMX_GEMM_FROM,
-    )
-    assert [k8.path(m, True) for m in tokens] == ["op", "op", "panel", "panel", "gemm"]
+    gemm_from = cpu_int4_avx512.AMX_GEMM_FROM
+    tokens = (1, k8.AMX_FROM - 1, k8.AMX_FROM, k8.AMX_ROWS_MAX, k8.AMX_ROWS_MAX + 1, gemm_from - 1, gemm_from)
+    assert [k8.path(m, True) for m in tokens] == ["op", "op", "amx_rows", "amx_rows", "panel", "panel", "gemm"]
     tokens = (1, k8.PANEL_FROM - 1, k8.PANEL_FROM, 100_000)
     assert [k8.path(m, False) for m in tokens] == ["op", "op", "panel", "panel"]
 

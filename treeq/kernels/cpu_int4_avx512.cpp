@@ -637,23 +637,24 @@ struct Int8Rows {
     const int32_t* zeros;
     int64_t blocks, K;
     Item item(int64_t t, int64_t split) const { return place_of(t, split, blocks); }
+    // Output n's inputs of tile i (32) as bf16, in input order.
+    __m512i row(int64_t n, int64_t i) const {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(w + n * K + i * kTileK));
+        const __m512i shift = _mm512_set1_epi32(128 - zeros[n]);
+        const __m512 scale = _mm512_set1_ps(scales[n]);
+        const __m512 lo = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)), shift)), scale);
+        const __m512 hi = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)), shift)), scale);
+        return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    }
     template <int NB>
     void fill(const Item& it, int64_t k0, int64_t k1, uint16_t* panel) const {
         for (int64_t i = k0; i < k1; ++i)
             for (int b = 0; b < NB; ++b) {
                 const int64_t n0 = (it.b + b) * kTileN;
                 __m512i rows[16];  // first output n's 32 inputs (16 pairs), then transposed
-                for (int r = 0; r < kTileN; ++r) {
-                    const __m256i q = _mm256_loadu_si256((const __m256i*)(w + (n0 + r) * K + i * kTileK));
-                    const __m512i shift = _mm512_set1_epi32(128 - zeros[n0 + r]);
-                    const __m512 scale = _mm512_set1_ps(scales[n0 + r]);
-                    const __m512 lo = _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)), shift)), scale);
-                    const __m512 hi = _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)), shift)),
-                        scale);
-                    rows[r] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-                }
+                for (int r = 0; r < kTileN; ++r) rows[r] = row(n0 + r, i);
                 transpose16(rows);
                 uint16_t* dst = panel + ((i - k0) * NB + b) * kTileN * kTileK;
                 for (int p = 0; p < kTileK / 2; ++p) _mm512_store_si512(dst + p * 2 * kTileN, rows[p]);
@@ -770,6 +771,90 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
     }
 }
 
+// AMX rows path (8-bit rows, a few tokens): the panel paths transpose every weight into the tiles'
+// B layout, per call. Here the weights' rows are the A operand as they are (16 outputs x 32 inputs
+// per tile) and the inputs, transposed once per call, the B operand (16 pairs of inputs x M token
+// rows), so each block's sums are 16 outputs x M tokens, transposed into y at the end. Tile 0: the
+// inputs; 1 and 6: weights, alternately; 2..5: a block's sums each.
+constexpr int64_t kRowsAhead = 256;  // bytes of a row between its prefetch and its load
+
+void configure_rows_tiles(int64_t m) {
+    TileConfig c;
+    for (int i = 0; i < 8; ++i) {
+        c.rows[i] = 16;
+        c.colsb[i] = i == 1 || i == 6 ? 64 : 4 * m;
+    }
+    _tile_loadconfig(&c);
+}
+
+// A block's sums (tile 2 + b: 16 outputs x m tokens) rounded to bf16 into y (row stride N).
+template <int B>
+void rows_store(int64_t m, uint16_t* y, int64_t N) {
+    alignas(64) float c[16 * 16];
+    acc_store(B, c, 16);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_load_ps(c + 16 * i));
+    transpose16(r);  // r[t]: token t's 16 outputs
+    for (int64_t t = 0; t < m; ++t) store_bf16_lanes(y + t * N, _mm512_castsi512_ps(r[t]));
+}
+
+// Block B of a work item over input tile i: its 16 rows into a, then one tile product.
+template <int B>
+void rows_product(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
+    for (int r = 0; r < kTileN; ++r) {
+        // 64 rows read side by side are more streams than the hardware prefetcher follows.
+        if (i % 2 == 0) _mm_prefetch((const char*)(src.w + (n0 + r) * src.K + i * kTileK) + kRowsAhead, _MM_HINT_T0);
+        _mm512_store_si512(a + r * kTileK, src.row(n0 + r, i));
+    }
+    // The tile numbers are literals for the instructions, hence one line per block.
+    if constexpr (B == 0) { _tile_loadd(1, a, 64); _tile_dpbf16ps(2, 1, 0); }
+    if constexpr (B == 1) { _tile_loadd(6, a, 64); _tile_dpbf16ps(3, 6, 0); }
+    if constexpr (B == 2) { _tile_loadd(1, a, 64); _tile_dpbf16ps(4, 1, 0); }
+    if constexpr (B == 3) { _tile_loadd(6, a, 64); _tile_dpbf16ps(5, 6, 0); }
+}
+
+void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads,
+                     const Int8Rows& src) {
+    const int64_t tiles = K / kTileK, blocks = N / kTileN, split = item_split(blocks, threads);
+    const int64_t items = (blocks + kMaxBlocks - 1) / kMaxBlocks * split;
+    // The inputs as B tiles: tile i's row p holds pair p of inputs 32i.. for each token row.
+    uint16_t* xt = (uint16_t*)scratch(1, sizeof(uint16_t) * tiles * kTileN * kTileK);
+    for (int64_t i = 0; i < tiles; ++i) {
+        __m512i r[16];
+        for (int t = 0; t < 16; ++t)
+            r[t] = t < M ? _mm512_loadu_si512(x + t * K + i * kTileK) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int p = 0; p < 16; ++p) _mm512_store_si512(xt + (i * 16 + p) * 32, r[p]);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        configure_rows_tiles(M);
+        alignas(64) uint16_t a[kMaxBlocks][kTileN * kTileK];
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < items; ++t) {
+            const Item it = src.item(t, split);
+            if (it.nb <= 0) continue;
+            const int64_t n0 = it.b * kTileN, nb = it.nb;
+            _tile_zero(2);
+            if (nb > 1) _tile_zero(3);
+            if (nb > 2) _tile_zero(4);
+            if (nb > 3) _tile_zero(5);
+            for (int64_t i = 0; i < tiles; ++i) {
+                _tile_loadd(0, xt + i * 16 * 32, 64);
+                rows_product<0>(src, n0, i, a[0]);
+                if (nb > 1) rows_product<1>(src, n0 + 16, i, a[1]);
+                if (nb > 2) rows_product<2>(src, n0 + 32, i, a[2]);
+                if (nb > 3) rows_product<3>(src, n0 + 48, i, a[3]);
+            }
+            rows_store<0>(M, y + n0, N);
+            if (nb > 1) rows_store<1>(M, y + n0 + 16, N);
+            if (nb > 2) rows_store<2>(M, y + n0 + 32, N);
+            if (nb > 3) rows_store<3>(M, y + n0 + 48, N);
+        }
+        _tile_release();
+    }
+}
+
 }  // namespace
 
 extern "C" int treeq_cpu_supported() {
@@ -859,12 +944,17 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
 }
 
 // y[M, N] = x[M, K] bf16 @ W^T for 8-bit weights in rows (Int8Rows: w [N][K] signed, scales fp32
-// [N], zeros int32 [N]) by a panel path: AMX tiles where amx and treeq_amx_supported, else the
-// vector units. N a multiple of 16, K of 32.
+// [N], zeros int32 [N]). path: 0 the vector panel path, 1 the AMX panel path, 2 the AMX rows path
+// (M <= 16); 1 and 2 only where treeq_amx_supported, else y is left as it was. N a multiple of 16,
+// K of 32.
 extern "C" void treeq_int8_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scales,
-                                  const int32_t* zeros, int64_t N, uint16_t* y, int threads, int amx) {
-    if (M == 0) return;
-    panel_matmul(x, M, K, N, y, threads, amx && amx_usable(), Int8Rows{w, scales, zeros, N / kTileN, K});
+                                  const int32_t* zeros, int64_t N, uint16_t* y, int threads, int path) {
+    if (M == 0 || (path > 0 && !amx_usable()) || (path == 2 && M > 16)) return;
+    const Int8Rows src{w, scales, zeros, N / kTileN, K};
+    if (path == 2)
+        rows_amx_matmul(x, M, K, N, y, threads, src);
+    else
+        panel_matmul(x, M, K, N, y, threads, path == 1, src);
 }
 
 // Rows n0..n1 of the weight as bf16 at out, for a bf16 GEMM. layout 0: [n1 - n0][K] (n0, n1 multiples of

@@ -6,7 +6,9 @@ its bf16 GEMM, two passes over a bf16 copy of the weight per call, and stayed be
 length (bench/results/kernels.md). Here each 64 outputs' weights are dequantized once per call
 into bf16 panels, each weight the reference kernel's ((code - zero) * scale in fp32, rounded once),
 which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp32 sums, as
-``cpu_int4_avx512`` does for 4-bit weights; no second copy of the weight is kept.
+``cpu_int4_avx512`` does for 4-bit weights; no second copy of the weight is kept. With AMX and up to
+16 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
+transposed instead, so no weight is transposed.
 """
 
 from __future__ import annotations
@@ -19,21 +21,27 @@ from . import cpu_int4_avx512
 from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
-# Token counts from which the panel path takes over from the op (bench/kernels.py; figures in
-# bench/results/kernels.md): with AMX the panel path was ahead from 8 tokens on 576 x 576 and
-# 2048 x 2048 (the op from 4 down); without AMX (that Xeon capped) the op was ahead up to 16 tokens
-# and the panel path from 32. With AMX the GEMM takes over again where cpu_int4_avx512's does
-# (AMX_GEMM_FROM): on 2048 x 2048 at 2048 tokens on one thread it was ahead of the AMX panels. Read
-# at each call, so tests can force each path.
+# Token counts from which the native paths take over from the op (bench/kernels.py; figures in
+# bench/results/kernels.md). With AMX: from 8 tokens up to 16 the AMX rows path (the weights' rows
+# as tiles, no transposition; at 8-16 tokens 1.26-1.84x bf16 where the AMX panel path ran
+# 0.84-1.14x), beyond that the AMX panel path, and from cpu_int4_avx512's AMX_GEMM_FROM the GEMM
+# (on 2048 x 2048 at 2048 tokens on one thread it was ahead of the panels); the op stayed ahead at
+# 1-2 tokens and level at 4 on 2048- and 4096-wide layers. Without AMX the op was ahead up to 16
+# tokens and the vector panel path from 32. Read at each call, so tests can force each path.
 PANEL_FROM = 24
-AMX_PANEL_FROM = 8
+AMX_FROM = 8
+AMX_ROWS_MAX = 16  # the rows path's tiles hold 16 token rows
 
 
 def path(tokens: int, amx: bool) -> str:
-    """The path a call with ``tokens`` rows takes: "op", "panel" or (with AMX) "gemm"."""
-    if tokens < (AMX_PANEL_FROM if amx else PANEL_FROM):
+    """The path a call with ``tokens`` rows takes: "op", "panel" or (with AMX) "amx_rows" or "gemm"."""
+    if tokens < (AMX_FROM if amx else PANEL_FROM):
         return "op"
-    return "gemm" if amx and tokens >= cpu_int4_avx512.AMX_GEMM_FROM else "panel"
+    if not amx:
+        return "panel"
+    if tokens <= AMX_ROWS_MAX:
+        return "amx_rows"
+    return "gemm" if tokens >= cpu_int4_avx512.AMX_GEMM_FROM else "panel"
 
 
 @dataclass
@@ -41,14 +49,16 @@ class _State(_Int8State):
     amx: bool  # cpu_int4_avx512.amx_allowed() when the kernel was chosen
 
 
-def panel_matmul(st: _State, x2: torch.Tensor) -> torch.Tensor:
-    """[M, out] = bf16 x2 [M, in] times the reference kernel's bf16 weight, fp32 sums, in bf16."""
+def native_matmul(st: _State, x2: torch.Tensor, path: str) -> torch.Tensor:
+    """[M, out] = bf16 x2 [M, in] times the reference kernel's bf16 weight, fp32 sums, in bf16, by
+    the native ``path`` ("panel": AMX or vector by ``st.amx``; "amx_rows": M <= 16, AMX only)."""
     x2 = x2.contiguous()
     n = st.weight.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    code = 2 if path == "amx_rows" else int(st.amx)
     cpu_int4_avx512.library()[0].treeq_int8_matmul(
         x2.data_ptr(), x2.shape[0], x2.shape[1], st.weight.data_ptr(), st.scale32.data_ptr(), st.zero.data_ptr(), n,
-        y.data_ptr(), torch.get_num_threads(), st.amx,
+        y.data_ptr(), torch.get_num_threads(), code,
     )  # fmt: skip
     return y
 
@@ -76,7 +86,10 @@ class CpuInt8Avx512(CpuInt8):
 
 
 def matmul(st: _State, x2: torch.Tensor) -> torch.Tensor:
-    return {"op": op_matmul, "panel": panel_matmul, "gemm": gemm_matmul}[path(x2.shape[0], st.amx)](st, x2)
+    chosen = path(x2.shape[0], st.amx)
+    if chosen == "op":
+        return op_matmul(st, x2)
+    return gemm_matmul(st, x2) if chosen == "gemm" else native_matmul(st, x2, chosen)
 
 
 KERNEL = CpuInt8Avx512
