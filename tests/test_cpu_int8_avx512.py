@@ -76,13 +76,16 @@ def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(in_f, out
 @pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("in_f,out_f", [(256, 96), (4160, 208)])
-@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("tokens", [1, 5, 16, 17, 32])  # one tile of token rows; two
 @pytest.mark.parametrize("threads", [1, 2])
 def test_amx_rows_path_multiplies_the_reference_weight_with_fp32_sums(sym, in_f, out_f, tokens, threads, monkeypatch):
-    """Up to 16 tokens with AMX: the weights' rows as tiles, the inputs transposed; the same numbers
+    """Up to 32 tokens with AMX: the weights' rows as tiles, the inputs transposed; the same numbers
     as the panel paths."""
-    # Checked to fail: every case with the sums stored into y untransposed, with every K tile's
-    # inputs taken from the first's, and with each unit's second block of rows taken from its first.
+    # Checked to fail: every case with the sums stored into y untransposed; every case up to 16
+    # tokens with every K tile's inputs taken from the first's, and with each unit's second block of
+    # rows taken from its first; 17 and 32 tokens with the second group's inputs taken from the
+    # first group's, with the second group's sums stored over the first's, and with a pair's second
+    # block of rows taken from its first.
     monkeypatch.setattr(k8, "path", lambda tokens, amx: "amx_rows")
     layer = quant_linear(8, -1, sym, False, in_f=in_f, out_f=out_f, bias=False)
     layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)

@@ -773,16 +773,18 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
 
 // AMX rows path (8-bit rows, a few tokens): the panel paths transpose every weight into the tiles'
 // B layout, per call. Here the weights' rows are the A operand as they are (16 outputs x 32 inputs
-// per tile) and the inputs, transposed once per call, the B operand (16 pairs of inputs x M token
-// rows), so each block's sums are 16 outputs x M tokens, transposed into y at the end. Tile 0: the
-// inputs; 1 and 6: weights, alternately; 2..5: a block's sums each.
+// per tile) and the inputs, transposed once per call, the B operand (16 pairs of inputs x up to 16
+// token rows), so each block's sums are 16 outputs x its tokens, transposed into y at the end. Up
+// to 16 tokens: tile 0 the inputs, 1 and 6 weights alternately, 2..5 a block's sums each. 17 to 32
+// tokens: tiles 0 and 7 the two groups of token rows, two blocks at a time, 2 and 3 (4 and 5) the
+// first (second) block's sums for each group.
 constexpr int64_t kRowsAhead = 256;  // bytes of a row between its prefetch and its load
 
 void configure_rows_tiles(int64_t m) {
     TileConfig c;
     for (int i = 0; i < 8; ++i) {
         c.rows[i] = 16;
-        c.colsb[i] = i == 1 || i == 6 ? 64 : 4 * m;
+        c.colsb[i] = i == 1 || i == 6 ? 64 : m > 16 && (i == 3 || i == 5 || i == 7) ? 4 * (m - 16) : m > 16 ? 64 : 4 * m;
     }
     _tile_loadconfig(&c);
 }
@@ -799,13 +801,19 @@ void rows_store(int64_t m, uint16_t* y, int64_t N) {
 }
 
 // Block B of a work item over input tile i: its 16 rows into a, then one tile product.
-template <int B>
-void rows_product(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
+// A block's 16 rows of input tile i into a, as bf16.
+inline void rows_convert(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
     for (int r = 0; r < kTileN; ++r) {
         // 64 rows read side by side are more streams than the hardware prefetcher follows.
         if (i % 2 == 0) _mm_prefetch((const char*)(src.w + (n0 + r) * src.K + i * kTileK) + kRowsAhead, _MM_HINT_T0);
         _mm512_store_si512(a + r * kTileK, src.row(n0 + r, i));
     }
+}
+
+// Up to 16 tokens: block B's weights over input tile i, one tile product.
+template <int B>
+void rows_product(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
+    rows_convert(src, n0, i, a);
     // The tile numbers are literals for the instructions, hence one line per block.
     if constexpr (B == 0) { _tile_loadd(1, a, 64); _tile_dpbf16ps(2, 1, 0); }
     if constexpr (B == 1) { _tile_loadd(6, a, 64); _tile_dpbf16ps(3, 6, 0); }
@@ -813,19 +821,30 @@ void rows_product(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
     if constexpr (B == 3) { _tile_loadd(6, a, 64); _tile_dpbf16ps(5, 6, 0); }
 }
 
+// 17 to 32 tokens: the pair's block P (0 or 1) over input tile i, one product per group of tokens.
+template <int P>
+void rows_product2(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
+    rows_convert(src, n0, i, a);
+    if constexpr (P == 0) { _tile_loadd(1, a, 64); _tile_dpbf16ps(2, 1, 0); _tile_dpbf16ps(3, 1, 7); }
+    if constexpr (P == 1) { _tile_loadd(6, a, 64); _tile_dpbf16ps(4, 6, 0); _tile_dpbf16ps(5, 6, 7); }
+}
+
 void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads,
                      const Int8Rows& src) {
     const int64_t tiles = K / kTileK, blocks = N / kTileN, split = item_split(blocks, threads);
     const int64_t items = (blocks + kMaxBlocks - 1) / kMaxBlocks * split;
-    // The inputs as B tiles: tile i's row p holds pair p of inputs 32i.. for each token row.
-    uint16_t* xt = (uint16_t*)scratch(1, sizeof(uint16_t) * tiles * kTileN * kTileK);
-    for (int64_t i = 0; i < tiles; ++i) {
-        __m512i r[16];
-        for (int t = 0; t < 16; ++t)
-            r[t] = t < M ? _mm512_loadu_si512(x + t * K + i * kTileK) : _mm512_setzero_si512();
-        transpose16(r);
-        for (int p = 0; p < 16; ++p) _mm512_store_si512(xt + (i * 16 + p) * 32, r[p]);
-    }
+    // The inputs as B tiles: group g's tile i (at xt + (g * tiles + i) * 512) holds in row p pair
+    // p of inputs 32i.. for each of the group's token rows.
+    const int64_t groups = M > 16 ? 2 : 1;
+    uint16_t* xt = (uint16_t*)scratch(1, sizeof(uint16_t) * groups * tiles * kTileN * kTileK);
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < tiles; ++i) {
+            __m512i r[16];
+            for (int64_t t = 0; t < 16; ++t)
+                r[t] = g * 16 + t < M ? _mm512_loadu_si512(x + (g * 16 + t) * K + i * kTileK) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int p = 0; p < 16; ++p) _mm512_store_si512(xt + ((g * tiles + i) * 16 + p) * 32, r[p]);
+        }
 #pragma omp parallel num_threads(threads)
     {
         configure_rows_tiles(M);
@@ -835,6 +854,25 @@ void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_
             const Item it = src.item(t, split);
             if (it.nb <= 0) continue;
             const int64_t n0 = it.b * kTileN, nb = it.nb;
+            for (int64_t b = 0; groups == 2 && b < nb; b += 2) {  // two blocks at a time
+                const bool pair = nb - b > 1;
+                const int64_t nb0 = n0 + b * kTileN;
+                _tile_zero(2);
+                _tile_zero(3);
+                if (pair) _tile_zero(4);
+                if (pair) _tile_zero(5);
+                for (int64_t i = 0; i < tiles; ++i) {
+                    _tile_loadd(0, xt + i * 512, 64);
+                    _tile_loadd(7, xt + (tiles + i) * 512, 64);
+                    rows_product2<0>(src, nb0, i, a[0]);
+                    if (pair) rows_product2<1>(src, nb0 + 16, i, a[1]);
+                }
+                rows_store<0>(16, y + nb0, N);
+                rows_store<1>(M - 16, y + 16 * N + nb0, N);
+                if (pair) rows_store<2>(16, y + nb0 + 16, N);
+                if (pair) rows_store<3>(M - 16, y + 16 * N + nb0 + 16, N);
+            }
+            if (groups == 2) continue;
             _tile_zero(2);
             if (nb > 1) _tile_zero(3);
             if (nb > 2) _tile_zero(4);
@@ -945,11 +983,11 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
 
 // y[M, N] = x[M, K] bf16 @ W^T for 8-bit weights in rows (Int8Rows: w [N][K] signed, scales fp32
 // [N], zeros int32 [N]). path: 0 the vector panel path, 1 the AMX panel path, 2 the AMX rows path
-// (M <= 16); 1 and 2 only where treeq_amx_supported, else y is left as it was. N a multiple of 16,
+// (M <= 32); 1 and 2 only where treeq_amx_supported, else y is left as it was. N a multiple of 16,
 // K of 32.
 extern "C" void treeq_int8_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scales,
                                   const int32_t* zeros, int64_t N, uint16_t* y, int threads, int path) {
-    if (M == 0 || (path > 0 && !amx_usable()) || (path == 2 && M > 16)) return;
+    if (M == 0 || (path > 0 && !amx_usable()) || (path == 2 && M > 32)) return;
     const Int8Rows src{w, scales, zeros, N / kTileN, K};
     if (path == 2)
         rows_amx_matmul(x, M, K, N, y, threads, src);

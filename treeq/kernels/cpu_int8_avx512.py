@@ -7,7 +7,7 @@ length (bench/results/kernels.md). Here each 64 outputs' weights are dequantized
 into bf16 panels, each weight the reference kernel's ((code - zero) * scale in fp32, rounded once),
 which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp32 sums, as
 ``cpu_int4_avx512`` does for 4-bit weights; no second copy of the weight is kept. With AMX and up to
-16 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
+32 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
 transposed instead, so no weight is transposed.
 """
 
@@ -22,15 +22,15 @@ from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
 # Token counts from which the native paths take over from the op (bench/kernels.py; figures in
-# bench/results/kernels.md). With AMX: from 8 tokens up to 16 the AMX rows path (the weights' rows
-# as tiles, no transposition; at 8-16 tokens 1.26-1.84x bf16 where the AMX panel path ran
-# 0.84-1.14x), beyond that the AMX panel path, and from cpu_int4_avx512's AMX_GEMM_FROM the GEMM
+# bench/results/kernels.md). With AMX: from 8 tokens up to 32 the AMX rows path (the weights' rows
+# as tiles, no transposition; at 8-32 tokens 1.22-1.93x bf16 where the AMX panel path ran
+# 0.75-1.14x), beyond that the AMX panel path, and from cpu_int4_avx512's AMX_GEMM_FROM the GEMM
 # (on 2048 x 2048 at 2048 tokens on one thread it was ahead of the panels); the op stayed ahead at
 # 1-2 tokens and level at 4 on 2048- and 4096-wide layers. Without AMX the op was ahead up to 16
 # tokens and the vector panel path from 32. Read at each call, so tests can force each path.
 PANEL_FROM = 24
 AMX_FROM = 8
-AMX_ROWS_MAX = 16  # the rows path's tiles hold 16 token rows
+AMX_ROWS_MAX = 32  # the rows path's two input tiles hold 32 token rows
 
 
 def path(tokens: int, amx: bool) -> str:
@@ -51,7 +51,7 @@ class _State(_Int8State):
 
 def native_matmul(st: _State, x2: torch.Tensor, path: str) -> torch.Tensor:
     """[M, out] = bf16 x2 [M, in] times the reference kernel's bf16 weight, fp32 sums, in bf16, by
-    the native ``path`` ("panel": AMX or vector by ``st.amx``; "amx_rows": M <= 16, AMX only)."""
+    the native ``path`` ("panel": AMX or vector by ``st.amx``; "amx_rows": M <= 32, AMX only)."""
     x2 = x2.contiguous()
     n = st.weight.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
