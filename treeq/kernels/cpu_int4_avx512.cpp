@@ -781,11 +781,14 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
 constexpr int64_t kRowsAhead = 256;  // bytes of a row between its prefetch and its load
 
 void configure_rows_tiles(int64_t m) {
+    const int64_t first = m > 16 ? 16 : m, second = m - first;  // token rows in each group
     TileConfig c;
     for (int i = 0; i < 8; ++i) {
         c.rows[i] = 16;
-        c.colsb[i] = i == 1 || i == 6 ? 64 : m > 16 && (i == 3 || i == 5 || i == 7) ? 4 * (m - 16) : m > 16 ? 64 : 4 * m;
+        c.colsb[i] = 4 * first;  // inputs of the first group (0), sums (2..5)
     }
+    c.colsb[1] = c.colsb[6] = 64;  // weights
+    if (second) c.colsb[3] = c.colsb[5] = c.colsb[7] = 4 * second;  // the second group's inputs, sums
     _tile_loadconfig(&c);
 }
 
@@ -800,7 +803,6 @@ void rows_store(int64_t m, uint16_t* y, int64_t N) {
     for (int64_t t = 0; t < m; ++t) store_bf16_lanes(y + t * N, _mm512_castsi512_ps(r[t]));
 }
 
-// Block B of a work item over input tile i: its 16 rows into a, then one tile product.
 // A block's 16 rows of input tile i into a, as bf16.
 inline void rows_convert(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
     for (int r = 0; r < kTileN; ++r) {
@@ -829,6 +831,49 @@ void rows_product2(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
     if constexpr (P == 1) { _tile_loadd(6, a, 64); _tile_dpbf16ps(4, 6, 0); _tile_dpbf16ps(5, 6, 7); }
 }
 
+// A work item's nb blocks (outputs n0..) for up to 16 tokens: all its blocks' sums at once.
+void rows_one_group(const Int8Rows& src, const uint16_t* xt, int64_t tiles, int64_t n0, int64_t nb, int64_t M,
+                    uint16_t* y, int64_t N, uint16_t (*a)[kTileN * kTileK]) {
+    _tile_zero(2);
+    if (nb > 1) _tile_zero(3);
+    if (nb > 2) _tile_zero(4);
+    if (nb > 3) _tile_zero(5);
+    for (int64_t i = 0; i < tiles; ++i) {
+        _tile_loadd(0, xt + i * 512, 64);
+        rows_product<0>(src, n0, i, a[0]);
+        if (nb > 1) rows_product<1>(src, n0 + 16, i, a[1]);
+        if (nb > 2) rows_product<2>(src, n0 + 32, i, a[2]);
+        if (nb > 3) rows_product<3>(src, n0 + 48, i, a[3]);
+    }
+    rows_store<0>(M, y + n0, N);
+    if (nb > 1) rows_store<1>(M, y + n0 + 16, N);
+    if (nb > 2) rows_store<2>(M, y + n0 + 32, N);
+    if (nb > 3) rows_store<3>(M, y + n0 + 48, N);
+}
+
+// The same for 17 to 32 tokens (two groups of token rows), two blocks at a time.
+void rows_two_groups(const Int8Rows& src, const uint16_t* xt, int64_t tiles, int64_t n0, int64_t nb, int64_t M,
+                     uint16_t* y, int64_t N, uint16_t (*a)[kTileN * kTileK]) {
+    for (int64_t b = 0; b < nb; b += 2) {
+        const bool pair = nb - b > 1;
+        const int64_t nb0 = n0 + b * kTileN;
+        _tile_zero(2);
+        _tile_zero(3);
+        if (pair) _tile_zero(4);
+        if (pair) _tile_zero(5);
+        for (int64_t i = 0; i < tiles; ++i) {
+            _tile_loadd(0, xt + i * 512, 64);
+            _tile_loadd(7, xt + (tiles + i) * 512, 64);
+            rows_product2<0>(src, nb0, i, a[0]);
+            if (pair) rows_product2<1>(src, nb0 + 16, i, a[1]);
+        }
+        rows_store<0>(16, y + nb0, N);
+        rows_store<1>(M - 16, y + 16 * N + nb0, N);
+        if (pair) rows_store<2>(16, y + nb0 + 16, N);
+        if (pair) rows_store<3>(M - 16, y + 16 * N + nb0 + 16, N);
+    }
+}
+
 void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads,
                      const Int8Rows& src) {
     const int64_t tiles = K / kTileK, blocks = N / kTileN, split = item_split(blocks, threads);
@@ -853,41 +898,10 @@ void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_
         for (int64_t t = 0; t < items; ++t) {
             const Item it = src.item(t, split);
             if (it.nb <= 0) continue;
-            const int64_t n0 = it.b * kTileN, nb = it.nb;
-            for (int64_t b = 0; groups == 2 && b < nb; b += 2) {  // two blocks at a time
-                const bool pair = nb - b > 1;
-                const int64_t nb0 = n0 + b * kTileN;
-                _tile_zero(2);
-                _tile_zero(3);
-                if (pair) _tile_zero(4);
-                if (pair) _tile_zero(5);
-                for (int64_t i = 0; i < tiles; ++i) {
-                    _tile_loadd(0, xt + i * 512, 64);
-                    _tile_loadd(7, xt + (tiles + i) * 512, 64);
-                    rows_product2<0>(src, nb0, i, a[0]);
-                    if (pair) rows_product2<1>(src, nb0 + 16, i, a[1]);
-                }
-                rows_store<0>(16, y + nb0, N);
-                rows_store<1>(M - 16, y + 16 * N + nb0, N);
-                if (pair) rows_store<2>(16, y + nb0 + 16, N);
-                if (pair) rows_store<3>(M - 16, y + 16 * N + nb0 + 16, N);
-            }
-            if (groups == 2) continue;
-            _tile_zero(2);
-            if (nb > 1) _tile_zero(3);
-            if (nb > 2) _tile_zero(4);
-            if (nb > 3) _tile_zero(5);
-            for (int64_t i = 0; i < tiles; ++i) {
-                _tile_loadd(0, xt + i * 16 * 32, 64);
-                rows_product<0>(src, n0, i, a[0]);
-                if (nb > 1) rows_product<1>(src, n0 + 16, i, a[1]);
-                if (nb > 2) rows_product<2>(src, n0 + 32, i, a[2]);
-                if (nb > 3) rows_product<3>(src, n0 + 48, i, a[3]);
-            }
-            rows_store<0>(M, y + n0, N);
-            if (nb > 1) rows_store<1>(M, y + n0 + 16, N);
-            if (nb > 2) rows_store<2>(M, y + n0 + 32, N);
-            if (nb > 3) rows_store<3>(M, y + n0 + 48, N);
+            if (groups == 2)
+                rows_two_groups(src, xt, tiles, it.b * kTileN, it.nb, M, y, N, a);
+            else
+                rows_one_group(src, xt, tiles, it.b * kTileN, it.nb, M, y, N, a);
         }
         _tile_release();
     }
