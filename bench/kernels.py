@@ -29,7 +29,7 @@ from treeq.kernels import LinearFormat, blocked_gemm, cpu_int4, cpu_int4_avx512,
 from treeq.methods import InputStats, make_method
 from treeq.runtime.quant_linear import QuantLinear
 
-MATMUL_TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 2048)
+MATMUL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 2048)
 # Seconds of timed rounds per cell: a small layer's long-prompt call takes a millisecond or less,
 # and 8 rounds of it left medians 10-30% apart from run to run on a VM.
 ROUND_BUDGET = 2.0
@@ -38,7 +38,7 @@ PATHS = {
     "cpu_int4_avx512": lambda layer, m: cpu_int4_avx512.path(m, layer.kernel_state.amx, layer.kernel_state.group_size),
     "cpu_int4": lambda layer, m: cpu_int4.path(m, layer.kernel_state.native_bf16),
     "cpu_int8": lambda layer, m: cpu_int8.path(m, layer.kernel_state.native_bf16),
-    "cpu_int8_avx512": lambda layer, m: cpu_int8_avx512.path(m, layer.kernel_state.amx),
+    "cpu_int8_avx512": lambda layer, m: cpu_int8_avx512.path(m, layer.kernel_state.amx, layer.in_features),
 }
 
 

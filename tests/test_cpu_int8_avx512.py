@@ -22,10 +22,10 @@ from treeq.kernels import LinearFormat, cpu_int4_avx512, cpu_isa, explain, selec
 from treeq.kernels import cpu_int8_avx512 as k8
 
 
-def panel_layer(sym, in_f, out_f, amx, monkeypatch):
+def panel_layer(sym, in_f, out_f, amx, monkeypatch, path="panel"):
     if amx and not has_amx:
         pytest.skip("no AMX on this CPU")
-    monkeypatch.setattr(k8, "path", lambda tokens, amx: "panel")
+    monkeypatch.setattr(k8, "path", lambda *call: path)
     layer = quant_linear(8, -1, sym, False, in_f=in_f, out_f=out_f, bias=False)
     layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)
     layer.kernel_state.amx = amx
@@ -59,15 +59,34 @@ def test_panel_paths_multiply_the_reference_weight_with_fp32_sums(sym, in_f, out
 
 
 @needs_kernel
-@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("in_f,out_f", [(256, 96), (256, 112), (4096, 80), (4160, 208)])  # units 4+2, 4+3, 4+1
+@pytest.mark.parametrize("tokens", [1, 16, 17, 33, 48, 64, 100])  # groups of 16 token rows: 1 to 7, partial
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_rows_panel_path_multiplies_the_reference_weight(sym, in_f, out_f, tokens, threads, monkeypatch):
+    """The weights dequantized once per call as A tiles, the inputs transposed as B tiles: the same
+    numbers as the other paths (4160 inputs, more than a panel holds: the AMX panel path's)."""
+    # Checked to fail: with the transpose of the panel path's fill applied here too; with a pair's
+    # second group of token rows taken from the first's; with a pair's second block of weights taken
+    # from the first's; with the sums of the second group stored over the first's.
+    layer = panel_layer(sym, in_f, out_f, True, monkeypatch, "amx_rows_panel")
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    assert rounded_once(on_threads(threads, layer, x), x.float() @ layer.dequantized_weight().bfloat16().float().t())
+
+
+@needs_kernel
+@pytest.mark.parametrize("path,amx", [("panel", False), ("panel", True), ("amx_rows_panel", True)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_f,out_f,tokens", [(2048, 144, 300), (4096, 576, 150)])  # one group; groups of units
-def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(in_f, out_f, tokens, threads, amx, monkeypatch):
+def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(
+    in_f, out_f, tokens, threads, path, amx, monkeypatch
+):
     """Passes of 128 / 64 token rows, the last partial; each unit's panel dequantized once (as in
     tests/test_cpu_int4_avx512.py)."""
     # Checked to fail (AMX and vector, 1 and 2 threads) with every thread's units sharing one kept
     # panel, and (576 outputs) with the panels dequantized in the first group only.
-    layer = panel_layer(False, in_f, out_f, amx, monkeypatch)
+    layer = panel_layer(False, in_f, out_f, amx, monkeypatch, path)
     x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(3)).bfloat16()
     assert rounded_once(on_threads(threads, layer, x), x.float() @ layer.dequantized_weight().bfloat16().float().t())
 
@@ -86,7 +105,7 @@ def test_amx_rows_path_multiplies_the_reference_weight_with_fp32_sums(sym, in_f,
     # rows taken from its first; 17 and 32 tokens with the second group's inputs taken from the
     # first group's, with the second group's sums stored over the first's, and with a pair's second
     # block of rows taken from its first.
-    monkeypatch.setattr(k8, "path", lambda tokens, amx: "amx_rows")
+    monkeypatch.setattr(k8, "path", lambda *call: "amx_rows")
     layer = quant_linear(8, -1, sym, False, in_f=in_f, out_f=out_f, bias=False)
     layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)
     x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
@@ -96,7 +115,7 @@ def test_amx_rows_path_multiplies_the_reference_weight_with_fp32_sums(sym, in_f,
 @needs_kernel
 @needs_dequantizer
 def test_gemm_path_is_the_bf16_product_of_the_reference_weight(monkeypatch):
-    monkeypatch.setattr(k8, "path", lambda tokens, amx: "gemm")
+    monkeypatch.setattr(k8, "path", lambda *call: "gemm")
     layer = quant_linear(8, -1, False, False, out_f=192)
     layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)
     x = torch.randn(2, 70, 256).to(torch.bfloat16)
@@ -109,7 +128,7 @@ def test_gemm_path_is_the_bf16_product_of_the_reference_weight(monkeypatch):
 def test_layer_matches_reference_kernel_within_bf16(sym, kernel_path, monkeypatch):
     # Checked to fail: the asymmetric case on the op with the op's offset dropped; every case on the
     # panel path with its weights scaled by 1.01 in Int8Rows.
-    monkeypatch.setattr(k8, "path", lambda tokens, amx: kernel_path)
+    monkeypatch.setattr(k8, "path", lambda *call: kernel_path)
     layer = quant_linear(8, -1, sym, False)
     x = torch.randn(4, 7, 256).to(torch.bfloat16)
     assert error_ratio(layer, k8.KERNEL.name, x) < (INT8_OP_TOLERANCE if kernel_path == "op" else BF16_TOLERANCE)
@@ -117,10 +136,14 @@ def test_layer_matches_reference_kernel_within_bf16(sym, kernel_path, monkeypatc
 
 def test_path_follows_the_token_count():
     gemm_from = cpu_int4_avx512.AMX_GEMM_FROM
-    tokens = (1, k8.AMX_FROM - 1, k8.AMX_FROM, k8.AMX_ROWS_MAX, k8.AMX_ROWS_MAX + 1, gemm_from - 1, gemm_from)
-    assert [k8.path(m, True) for m in tokens] == ["op", "op", "amx_rows", "amx_rows", "panel", "panel", "gemm"]
+    rows_max, rows_panel_max = k8.AMX_ROWS_MAX, k8.AMX_ROWS_PANEL_MAX
+    tokens = (1, k8.AMX_FROM - 1, k8.AMX_FROM, rows_max, rows_max + 1, rows_panel_max, rows_panel_max + 1, gemm_from)
+    expected = ["op", "op", "amx_rows", "amx_rows", "amx_rows_panel", "amx_rows_panel", "panel", "gemm"]
+    assert [k8.path(m, True, 4096) for m in tokens] == expected
+    # More inputs than one panel holds: the AMX panel path, which carries sums from panel to panel.
+    assert k8.path(rows_max + 1, True, cpu_int4_avx512.PANEL_INPUTS + 32) == "panel"
     tokens = (1, k8.PANEL_FROM - 1, k8.PANEL_FROM, 100_000)
-    assert [k8.path(m, False) for m in tokens] == ["op", "op", "panel", "panel"]
+    assert [k8.path(m, False, 4096) for m in tokens] == ["op", "op", "panel", "panel"]
 
 
 def test_chosen_for_8_bit_rows_where_it_runs_and_declines_with_the_reason(monkeypatch):

@@ -614,6 +614,107 @@ inline Item item_of(int64_t t, int64_t split, int64_t blocks, const uint8_t* w, 
     return it;
 }
 
+// AMX rows path (8-bit rows, a few tokens): the panel paths transpose every weight into the tiles'
+// B layout, per call. Here the weights' rows are the A operand as they are (16 outputs x 32 inputs
+// per tile) and the inputs, transposed once per call, the B operand (16 pairs of inputs x up to 16
+// token rows), so each block's sums are 16 outputs x its tokens, transposed into y at the end. Up
+// to 16 tokens: tile 0 the inputs, 1 and 6 weights alternately, 2..5 a block's sums each. 17 to 32
+// tokens: tiles 0 and 7 the two groups of token rows, two blocks at a time, 2 and 3 (4 and 5) the
+// first (second) block's sums for each group.
+constexpr int64_t kRowsAhead = 256;  // bytes of a row between its prefetch and its load
+
+void configure_rows_tiles(int64_t m) {
+    const int64_t first = m > 16 ? 16 : m, second = m - first;  // token rows in each group
+    TileConfig c;
+    for (int i = 0; i < 8; ++i) {
+        c.rows[i] = 16;
+        c.colsb[i] = 4 * first;  // inputs of the first group (0), sums (2..5)
+    }
+    c.colsb[1] = c.colsb[6] = 64;  // weights
+    if (second) c.colsb[3] = c.colsb[5] = c.colsb[7] = 4 * second;  // the second group's inputs, sums
+    _tile_loadconfig(&c);
+}
+
+// A block's sums (tile 2 + b: 16 outputs x m tokens) rounded to bf16 into y (row stride N).
+template <int B>
+void rows_store(int64_t m, uint16_t* y, int64_t N) {
+    alignas(64) float c[16 * 16];
+    acc_store(B, c, 16);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_load_ps(c + 16 * i));
+    transpose16(r);  // r[t]: token t's 16 outputs
+    for (int64_t t = 0; t < m; ++t) store_bf16_lanes(y + t * N, _mm512_castsi512_ps(r[t]));
+}
+
+// The inputs as B tiles, in groups of 16 token rows (the last padded with zeros): group g's tile i
+// (at xt + (g * tiles + i) * 512) holds in row p pair p of inputs 32i.. for each of its token rows.
+// Returns xt (scratch slot 1 of the calling thread).
+const uint16_t* transposed_inputs(const uint16_t* x, int64_t M, int64_t K, int threads) {
+    const int64_t tiles = K / kTileK, groups = (M + 15) / 16;
+    uint16_t* xt = (uint16_t*)scratch(1, sizeof(uint16_t) * groups * tiles * kTileN * kTileK);
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (groups > 2)
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < tiles; ++i) {
+            __m512i r[16];
+            for (int64_t t = 0; t < 16; ++t)
+                r[t] = g * 16 + t < M ? _mm512_loadu_si512(x + (g * 16 + t) * K + i * kTileK) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int p = 0; p < 16; ++p) _mm512_store_si512(xt + ((g * tiles + i) * 16 + p) * 32, r[p]);
+        }
+    return xt;
+}
+
+// AMX weight-rows panel path (8-bit rows with AMX, one panel of inputs): the AMX panel path with
+// the operands' roles swapped as in the rows path. A unit's weights are dequantized once per call
+// into a panel of A tiles, each its 16 rows' 32 inputs as they lie (the transposing fill took a
+// fifth of a 64-token call on 2048- and 4096-wide layers), and the inputs, transposed once per call,
+// are the B tiles. A chain: PB blocks (tiles 1 and 6) against GB groups of 16 token rows (tiles 0
+// and 7), sums in tiles 2..5 as in rows_two_groups, over all the panel's input tiles.
+template <int NB, int PB, int GB>
+void chain_weight_rows(const uint16_t* xt, int64_t tiles, const uint16_t* panel, int p, int64_t m, uint16_t* y,
+                       int64_t N) {
+    for (int j = 0; j < 4; ++j)
+        if (j / 2 < PB && j % 2 < GB) acc_zero(j);
+    for (int64_t i = 0; i < tiles; ++i) {
+        const uint16_t* at = panel + (i * NB + p) * kTileN * kTileK;
+        _tile_loadd(0, xt + i * 512, 64);
+        if constexpr (GB > 1) _tile_loadd(7, xt + (tiles + i) * 512, 64);
+        _tile_loadd(1, at, 64);
+        _tile_dpbf16ps(2, 1, 0);
+        if constexpr (GB > 1) _tile_dpbf16ps(3, 1, 7);
+        if constexpr (PB > 1) {
+            _tile_loadd(6, at + kTileN * kTileK, 64);
+            _tile_dpbf16ps(4, 6, 0);
+            if constexpr (GB > 1) _tile_dpbf16ps(5, 6, 7);
+        }
+    }
+    const int64_t first = m < 16 ? m : 16;
+    rows_store<0>(first, y, N);
+    if constexpr (GB > 1) rows_store<1>(m - 16, y + 16 * N, N);
+    if constexpr (PB > 1) rows_store<2>(first, y + kTileN, N);
+    if constexpr (PB > 1 && GB > 1) rows_store<3>(m - 16, y + 16 * N + kTileN, N);
+}
+
+// NB blocks of 16 outputs for M token rows (xt: their transposed inputs) over one panel holding all
+// K inputs; fill as in blocks_amx_panel. Tiles configured by configure_rows_tiles(32).
+template <int NB, class Fill>
+void blocks_amx_weight_rows(const uint16_t* xt, int64_t M, int64_t K, const Fill* fill, uint16_t* y, int64_t N,
+                            uint16_t* panel) {
+    const int64_t tiles = K / kTileK;
+    if (fill) (*fill)(0, tiles, panel);
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int64_t m = M - m0 < 32 ? M - m0 : 32;
+        const uint16_t* xg = xt + m0 / 16 * tiles * 512;
+        for (int p = 0; p < NB; p += 2) {
+            uint16_t* yp = y + m0 * N + p * kTileN;
+            if (NB - p > 1 && m > 16) chain_weight_rows<NB, 2, 2>(xg, tiles, panel, p, m, yp, N);
+            else if (NB - p > 1) chain_weight_rows<NB, 2, 1>(xg, tiles, panel, p, m, yp, N);
+            else if (m > 16) chain_weight_rows<NB, 1, 2>(xg, tiles, panel, p, m, yp, N);
+            else chain_weight_rows<NB, 1, 1>(xg, tiles, panel, p, m, yp, N);
+        }
+    }
+}
+
 // Weights a panel path reads: fill<NB>(it, k0, k1, panel) writes input tiles k0..k1 of work item
 // it's NB blocks as dequantize_panel does.
 // 4-bit codes in the tile layout (treeq_int4_matmul's arguments).
@@ -624,7 +725,7 @@ struct Int4Tiles {
     int64_t blocks, block_bytes, G, gs;
     Item item(int64_t t, int64_t split) const { return item_of(t, split, blocks, w, block_bytes, scales, zeros, G); }
     template <int NB>
-    void fill(const Item& it, int64_t k0, int64_t k1, uint16_t* panel) const {
+    void fill(const Item& it, int64_t k0, int64_t k1, uint16_t* panel, bool) const {
         dequantize_panel<NB>(it.w, it.stride, it.scales, it.zeros, G, gs, k0, k1, panel);
     }
 };
@@ -648,28 +749,43 @@ struct Int8Rows {
             _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)), shift)), scale);
         return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
     }
+    // Output n's inputs of tile i as row() gives them, asking for the row's next bytes: a unit's 64
+    // rows read side by side are more streams than the hardware prefetcher follows.
+    __m512i row_ahead(int64_t n, int64_t i) const {
+        if (i % 2 == 0) _mm_prefetch((const char*)(w + n * K + i * kTileK) + kRowsAhead, _MM_HINT_T0);
+        return row(n, i);
+    }
+    // Panel tiles a block at a time (16 row streams; the 64 of a tile of each block in turn ran
+    // 3-8% slower from 33 to 256 tokens). weight_rows: as A tiles (rows as they are), else as B
+    // tiles (transposed).
     template <int NB>
-    void fill(const Item& it, int64_t k0, int64_t k1, uint16_t* panel) const {
-        for (int64_t i = k0; i < k1; ++i)
-            for (int b = 0; b < NB; ++b) {
+    void fill(const Item& it, int64_t k0, int64_t k1, uint16_t* panel, bool weight_rows) const {
+        for (int b = 0; b < NB; ++b)
+            for (int64_t i = k0; i < k1; ++i) {
                 const int64_t n0 = (it.b + b) * kTileN;
-                __m512i rows[16];  // first output n's 32 inputs (16 pairs), then transposed
-                for (int r = 0; r < kTileN; ++r) rows[r] = row(n0 + r, i);
-                transpose16(rows);
                 uint16_t* dst = panel + ((i - k0) * NB + b) * kTileN * kTileK;
-                for (int p = 0; p < kTileK / 2; ++p) _mm512_store_si512(dst + p * 2 * kTileN, rows[p]);
+                __m512i rows[16];  // output n0 + r's 32 inputs (16 pairs)
+                for (int r = 0; r < kTileN; ++r) rows[r] = row_ahead(n0 + r, i);
+                if (!weight_rows) transpose16(rows);  // row p: pair p of the 16 outputs
+                for (int r = 0; r < kTileN; ++r) _mm512_store_si512(dst + r * kTileK, rows[r]);
             }
     }
 };
 
-// A panel path's work item: the AMX one's tile chains (amx) or the vector one's; fill: whether its
-// panel is to be dequantized (false: kept from an earlier pass).
+// A panel path's work item: the AMX one's tile chains (amx; weight_rows: the weight-rows form, x
+// then the transposed inputs) or the vector one's; fill: whether its panel is to be dequantized
+// (false: kept from an earlier pass).
 template <int NB, class Source>
-void blocks_panel(bool amx, const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K, const Source& src,
-                  const Item& it, uint16_t* y, int64_t N, uint16_t* panel, float* sums, bool rows32, bool fill) {
-    const auto fill_panel = [&](int64_t k0, int64_t k1, uint16_t* p) { src.template fill<NB>(it, k0, k1, p); };
+void blocks_panel(bool amx, bool weight_rows, const uint16_t* x, const uint16_t* tail, int64_t M, int64_t K,
+                  const Source& src, const Item& it, uint16_t* y, int64_t N, uint16_t* panel, float* sums, bool rows32,
+                  bool fill) {
+    const auto fill_panel = [&](int64_t k0, int64_t k1, uint16_t* p) {
+        src.template fill<NB>(it, k0, k1, p, weight_rows);
+    };
     const auto* f = fill ? &fill_panel : nullptr;
-    if (amx)
+    if (weight_rows)
+        blocks_amx_weight_rows<NB>(x, M, K, f, y, N, panel);
+    else if (amx)
         blocks_amx_panel<NB>(x, tail, M, K, f, y, N, panel, sums, rows32);
     else
         blocks_vector_panel<NB>(x, M, K, f, y, N, panel, sums);
@@ -721,16 +837,18 @@ inline int64_t item_split(int64_t blocks, int threads) {
 // The panel paths: y[M, N] = x[M, K] @ W^T in bf16 for the weights src reads, each unit's weights
 // dequantized once per call (AMX tiles where amx, else the vector units). Long prompts run in
 // passes of token rows (a multiple of 32), each thread's units keeping their panels from the first.
+// rows: the weight-rows form (8-bit rows with AMX), where one panel holds all the inputs.
 template <class Source>
 void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads, bool amx,
-                  const Source& src) {
-    const uint16_t* tail = amx ? padded_tail(x, M, K) : nullptr;
+                  bool rows, const Source& src) {
+    const bool one_panel = K / kTileK <= kPanelTiles, weight_rows = amx && rows && one_panel;
+    const uint16_t* tail = amx && !weight_rows ? padded_tail(x, M, K) : nullptr;
+    const uint16_t* xt = weight_rows ? transposed_inputs(x, M, K, threads) : nullptr;
     const int64_t blocks = N / kTileN, split = item_split(blocks, threads);
     const int64_t items = (blocks + kMaxBlocks - 1) / kMaxBlocks * split;
     const bool rows32 = K <= kRows32MaxInputs;
     const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
     const int64_t panel_bytes = sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK;
-    const bool one_panel = K / kTileK <= kPanelTiles;
     const int64_t pass_rows = kPanelPassBytes / (2 * K) / 32 * 32;
     const int64_t pass = one_panel && pass_rows > 0 ? pass_rows : M;
     // Work items in groups of as many panels as each thread keeps (kPanelKeepBytes), each group
@@ -740,7 +858,8 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
     const int64_t kept_panels = (group_items + threads - 1) / threads;
 #pragma omp parallel num_threads(threads)
     {
-        if (amx) configure_tiles(M < 16 ? int(M) : 16);
+        if (weight_rows) configure_rows_tiles(32);
+        else if (amx) configure_tiles(M < 16 ? int(M) : 16);
         uint16_t* bbuf = (uint16_t*)scratch(2, panel_bytes * (pass < M ? kept_panels : 1));
         float* acc = nullptr;
         if (!one_panel)  // sums carried from panel to panel
@@ -750,7 +869,7 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
         for (int64_t g0 = 0; g0 < items; g0 += group_items)
         for (int64_t m1 = 0; m1 < M; m1 += pass) {
             const int64_t rows = M - m1 < pass ? M - m1 : pass, g1 = items - g0 < group_items ? items : g0 + group_items;
-            const uint16_t* xm = x + m1 * K;
+            const uint16_t* xm = weight_rows ? xt + m1 / 16 * (K / kTileK) * kTileN * kTileK : x + m1 * K;
             int64_t kept = 0;  // this thread's units so far in this pass
 #pragma omp for schedule(static) nowait
             for (int64_t t = g0; t < g1; ++t) {
@@ -760,10 +879,10 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
                 uint16_t* pb = bbuf + (pass < M ? kept++ : 0) * panel_bytes / sizeof(uint16_t);
                 const bool dq = m1 == 0;
                 switch (it.nb) {
-                    case 1: blocks_panel<1>(amx, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
-                    case 2: blocks_panel<2>(amx, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
-                    case 3: blocks_panel<3>(amx, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
-                    default: blocks_panel<4>(amx, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
+                    case 1: blocks_panel<1>(amx, weight_rows, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
+                    case 2: blocks_panel<2>(amx, weight_rows, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
+                    case 3: blocks_panel<3>(amx, weight_rows, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
+                    default: blocks_panel<4>(amx, weight_rows, xm, tail, rows, K, src, it, ym, N, pb, acc, rows32, dq); break;
                 }
             }
         }
@@ -771,45 +890,9 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
     }
 }
 
-// AMX rows path (8-bit rows, a few tokens): the panel paths transpose every weight into the tiles'
-// B layout, per call. Here the weights' rows are the A operand as they are (16 outputs x 32 inputs
-// per tile) and the inputs, transposed once per call, the B operand (16 pairs of inputs x up to 16
-// token rows), so each block's sums are 16 outputs x its tokens, transposed into y at the end. Up
-// to 16 tokens: tile 0 the inputs, 1 and 6 weights alternately, 2..5 a block's sums each. 17 to 32
-// tokens: tiles 0 and 7 the two groups of token rows, two blocks at a time, 2 and 3 (4 and 5) the
-// first (second) block's sums for each group.
-constexpr int64_t kRowsAhead = 256;  // bytes of a row between its prefetch and its load
-
-void configure_rows_tiles(int64_t m) {
-    const int64_t first = m > 16 ? 16 : m, second = m - first;  // token rows in each group
-    TileConfig c;
-    for (int i = 0; i < 8; ++i) {
-        c.rows[i] = 16;
-        c.colsb[i] = 4 * first;  // inputs of the first group (0), sums (2..5)
-    }
-    c.colsb[1] = c.colsb[6] = 64;  // weights
-    if (second) c.colsb[3] = c.colsb[5] = c.colsb[7] = 4 * second;  // the second group's inputs, sums
-    _tile_loadconfig(&c);
-}
-
-// A block's sums (tile 2 + b: 16 outputs x m tokens) rounded to bf16 into y (row stride N).
-template <int B>
-void rows_store(int64_t m, uint16_t* y, int64_t N) {
-    alignas(64) float c[16 * 16];
-    acc_store(B, c, 16);
-    __m512i r[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_load_ps(c + 16 * i));
-    transpose16(r);  // r[t]: token t's 16 outputs
-    for (int64_t t = 0; t < m; ++t) store_bf16_lanes(y + t * N, _mm512_castsi512_ps(r[t]));
-}
-
 // A block's 16 rows of input tile i into a, as bf16.
 inline void rows_convert(const Int8Rows& src, int64_t n0, int64_t i, uint16_t* a) {
-    for (int r = 0; r < kTileN; ++r) {
-        // 64 rows read side by side are more streams than the hardware prefetcher follows.
-        if (i % 2 == 0) _mm_prefetch((const char*)(src.w + (n0 + r) * src.K + i * kTileK) + kRowsAhead, _MM_HINT_T0);
-        _mm512_store_si512(a + r * kTileK, src.row(n0 + r, i));
-    }
+    for (int r = 0; r < kTileN; ++r) _mm512_store_si512(a + r * kTileK, src.row_ahead(n0 + r, i));
 }
 
 // Up to 16 tokens: block B's weights over input tile i, one tile product.
@@ -878,18 +961,7 @@ void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_
                      const Int8Rows& src) {
     const int64_t tiles = K / kTileK, blocks = N / kTileN, split = item_split(blocks, threads);
     const int64_t items = (blocks + kMaxBlocks - 1) / kMaxBlocks * split;
-    // The inputs as B tiles: group g's tile i (at xt + (g * tiles + i) * 512) holds in row p pair
-    // p of inputs 32i.. for each of the group's token rows.
-    const int64_t groups = M > 16 ? 2 : 1;
-    uint16_t* xt = (uint16_t*)scratch(1, sizeof(uint16_t) * groups * tiles * kTileN * kTileK);
-    for (int64_t g = 0; g < groups; ++g)
-        for (int64_t i = 0; i < tiles; ++i) {
-            __m512i r[16];
-            for (int64_t t = 0; t < 16; ++t)
-                r[t] = g * 16 + t < M ? _mm512_loadu_si512(x + (g * 16 + t) * K + i * kTileK) : _mm512_setzero_si512();
-            transpose16(r);
-            for (int p = 0; p < 16; ++p) _mm512_store_si512(xt + ((g * tiles + i) * 16 + p) * 32, r[p]);
-        }
+    const uint16_t* xt = transposed_inputs(x, M, K, threads);
 #pragma omp parallel num_threads(threads)
     {
         configure_rows_tiles(M);
@@ -898,7 +970,7 @@ void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_
         for (int64_t t = 0; t < items; ++t) {
             const Item it = src.item(t, split);
             if (it.nb <= 0) continue;
-            if (groups == 2)
+            if (M > 16)
                 rows_two_groups(src, xt, tiles, it.b * kTileN, it.nb, M, y, N, a);
             else
                 rows_one_group(src, xt, tiles, it.b * kTileN, it.nb, M, y, N, a);
@@ -931,7 +1003,7 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
     const Int4Tiles src{w, scales, zeros, blocks, block_bytes, G, gs};
     if (path == 3 || path == 4) {
         if (path == 3 && !amx_usable()) return;  // its weights are dequantized for tiles: nothing else runs them
-        panel_matmul(x, M, K, N, y, threads, path == 3, src);
+        panel_matmul(x, M, K, N, y, threads, path == 3, false, src);
         return;
     }
     const bool amx = path == 2 && amx_usable(), expanded = !amx && path != 0;
@@ -997,8 +1069,8 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
 
 // y[M, N] = x[M, K] bf16 @ W^T for 8-bit weights in rows (Int8Rows: w [N][K] signed, scales fp32
 // [N], zeros int32 [N]). path: 0 the vector panel path, 1 the AMX panel path, 2 the AMX rows path
-// (M <= 32); 1 and 2 only where treeq_amx_supported, else y is left as it was. N a multiple of 16,
-// K of 32.
+// (M <= 32), 3 the AMX weight-rows panel path (the AMX panel path where K > 4096); 1 to 3 only where
+// treeq_amx_supported, else y is left as it was. N a multiple of 16, K of 32.
 extern "C" void treeq_int8_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scales,
                                   const int32_t* zeros, int64_t N, uint16_t* y, int threads, int path) {
     if (M == 0 || (path > 0 && !amx_usable()) || (path == 2 && M > 32)) return;
@@ -1006,7 +1078,7 @@ extern "C" void treeq_int8_matmul(const uint16_t* x, int64_t M, int64_t K, const
     if (path == 2)
         rows_amx_matmul(x, M, K, N, y, threads, src);
     else
-        panel_matmul(x, M, K, N, y, threads, path == 1, src);
+        panel_matmul(x, M, K, N, y, threads, path > 0, path == 3, src);
 }
 
 // Rows n0..n1 of the weight as bf16 at out, for a bf16 GEMM. layout 0: [n1 - n0][K] (n0, n1 multiples of

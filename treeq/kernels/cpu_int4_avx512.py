@@ -61,6 +61,7 @@ PANEL_FROM_PER_GROUP_INPUT = 1.0
 AMX_PANEL_FROM_PER_GROUP_INPUT = 1.5
 PANEL_FROM_MAX = 256  # one group per row: few steps per group, the panel paths take over late
 AMX_GEMM_FROM = 2048
+PANEL_INPUTS = 4096  # inputs one panel holds (the .cpp's kPanelTiles * kTileK)
 PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3, "panel": 4}  # the .cpp's path argument
 
 

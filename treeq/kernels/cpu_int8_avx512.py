@@ -8,7 +8,8 @@ into bf16 panels, each weight the reference kernel's ((code - zero) * scale in f
 which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp32 sums, as
 ``cpu_int4_avx512`` does for 4-bit weights; no second copy of the weight is kept. With AMX and up to
 32 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
-transposed instead, so no weight is transposed.
+transposed instead, so no weight is transposed; up to 128 tokens the rows panel path does the same
+on weights dequantized once per call.
 """
 
 from __future__ import annotations
@@ -24,23 +25,32 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 # Token counts from which the native paths take over from the op (bench/kernels.py; figures in
 # bench/results/kernels.md). With AMX: from 8 tokens up to 32 the AMX rows path (the weights' rows
 # as tiles, no transposition; at 8-32 tokens 1.22-1.93x bf16 where the AMX panel path ran
-# 0.75-1.14x), beyond that the AMX panel path, and from cpu_int4_avx512's AMX_GEMM_FROM the GEMM
-# (on 2048 x 2048 at 2048 tokens on one thread it was ahead of the panels); the op stayed ahead at
-# 1-2 tokens and level at 4 on 2048- and 4096-wide layers. Without AMX the op was ahead up to 16
-# tokens and the vector panel path from 32. Read at each call, so tests can force each path.
+# 0.75-1.14x), then up to 128 tokens the AMX rows panel path (the rows path's operands, each weight
+# dequantized once per call into a panel; at 33-128 tokens ahead of the AMX panel path, whose
+# transposing fill took a fifth of a 64-token call, on every layer but at two threads the 576 x
+# 1536 one, and level or behind from 160), then the AMX panel path, and from cpu_int4_avx512's
+# AMX_GEMM_FROM the GEMM (on 2048 x 2048 at 2048 tokens on one thread it was ahead of the panels);
+# the op stayed ahead at 1-2 tokens and level at 4 on 2048- and 4096-wide layers. The rows panel
+# path needs one panel to hold all the inputs (cpu_int4_avx512.PANEL_INPUTS). Without AMX the op
+# was ahead up to 16 tokens and the vector panel path from 32. Read at each call, so tests can
+# force each path.
 PANEL_FROM = 24
 AMX_FROM = 8
 AMX_ROWS_MAX = 32  # the rows path's two input tiles hold 32 token rows
+AMX_ROWS_PANEL_MAX = 128
 
 
-def path(tokens: int, amx: bool) -> str:
-    """The path a call with ``tokens`` rows takes: "op", "panel" or (with AMX) "amx_rows" or "gemm"."""
+def path(tokens: int, amx: bool, inputs: int) -> str:
+    """The path a call with ``tokens`` rows of ``inputs`` inputs takes: "op", "panel" or (with AMX)
+    "amx_rows", "amx_rows_panel" or "gemm"."""
     if tokens < (AMX_FROM if amx else PANEL_FROM):
         return "op"
     if not amx:
         return "panel"
     if tokens <= AMX_ROWS_MAX:
         return "amx_rows"
+    if tokens <= AMX_ROWS_PANEL_MAX and inputs <= cpu_int4_avx512.PANEL_INPUTS:
+        return "amx_rows_panel"
     return "gemm" if tokens >= cpu_int4_avx512.AMX_GEMM_FROM else "panel"
 
 
@@ -51,11 +61,12 @@ class _State(_Int8State):
 
 def native_matmul(st: _State, x2: torch.Tensor, path: str) -> torch.Tensor:
     """[M, out] = bf16 x2 [M, in] times the reference kernel's bf16 weight, fp32 sums, in bf16, by
-    the native ``path`` ("panel": AMX or vector by ``st.amx``; "amx_rows": M <= 32, AMX only)."""
+    the native ``path`` ("panel": AMX or vector by ``st.amx``; "amx_rows": M <= 32, and
+    "amx_rows_panel": AMX only)."""
     x2 = x2.contiguous()
     n = st.weight.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    code = 2 if path == "amx_rows" else int(st.amx)
+    code = {"amx_rows": 2, "amx_rows_panel": 3}.get(path, int(st.amx))
     cpu_int4_avx512.library()[0].treeq_int8_matmul(
         x2.data_ptr(), x2.shape[0], x2.shape[1], st.weight.data_ptr(), st.scale32.data_ptr(), st.zero.data_ptr(), n,
         y.data_ptr(), torch.get_num_threads(), code,
@@ -86,7 +97,7 @@ class CpuInt8Avx512(CpuInt8):
 
 
 def matmul(st: _State, x2: torch.Tensor) -> torch.Tensor:
-    chosen = path(x2.shape[0], st.amx)
+    chosen = path(x2.shape[0], st.amx, x2.shape[1])
     if chosen == "op":
         return op_matmul(st, x2)
     return gemm_matmul(st, x2) if chosen == "gemm" else native_matmul(st, x2, chosen)
