@@ -648,20 +648,17 @@ void rows_store(int64_t m, uint16_t* y, int64_t N) {
 
 // The inputs as B tiles, in groups of 16 token rows (the last padded with zeros): group g's tile i
 // (at xt + (g * tiles + i) * 512) holds in row p pair p of inputs 32i.. for each of its token rows.
-// Returns xt (scratch slot 1 of the calling thread).
-const uint16_t* transposed_inputs(const uint16_t* x, int64_t M, int64_t K, int threads) {
-    const int64_t tiles = K / kTileK, groups = (M + 15) / 16;
-    uint16_t* xt = (uint16_t*)scratch(1, sizeof(uint16_t) * groups * tiles * kTileN * kTileK);
-#pragma omp parallel for num_threads(threads) schedule(static) collapse(2) if (groups > 2)
-    for (int64_t g = 0; g < groups; ++g)
-        for (int64_t i = 0; i < tiles; ++i) {
-            __m512i r[16];
-            for (int64_t t = 0; t < 16; ++t)
-                r[t] = g * 16 + t < M ? _mm512_loadu_si512(x + (g * 16 + t) * K + i * kTileK) : _mm512_setzero_si512();
-            transpose16(r);
-            for (int p = 0; p < 16; ++p) _mm512_store_si512(xt + ((g * tiles + i) * 16 + p) * 32, r[p]);
-        }
-    return xt;
+// Scratch slot 1 of the calling thread holds them.
+uint16_t* inputs_buffer(int64_t M, int64_t K) {
+    return (uint16_t*)scratch(1, sizeof(uint16_t) * (M + 15) / 16 * 16 * K);
+}
+
+inline void transpose_inputs(const uint16_t* x, int64_t M, int64_t K, int64_t g, int64_t i, uint16_t* xt) {
+    __m512i r[16];
+    for (int64_t t = 0; t < 16; ++t)
+        r[t] = g * 16 + t < M ? _mm512_loadu_si512(x + (g * 16 + t) * K + i * kTileK) : _mm512_setzero_si512();
+    transpose16(r);
+    for (int p = 0; p < 16; ++p) _mm512_store_si512(xt + ((g * (K / kTileK) + i) * 16 + p) * 32, r[p]);
 }
 
 // AMX weight-rows panel path (8-bit rows with AMX, one panel of inputs): the AMX panel path with
@@ -843,7 +840,7 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
                   bool rows, const Source& src) {
     const bool one_panel = K / kTileK <= kPanelTiles, weight_rows = amx && rows && one_panel;
     const uint16_t* tail = amx && !weight_rows ? padded_tail(x, M, K) : nullptr;
-    const uint16_t* xt = weight_rows ? transposed_inputs(x, M, K, threads) : nullptr;
+    uint16_t* xt = weight_rows ? inputs_buffer(M, K) : nullptr;
     const int64_t blocks = N / kTileN, split = item_split(blocks, threads);
     const int64_t items = (blocks + kMaxBlocks - 1) / kMaxBlocks * split;
     const bool rows32 = K <= kRows32MaxInputs;
@@ -858,8 +855,15 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
     const int64_t kept_panels = (group_items + threads - 1) / threads;
 #pragma omp parallel num_threads(threads)
     {
-        if (weight_rows) configure_rows_tiles(32);
-        else if (amx) configure_tiles(M < 16 ? int(M) : 16);
+        if (weight_rows) {
+            configure_rows_tiles(32);
+            // In this parallel region, not one of its own: a small layer's call takes 0.1 ms.
+#pragma omp for schedule(static) collapse(2)
+            for (int64_t g = 0; g < (M + 15) / 16; ++g)
+                for (int64_t i = 0; i < K / kTileK; ++i) transpose_inputs(x, M, K, g, i, xt);
+        } else if (amx) {
+            configure_tiles(M < 16 ? int(M) : 16);
+        }
         uint16_t* bbuf = (uint16_t*)scratch(2, panel_bytes * (pass < M ? kept_panels : 1));
         float* acc = nullptr;
         if (!one_panel)  // sums carried from panel to panel
@@ -961,7 +965,9 @@ void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_
                      const Int8Rows& src) {
     const int64_t tiles = K / kTileK, blocks = N / kTileN, split = item_split(blocks, threads);
     const int64_t items = (blocks + kMaxBlocks - 1) / kMaxBlocks * split;
-    const uint16_t* xt = transposed_inputs(x, M, K, threads);
+    uint16_t* xt = inputs_buffer(M, K);
+    for (int64_t g = 0; g * 16 < M; ++g)
+        for (int64_t i = 0; i < tiles; ++i) transpose_inputs(x, M, K, g, i, xt);
 #pragma omp parallel num_threads(threads)
     {
         configure_rows_tiles(M);
