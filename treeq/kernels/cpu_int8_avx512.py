@@ -27,8 +27,8 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 # as tiles, no transposition; at 8-32 tokens 1.22-1.93x bf16 where the AMX panel path ran
 # 0.75-1.14x), then up to 128 tokens the AMX rows panel path (the rows path's operands, each weight
 # dequantized once per call into a panel; at 33-128 tokens ahead of the AMX panel path, whose
-# transposing fill took a fifth of a 64-token call, on every layer but at two threads the 576 x
-# 1536 one, and level or behind from 160), then the AMX panel path, and from cpu_int4_avx512's
+# transposing fill took a fifth of a 64-token call, on every layer but 576 x 576 at two threads,
+# where both ran above bf16; level or behind from 160), then the AMX panel path, and from cpu_int4_avx512's
 # AMX_GEMM_FROM the GEMM (on 2048 x 2048 at 2048 tokens on one thread it was ahead of the panels);
 # the op stayed ahead at 1-2 tokens and level at 4 on 2048- and 4096-wide layers. The rows panel
 # path needs one panel to hold all the inputs (cpu_int4_avx512.PANEL_INPUTS). Without AMX the op
