@@ -11,9 +11,10 @@
 2. Decode: prefill (of each ``--prompt-tokens``) and batch-1 greedy decode tokens/s of RTN 4-bit
    checkpoints loaded in bf16 (the selected kernel, and cpu_int4 forced) against the same
    architecture in bf16 (SmolLM2-135M at group 64, a random Llama 2048 x 16 layers at group 128;
-   bench/model_speed.py).
+   bench/model_speed.py); ``--model-bits 8``: 8-bit per-row checkpoints, cpu_int8 forced beside.
 
 Usage: python bench/kernels.py [--threads 1,2] [--skip-decode] [--prompt-tokens 30,1024] [--shapes 4096x4096,576x576]
+       [--model-bits 4|8]
 """
 
 from __future__ import annotations
@@ -102,16 +103,24 @@ def matmul_table(threads: list[int], n: int = 4096, n_in: int = 4096) -> None:
 @click.option(
     "--shapes", default="4096x4096", show_default=True, help="matmul tables' OUTxIN shapes, e.g. 576x576,1536x576"
 )
-def main(threads, decode_threads, new_tokens, repeats, skip_decode, prompt_tokens, shapes):
+@click.option(
+    "--model-bits",
+    type=click.Choice(["4", "8"]),
+    default="4",
+    show_default=True,
+    help="model speed: RTN checkpoints of 4 bits (groups as below) or 8 bits per row",
+)
+def main(threads, decode_threads, new_tokens, repeats, skip_decode, prompt_tokens, shapes, model_bits):
     for shape in filter(None, shapes.split(",")):  # --shapes "": the model speed table alone
         n, n_in = (int(v) for v in shape.split("x"))
         matmul_table([int(t) for t in threads.split(",")], n, n_in)
     if not skip_decode:
+        bits = int(model_bits)
         configs = {
-            "SmolLM2-135M": short_calibration(method="rtn", bits=4, group_size=64),
-            "random Llama 2048x16": short_calibration(method="rtn", bits=4, group_size=128),
+            "SmolLM2-135M": short_calibration(method="rtn", bits=bits, group_size=64 if bits == 4 else -1),
+            "random Llama 2048x16": short_calibration(method="rtn", bits=bits, group_size=128 if bits == 4 else -1),
         }
-        variants = {"int4": {}, "int4 op": {"kernel": "cpu_int4"}}
+        variants = {f"int{bits}": {}, f"int{bits} op": {"kernel": f"cpu_int{bits}"}}
         lengths = [int(n) for n in prompt_tokens.split(",")] if prompt_tokens else [None]
         speed_table(configs, variants, lengths, [decode_threads], new_tokens, repeats)
 
