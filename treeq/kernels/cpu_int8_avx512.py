@@ -22,24 +22,22 @@ from . import cpu_int4_avx512
 from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
-# Token counts from which the native paths take over from the op (bench/kernels.py; figures in
-# bench/results/kernels.md). With AMX: from 8 tokens up to 32 the AMX rows path (the weights' rows
-# as tiles, no transposition; at 8-32 tokens 1.22-1.93x bf16 where the AMX panel path ran
-# 0.75-1.14x), then up to 128 tokens the AMX rows panel path (the rows path's operands, each weight
-# dequantized once per call into a panel; at 33-128 tokens ahead of the AMX panel path, whose
-# transposing fill took a fifth of a 64-token call, on every layer but 576 x 576 at two threads,
-# where both ran above bf16; level or behind from 160), then the AMX panel path, and from cpu_int4_avx512's
-# AMX_GEMM_FROM the GEMM (on 2048 x 2048 at 2048 tokens on one thread it was ahead of the panels);
-# the op stayed ahead at 1-2 tokens and level at 4 on 2048- and 4096-wide layers alone; in whole
-# models the rows path was level with it at 4 tokens and ahead from 6 (SmolLM2 1.34 against 1.09x
-# bf16, random Llama 2048 x 16 0.99 against 0.74x at 6; 8-12 tokens 0.99-1.37x against
-# 0.49-1.00x). The rows panel
-# path needs one panel to hold all the inputs (cpu_int4_avx512.PANEL_INPUTS). Without AMX (an AMX
-# Xeon capped to AVX512-BF16, oneDNN too) the op was ahead of the vector panel path up to 16 tokens
-# on layers alone (a probe's few layers, whose weights may stay in the last-level cache); in whole
-# models, the op fell below bf16 from 6-8 tokens (random Llama 2048 x 16: 0.71-0.97x
-# at 8-20 tokens) and the panel path was ahead from 6 (1.05-1.36x bf16 at 6-20 tokens, SmolLM2 and
-# that Llama; the op 1.28-1.52x at 2-4). Read at each call, so tests can force each path.
+# Token counts at which each path takes over (bench/kernels.py; figures in bench/results/kernels.md).
+# - The op runs below 6 tokens on every CPU. Timed on layers alone (a probe's few layers, whose
+#   weights may stay in the last-level cache) it stayed ahead up to 4 tokens with AMX and up to 16
+#   without; in whole models (weights from memory) it fell below bf16 from 6-8 tokens (random Llama
+#   2048 x 16: with AMX 0.49-0.74x at 6-12 tokens, without 0.71-0.97x at 8-20), where the native
+#   paths ran 0.99-1.37x (AMX rows) and 1.05-1.36x (vector panel); at 2-4 tokens the op 1.28-1.52x.
+# - With AMX, up to 32 tokens the AMX rows path (the weights' rows as tiles, no transposition; at
+#   8-32 tokens 1.22-1.93x bf16 where the AMX panel path ran 0.75-1.14x); up to 128 tokens the AMX
+#   rows panel path (the same operands, each weight dequantized once per call into a panel: ahead
+#   of the AMX panel path, whose transposing fill took a fifth of a 64-token call, on every layer
+#   but 576 x 576 at two threads, where both ran above bf16; level or behind from 160), where one
+#   panel holds all the inputs (cpu_int4_avx512.PANEL_INPUTS); then the AMX panel path, and from
+#   cpu_int4_avx512's AMX_GEMM_FROM the GEMM (on 2048 x 2048 at 2048 tokens on one thread it was
+#   ahead of the panels).
+# - Without AMX (an AMX Xeon capped to AVX512-BF16, oneDNN too) the vector panel path.
+# Read at each call, so tests can force each path.
 PANEL_FROM = 6
 AMX_FROM = 6
 AMX_ROWS_MAX = 32  # the rows path's two input tiles hold 32 token rows
