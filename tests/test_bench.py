@@ -68,3 +68,13 @@ def test_bench_prints_each_models_decode_rate_over_the_fp_models(monkeypatch, tm
     assert r.exit_code == 0, r.output
     rows = {line.split()[0]: line.split() for line in r.output.splitlines() if line.startswith(("quantized", "fp"))}
     assert rows["quantized"][1:] == ["100.0", "50.0", "2.50x"] and rows["fp"][2:] == ["80.0", "20.0", "1.00x"]
+
+
+def test_the_prefill_computes_the_last_positions_logits_only_as_generate_does():
+    """Every position's logits are work generation never does (a fifth of a long prefill on a big
+    vocabulary). Checked failing with the prefill called without ``logits_to_keep``."""
+    model = make_model("llama")
+    positions = []
+    model.lm_head.register_forward_pre_hook(lambda _m, args: positions.append(args[0].shape[1]))
+    speed.measure_speeds({"m": model}, torch.arange(12)[None], new_tokens=2, repeats=1)
+    assert positions and set(positions) == {1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -56,13 +57,21 @@ def generate(
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def _last_logits_only(model) -> dict:
+    """The keyword that makes the prefill compute the last position's logits alone, as
+    ``generate`` asks of models that take it: every position's logits are a vocabulary-wide product
+    and a prompt x vocabulary output, a large part of a long prefill (bench/results/kernels.md) that
+    generation never does."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _decode_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """Seconds for the prefill and for ``new_tokens`` greedy decode steps (no early stop)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     start = time.perf_counter()
-    out = model(input_ids=ids, cache=cache, use_cache=True)
+    out = model(input_ids=ids, cache=cache, use_cache=True, **_last_logits_only(model))
     prefill = time.perf_counter() - start
     next_id = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
