@@ -102,3 +102,38 @@ def test_a_device_this_machine_does_not_have(model_dir, text_file, tmp_path, fla
 def test_a_checkpoint_directory_without_config(checkpoint, tmp_path):
     shutil.move(checkpoint / "config.json", tmp_path / "elsewhere.json")
     unchanged_after(tmp_path, "inspect", checkpoint, needles=("has no config.json",))
+
+
+def test_a_quantized_checkpoint_given_as_the_model_to_quantize(checkpoint, text_file, tmp_path):
+    """transformers tried to load it as a GPTQ model and failed on a missing package (optimum)."""
+    unchanged_after(
+        tmp_path,
+        *quantize_args(checkpoint, text_file, tmp_path / "again"),
+        needles=("is a quantized checkpoint", "give the model it was made from"),
+    )
+
+
+def test_another_tools_checkpoint_is_read_as_a_checkpoint_not_as_a_model(checkpoint, tmp_path):
+    """Without treeq's quantize_config.json, config.json's quantization_config still marks a checkpoint:
+    `eval` hands it to the loader (which reads or refuses it), never to the fp model's path."""
+    (checkpoint / "quantize_config.json").unlink()
+    assert treeq.api.is_quantized_checkpoint(checkpoint)
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 7
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    unchanged_after(tmp_path, "eval", checkpoint, "--max-windows", 1, needles=("bits=7",))
+
+
+@pytest.mark.parametrize("where", ["model", "checkpoint"])
+def test_a_config_json_that_is_not_json(where, model_dir, checkpoint, text_file, tmp_path):
+    """transformers' message blamed the weights; the line names the file."""
+    directory = model_dir if where == "model" else checkpoint
+    (directory / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    args = quantize_args(model_dir, text_file, tmp_path / "q2") if where == "model" else ("eval", checkpoint)
+    unchanged_after(tmp_path, *args, needles=(f"{directory / 'config.json'} is not valid JSON",))
+
+
+@pytest.mark.parametrize("windows", [0, -1])
+def test_no_window_to_evaluate(checkpoint, tmp_path, windows):
+    """-1 ended in a ZeroDivisionError, 0 in a message about the text being too short."""
+    unchanged_after(tmp_path, "eval", checkpoint, "--max-windows", windows, needles=(f"max_windows={windows}",))

@@ -20,6 +20,14 @@ def model_path(model: str | None) -> Path:
             f"model {model!r} is not a local model directory with config.json; treeq never downloads, "
             f"so give a saved Hugging Face model directory (or omit MODEL for the built-in {DEFAULT_MODEL})"
         )
+    qcfg = user_input.quantization_config(path)
+    if qcfg is not None:
+        source = (qcfg.get("meta") or {}).get("source")
+        made_from = f", recorded there as {source!r}" if source else ""
+        raise TreeqError(
+            f"{path} is a quantized checkpoint (its config.json has a quantization_config), not a full-precision "
+            f"model; give the model it was made from{made_from}"
+        )
     return path
 
 

@@ -4,6 +4,7 @@ torch or transformers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -46,6 +47,24 @@ def unreadable_weights(path: Path, error: Exception) -> TreeqError:
 
 
 READ_ERRORS = (SafetensorError, OSError, EOFError)
+
+
+def json_file(path: Path) -> dict:
+    """A JSON settings file of a model or checkpoint directory (config.json, quantize_config.json),
+    or one line naming the file when it is not JSON (transformers' own message blames the model)."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        where = f"{e.msg} at line {e.lineno}"
+        raise TreeqError(f"{path} is not valid JSON ({where}); the file is corrupt, copy it again") from None
+    except UnicodeDecodeError:
+        raise TreeqError(f"{path} is not a text file; the file is corrupt, copy it again") from None
+
+
+def quantization_config(path: Path) -> dict | None:
+    """The quantization_config that a model directory's config.json carries (a quantized
+    checkpoint's, whichever tool wrote it), or None for a full-precision model."""
+    return json_file(path / "config.json").get("quantization_config")
 
 
 def finite_weight(name: str, weight: torch.Tensor) -> None:

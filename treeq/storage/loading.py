@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -38,9 +37,9 @@ def read_quantization_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise TreeqError(f"{path} has no config.json; give a directory written by `treeq quantize`")
-    qcfg = json.loads(cfg_file.read_text()).get("quantization_config")
+    qcfg = user_input.quantization_config(path)
     if qcfg is None and (path / QUANT_CONFIG_NAME).is_file():
-        qcfg = json.loads((path / QUANT_CONFIG_NAME).read_text())
+        qcfg = user_input.json_file(path / QUANT_CONFIG_NAME)
     if qcfg is None:
         raise TreeqError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
     try:
@@ -225,4 +224,9 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
 
 
 def is_quantized_checkpoint(path) -> bool:
-    return (Path(path) / "quantize_config.json").is_file()
+    """Whether ``path`` holds a quantized checkpoint, treeq's or another tool's (which the loader
+    then reads or refuses with the reason), rather than a full-precision model."""
+    path = Path(path)
+    if (path / QUANT_CONFIG_NAME).is_file():
+        return True
+    return (path / "config.json").is_file() and user_input.quantization_config(path) is not None
