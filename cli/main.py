@@ -32,6 +32,7 @@ from treeq.runtime.kv_choice import NO_KV
 from treeq.schemes import KV_PRESETS, ActivationScheme, WeightScheme
 from treeq.storage.model_card import record_perplexity
 from treeq.transforms import TRANSFORMS
+from treeq.user_input import new_output_dir
 
 from .config_options import derived_options, parse_key_values, settings_from
 from .kv_options import kv_chunk_option, kv_options, kv_scheme
@@ -251,8 +252,8 @@ def quantize(
     method = f"{config.migration}+{config.method}" if config.migration else config.method
     if out is None:
         out = _free_path(Path("treeq-out") / f"{_model_name(model)}-{method}-w{w.bits}g{w.group_size}")
-    elif out.exists():
-        raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    else:
+        new_output_dir(out)  # before the fp model is loaded and evaluated
     click.echo(f"threads={threads} device={device} settings: {config.model_dump()}")
     run = dict(calib_text=calib_text, device=device, devices=devices, resume=resume)
     if low_memory:

@@ -4,6 +4,7 @@ as it was."""
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,31 @@ def test_a_config_json_that_is_not_json(where, model_dir, checkpoint, text_file,
 def test_no_window_to_evaluate(checkpoint, tmp_path, windows):
     """-1 ended in a ZeroDivisionError, 0 in a message about the text being too short."""
     unchanged_after(tmp_path, "eval", checkpoint, "--max-windows", windows, needles=(f"max_windows={windows}",))
+
+
+@pytest.mark.parametrize("command", ["quantize", "compare"])
+def test_an_output_directory_under_a_file(command, model_dir, text_file, tmp_path):
+    """Failed with NotADirectoryError at the first layer's write, after the model was loaded."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub"
+    if command == "quantize":
+        args = quantize_args(model_dir, text_file, out)
+    else:
+        args = ("compare", model_dir, "--calib-text", text_file, "--methods", "rtn", "--out", out)
+    unchanged_after(tmp_path, *args, needles=(f"{tmp_path / 'afile'} is a file",))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no directory can be made")
+def test_an_output_directory_that_cannot_be_made(model_dir, text_file, tmp_path):
+    """A directory test would pass as root whatever its mode bits; /proc refuses every new directory."""
+    unchanged_after(
+        tmp_path, *quantize_args(model_dir, text_file, "/proc/treeq-out"), needles=("cannot create output directory",)
+    )
+    assert not Path("/proc/treeq-out.partial").exists()
+
+
+def test_a_checkpoint_without_weights(checkpoint, tmp_path):
+    """inspect ended in a ZeroDivisionError."""
+    (checkpoint / "model.safetensors").unlink()
+    for args in (("inspect", checkpoint), ("eval", checkpoint, "--max-windows", 1)):
+        unchanged_after(tmp_path, *args, needles=("has no .safetensors weights",))

@@ -5,6 +5,7 @@ torch or transformers."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +31,23 @@ def device(name: str) -> torch.device:
     elif dev.type != "cpu":
         raise TreeqError(f"device {name!r}: treeq runs on cpu or cuda")
     return dev
+
+
+def new_output_dir(out: Path) -> Path:
+    """``out`` as a directory a run can create: absent, under a directory where this process can
+    create one (tried at once with a throwaway directory, so a run fails before any work, not at its
+    first write)."""
+    if out.exists():
+        raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise TreeqError(f"cannot create output directory {out}: {parent} is a file; choose another --out")
+    try:
+        Path(tempfile.mkdtemp(prefix=".treeq-probe-", dir=parent)).rmdir()
+    except OSError as e:
+        why = e.strerror
+        raise TreeqError(f"cannot create output directory {out} in {parent} ({why}); choose another --out") from None
+    return out
 
 
 def tokenizer_dir(path: Path) -> Path:

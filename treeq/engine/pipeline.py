@@ -23,7 +23,7 @@ from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import WeightScheme
 from ..spec_check import check_spec
 from ..storage.checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
-from ..user_input import parse_devices, resolve_device
+from ..user_input import new_output_dir, parse_devices, resolve_device
 from ..version import __version__
 from .calib_precision import calibration_dtype
 from .experts import calibration_routing, layer_modules, unfuse_experts
@@ -96,9 +96,7 @@ def quantize(
     ``resume`` continues from them to the checkpoint an uninterrupted run writes.
     """
     config = for_model(config or QuantConfig(), model)
-    out = Path(out)
-    if out.exists():
-        raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
+    out = new_output_dir(Path(out))
     log = log or QuantLog(echo=tqdm.write)
     log.lines.append(f"treeq {__version__} quantize, calibration text {calib_text}: {config.model_dump_json()}")
     progress = Progress(out, resume, log)

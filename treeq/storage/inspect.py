@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 
 from .. import extras as weight_extras
+from .. import user_input
 from ..kernels import LinearFormat, explain, select_kernel
 from ..runtime.quant_linear import QuantLinear
 from ..schemes import KVCacheScheme
 from .kv_checkpoint import KV_CALIBRATION_NAME
 from .loading import (
+    checkpoint_weight_files,
     linear_format_from,
     linear_shape,
     quantized_module_qcfg,
@@ -62,10 +64,18 @@ def _stored_extras(f, keys: set[str], name: str, module: dict):
     return weight_extras.stored_for(name, runtime)
 
 
-def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
-    """Format, size on disk against the same model in fp16, and each module's kernel."""
+def _opened(weights: Path):
+    """``weights`` opened for reading tensor headers, or one line saying it cannot be read."""
     from safetensors import safe_open
 
+    try:
+        return safe_open(weights, "pt")
+    except user_input.READ_ERRORS as e:
+        raise user_input.unreadable_weights(weights, e) from None
+
+
+def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
+    """Format, size on disk against the same model in fp16, and each module's kernel."""
     path = Path(path)
     qcfg = read_quantization_config(path)
     stored = stored_format(qcfg)
@@ -76,8 +86,8 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
     formats: dict[str, LinearFormat] = {}
     stored_bits: Counter = Counter()  # module -> bits of every tensor that stores its weight
     extras: dict[str, str] = {}
-    for weights in weight_files(path):
-        with safe_open(weights, "pt") as f:
+    for weights in checkpoint_weight_files(path):
+        with _opened(weights) as f:
             keys = set(f.keys())
             for key in f.keys():
                 tensor = f.get_slice(key)

@@ -148,10 +148,16 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(f for f in path.glob("*.safetensors") if f.name != KV_CALIBRATION_NAME)
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+def checkpoint_weight_files(path: Path) -> list[Path]:
+    """:func:`weight_files`, refusing a checkpoint that has none."""
     files = weight_files(path)
     if not files:
-        raise TreeqError(f"{path} has no .safetensors weights")
+        raise TreeqError(f"{path} has no .safetensors weights; copy the checkpoint's model*.safetensors there")
+    return files
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    files = checkpoint_weight_files(path)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
