@@ -46,6 +46,24 @@ def _json_or_text(_ctx, _param, value):
         return value
 
 
+def _takes_tuple(annotation) -> bool:
+    """Whether a field (or a member of its union) holds a tuple or list."""
+    if typing.get_origin(annotation) in (tuple, list):
+        return True
+    return any(_takes_tuple(a) for a in typing.get_args(annotation) if typing.get_origin(annotation) is not None)
+
+
+def _sequence(ctx, param, value):
+    """A tuple field's value as typed on a command line: ``1,1`` or ``[1, 1]``, and one number
+    alone (``--lkd-layers 3``) as a tuple of one; text that is neither (``all``) stays text."""
+    parsed = _json_or_text(ctx, param, value)
+    if isinstance(parsed, str) and "," in parsed:
+        return [_json_or_text(ctx, param, part.strip()) for part in parsed.split(",")]
+    if isinstance(parsed, int | float) and not isinstance(parsed, bool):
+        return [parsed]
+    return parsed
+
+
 def _default_text(info: FieldInfo) -> str:
     default = info.get_default(call_default_factory=True)
     return "" if default is None else f" [default: {default}]"
@@ -66,6 +84,8 @@ def option_for(name: str, info: FieldInfo, owner: str, prefix: str = ""):
         attrs.update(type=click.Choice(choices))
     elif base in (int, float, str):
         attrs.update(type=base)
+    elif _takes_tuple(info.annotation):
+        attrs.update(callback=_sequence, help=attrs["help"] + " (comma-separated, or JSON)")
     else:
         attrs.update(callback=_json_or_text, help=attrs["help"] + " (JSON)")
     return click.option(extra.get("cli", flag), f"{owner}__{name}", **attrs)

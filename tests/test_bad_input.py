@@ -166,3 +166,16 @@ def test_a_checkpoint_without_weights(checkpoint, tmp_path):
     (checkpoint / "model.safetensors").unlink()
     for args in (("inspect", checkpoint), ("eval", checkpoint, "--max-windows", 1)):
         unchanged_after(tmp_path, *args, needles=("has no .safetensors weights",))
+
+
+def test_distillation_with_no_batch_left_to_train_on(model_dir, text_file, tmp_path):
+    """Was a ValueError from the first distilled layer, after its modules were quantized."""
+    args = quantize_args(model_dir, text_file, tmp_path / "q", "--method", "rtn", "--lkd")  # 8 samples, 1 batch
+    unchanged_after(tmp_path, *args, needles=("distill holds out 1 of the 1 calibration batch",))
+
+
+def test_a_method_option_error_shows_the_value_not_the_whole_config(model_dir, text_file, tmp_path):
+    args = quantize_args(model_dir, text_file, tmp_path / "q", "--method", "gptq", "--block-size", 0)
+    r = run(*args)
+    one_line_error(r, "options.block_size: Input should be greater than 0 (got 0)")
+    assert "calibration" not in r.output.splitlines()[-1]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from cli.main import main
@@ -140,3 +141,21 @@ def test_output_dir_exists_is_not_touched(model_dir, text_file, tmp_path):
 
 def test_missing_model_dir(tmp_path):
     one_line_error(run("quantize", tmp_path / "nope", "--out", tmp_path / "q"), "not a local model directory")
+
+
+@pytest.mark.parametrize(
+    "typed,parsed", [("1,1", [1, 1]), ("[2, 3]", [2, 3]), ("3", [3]), ("0, 2", [0, 2]), ("all", "all")]
+)
+def test_tuple_options_take_comma_separated_values(typed, parsed):
+    """``--epochs 1,1`` and ``--lkd-layers 0,1`` reached the settings as text and were refused."""
+    from cli.config_options import _sequence
+
+    assert _sequence(None, None, typed) == parsed
+
+
+def test_lkd_layers_from_the_command_line_reach_the_recipe(model_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    args = quantize_args(model_dir, text_file, out, "--method", "rtn", "--batch-size", 4, "--lkd", "--lkd-steps", 2)
+    r = run(*args, "--lkd-layers", "0,1")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["distill"]["layers"] == [0, 1]

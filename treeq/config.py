@@ -9,6 +9,7 @@ fields they name, so ``QuantConfig(method="gptq", bits=3, desc_act=False, seqlen
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import pydantic
@@ -247,6 +248,16 @@ class QuantConfig(BaseModel):
             raise ValueError(f"distill.train_scales learns minmax scales only, not grid {grids[0]!r}; allowed: False")
         if self.distill is not None and self.method_class().adds_input_transform:
             raise ValueError(f"distill trains plain weights; method {self.method!r} adds an input transform")
+        if self.distill is not None:
+            # As distill.py splits them: it needs a batch to train on beside those it holds out.
+            c = self.calibration
+            batches = -(-c.calib_samples // c.batch_size)
+            held = max(1, math.ceil(batches * self.distill.holdout))
+            if held >= batches:
+                raise ValueError(
+                    f"distill holds out {held} of the {batches} calibration batch(es) (calib_samples / batch_size) "
+                    "and needs one more to train on; raise calibration.calib_samples or lower calibration.batch_size"
+                )
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,13 @@ def from_validation(err: pydantic.ValidationError) -> TreeqError:
     parts = []
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "config"
-        parts.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+        if e["type"] == "value_error":
+            # A validator's own message already names the field and the value; its input is the
+            # whole model's dict, which would bury the line.
+            message = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{field}: {message}" if e["loc"] else message)
+        else:
+            parts.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
     return TreeqError("invalid quantization settings: " + "; ".join(parts))
 
 
@@ -27,5 +33,7 @@ def parse_settings(model: type[pydantic.BaseModel] | None, values: dict, field: 
     try:
         return model(**values)
     except pydantic.ValidationError as e:
-        parts = [f"{field}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        parts = [
+            f"{field}.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()
+        ]
         raise ValueError("; ".join(parts)) from None
