@@ -32,7 +32,7 @@ from treeq.runtime.kv_choice import NO_KV
 from treeq.schemes import KV_PRESETS, ActivationScheme, WeightScheme
 from treeq.storage.model_card import record_perplexity
 from treeq.transforms import TRANSFORMS
-from treeq.user_input import new_output_dir
+from treeq.user_input import new_output_dir, writable_dir
 
 from .config_options import derived_options, parse_key_values, settings_from
 from .kv_options import kv_chunk_option, kv_options, kv_scheme
@@ -274,6 +274,13 @@ def quantize(
         record_perplexity(report.out, fp_ppl, q_ppl)
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise TreeqError(f"{flag} {text!r} is not a comma-separated list of integers, e.g. 4,3") from None
+
+
 def parse_override(text: str) -> dict:
     """``PATTERN=skip`` or ``PATTERN=KEY:VALUE,KEY:VALUE`` -> ModuleOverride fields."""
     pattern, sep, rest = text.rpartition("=")
@@ -424,9 +431,9 @@ def compare(
     treeq.compare(
         model,
         [m.strip() for m in methods.split(",")],
-        [int(b) for b in bits_list.split(",")],
+        _int_list(bits_list, "--bits"),
         out,
-        act_bits=tuple(int(a) for a in act_bits_list.split(",")),
+        act_bits=tuple(_int_list(act_bits_list, "--act-bits")),
         group_size=group_size,
         tasks=tuple(task_names),
         limit=limit,
@@ -476,6 +483,7 @@ def stats(model, text, samples, seqlen, alpha, threshold, out, threads):
     """Per-layer input statistics of MODEL's linears (largest channel, share of channels above the
     LLM.int8() threshold, kurtosis), as is and after SmoothQuant: a CSV and a PNG in OUT."""
     _set_threads(threads)
+    writable_dir(out)  # before the statistics are gathered
     fp, tok = treeq.load_fp_model(model)
     rows = treeq.activation_stats(fp, tok, text, samples, seqlen, alpha, threshold)
     for path in treeq.api.save_stats(rows, out, alpha, threshold):

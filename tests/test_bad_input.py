@@ -156,7 +156,7 @@ def test_an_output_directory_under_a_file(command, model_dir, text_file, tmp_pat
 def test_an_output_directory_that_cannot_be_made(model_dir, text_file, tmp_path):
     """A directory test would pass as root whatever its mode bits; /proc refuses every new directory."""
     unchanged_after(
-        tmp_path, *quantize_args(model_dir, text_file, "/proc/treeq-out"), needles=("cannot create output directory",)
+        tmp_path, *quantize_args(model_dir, text_file, "/proc/treeq-out"), needles=("cannot write to /proc/treeq-out",)
     )
     assert not Path("/proc/treeq-out.partial").exists()
 
@@ -179,3 +179,42 @@ def test_a_method_option_error_shows_the_value_not_the_whole_config(model_dir, t
     r = run(*args)
     one_line_error(r, "options.block_size: Input should be greater than 0 (got 0)")
     assert "calibration" not in r.output.splitlines()[-1]
+
+
+def test_compare_bit_lists_that_are_not_integers(model_dir, tmp_path):
+    for flag in ("--bits", "--act-bits"):
+        args = ("compare", model_dir, "--methods", "rtn", flag, "four", "--out", tmp_path / "c")
+        unchanged_after(tmp_path, *args, needles=(f"{flag} 'four' is not a comma-separated list of integers",))
+
+
+def test_a_report_plot_into_a_missing_directory(checkpoint, tmp_path):
+    unchanged_after(tmp_path, "report", checkpoint, "--png", tmp_path / "nowhere" / "x.png", needles=("--png",))
+
+
+def test_stats_into_an_output_under_a_file(model_dir, text_file, tmp_path):
+    """Failed with NotADirectoryError once the statistics were gathered."""
+    args = ("stats", model_dir, "--text", text_file, "--samples", 2, "--seqlen", 32, "--out", text_file / "x")
+    unchanged_after(tmp_path, *args, needles=(f"{text_file} is a file",))
+
+
+def test_an_override_that_matches_no_module(model_dir, text_file, tmp_path):
+    """A misspelt pattern quantized every module with the base scheme and said nothing."""
+    args = quantize_args(model_dir, text_file, tmp_path / "q", "--override", r"model\.layers\.0\.mlp\.upproj=bits:8")
+    unchanged_after(tmp_path, *args, needles=("matches none of the modules treeq quantizes",))
+
+
+def test_a_calibration_text_that_is_not_text(model_dir, tmp_path):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    unchanged_after(tmp_path, *quantize_args(model_dir, binary, tmp_path / "q"), needles=("is not UTF-8 text",))
+
+
+def test_an_input_group_size_that_does_not_divide_the_inputs(model_dir, text_file, tmp_path):
+    """Was a RuntimeError from torch's unflatten in the first layer's forward."""
+    per_group = ("--act-bits", 4, "--act-granularity", "per-group", "--act-group-size", 7)
+    args = quantize_args(model_dir, text_file, tmp_path / "q", *per_group)
+    unchanged_after(tmp_path, *args, needles=("activations.group_size=7 does not divide in_features=64",))
+
+
+def test_an_empty_prompt(checkpoint, tmp_path):
+    unchanged_after(tmp_path, "generate", checkpoint, "--prompt", "", needles=("the prompt is empty",))

@@ -110,7 +110,10 @@ def read_text(source: str) -> str:
     path = Path(source)
     if not path.is_file():
         raise TreeqError(f"text {source!r} is neither a file nor a built-in corpus ({', '.join(BUILTIN_TEXTS)})")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TreeqError(f"text file {source} is not UTF-8 text (byte {e.start}); give a plain text file") from None
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -34,19 +34,24 @@ def device(name: str) -> torch.device:
 
 
 def new_output_dir(out: Path) -> Path:
-    """``out`` as a directory a run can create: absent, under a directory where this process can
-    create one (tried at once with a throwaway directory, so a run fails before any work, not at its
-    first write)."""
+    """``out`` as a directory a run can create: absent, and :func:`writable_dir`."""
     if out.exists():
         raise TreeqError(f"output directory {out} already exists; choose another --out or remove it")
-    parent = next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir():
-        raise TreeqError(f"cannot create output directory {out}: {parent} is a file; choose another --out")
+    return writable_dir(out)
+
+
+def writable_dir(out: Path) -> Path:
+    """``out`` as a directory this process can write into, existing or to be made: tried at once with
+    a throwaway directory in it or its nearest existing parent, so a run fails before any work, not at
+    its first write."""
+    base = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not base.is_dir():
+        raise TreeqError(f"cannot write to {out}: {base} is a file; choose another --out")
     try:
-        Path(tempfile.mkdtemp(prefix=".treeq-probe-", dir=parent)).rmdir()
+        Path(tempfile.mkdtemp(prefix=".treeq-probe-", dir=base)).rmdir()
     except OSError as e:
         why = e.strerror
-        raise TreeqError(f"cannot create output directory {out} in {parent} ({why}); choose another --out") from None
+        raise TreeqError(f"cannot write to {out} in {base} ({why}); choose another --out") from None
     return out
 
 

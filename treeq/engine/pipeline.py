@@ -20,7 +20,7 @@ from ..models import spec_for
 from ..runtime.kv_calibration import KVCalibration, calibrate_on_text, needs_calibration
 from ..runtime.kv_choice import attach_kv
 from ..runtime.kv_schemes import kv_cache_for
-from ..schemes import WeightScheme
+from ..schemes import ActivationScheme, WeightScheme
 from ..spec_check import check_spec
 from ..storage.checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
 from ..user_input import new_output_dir, parse_devices, resolve_device
@@ -36,13 +36,34 @@ from .streaming import LayerStream, ShardReader
 
 
 def check_quantizable(model, spec, config: QuantConfig) -> None:
-    """Fail before any work if a module's shape does not fit its scheme's groups or packing."""
+    """Fail before any work if a module's shape does not fit its scheme's groups or packing (weights
+    and inputs), or an override matches no module (a misspelt pattern would quietly change nothing)."""
+    names = []
     for i, layer in enumerate(model.get_submodule(spec.layers)):
         for name in layer_modules(layer, spec):
             where = f"{spec.layers}.{i}.{name}"
+            names.append(where)
             scheme = config.scheme_of(where)
             if scheme is not None:
                 _check_fits(layer.get_submodule(name), where, scheme)
+                _check_inputs_fit(layer.get_submodule(name), where, config.activations)
+    for override in config.overrides:
+        if not any(override.matches(n) for n in names):
+            raise TreeqError(
+                f"override pattern {override.pattern!r} matches none of the modules treeq quantizes (such as "
+                f"{names[0]}); fix the pattern or drop the override"
+            )
+
+
+def _check_inputs_fit(lin, where: str, inputs: ActivationScheme | None) -> None:
+    if inputs is None or inputs.granularity != "per-group" or inputs.group_size is None:
+        return
+    if lin.in_features % inputs.group_size:
+        divisors = [g for g in (8, 16, 32, 64, 128) if lin.in_features % g == 0]
+        raise TreeqError(
+            f"activations.group_size={inputs.group_size} does not divide in_features={lin.in_features} of {where}; "
+            f"use one of {divisors}"
+        )
 
 
 def _check_fits(lin, where: str, scheme: WeightScheme) -> None:

@@ -44,6 +44,9 @@ def error_report(path, png: str | Path | None = None, top: int = 5) -> ErrorRepo
 
     path = Path(path)
     rows = _rows(path)
+    png = Path(png) if png is not None else path / "errors.png"
+    if not png.parent.is_dir():
+        raise TreeqError(f"cannot write {png}: {png.parent} is not a directory; choose another --png")
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_kind[r["module"]].append(r)
@@ -68,7 +71,6 @@ def error_report(path, png: str | Path | None = None, top: int = 5) -> ErrorRepo
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    png = Path(png) if png is not None else path / "errors.png"
     fig.savefig(png)
     plt.close(fig)
     return ErrorReport(png, hardest)

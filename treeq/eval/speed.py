@@ -40,6 +40,8 @@ def generate(
     (kvquant) is calibrated on ``kv_calib_text`` first. None: the scheme a loaded checkpoint
     stored, else transformers' cache; "none": transformers' cache."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    if ids.numel() == 0:
+        raise TreeqError("the prompt is empty (no tokens to continue); give some text")
     cache = choose_kv(model, tokenizer, kv, kv_calib_text).cache(model)
     torch.manual_seed(seed)
     sample = temperature > 0
