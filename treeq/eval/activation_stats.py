@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import user_input
 from ..data import calibration_batches, read_text
 from ..methods import InputStats
 from ..models import spec_for
@@ -121,6 +122,7 @@ def save_stats(rows: list[SubsetStats], out: Path, alpha: float, threshold: floa
     ``out``; returns the files written."""
     import matplotlib
 
+    user_input.writable_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / CSV_NAME, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
