@@ -218,3 +218,11 @@ def test_an_input_group_size_that_does_not_divide_the_inputs(model_dir, text_fil
 
 def test_an_empty_prompt(checkpoint, tmp_path):
     unchanged_after(tmp_path, "generate", checkpoint, "--prompt", "", needles=("the prompt is empty",))
+
+
+def test_a_dtype_no_model_runs_in(checkpoint, model_dir):
+    """transformers' ValueError before; the Python API's twins of --dtype."""
+    loads = (lambda: treeq.load(checkpoint, dtype=torch.int8), lambda: treeq.load_fp_model(str(model_dir), torch.int8))
+    for load in loads:
+        with pytest.raises(treeq.TreeqError, match="dtype torch.int8 is not one a model runs in"):
+            load()

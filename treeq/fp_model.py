@@ -36,6 +36,7 @@ def load_fp_model(model: str | None = None, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_path(model)
+    user_input.float_dtype(dtype)
     # Read, not memory-mapped: pages of a mapped checkpoint stay resident after the looper replaces
     # the weights they hold, which on SmolLM2 added 400 MB of peak RSS by the last layer.
     user_input.tokenizer_dir(path)

@@ -97,6 +97,17 @@ def finite_weight(name: str, weight: torch.Tensor) -> None:
         raise TreeqError(f"{name} has {bad} NaN or Inf weights; fix or re-save the model before quantizing it")
 
 
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` as one a model runs in."""
+    if dtype not in FLOAT_DTYPES:
+        allowed = ", ".join(map(str, FLOAT_DTYPES))
+        raise TreeqError(f"dtype {dtype} is not one a model runs in; use one of {allowed}")
+    return dtype
+
+
 def resolve_device(name: str | None) -> torch.device:
     """None or "auto": the GPU where there is one, else the CPU; any other name as :func:`device`."""
     if name in (None, "auto"):

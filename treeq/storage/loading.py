@@ -170,6 +170,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32, kernel: str | None = None):
     """Returns (model, tokenizer) ready for inference, each quantized linear bound to a kernel."""
     path = Path(path)
+    user_input.float_dtype(dtype)
     qcfg = read_quantization_config(path)
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
