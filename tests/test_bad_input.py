@@ -226,3 +226,17 @@ def test_a_dtype_no_model_runs_in(checkpoint, model_dir):
     for load in loads:
         with pytest.raises(treeq.TreeqError, match="dtype torch.int8 is not one a model runs in"):
             load()
+
+
+def test_a_model_directory_without_weights(model_dir, text_file, tmp_path):
+    """The message said the weights were truncated or corrupt."""
+    (model_dir / "model.safetensors").unlink()
+    unchanged_after(tmp_path, *quantize_args(model_dir, text_file, tmp_path / "q"), needles=("has no weight files",))
+
+
+def test_a_recipe_section_that_is_not_a_mapping(model_dir, text_file, tmp_path):
+    """``weights: 4`` was a TypeError."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("weights: 4\n")
+    args = ("quantize", model_dir, "--config", recipe, "--out", tmp_path / "q", "--calib-text", text_file)
+    unchanged_after(tmp_path, *args, needles=("weights must be a mapping of its settings",))

@@ -101,8 +101,13 @@ NESTED_FIELDS = {
 FORMAT_SHORTHAND = {"checkpoint_format": "format"}  # the weight scheme's storage format, by its older name
 
 
-def _as_dict(value) -> dict:
-    return value.model_dump() if isinstance(value, BaseModel) else dict(value or {})
+def _as_dict(value, name: str) -> dict:
+    """Section ``name`` of the settings (``weights``, ``options``, ...) as a dict."""
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping of its settings (e.g. weights: {{bits: 4}}), not {value!r}")
+    return dict(value or {})
 
 
 def _option_names(method) -> set[str]:
@@ -155,9 +160,9 @@ class QuantConfig(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        nested = {name: _as_dict(data.pop(name, None)) for name in NESTED_FIELDS}
-        options = _as_dict(data.pop("options", None))
-        migration_options = _as_dict(data.pop("migration_options", None))
+        nested = {name: _as_dict(data.pop(name, None), name) for name in NESTED_FIELDS}
+        options = _as_dict(data.pop("options", None), "options")
+        migration_options = _as_dict(data.pop("migration_options", None), "migration_options")
         methods = _known_methods()
         method = methods.get(data.get("method", cls.model_fields["method"].default))
         for key in list(data):

@@ -40,6 +40,7 @@ def load_fp_model(model: str | None = None, dtype: torch.dtype = torch.float32):
     # Read, not memory-mapped: pages of a mapped checkpoint stay resident after the looper replaces
     # the weights they hold, which on SmolLM2 added 400 MB of peak RSS by the last layer.
     user_input.tokenizer_dir(path)
+    user_input.model_weights_dir(path)
     try:
         fp = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, disable_mmap=True).eval()
     except user_input.READ_ERRORS as e:

@@ -64,6 +64,15 @@ def tokenizer_dir(path: Path) -> Path:
     return path
 
 
+def model_weights_dir(path: Path) -> Path:
+    """``path`` if it holds weight files transformers reads (safetensors or PyTorch's .bin)."""
+    if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+        raise TreeqError(
+            f"{path} has no weight files (model*.safetensors or pytorch_model*.bin); copy the model's weights there"
+        )
+    return path
+
+
 def unreadable_weights(path: Path, error: Exception) -> TreeqError:
     """The error for weights that cannot be read: truncated, corrupt, or not safetensors."""
     return TreeqError(f"{path}: its weights cannot be read ({error}); the file is truncated or corrupt, copy it again")
