@@ -48,9 +48,10 @@ def _json_or_text(_ctx, _param, value):
 
 def _takes_tuple(annotation) -> bool:
     """Whether a field (or a member of its union) holds a tuple or list."""
-    if typing.get_origin(annotation) in (tuple, list):
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list):
         return True
-    return any(_takes_tuple(a) for a in typing.get_args(annotation) if typing.get_origin(annotation) is not None)
+    return origin is not None and any(_takes_tuple(a) for a in typing.get_args(annotation))
 
 
 def _sequence(ctx, param, value):

@@ -45,8 +45,9 @@ def check_quantizable(model, spec, config: QuantConfig) -> None:
             names.append(where)
             scheme = config.scheme_of(where)
             if scheme is not None:
-                _check_fits(layer.get_submodule(name), where, scheme)
-                _check_inputs_fit(layer.get_submodule(name), where, config.activations)
+                lin = layer.get_submodule(name)
+                _check_fits(lin, where, scheme)
+                _check_inputs_fit(lin, where, config.activations)
     for override in config.overrides:
         if not any(override.matches(n) for n in names):
             raise TreeqError(
