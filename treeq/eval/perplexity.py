@@ -47,13 +47,17 @@ class PerplexityResult:
     tokens_scored: int
     bos: Bos = NO_BOS
     kv: str = "no cache (one forward per window)"
+    positions: int | None = None  # the model's max_position_embeddings, where it states one
 
     def protocol(self) -> str:
         text = self.seqlen - (self.bos.token_id is not None)
         start = "no BOS" if self.bos.token_id is None else f"BOS (id {self.bos.token_id}) + {text} text tokens"
+        beyond = ""
+        if self.positions is not None and self.seqlen > self.positions:
+            beyond = f"; WARNING: windows longer than the model's {self.positions} positions (max_position_embeddings)"
         return (
             f"{self.windows} non-overlapping windows x {self.seqlen} tokens, {start} ({self.bos.reason}), "
-            f"{self.tokens_scored} tokens scored, mean NLL over all scored tokens; KV: {self.kv}"
+            f"{self.tokens_scored} tokens scored, mean NLL over all scored tokens; KV: {self.kv}{beyond}"
         )
 
 
@@ -136,7 +140,8 @@ def perplexity(
             logits = logits[0, :-1].float()
             nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             count += seqlen - 1
-    result = PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos)
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    result = PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos, positions=positions)
     return result if kv is None else dataclasses.replace(result, kv=kv.describe())
 
 
