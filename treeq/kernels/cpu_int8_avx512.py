@@ -23,11 +23,13 @@ from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
 # Token counts at which each path takes over (bench/kernels.py; figures in bench/results/kernels.md).
-# - The op runs below 6 tokens on every CPU. Timed on layers alone (a probe's few layers, whose
-#   weights may stay in the last-level cache) it stayed ahead up to 4 tokens with AMX and up to 16
-#   without; in whole models (weights from memory) it fell below bf16 from 6-8 tokens (random Llama
-#   2048 x 16: with AMX 0.49-0.74x at 6-12 tokens, without 0.71-0.97x at 8-20), where the native
-#   paths ran 0.99-1.37x (AMX rows) and 1.05-1.36x (vector panel); at 2-4 tokens the op 1.28-1.52x.
+# - The op runs below 6 tokens without AMX and below 3 with it. Timed on layers alone (a probe's few
+#   layers, whose weights may stay in the last-level cache) it stayed ahead up to 16 tokens without
+#   AMX; in whole models (weights from memory) it fell below bf16 from 6-8 tokens (random Llama
+#   2048 x 16: without AMX 0.71-0.97x at 8-20), where the vector panel path ran 1.05-1.36x. With AMX
+#   the rows path, once it read one block of rows at a time, was ahead of the op from 3 tokens in
+#   whole models (random Llama at 4 tokens 1.23x bf16 against the op's 1.00-1.02x); on SmolLM2's
+#   cached layers the op stayed ahead up to 4 tokens, by 5% at 4.
 # - With AMX, up to 32 tokens the AMX rows path (the weights' rows as tiles, no transposition; at
 #   8-32 tokens 1.22-1.93x bf16 where the AMX panel path ran 0.75-1.14x); up to 128 tokens the AMX
 #   rows panel path (the same operands, each weight dequantized once per call into a panel: ahead
@@ -39,7 +41,7 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 # - Without AMX (an AMX Xeon capped to AVX512-BF16, oneDNN too) the vector panel path.
 # Read at each call, so tests can force each path.
 PANEL_FROM = 6
-AMX_FROM = 6
+AMX_FROM = 3
 AMX_ROWS_MAX = 32  # the rows path's two input tiles hold 32 token rows
 AMX_ROWS_PANEL_MAX = 128
 
