@@ -100,11 +100,10 @@ def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(
 def test_amx_rows_path_multiplies_the_reference_weight_with_fp32_sums(sym, in_f, out_f, tokens, threads, monkeypatch):
     """Up to 32 tokens with AMX: the weights' rows as tiles, the inputs transposed; the same numbers
     as the panel paths."""
-    # Checked to fail: every case with the sums stored into y untransposed; every case up to 16
-    # tokens with every K tile's inputs taken from the first's, and with each unit's second block of
-    # rows taken from its first; 17 and 32 tokens with the second group's inputs taken from the
-    # first group's, with the second group's sums stored over the first's, and with a pair's second
-    # block of rows taken from its first.
+    # Checked to fail: every case with the sums stored into y untransposed, and with every block's
+    # rows taken from its work item's first block; every case up to 16 tokens with every K tile's
+    # inputs taken from the first's; 17 and 32 tokens with the second group's inputs taken from the
+    # first group's, and with the second group's sums stored over the first's.
     monkeypatch.setattr(k8, "path", lambda *call: "amx_rows")
     layer = quant_linear(8, -1, sym, False, in_f=in_f, out_f=out_f, bias=False)
     layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)
