@@ -240,3 +240,39 @@ def test_a_recipe_section_that_is_not_a_mapping(model_dir, text_file, tmp_path):
     recipe.write_text("weights: 4\n")
     args = ("quantize", model_dir, "--config", recipe, "--out", tmp_path / "q", "--calib-text", text_file)
     unchanged_after(tmp_path, *args, needles=("weights must be a mapping of its settings",))
+
+
+def test_python_api_arguments_of_the_wrong_kind(checkpoint, tokenizer, tmp_path):
+    """Deep pathlib TypeErrors and AttributeErrors before (a QuantConfig passed as the model, a dict
+    as the config, a path where a loaded model belongs); nothing is written."""
+    model = make_model("llama")
+    cfg = quick_config(method="rtn")
+    calls = {
+        "model is a QuantConfig: settings go second": lambda: treeq.quantize(cfg, out=tmp_path / "a"),
+        "config must be a treeq.QuantConfig, got dict": lambda: treeq.quantize(None, {"bits": 4}, tmp_path / "b"),
+        "model must be a model directory, None for the built-in model, or a loaded": lambda: treeq.quantize(
+            3, cfg, tmp_path / "c"
+        ),
+        "a loaded model needs its tokenizer": lambda: treeq.quantize(model, cfg, tmp_path / "d"),
+        "quantize takes a loaded transformers model, got Linear": lambda: treeq.quantize(
+            torch.nn.Linear(2, 2), cfg, tmp_path / "e", tokenizer=tokenizer
+        ),
+        "out must be a path (a str or pathlib.Path), got int": lambda: treeq.quantize(
+            model, cfg, 7, tokenizer=tokenizer
+        ),
+        "checkpoint must be a path (a str or pathlib.Path), got int": lambda: treeq.load(3),
+        "checkpoint must be a path (a str or pathlib.Path), got NoneType": lambda: treeq.inspect_checkpoint(None),
+        "model must be a path (a str or pathlib.Path), got int": lambda: treeq.load_fp_model(5),
+        "evaluate_perplexity takes a loaded transformers model, got PosixPath; load it first": lambda: (
+            treeq.evaluate_perplexity(checkpoint, tokenizer)
+        ),
+        "generate takes a loaded transformers model, got str": lambda: treeq.generate(str(checkpoint), tokenizer, "a"),
+        "activation_stats takes a loaded transformers model, got str": lambda: treeq.activation_stats("x", tokenizer),
+        "png must be a path (a str or pathlib.Path), got int": lambda: treeq.error_report(checkpoint, png=3),
+    }
+    before = snapshot(tmp_path)
+    for needle, call in calls.items():
+        with pytest.raises(treeq.TreeqError) as raised:
+            call()
+        assert needle in str(raised.value) and "\n" not in str(raised.value), (needle, str(raised.value))
+    assert snapshot(tmp_path) == before

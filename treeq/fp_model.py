@@ -14,7 +14,7 @@ from .errors import TreeqError
 def model_path(model: str | None) -> Path:
     if model in (None, DEFAULT_MODEL):
         return default_model_path()
-    path = Path(model)
+    path = user_input.local_path(model, "model")
     if not (path / "config.json").is_file():
         raise TreeqError(
             f"model {model!r} is not a local model directory with config.json; treeq never downloads, "

@@ -5,6 +5,7 @@ torch or transformers."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,23 @@ def device(name: str) -> torch.device:
     elif dev.type != "cpu":
         raise TreeqError(f"device {name!r}: treeq runs on cpu or cuda")
     return dev
+
+
+def local_path(value, what: str) -> Path:
+    """``value`` as a Path where it is a str or os.PathLike; anything else handed where a path
+    belongs is named in one line (Path() would fail deep in pathlib)."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise TreeqError(f"{what} must be a path (a str or pathlib.Path), got {type(value).__name__}")
+
+
+def loaded_model(model, call: str):
+    """``model`` if it is a loaded transformers model, as treeq.load and treeq.load_fp_model return."""
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        return model
+    load_first = isinstance(model, (str, os.PathLike))
+    hint = "; load it first: model, tokenizer = treeq.load(path) (or treeq.load_fp_model(path))" if load_first else ""
+    raise TreeqError(f"{call} takes a loaded transformers model, got {type(model).__name__}{hint}")
 
 
 def new_output_dir(out: Path) -> Path:

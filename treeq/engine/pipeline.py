@@ -4,6 +4,7 @@ layer by layer (in memory, or streamed from disk with ``low_memory``) and save t
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import ActivationScheme, WeightScheme
 from ..spec_check import check_spec
 from ..storage.checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
-from ..user_input import new_output_dir, parse_devices, resolve_device
+from ..user_input import loaded_model, local_path, new_output_dir, parse_devices, resolve_device
 from ..version import __version__
 from .calib_precision import calibration_dtype
 from .experts import calibration_routing, layer_modules, unfuse_experts
@@ -117,8 +118,9 @@ def quantize(
     Finished layers are kept in ``out``.partial (:mod:`treeq.engine.resume`); after Ctrl-C,
     ``resume`` continues from them to the checkpoint an uninterrupted run writes.
     """
+    _check_arguments(model, config, tokenizer)
     config = for_model(config or QuantConfig(), model)
-    out = new_output_dir(Path(out))
+    out = new_output_dir(local_path(out, "out"))
     log = log or QuantLog(echo=tqdm.write)
     log.lines.append(f"treeq {__version__} quantize, calibration text {calib_text}: {config.model_dump_json()}")
     progress = Progress(out, resume, log)
@@ -157,6 +159,29 @@ def quantize(
         save_quantized(model, tokenizer, config, results, out, log, source, kv_calibration)
         progress.discard()  # the checkpoint is complete
     return QuantizeReport(out, seconds, log, model, tokenizer, kv_calibration)
+
+
+def _check_arguments(model, config, tokenizer) -> None:
+    """quantize's model and config as its docstring says, each refused in one line otherwise."""
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TreeqError(
+            f"config must be a treeq.QuantConfig, got {type(config).__name__}; build one with "
+            "treeq.QuantConfig(**settings)"
+        )
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return
+    if isinstance(model, QuantConfig):
+        raise TreeqError(
+            "model is a QuantConfig: settings go second, quantize(model, config, out), model None for the built-in one"
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise TreeqError(
+            f"model must be a model directory, None for the built-in model, or a loaded transformers model, "
+            f"got {type(model).__name__}"
+        )
+    loaded_model(model, "quantize")
+    if tokenizer is None:
+        raise TreeqError("a loaded model needs its tokenizer: quantize(model, config, out, tokenizer=tokenizer)")
 
 
 def for_model(config: QuantConfig, model) -> QuantConfig:

@@ -14,7 +14,7 @@ from ..errors import TreeqError
 from ..runtime.kv_choice import KVChoice
 from ..runtime.kv_schemes import cache_nbytes, fp16_cache_nbytes
 from ..schemes import KVCacheScheme
-from ..user_input import new_output_dir
+from ..user_input import local_path, new_output_dir
 from .perplexity import KV_PROTOCOLS, PerplexityResult, check_kv_protocol
 
 
@@ -78,7 +78,7 @@ def compare(
     from .. import api
     from ..config import QuantConfig
 
-    out = new_output_dir(Path(out))
+    out = new_output_dir(local_path(out, "out"))
     # Every KV name and protocol is checked before any model is loaded, quantized or evaluated.
     kv_schemes = {name: KVCacheScheme.named(name) for name in kv}
     for protocol in kv_protocols:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import data
+from .. import data, user_input
 from ..data import Bos
 from ..errors import TreeqError
 from ..runtime.kv_calibration import KVCalibration
@@ -161,6 +161,7 @@ def evaluate_perplexity(
     ``kv``: a KV-cache setting or preset name (``"kivi-2"``), measured by ``kv_protocol``; one that
     needs calibration (kvquant) is calibrated on ``kv_calib_text`` first. None: the scheme a loaded
     checkpoint stored, if any; "none": no quantized cache."""
+    user_input.loaded_model(model, "evaluate_perplexity")
     start = data.bos_for(tokenizer, bos)
     protocol = kv_protocol_for(model, tokenizer, kv, kv_protocol, kv_chunk, kv_calib_text)
     return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start, protocol)

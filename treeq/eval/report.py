@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import user_input
 from ..engine.quant_log import LOG_NAME
 from ..errors import TreeqError
 
@@ -42,9 +43,9 @@ def error_report(path, png: str | Path | None = None, top: int = 5) -> ErrorRepo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
+    path = user_input.local_path(path, "checkpoint")
     rows = _rows(path)
-    png = Path(png) if png is not None else path / "errors.png"
+    png = user_input.local_path(png, "png") if png is not None else path / "errors.png"
     if not png.parent.is_dir():
         raise TreeqError(f"cannot write {png}: {png.parent} is not a directory; choose another --png")
     by_kind: dict[str, list[dict]] = defaultdict(list)

@@ -6,10 +6,10 @@ import inspect
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .. import user_input
 from ..errors import TreeqError
 from ..fp_model import load_fp_model
 from ..runtime.kv_choice import KVChoice, choose_kv
@@ -39,6 +39,7 @@ def generate(
     setting or preset name (``"kivi-4"``) to keep keys and values in; one that needs calibration
     (kvquant) is calibrated on ``kv_calib_text`` first. None: the scheme a loaded checkpoint
     stored, else transformers' cache; "none": transformers' cache."""
+    user_input.loaded_model(model, "generate")
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     if ids.numel() == 0:
         raise TreeqError("the prompt is empty (no tokens to continue); give some text")
@@ -119,7 +120,7 @@ def bench(
     """Prefill and batch-1 decode tokens/s of a checkpoint and of its fp model, both in bf16 (the
     fp model from ``fp_model`` or the source recorded at quantization), measured in turns."""
     qmodel, tok = load_quantized(path, "cpu", torch.bfloat16)
-    source = fp_model or read_quantization_config(Path(path))["meta"].get("source")
+    source = fp_model or read_quantization_config(user_input.local_path(path, "checkpoint"))["meta"].get("source")
     if source is None:
         raise TreeqError(f"{path} does not record its fp model; pass it explicitly (--fp MODEL)")
     fp, _ = load_fp_model(source, dtype=torch.bfloat16)

@@ -76,7 +76,7 @@ def _opened(weights: Path):
 
 def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CheckpointInfo:
     """Format, size on disk against the same model in fp16, and each module's kernel."""
-    path = Path(path)
+    path = user_input.local_path(path, "checkpoint")
     qcfg = read_quantization_config(path)
     stored = stored_format(qcfg)
     suffix, quantized_state = stored.packed_suffix, (*QuantLinear.QUANTIZED_STATE, *stored.stored_state)

@@ -169,7 +169,7 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32, kernel: str | None = None):
     """Returns (model, tokenizer) ready for inference, each quantized linear bound to a kernel."""
-    path = Path(path)
+    path = user_input.local_path(path, "checkpoint")
     user_input.float_dtype(dtype)
     qcfg = read_quantization_config(path)
     config = AutoConfig.from_pretrained(path)
@@ -233,7 +233,7 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
 def is_quantized_checkpoint(path) -> bool:
     """Whether ``path`` holds a quantized checkpoint, treeq's or another tool's (which the loader
     then reads or refuses with the reason), rather than a full-precision model."""
-    path = Path(path)
+    path = user_input.local_path(path, "model or checkpoint")
     if (path / QUANT_CONFIG_NAME).is_file():
         return True
     return (path / "config.json").is_file() and user_input.quantization_config(path) is not None
