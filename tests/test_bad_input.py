@@ -276,3 +276,27 @@ def test_python_api_arguments_of_the_wrong_kind(checkpoint, tokenizer, tmp_path)
             call()
         assert needle in str(raised.value) and "\n" not in str(raised.value), (needle, str(raised.value))
     assert snapshot(tmp_path) == before
+
+
+def test_python_api_values_the_cli_would_refuse(tokenizer, tmp_path):
+    """The Python twins of the CLI's ranges and lists: transformers' ValueError (max_new_tokens 0),
+    torch.stack on nothing (samples 0), a string taken for a list of methods ("unknown method 'r'"),
+    silently reversed sampling (a negative temperature), a run that compared nothing."""
+    model = make_model("llama")
+    calls = {
+        "generate needs the model's tokenizer": lambda: treeq.generate(model, None, "a"),
+        "evaluate_perplexity needs the model's tokenizer": lambda: treeq.evaluate_perplexity(model, None),
+        "prompt must be a str, got int": lambda: treeq.generate(model, tokenizer, 5),
+        "max_new_tokens=0 must be an integer >= 1": lambda: treeq.generate(model, tokenizer, "a", max_new_tokens=0),
+        "temperature=-1.0 must be a number >= 0": lambda: treeq.generate(model, tokenizer, "a", temperature=-1.0),
+        "seqlen='64' must be an integer >= 2": lambda: treeq.evaluate_perplexity(model, tokenizer, seqlen="64"),
+        "samples=0 must be an integer >= 1": lambda: treeq.activation_stats(model, tokenizer, samples=0),
+        "methods must be a list, got str 'rtn'": lambda: treeq.compare(None, "rtn", [4], tmp_path / "a"),
+        "nothing to compare": lambda: treeq.compare(None, ["rtn"], [], tmp_path / "b"),
+    }
+    before = snapshot(tmp_path)
+    for needle, call in calls.items():
+        with pytest.raises(treeq.TreeqError) as raised:
+            call()
+        assert needle in str(raised.value) and "\n" not in str(raised.value), (needle, str(raised.value))
+    assert snapshot(tmp_path) == before

@@ -51,6 +51,23 @@ def loaded_model(model, call: str):
     raise TreeqError(f"{call} takes a loaded transformers model, got {type(model).__name__}{hint}")
 
 
+def loaded_tokenizer(tokenizer, call: str):
+    """``tokenizer`` if it tokenizes, as the second value of treeq.load and treeq.load_fp_model."""
+    if callable(tokenizer) and hasattr(tokenizer, "decode"):
+        return tokenizer
+    raise TreeqError(
+        f"{call} needs the model's tokenizer (the second value treeq.load and treeq.load_fp_model return), "
+        f"got {type(tokenizer).__name__}"
+    )
+
+
+def whole_number(value, name: str, minimum: int) -> int:
+    """An integer argument of the Python API, held to the bound its CLI option has."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TreeqError(f"{name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
 def new_output_dir(out: Path) -> Path:
     """``out`` as a directory a run can create: absent, and :func:`writable_dir`."""
     if out.exists():

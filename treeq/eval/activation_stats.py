@@ -79,6 +79,8 @@ def activation_stats(
     """Statistics of each dense subset's input over ``samples`` windows of ``text``, raw and after
     SmoothQuant at ``alpha``; ``threshold``: LLM.int8()'s outlier magnitude."""
     user_input.loaded_model(model, "activation_stats")
+    user_input.loaded_tokenizer(tokenizer, "activation_stats")
+    user_input.whole_number(samples, "samples", 1)
     spec = spec_for(model.config)
     layers = model.get_submodule(spec.layers)
     taps: dict[tuple[int, str], tuple[_PowerSums, list[torch.nn.Module]]] = {}

@@ -78,6 +78,11 @@ def compare(
     from .. import api
     from ..config import QuantConfig
 
+    for name, values in (("methods", methods), ("bits", bits)):
+        if isinstance(values, (str, int)):
+            raise TreeqError(f"{name} must be a list, got {type(values).__name__} {values!r}: e.g. {name}=[{values!r}]")
+    if not (methods and bits) and not kv:
+        raise TreeqError("nothing to compare: give methods and bits (or KV presets in kv)")
     out = new_output_dir(local_path(out, "out"))
     # Every KV name and protocol is checked before any model is loaded, quantized or evaluated.
     kv_schemes = {name: KVCacheScheme.named(name) for name in kv}

@@ -121,8 +121,9 @@ def perplexity(
     bos: Bos = NO_BOS,
     kv: KVProtocol | None = None,
 ) -> PerplexityResult:
-    if seqlen < 2:
+    if isinstance(seqlen, int) and seqlen < 2:
         raise TreeqError(f"seqlen={seqlen} scores no token; use a window of at least 2 tokens")
+    user_input.whole_number(seqlen, "seqlen", 2)
     width = seqlen - (bos.token_id is not None)  # text tokens per window
     windows = ids.numel() // width
     if max_windows is not None:
@@ -162,6 +163,7 @@ def evaluate_perplexity(
     needs calibration (kvquant) is calibrated on ``kv_calib_text`` first. None: the scheme a loaded
     checkpoint stored, if any; "none": no quantized cache."""
     user_input.loaded_model(model, "evaluate_perplexity")
+    user_input.loaded_tokenizer(tokenizer, "evaluate_perplexity")
     start = data.bos_for(tokenizer, bos)
     protocol = kv_protocol_for(model, tokenizer, kv, kv_protocol, kv_chunk, kv_calib_text)
     return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start, protocol)

@@ -40,6 +40,12 @@ def generate(
     (kvquant) is calibrated on ``kv_calib_text`` first. None: the scheme a loaded checkpoint
     stored, else transformers' cache; "none": transformers' cache."""
     user_input.loaded_model(model, "generate")
+    user_input.loaded_tokenizer(tokenizer, "generate")
+    if not isinstance(prompt, str):
+        raise TreeqError(f"prompt must be a str, got {type(prompt).__name__}")
+    user_input.whole_number(max_new_tokens, "max_new_tokens", 1)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise TreeqError(f"temperature={temperature!r} must be a number >= 0 (0: greedy)")
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     if ids.numel() == 0:
         raise TreeqError("the prompt is empty (no tokens to continue); give some text")
