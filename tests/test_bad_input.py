@@ -281,7 +281,7 @@ def test_python_api_arguments_of_the_wrong_kind(checkpoint, tokenizer, tmp_path)
 def test_python_api_values_the_cli_would_refuse(tokenizer, tmp_path):
     """The Python twins of the CLI's ranges and lists: transformers' ValueError (max_new_tokens 0),
     torch.stack on nothing (samples 0), a string taken for a list of methods ("unknown method 'r'"),
-    silently reversed sampling (a negative temperature), a run that compared nothing."""
+    greedy decoding without a word (a negative temperature), a run that compared nothing."""
     model = make_model("llama")
     calls = {
         "generate needs the model's tokenizer": lambda: treeq.generate(model, None, "a"),
