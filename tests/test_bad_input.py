@@ -280,7 +280,7 @@ def test_python_api_arguments_of_the_wrong_kind(checkpoint, tokenizer, tmp_path)
 
 def test_python_api_values_the_cli_would_refuse(tokenizer, tmp_path):
     """The Python twins of the CLI's ranges and lists: transformers' ValueError (max_new_tokens 0),
-    torch.stack on nothing (samples 0), a string taken for a list of methods ("unknown method 'r'"),
+    torch.stack on nothing (samples 0), a string taken for a list of methods or tasks ("unknown method 'r'"),
     greedy decoding without a word (a negative temperature), a run that compared nothing."""
     model = make_model("llama")
     calls = {
@@ -293,6 +293,7 @@ def test_python_api_values_the_cli_would_refuse(tokenizer, tmp_path):
         "samples=0 must be an integer >= 1": lambda: treeq.activation_stats(model, tokenizer, samples=0),
         "methods must be a list, got str 'rtn'": lambda: treeq.compare(None, "rtn", [4], tmp_path / "a"),
         "nothing to compare": lambda: treeq.compare(None, ["rtn"], [], tmp_path / "b"),
+        "tasks must be a list, got str 'treeq_wiki'": lambda: treeq.evaluate_tasks(model, tokenizer, "treeq_wiki"),
     }
     before = snapshot(tmp_path)
     for needle, call in calls.items():

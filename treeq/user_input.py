@@ -68,6 +68,14 @@ def whole_number(value, name: str, minimum: int) -> int:
     return value
 
 
+def listed(values, name: str):
+    """``values`` where a list (or tuple) of settings belongs; one string or number is refused rather
+    than read letter by letter."""
+    if isinstance(values, (str, int, float)):
+        raise TreeqError(f"{name} must be a list, got {type(values).__name__} {values!r}: e.g. {name}=[{values!r}]")
+    return values
+
+
 def new_output_dir(out: Path) -> Path:
     """``out`` as a directory a run can create: absent, and :func:`writable_dir`."""
     if out.exists():

@@ -14,7 +14,7 @@ from ..errors import TreeqError
 from ..runtime.kv_choice import KVChoice
 from ..runtime.kv_schemes import cache_nbytes, fp16_cache_nbytes
 from ..schemes import KVCacheScheme
-from ..user_input import local_path, new_output_dir
+from ..user_input import listed, local_path, new_output_dir
 from .perplexity import KV_PROTOCOLS, PerplexityResult, check_kv_protocol
 
 
@@ -78,9 +78,8 @@ def compare(
     from .. import api
     from ..config import QuantConfig
 
-    for name, values in (("methods", methods), ("bits", bits)):
-        if isinstance(values, (str, int)):
-            raise TreeqError(f"{name} must be a list, got {type(values).__name__} {values!r}: e.g. {name}=[{values!r}]")
+    listed(methods, "methods")
+    listed(bits, "bits")
     if not (methods and bits) and not kv:
         raise TreeqError("nothing to compare: give methods and bits (or KV presets in kv)")
     out = new_output_dir(local_path(out, "out"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data
+from .. import data, user_input
 from ..default_model import cache_dir
 from ..errors import TreeqError
 from ..runtime.kv_choice import KVChoice
@@ -145,7 +145,7 @@ def run_tasks(
     requests go one at a time: lm-eval pads a batch on the right, and pad tokens would enter the
     ranges of per-channel key groups.
     """
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in user_input.listed(tasks, "tasks") if t not in TASKS]
     if unknown:
         raise TreeqError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     try:
@@ -154,6 +154,8 @@ def run_tasks(
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise TreeqError('lm-eval is not installed; run: pip install -e ".[eval]"') from None
+    user_input.loaded_model(model, "evaluate_tasks")
+    user_input.loaded_tokenizer(tokenizer, "evaluate_tasks")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
     protocol = kv_protocol_for(model, tokenizer, kv, kv_protocol, kv_chunk)
