@@ -78,3 +78,29 @@ def test_the_prefill_computes_the_last_positions_logits_only_as_generate_does():
     model.lm_head.register_forward_pre_hook(lambda _m, args: positions.append(args[0].shape[1]))
     speed.measure_speeds({"m": model}, torch.arange(12)[None], new_tokens=2, repeats=1)
     assert positions and set(positions) == {1}
+
+
+def test_a_checkpoint_of_the_built_in_model_names_it_as_treeq_takes_it(monkeypatch, tmp_path):
+    """It recorded its cache directory's name, which no command resolves: `treeq bench` on the
+    README's own checkpoint failed with "not a local model directory"."""
+    from treeq.default_model import DEFAULT_DIR, DEFAULT_MODEL
+    from treeq.storage.checkpoint import source_name
+
+    monkeypatch.setenv("TREEQ_CACHE", str(tmp_path))
+    assert source_name(tmp_path / DEFAULT_DIR) == DEFAULT_MODEL
+    assert source_name(tmp_path / "elsewhere" / DEFAULT_DIR) == DEFAULT_DIR
+    assert source_name(tmp_path / "my-llama") == "my-llama"
+
+
+def test_bench_asks_for_the_fp_model_where_the_recorded_name_is_no_directory(
+    model_dir, text_file, tmp_path, monkeypatch
+):
+    cfg = treeq.QuantConfig(method="rtn", bits=4, group_size=32, calib_samples=4, seqlen=64, batch_size=4)
+    treeq.quantize(str(model_dir), cfg, tmp_path / "q", calib_text=str(text_file))
+    monkeypatch.chdir(tmp_path / "q")  # the recorded name is the model directory's, which is not here
+    with pytest.raises(treeq.TreeqError, match=f"names its fp model '{model_dir.name}', which is no model directory"):
+        treeq.bench(tmp_path / "q", new_tokens=2, repeats=1)
+    monkeypatch.chdir(model_dir.parent)  # from where the name is a directory, it is the fp model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speed, "measure_speeds", lambda models, *rest: dict.fromkeys(models))
+        assert set(treeq.bench(tmp_path / "q", new_tokens=2, repeats=1)) == {"quantized", "fp bf16"}

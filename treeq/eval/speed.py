@@ -6,10 +6,12 @@ import inspect
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .. import user_input
+from ..default_model import DEFAULT_MODEL
 from ..errors import TreeqError
 from ..fp_model import load_fp_model
 from ..runtime.kv_choice import KVChoice, choose_kv
@@ -125,10 +127,16 @@ def bench(
 ) -> dict[str, Speed]:
     """Prefill and batch-1 decode tokens/s of a checkpoint and of its fp model, both in bf16 (the
     fp model from ``fp_model`` or the source recorded at quantization), measured in turns."""
-    qmodel, tok = load_quantized(path, "cpu", torch.bfloat16)
+    user_input.whole_number(new_tokens, "new_tokens", 1)
+    user_input.whole_number(repeats, "repeats", 1)
     source = fp_model or read_quantization_config(user_input.local_path(path, "checkpoint"))["meta"].get("source")
     if source is None:
         raise TreeqError(f"{path} does not record its fp model; pass it explicitly (--fp MODEL)")
+    if fp_model is None and source != DEFAULT_MODEL and not (Path(source) / "config.json").is_file():
+        raise TreeqError(
+            f"{path} names its fp model {source!r}, which is no model directory here; pass its directory (--fp MODEL)"
+        )
+    qmodel, tok = load_quantized(path, "cpu", torch.bfloat16)
     fp, _ = load_fp_model(source, dtype=torch.bfloat16)
     ids = tok(prompt, return_tensors="pt").input_ids
     return measure_speeds({"quantized": qmodel, "fp bf16": fp}, ids, new_tokens, repeats)

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_directory
 from ..config import QuantConfig
+from ..default_model import DEFAULT_MODEL, is_default_model_dir
 from ..engine.quant_log import QuantLog
 from ..errors import TreeqError
 from ..formats import FORMATS, FormatSummary
@@ -186,8 +187,11 @@ def laid_out(tensors: dict[str, torch.Tensor], config: QuantConfig, spec: TreeSp
 
 
 def source_name(model_path: str | Path | None) -> str | None:
-    """How a checkpoint names the model it came from: the directory's name, never a local path."""
-    return Path(model_path).name if model_path else None
+    """How a checkpoint names the model it came from: the built-in model by the name treeq takes it
+    by (so `treeq bench` finds it again), any other by its directory's name, never a local path."""
+    if not model_path:
+        return None
+    return DEFAULT_MODEL if is_default_model_dir(model_path) else Path(model_path).name
 
 
 def unquantized_linears(model: nn.Module) -> list[str]:
