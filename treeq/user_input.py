@@ -1,6 +1,6 @@
-"""Checks on what a user hands treeq (devices, model and checkpoint directories, weights), each
-failing with one line that names the problem and the fix instead of a traceback from deep inside
-torch or transformers."""
+"""Checks on what a user hands treeq (devices, model and checkpoint directories, weights, the Python
+API's arguments), each failing with one line that names the problem and the fix instead of a
+traceback from deep inside torch or transformers."""
 
 from __future__ import annotations
 
