@@ -27,6 +27,17 @@ def checkpoint(tmp_path, tokenizer, text_file):
     return tmp_path / "q"
 
 
+def each_refused_in_one_line(root, calls):
+    """Each Python API call of ``calls`` (needle -> call) raises a one-line TreeqError holding its
+    needle, and nothing under ``root`` changes."""
+    before = snapshot(root)
+    for needle, call in calls.items():
+        with pytest.raises(treeq.TreeqError) as raised:
+            call()
+        assert needle in str(raised.value) and "\n" not in str(raised.value), (needle, str(raised.value))
+    assert snapshot(root) == before
+
+
 def unchanged_after(root, *args, needles):
     before = snapshot(root)
     one_line_error(run(*args), *needles)
@@ -270,12 +281,7 @@ def test_python_api_arguments_of_the_wrong_kind(checkpoint, tokenizer, tmp_path)
         "activation_stats takes a loaded transformers model, got str": lambda: treeq.activation_stats("x", tokenizer),
         "png must be a path (a str or pathlib.Path), got int": lambda: treeq.error_report(checkpoint, png=3),
     }
-    before = snapshot(tmp_path)
-    for needle, call in calls.items():
-        with pytest.raises(treeq.TreeqError) as raised:
-            call()
-        assert needle in str(raised.value) and "\n" not in str(raised.value), (needle, str(raised.value))
-    assert snapshot(tmp_path) == before
+    each_refused_in_one_line(tmp_path, calls)
 
 
 def test_python_api_values_the_cli_would_refuse(tokenizer, tmp_path):
@@ -295,9 +301,4 @@ def test_python_api_values_the_cli_would_refuse(tokenizer, tmp_path):
         "nothing to compare": lambda: treeq.compare(None, ["rtn"], [], tmp_path / "b"),
         "tasks must be a list, got str 'treeq_wiki'": lambda: treeq.evaluate_tasks(model, tokenizer, "treeq_wiki"),
     }
-    before = snapshot(tmp_path)
-    for needle, call in calls.items():
-        with pytest.raises(treeq.TreeqError) as raised:
-            call()
-        assert needle in str(raised.value) and "\n" not in str(raised.value), (needle, str(raised.value))
-    assert snapshot(tmp_path) == before
+    each_refused_in_one_line(tmp_path, calls)
