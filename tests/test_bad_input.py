@@ -296,6 +296,7 @@ def test_python_api_values_the_cli_would_refuse(tokenizer, tmp_path):
         "max_new_tokens=0 must be an integer >= 1": lambda: treeq.generate(model, tokenizer, "a", max_new_tokens=0),
         "temperature=-1.0 must be a number >= 0": lambda: treeq.generate(model, tokenizer, "a", temperature=-1.0),
         "seqlen='64' must be an integer >= 2": lambda: treeq.evaluate_perplexity(model, tokenizer, seqlen="64"),
+        "max_windows='2' must be an integer >= 1": lambda: treeq.evaluate_perplexity(model, tokenizer, max_windows="2"),
         "samples=0 must be an integer >= 1": lambda: treeq.activation_stats(model, tokenizer, samples=0),
         "methods must be a list, got str 'rtn'": lambda: treeq.compare(None, "rtn", [4], tmp_path / "a"),
         "nothing to compare": lambda: treeq.compare(None, ["rtn"], [], tmp_path / "b"),

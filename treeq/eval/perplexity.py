@@ -127,8 +127,9 @@ def perplexity(
     width = seqlen - (bos.token_id is not None)  # text tokens per window
     windows = ids.numel() // width
     if max_windows is not None:
-        if max_windows < 1:
+        if isinstance(max_windows, int) and max_windows < 1:
             raise TreeqError(f"max_windows={max_windows} evaluates no window; give 1 or more (--max-windows)")
+        user_input.whole_number(max_windows, "max_windows", 1)
         windows = min(windows, max_windows)
     if windows == 0:
         raise TreeqError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
