@@ -300,6 +300,7 @@ def test_python_api_values_the_cli_would_refuse(tokenizer, tmp_path):
         "samples=0 must be an integer >= 1": lambda: treeq.activation_stats(model, tokenizer, samples=0),
         "methods must be a list, got str 'rtn'": lambda: treeq.compare(None, "rtn", [4], tmp_path / "a"),
         "nothing to compare": lambda: treeq.compare(None, ["rtn"], [], tmp_path / "b"),
+        "kv must be a list, got str 'kivi-4'": lambda: treeq.compare(None, [], [], tmp_path / "c", kv="kivi-4"),
         "tasks must be a list, got str 'treeq_wiki'": lambda: treeq.evaluate_tasks(model, tokenizer, "treeq_wiki"),
     }
     each_refused_in_one_line(tmp_path, calls)

@@ -78,8 +78,9 @@ def compare(
     from .. import api
     from ..config import QuantConfig
 
-    listed(methods, "methods")
-    listed(bits, "bits")
+    lists = dict(methods=methods, bits=bits, tasks=tasks, act_bits=act_bits, kv=kv, kv_protocols=kv_protocols)
+    for name, values in lists.items():
+        listed(values, name)
     if not (methods and bits) and not kv:
         raise TreeqError("nothing to compare: give methods and bits (or KV presets in kv)")
     out = new_output_dir(local_path(out, "out"))
