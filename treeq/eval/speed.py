@@ -6,14 +6,12 @@ import inspect
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .. import user_input
-from ..default_model import DEFAULT_MODEL
 from ..errors import TreeqError
-from ..fp_model import load_fp_model
+from ..fp_model import load_fp_model, model_path
 from ..runtime.kv_choice import KVChoice, choose_kv
 from ..schemes import KVCacheScheme
 from ..storage.loading import load_quantized, read_quantization_config
@@ -132,10 +130,12 @@ def bench(
     source = fp_model or read_quantization_config(user_input.local_path(path, "checkpoint"))["meta"].get("source")
     if source is None:
         raise TreeqError(f"{path} does not record its fp model; pass it explicitly (--fp MODEL)")
-    if fp_model is None and source != DEFAULT_MODEL and not (Path(source) / "config.json").is_file():
-        raise TreeqError(
-            f"{path} names its fp model {source!r}, which is no model directory here; pass its directory (--fp MODEL)"
-        )
+    try:
+        model_path(source)  # before anything is loaded
+    except TreeqError as e:
+        if fp_model is not None:
+            raise
+        raise TreeqError(f"{path} names its fp model {source!r}: {e}; pass the fp model (--fp MODEL)") from None
     qmodel, tok = load_quantized(path, "cpu", torch.bfloat16)
     fp, _ = load_fp_model(source, dtype=torch.bfloat16)
     ids = tok(prompt, return_tensors="pt").input_ids
