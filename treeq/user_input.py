@@ -61,10 +61,13 @@ def loaded_tokenizer(tokenizer, call: str):
     )
 
 
-def whole_number(value, name: str, minimum: int) -> int:
-    """An integer argument of the Python API, held to the bound its CLI option has."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def whole_number(value, name: str, minimum: int, below: str | None = None) -> int:
+    """An integer argument of the Python API, held to the bound its CLI option has; ``below``: what
+    an integer under ``minimum`` would mean, for the message."""
+    if isinstance(value, bool) or not isinstance(value, int):
         raise TreeqError(f"{name}={value!r} must be an integer >= {minimum}")
+    if value < minimum:
+        raise TreeqError(f"{name}={value} {below}" if below else f"{name}={value} must be an integer >= {minimum}")
     return value
 
 

@@ -121,15 +121,11 @@ def perplexity(
     bos: Bos = NO_BOS,
     kv: KVProtocol | None = None,
 ) -> PerplexityResult:
-    if isinstance(seqlen, int) and seqlen < 2:
-        raise TreeqError(f"seqlen={seqlen} scores no token; use a window of at least 2 tokens")
-    user_input.whole_number(seqlen, "seqlen", 2)
+    user_input.whole_number(seqlen, "seqlen", 2, "scores no token; use a window of at least 2 tokens")
     width = seqlen - (bos.token_id is not None)  # text tokens per window
     windows = ids.numel() // width
     if max_windows is not None:
-        if isinstance(max_windows, int) and max_windows < 1:
-            raise TreeqError(f"max_windows={max_windows} evaluates no window; give 1 or more (--max-windows)")
-        user_input.whole_number(max_windows, "max_windows", 1)
+        user_input.whole_number(max_windows, "max_windows", 1, "evaluates no window; give 1 or more (--max-windows)")
         windows = min(windows, max_windows)
     if windows == 0:
         raise TreeqError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
