@@ -88,3 +88,29 @@ def test_an_override_that_breaks_packing_is_refused_before_any_work(tmp_path, to
     ):
         treeq.quantize(make_model("llama"), cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
     assert not (tmp_path / "q").exists()
+
+
+def test_sym_override_on_learned_zero_points_is_stored_as_asym(tmp_path, tokenizer, text_file):
+    # ParoQuant learns its zero points even where sym=True was asked. The override's sym=True written
+    # as given made treeq.load pick a kernel that ignores zero points (8-bit inputs: cpu_w8a8, whose
+    # code - zero overflowed int8): logits 0.48 apart, top token the same at a third of positions.
+    # Checked to fail with dynamic() writing the override's changes as given.
+    model = make_model("llama", intermediate_size=64)  # one input width: ParoQuant's rotation groups agree
+    cfg = quick_config(
+        method="paroquant",
+        bits=8,
+        group_size=-1,
+        sym=False,
+        activations={"bits": 8},
+        overrides=[{"pattern": r".*self_attn\.", "sym": True}],
+        options={"epochs": (1, 1), "krot": 2, "train_rows": 64, "val_rows": 16, "batch_rows": 32},
+    )
+    report = treeq.quantize(model, cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
+    learned = report.model.model.layers[0].self_attn.q_proj.zeros()
+    assert not bool((learned == 128).all())  # the case under test: zero points off the middle code
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qcfg["dynamic"] == {r"+:.*self_attn\.": {"sym": False}}
+    loaded, _ = treeq.load(tmp_path / "q")
+    assert not loaded.model.layers[0].self_attn.q_proj.fmt.sym
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(loaded, ids), logits(report.model, ids), rtol=1e-4, atol=1e-5)

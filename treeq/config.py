@@ -19,7 +19,7 @@ from .data import BOS_RULES
 from .engine.calib_precision import CALIB_DTYPES
 from .errors import from_validation
 from .formats import FORMATS
-from .schemes import ActivationScheme, KVCacheScheme, ModuleOverride, WeightScheme, scheme_for
+from .schemes import ActivationScheme, KVCacheScheme, ModuleOverride, WeightScheme, first_override, scheme_for
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -299,6 +299,10 @@ class QuantConfig(BaseModel):
         """The weight scheme of ``module`` (full name): the first matching override's, else the
         config's; None when an override leaves it in full precision."""
         return scheme_for(module, self.weights, self.overrides)
+
+    def override_of(self, module: str) -> ModuleOverride | None:
+        """The override that decides ``module``'s scheme (full name); None if none matches."""
+        return first_override(module, self.overrides)
 
     def quantized_scheme(self, module: str) -> WeightScheme:
         """The weight scheme a quantized module was quantized with (full module name)."""

@@ -258,9 +258,12 @@ class ModuleOverride(_Scheme):
         return None if self.skip else WeightScheme(**{**base.model_dump(), **self.changes()})
 
 
+def first_override(module: str, overrides: tuple[ModuleOverride, ...]) -> ModuleOverride | None:
+    """The override that decides ``module``'s scheme: the first that matches; None if none does."""
+    return next((o for o in overrides if o.matches(module)), None)
+
+
 def scheme_for(module: str, base: WeightScheme, overrides: tuple[ModuleOverride, ...]) -> WeightScheme | None:
     """The weight scheme of ``module``: the first matching override's, else ``base``; None: skip."""
-    for override in overrides:
-        if override.matches(module):
-            return override.apply(base)
-    return base
+    override = first_override(module, overrides)
+    return base if override is None else override.apply(base)

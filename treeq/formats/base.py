@@ -26,6 +26,8 @@ class FormatSummary:
     sym: bool
     transform: dict | None
     extras: tuple[str, ...] = ()  # kinds of weight extras (treeq.extras) some module holds
+    # Modules whose scheme asked for sym but whose method learned zero points off the middle code.
+    learned_zeros: tuple[str, ...] = ()
 
     def merge(self, other: "FormatSummary") -> "FormatSummary":
         if self.transform is not None and other.transform is not None and self.transform != other.transform:
@@ -36,6 +38,7 @@ class FormatSummary:
             self.sym and other.sym,
             self.transform if self.transform is not None else other.transform,
             tuple(sorted(set(self.extras) | set(other.extras))),
+            tuple(sorted(self.learned_zeros + other.learned_zeros)),
         )
 
 

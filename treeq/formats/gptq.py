@@ -112,10 +112,19 @@ def zero_point_version(config) -> str:
     return V1 if v1 else V2
 
 
-def dynamic(overrides) -> dict:
+def dynamic(config, summary: FormatSummary) -> dict:
     """Per-module overrides in GPTQModel's and vLLM's ``dynamic`` form: "-:" skips, "+:" changes
-    fields; patterns keep their meaning, since both sides match with re.match, first match first."""
-    return {("-:" if o.skip else "+:") + o.pattern: o.changes() for o in overrides}
+    fields; patterns keep their meaning, since both sides match with re.match, first match first.
+    An override's sym=True is written as False where a module it decides holds zero points its
+    method learned (``summary.learned_zeros``): a loader taking sym=True ignores the zero points."""
+    moved = {id(config.override_of(name)) for name in summary.learned_zeros}
+    entries = {}
+    for o in config.overrides:
+        changes = o.changes()
+        if changes.get("sym") and id(o) in moved:
+            changes["sym"] = False
+        entries[("-:" if o.skip else "+:") + o.pattern] = changes
+    return entries
 
 
 class GPTQFormat(CheckpointFormat):
@@ -159,7 +168,7 @@ class GPTQFormat(CheckpointFormat):
             "meta": {**meta, "zero_points": version},
         }
         if config.overrides:
-            qcfg["dynamic"] = dynamic(config.overrides)
+            qcfg["dynamic"] = dynamic(config, summary)
         if summary.transform is not None:
             # y = transform(x) @ dequant(qweight)^T, the transform's buffers stored per module.
             qcfg["input_transform"] = summary.transform

@@ -113,7 +113,7 @@ class QRazorFormat(CheckpointFormat):
             "meta": meta,
         }
         if config.overrides:  # only skips pass refuses(); loaders read them as GPTQModel's dynamic
-            qcfg["dynamic"] = dynamic(config.overrides)
+            qcfg["dynamic"] = dynamic(config, summary)
         return qcfg
 
     def to_stored(self, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

@@ -69,15 +69,23 @@ def reorders(results: dict[str, QuantResult]) -> bool:
     return any(r.reorders for r in results.values())
 
 
+def _pinned(name: str, result: QuantResult, config: QuantConfig) -> bool:
+    """Whether ``name`` was asked for sym and every zero point written for it is the middle code."""
+    scheme = config.quantized_scheme(name)
+    return scheme.sym and bool((result.zeros == 2 ** (scheme.bits - 1)).all())
+
+
 def symmetric(results: dict[str, QuantResult], config: QuantConfig) -> bool:
     """The checkpoint's sym: true only if every zero point written is the middle code, so kernels
     that ignore qzeros stay exact (a method may learn zero points even when ``sym`` was asked)."""
+    return all(_pinned(name, r, config) for name, r in results.items())
 
-    def pinned(name: str, r: QuantResult) -> bool:
-        scheme = config.quantized_scheme(name)
-        return scheme.sym and bool((r.zeros == 2 ** (scheme.bits - 1)).all())
 
-    return all(pinned(name, r) for name, r in results.items())
+def learned_zeros(results: dict[str, QuantResult], config: QuantConfig) -> tuple[str, ...]:
+    """Modules asked for sym whose method moved zero points off the middle code: a per-module
+    record of their sym (an override's) must say False, or loaders would ignore those zero points."""
+    asked = (name for name in results if config.quantized_scheme(name).sym)
+    return tuple(sorted(name for name in asked if not _pinned(name, results[name], config)))
 
 
 def input_transform(results: dict[str, QuantResult]) -> dict | None:
@@ -91,7 +99,14 @@ def input_transform(results: dict[str, QuantResult]) -> dict | None:
 def summary_of(results: dict[str, QuantResult], config: QuantConfig) -> FormatSummary:
     modules = tuple(sorted(results))
     extras = tuple(sorted({r.extras.kind for r in results.values() if r.extras is not None}))
-    return FormatSummary(modules, reorders(results), symmetric(results, config), input_transform(results), extras)
+    return FormatSummary(
+        modules,
+        reorders(results),
+        symmetric(results, config),
+        input_transform(results),
+        extras,
+        learned_zeros(results, config),
+    )
 
 
 def swap_in_quantized(model: nn.Module, results: dict[str, QuantResult], config: QuantConfig) -> None:
