@@ -39,6 +39,22 @@ def logits(model, ids):
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
+def test_skipped_modules_are_named_for_awq_loaders(tmp_path, tokenizer, text_file):
+    # transformers, AutoAWQ and vLLM replace every linear by an AWQ layer unless modules_to_not_convert
+    # names it; without the list they looked for a qweight the skipped down_proj does not have.
+    # Checked to fail with the list left out.
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    cfg = config(method="rtn", sym=False, overrides=[{"pattern": r".*down_proj", "skip": True}])
+    treeq.quantize(make_model("llama"), cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    state = load_file(tmp_path / "q" / "model.safetensors")
+    linears = {k.rsplit(".", 1)[0] for k in state if ".layers." in k and k.endswith((".qweight", "proj.weight"))}
+    converted = {m for m in linears if should_convert_module(m, qcfg["modules_to_not_convert"])}
+    assert converted == {m for m in linears if f"{m}.qweight" in state}
+    assert converted and converted != linears
+
+
 def test_word_layout_is_awqs():
     codes = torch.randint(0, 16, (5, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(pack_rows(codes), awq_pack_by_hand(codes))

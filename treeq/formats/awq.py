@@ -81,14 +81,18 @@ def from_awq(tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, tor
     return out
 
 
-def awq_quantization_config(bits: int, group_size: int, meta: dict) -> dict:
-    """The quantization_config AutoAWQ / transformers read for an AWQ GEMM checkpoint."""
+def awq_quantization_config(bits: int, group_size: int, meta: dict, unquantized: list[str]) -> dict:
+    """The quantization_config AutoAWQ / transformers read for an AWQ GEMM checkpoint;
+    ``unquantized``: the linears stored in full precision, which those loaders would otherwise
+    replace by AWQ layers and then find no qweight for (full names: every loader's way of matching
+    them, as prefixes, regular expressions or substrings, picks out these modules)."""
     return {
         "quant_method": "awq",
         "version": "gemm",
         "bits": bits,
         "group_size": group_size,
         "zero_point": True,
+        "modules_to_not_convert": unquantized or None,  # as AutoAWQ writes it: null for none
         "meta": meta,
     }
 
@@ -137,7 +141,7 @@ class AWQFormat(SingleSchemeFormat):
         return super().refuses(config)
 
     def quantization_config(self, config, summary: FormatSummary, meta: dict, unquantized: list[str]) -> dict:
-        return awq_quantization_config(config.weights.bits, config.weights.group_size, meta)
+        return awq_quantization_config(config.weights.bits, config.weights.group_size, meta, unquantized)
 
     def to_stored(self, tensors: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
         return to_awq(tensors, config.weights.group_size)
