@@ -564,9 +564,10 @@ def inspect(directory, explain, list_modules, device, dtypes):
     info = next(iter(infos.values()))
     q = info.quantization
     click.echo(f"checkpoint: {info.path}")
+    pack = f", pack {q['pack_dtype']}" if "pack_dtype" in q else ""  # the GPTQ layout's word type
     click.echo(
         f"format: {q.get('format', q['quant_method'])} "
-        f"({q['checkpoint_format']}, pack {q.get('pack_dtype', 'int32')})  "
+        f"({q['checkpoint_format']}{pack})  "
         f"method: {q.get('method', q['meta'].get('method'))}  "
         f"bits: {q['bits']}  group_size: {q['group_size']}  sym: {q['sym']}  desc_act: {q['desc_act']}  "
         f"grid: {q.get('grid', 'minmax')}"

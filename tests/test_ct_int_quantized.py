@@ -64,6 +64,18 @@ def test_the_export_is_llm_compressors_w8a8_layout_with_smoothing_folded(tmp_pat
     assert torch.equal(logits(loaded), logits(report.model))
 
 
+def test_inspect_finds_every_int_quantized_linear(tmp_path, tokenizer, text_file):
+    # Inspect looked for compressed-tensors' packed codes (weight_packed), which this layout never
+    # writes: it reported no module, no kernel, and its bits per weight divided by zero.
+    report = export(tmp_path, tokenizer, text_file)
+    info = treeq.inspect_checkpoint(tmp_path / "q")
+    modules = quantized(report.model)
+    assert info.kernels.keys() == modules.keys()
+    assert {n: f.activation for n, f in info.formats.items()} == {n: m.fmt.activation for n, m in modules.items()}
+    for name, layer in modules.items():  # int8 codes plus one fp16 scale per row
+        assert info.bits_per_weight[name] == 8 + 16 / layer.fmt.in_features, name
+
+
 def test_an_int_quantized_checkpoint_without_treeqs_record_runs_its_inputs_per_token(tmp_path, tokenizer, text_file):
     """As llm-compressor writes it: the input scheme comes from input_activations alone."""
     report = export(tmp_path, tokenizer, text_file)

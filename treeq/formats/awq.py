@@ -152,7 +152,7 @@ class AWQFormat(SingleSchemeFormat):
     def to_runtime(self, state: dict[str, torch.Tensor], qcfg: dict, bits_of) -> dict[str, torch.Tensor]:
         return from_awq(state, qcfg["group_size"])
 
-    def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
+    def linear_shape(self, packed_shape, qcfg: dict) -> tuple[int, int]:
         return linear_shape(packed_shape)
 
 

@@ -72,8 +72,14 @@ class CheckpointFormat(ABC):
         ``bits_of(module)`` each quantized module's bits."""
 
     @abstractmethod
-    def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
-        """(in_features, out_features) of a quantized linear from its packed codes' shape."""
+    def linear_shape(self, packed_shape, qcfg: dict) -> tuple[int, int]:
+        """(in_features, out_features) of a quantized linear from its packed codes' shape (the key
+        :meth:`codes_owner` names); ``qcfg``: the module's own quantization_config."""
+
+    def codes_owner(self, qcfg: dict, key: str, keys: set[str]) -> str | None:
+        """The quantized linear whose packed codes the stored tensor ``key`` holds (``keys``: every
+        key of its file), or None when ``key`` holds none."""
+        return key.removesuffix(self.packed_suffix) if key.endswith(self.packed_suffix) else None
 
     @abstractmethod
     def describe(self, qcfg: dict) -> str:

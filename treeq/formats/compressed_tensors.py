@@ -210,8 +210,17 @@ class CompressedTensorsFormat(SingleSchemeFormat):
             return int_quantized.from_int_quantized(state)
         return from_compressed_tensors(state, qcfg)
 
-    def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
-        return linear_shape(packed_shape, bits)
+    def linear_shape(self, packed_shape, qcfg: dict) -> tuple[int, int]:
+        if qcfg["checkpoint_format"] == int_quantized.LAYOUT:
+            return packed_shape[1], packed_shape[0]  # int8 codes [out, in], one per byte
+        return linear_shape(packed_shape, qcfg["bits"])
+
+    def codes_owner(self, qcfg: dict, key: str, keys: set[str]) -> str | None:
+        if qcfg["checkpoint_format"] != int_quantized.LAYOUT:
+            return super().codes_owner(qcfg, key, keys)
+        # int8 codes under a full-precision weight's own name, told apart by their scale beside them
+        name = key.removesuffix(".weight")
+        return name if key.endswith(".weight") and f"{name}.weight_scale" in keys else None
 
 
 FORMAT = CompressedTensorsFormat()

@@ -191,8 +191,8 @@ class GPTQFormat(CheckpointFormat):
     def to_runtime(self, state: dict[str, torch.Tensor], qcfg: dict, bits_of) -> dict[str, torch.Tensor]:
         return from_v1(state, bits_of) if qcfg["checkpoint_format"] == V1 else state
 
-    def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
-        return packed_shape[0] * packing.WORD_BITS // bits, packed_shape[1]
+    def linear_shape(self, packed_shape, qcfg: dict) -> tuple[int, int]:
+        return packed_shape[0] * packing.WORD_BITS // qcfg["bits"], packed_shape[1]
 
 
 FORMAT = GPTQFormat()

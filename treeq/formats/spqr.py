@@ -135,8 +135,8 @@ class SpQRFormat(CheckpointFormat):
     def to_runtime(self, state: dict[str, torch.Tensor], qcfg: dict, bits_of) -> dict[str, torch.Tensor]:
         return from_spqr(state, qcfg["stats_bits"], qcfg["group_size"], bits_of)
 
-    def linear_shape(self, packed_shape, bits: int) -> tuple[int, int]:
-        return packed_shape[0] * packing.WORD_BITS // bits, packed_shape[1]
+    def linear_shape(self, packed_shape, qcfg: dict) -> tuple[int, int]:
+        return packed_shape[0] * packing.WORD_BITS // qcfg["bits"], packed_shape[1]
 
     def describe(self, qcfg: dict) -> str:
         return (

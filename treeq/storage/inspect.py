@@ -79,7 +79,7 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
     path = user_input.local_path(path, "checkpoint")
     qcfg = read_quantization_config(path)
     stored = stored_format(qcfg)
-    suffix, quantized_state = stored.packed_suffix, (*QuantLinear.QUANTIZED_STATE, *stored.stored_state)
+    quantized_state = (*QuantLinear.QUANTIZED_STATE, *stored.stored_state)
     fp16_bytes = 0
     kernels: dict[str, str] = {}
     rejected: dict[str, dict[str, str]] = {}
@@ -93,10 +93,10 @@ def inspect_checkpoint(path, device: str = "cpu", dtype: torch.dtype = torch.flo
                 tensor = f.get_slice(key)
                 shape = tensor.get_shape()
                 owner, _, leaf = key.rpartition(".")
-                if leaf in quantized_state:
+                name = stored.codes_owner(qcfg, key, keys)
+                if leaf in quantized_state or name is not None:
                     stored_bits[owner] += math.prod(shape) * SAFETENSORS_BITS[tensor.get_dtype()]
-                if key.endswith(suffix):
-                    name = key[: -len(suffix)]
+                if name is not None:
                     module = quantized_module_qcfg(qcfg, name)
                     in_f, out_f = linear_shape(module, shape)
                     held = _stored_extras(f, keys, name, module)

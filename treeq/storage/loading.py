@@ -56,7 +56,7 @@ def stored_format(qcfg: dict) -> CheckpointFormat:
 def linear_shape(qcfg: dict, packed_shape) -> tuple[int, int]:
     """(in_features, out_features) of a quantized linear from its stored packed codes' shape;
     ``qcfg`` the module's own (:func:`quantized_module_qcfg`)."""
-    return stored_format(qcfg).linear_shape(packed_shape, qcfg["bits"])
+    return stored_format(qcfg).linear_shape(packed_shape, qcfg)
 
 
 def in_runtime_layout(state: dict[str, torch.Tensor], qcfg: dict) -> dict[str, torch.Tensor]:
