@@ -60,7 +60,7 @@ def test_quantized_state_names_every_buffer_but_bias():
     from treeq.runtime.input_transform import InputTransform
     from treeq.runtime.quant_linear import QuantLinear
 
-    transform = InputTransform.stored_for("m", {"m.channel_scales": 0, "m.pairs": torch.zeros(2, 64)}, None, 64)
+    transform = InputTransform.stored_for("m", {"m.channel_scales": 0, "m.pairs": torch.zeros(2, 64)}, None, 64, 32)
     names = set()
     for kind in EXTRAS.values():  # one layer per kind of weight extras, each with every buffer it may hold
         fmt = LinearFormat(4, 32, True, False, in_features=64, out_features=32, extras=kind.kind)

@@ -89,8 +89,30 @@ def test_saved_checkpoint_loads_to_the_in_memory_pseudo_quantized_logits(tmp_pat
         restored = loaded(input_ids=ids).logits
     assert ((restored - pseudo).norm() / pseudo.norm()).item() < 1e-3
     qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert qcfg["input_transform"]["rotation"] == {"kind": "pairwise_givens", "krot": 8, "group_size": 32}
+    assert qcfg["input_transform"]["rotation"] == {"kind": "pairwise_givens", "krot": 8, "group_size": "weights"}
     assert qcfg["sym"] is False  # learned zero points, whatever sym asked
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_modules_of_different_widths_share_one_rotation_record(group_size, tmp_path, tokenizer, text_file):
+    # ParoQuant rotates within each module's weight groups: with group_size -1 the attention inputs
+    # (64 wide) and down_proj's (128) rotate in groups of their own width. The checkpoint's one
+    # transform record held one number, so saving failed after every layer was quantized.
+    import treeq
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    cfg = config(group_size=group_size, options=FAST | {"krot": 2})
+    report = treeq.quantize(make_model("llama"), cfg, tmp_path / "q", tokenizer=tokenizer, calib_text=str(text_file))
+    config_json = tmp_path / "q" / "config.json"
+    full = json.loads(config_json.read_text())
+    assert full["quantization_config"]["input_transform"]["rotation"]["group_size"] == "weights"
+    with torch.no_grad():
+        expected = report.model(input_ids=ids).logits
+        assert torch.equal(treeq.load(tmp_path / "q")[0](input_ids=ids).logits, expected)
+        if group_size != -1:  # checkpoints written before the record could say "weights" held the number
+            full["quantization_config"]["input_transform"]["rotation"]["group_size"] = group_size
+            config_json.write_text(json.dumps(full))
+            assert torch.equal(treeq.load(tmp_path / "q")[0](input_ids=ids).logits, expected)
 
 
 def test_cli_quantize_with_options_and_inspect_shows_the_transform(model_dir, text_file, tmp_path):

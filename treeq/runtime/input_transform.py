@@ -17,6 +17,9 @@ from . import rotation
 
 # The buffers any input transform may store per module, as named in checkpoints.
 BUFFERS = ("channel_scales", "pairs", "theta")
+# A recorded rotation group size meaning "each module's weight group" (its width where group_size is
+# -1), so modules of different widths share one record (ParoQuant rotates within its weight groups).
+WEIGHT_GROUPS = "weights"
 
 
 @dataclass
@@ -43,7 +46,8 @@ class InputTransform:
         steps = ["x / channel_scales"]
         rot = described.get("rotation")
         if rot:
-            steps.append(f"{rot['krot']} layers of pairwise rotations in groups of {rot['group_size']}")
+            groups = "each module's weight groups" if rot["group_size"] == WEIGHT_GROUPS else rot["group_size"]
+            steps.append(f"{rot['krot']} layers of pairwise rotations in groups of {groups}")
         return ", then ".join(steps)
 
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -57,14 +61,19 @@ class InputTransform:
         return cls(buffers["channel_scales"], buffers.get("pairs"), buffers.get("theta"), group_size)
 
     @classmethod
-    def stored_for(cls, module: str, state: dict, described: dict | None, in_features: int) -> "InputTransform | None":
+    def stored_for(
+        cls, module: str, state: dict, described: dict | None, in_features: int, weight_group: int
+    ) -> "InputTransform | None":
         """An empty transform shaped like the one a checkpoint stores for ``module`` (its keys in
-        ``state``), to load into; None when the module has none."""
+        ``state``), to load into; None when the module has none. ``weight_group``: the module's
+        weight group width, for a rotation recorded as grouped like the weights."""
         if f"{module}.channel_scales" not in state:
             return None
         pairs = state.get(f"{module}.pairs")
         krot = 0 if pairs is None else pairs.shape[0]
         group_size = (described or {}).get("rotation", {}).get("group_size", 0)
+        if group_size == WEIGHT_GROUPS:
+            group_size = weight_group
         if not krot:
             return cls(torch.ones(in_features), group_size=group_size)
         zeros = torch.zeros(krot, in_features, dtype=torch.int16), torch.zeros(krot, in_features // 2)

@@ -25,7 +25,9 @@ from ..formats import FORMATS, FormatSummary
 from ..kernels import LinearFormat
 from ..methods import QuantResult
 from ..models import TreeSpec, spec_for
+from ..numerics import group_width
 from ..recipe import RECIPE_NAME, recipe_text
+from ..runtime.input_transform import WEIGHT_GROUPS
 from ..runtime.kv_calibration import KVCalibration
 from ..runtime.quant_linear import QuantLinear
 from ..schemes import ActivationScheme, WeightScheme
@@ -88,9 +90,19 @@ def learned_zeros(results: dict[str, QuantResult], config: QuantConfig) -> tuple
     return tuple(sorted(name for name in asked if not _pinned(name, results[name], config)))
 
 
-def input_transform(results: dict[str, QuantResult]) -> dict | None:
-    """What ``quantization_config`` records about the modules' input transform, if any."""
-    kinds = {json.dumps(r.transform.describe(), sort_keys=True) for r in results.values() if r.transform is not None}
+def input_transform(results: dict[str, QuantResult], config: QuantConfig) -> dict | None:
+    """What ``quantization_config`` records about the modules' input transform, if any. A rotation
+    grouped like each module's weights is recorded as such, so that modules of different widths
+    (group_size -1) or group sizes (overrides) share the one record the format keeps."""
+
+    def described(name: str, r: QuantResult) -> str:
+        record = r.transform.describe()
+        rot = record.get("rotation")
+        if rot and rot["group_size"] == group_width(config.quantized_scheme(name).group_size, r.codes.shape[1]):
+            rot["group_size"] = WEIGHT_GROUPS
+        return json.dumps(record, sort_keys=True)
+
+    kinds = {described(name, r) for name, r in results.items() if r.transform is not None}
     if len(kinds) > 1:
         raise ValueError(f"modules carry different input transforms ({sorted(kinds)}); the format records one")
     return json.loads(kinds.pop()) if kinds else None
@@ -103,7 +115,7 @@ def summary_of(results: dict[str, QuantResult], config: QuantConfig) -> FormatSu
         modules,
         reorders(results),
         symmetric(results, config),
-        input_transform(results),
+        input_transform(results, config),
         extras,
         learned_zeros(results, config),
     )

@@ -19,7 +19,7 @@ from ..errors import TreeqError
 from ..formats import CheckpointFormat
 from ..kernels import LinearFormat, explain
 from ..models import spec_for
-from ..numerics import GRIDS, SUPPORTED_BITS, UniformGrid
+from ..numerics import GRIDS, SUPPORTED_BITS, UniformGrid, group_width
 from ..runtime.input_transform import InputTransform
 from ..runtime.kv_choice import attach_kv
 from ..runtime.quant_linear import QuantLinear
@@ -191,7 +191,8 @@ def load_quantized(path, device: str = "cpu", dtype: torch.dtype = torch.float32
         kind = None if extras is None else extras.kind
         own = quantized_module_qcfg(qcfg, stored[f"{name}.qweight"].removesuffix(".qweight"))
         fmt = linear_format_from(own, linear.in_features, linear.out_features, kind)
-        transform = InputTransform.stored_for(name, state, described, linear.in_features)
+        weight_group = group_width(own["group_size"], linear.in_features)
+        transform = InputTransform.stored_for(name, state, described, linear.in_features, weight_group)
         layer = QuantLinear(fmt, linear.bias is not None, dtype, transform, extras)
         set_module(model, name, layer)
     # Assigning takes each tensor's own dtype; the rest of the model (embeddings, norms, lm_head)
