@@ -167,9 +167,23 @@ def _hook(index: int, record: Callable[[torch.Tensor], None], barrier_names: lis
             )
         batch.recorded.add(index)
         record(args[0])
+        before = set(_module._forward_pre_hooks)
         batch.pause(index)
+        return _late_hooks(_module, args, before)
 
     return hook
+
+
+def _late_hooks(module: torch.nn.Module, args: tuple, before: set[int]) -> tuple:
+    """``args`` through the pre-hooks installed on ``module`` while its call was paused (what the
+    barrier quantized may quantize its inputs too): PyTorch took the call's list of hooks before
+    running them, so without this the paused call alone would run on unquantized inputs."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if key not in before:
+            out = hook(module, args)
+            if out is not None:
+                args = out if isinstance(out, tuple) else (out,)
+    return args
 
 
 def run_lockstep(
