@@ -126,6 +126,8 @@ def matmul_2d(
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if x2.dtype != compute_dtype:
         x2 = x2.to(compute_dtype)
+    if not x2.is_contiguous():  # a slice or a transposed view: the fused ops read rows in place
+        x2 = x2.contiguous()
     y = matmul(x2 if perm is None else x2.index_select(1, perm))
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)

@@ -118,6 +118,8 @@ class QuantLinear(nn.Module):
         self.extras_state = e if e is not None and e.additive else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):  # the native kernels would read past x's end
+            raise RuntimeError(f"input of shape {tuple(x.shape)} to a quantized linear of {self.in_features} inputs")
         if self.kernel is None:
             self.select_kernel(x.device.type, x.dtype)
         transform = self.transform
