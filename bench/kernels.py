@@ -36,10 +36,14 @@ MATMUL_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 2048)
 ROUND_BUDGET = 2.0
 # The kernels that choose a path per call by the number of tokens; the others have one.
 PATHS = {
-    "cpu_int4_avx512": lambda layer, m: cpu_int4_avx512.path(m, layer.kernel_state.amx, layer.kernel_state.group_size),
+    "cpu_int4_avx512": lambda layer, m: cpu_int4_avx512.path(
+        m, layer.kernel_state.amx, layer.kernel_state.group_size, layer.out_features, layer.in_features
+    ),
     "cpu_int4": lambda layer, m: cpu_int4.path(m, layer.kernel_state.native_bf16),
     "cpu_int8": lambda layer, m: cpu_int8.path(m, layer.kernel_state.native_bf16),
-    "cpu_int8_avx512": lambda layer, m: cpu_int8_avx512.path(m, layer.kernel_state.amx, layer.in_features),
+    "cpu_int8_avx512": lambda layer, m: cpu_int8_avx512.path(
+        m, layer.kernel_state.amx, layer.out_features, layer.in_features
+    ),
 }
 
 

@@ -40,7 +40,7 @@ BF16_WEIGHT_PATHS = ("panel", "amx_panel", "gemm")
 def force_path(name: str, monkeypatch) -> str:
     if name.startswith("amx") and not has_amx:
         pytest.skip("no AMX on this CPU")
-    monkeypatch.setattr(k4, "path", lambda tokens, amx, group_size: name)
+    monkeypatch.setattr(k4, "path", lambda *call: name)
     return name
 
 
@@ -218,18 +218,29 @@ def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, t
 
 def test_path_follows_the_token_count():
     tokens = (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, 127, 128, 100_000)
-    assert [k4.path(m, False, 128) for m in tokens] == ["vector", "vector", "expanded", "expanded", "panel", "panel"]
+    expected = ["vector", "vector", "expanded", "expanded", "panel", "panel"]
+    assert [k4.path(m, False, 128, 2048, 2048) for m in tokens] == expected
     tokens = (1, 191, 192, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)
-    assert [k4.path(m, True, 128) for m in tokens] == ["amx", "amx", "amx_panel", "amx_panel", "gemm"]
+    assert [k4.path(m, True, 128, 1536, 576) for m in tokens] == ["amx", "amx", "amx_panel", "amx_panel", "gemm"]
+
+
+def test_large_weights_go_to_the_gemm_later():
+    # A weight whose bf16 copy outgrows a core's L2 stays on the AMX panel path longer; the bound is
+    # inclusive (1024 x 1024 is exactly 2 MiB in bf16).
+    assert k4.AMX_GEMM_FROM < k4.AMX_GEMM_FROM_LARGE
+    assert [k4.amx_gemm_from(n, 1024) for n in (1024, 1040)] == [k4.AMX_GEMM_FROM, k4.AMX_GEMM_FROM_LARGE]
+    tokens = (k4.AMX_GEMM_FROM, k4.AMX_GEMM_FROM_LARGE - 1, k4.AMX_GEMM_FROM_LARGE)
+    assert [k4.path(m, True, 128, 2048, 2048) for m in tokens] == ["amx_panel", "amx_panel", "gemm"]
 
 
 def test_panel_paths_take_over_in_proportion_to_the_group_size():
     # The AMX and the expanded path's per-group step costs more the smaller the groups.
     assert [k4.panel_from(g, True) for g in (32, 64, 128, 4096)] == [48, 96, 192, k4.PANEL_FROM_MAX]
     assert [k4.panel_from(g, False) for g in (32, 64, 128, 4096)] == [32, 64, 128, k4.PANEL_FROM_MAX]
-    assert [k4.path(95, True, 64), k4.path(96, True, 64), k4.path(255, True, 4096)] == ["amx", "amx_panel", "amx"]
-    without_amx = [k4.path(63, False, 64), k4.path(64, False, 64), k4.path(255, False, 4096)]
-    assert without_amx == ["expanded", "panel", "expanded"]
+    calls = ((95, 64, 64), (96, 64, 64), (255, 4096, 4096))  # tokens, group size, inputs
+    assert [k4.path(m, True, g, 64, k) for m, g, k in calls] == ["amx", "amx_panel", "amx"]
+    calls = ((63, 64, 64), (64, 64, 64), (255, 4096, 4096))
+    assert [k4.path(m, False, g, 64, k) for m, g, k in calls] == ["expanded", "panel", "expanded"]
 
 
 @needs_kernel

@@ -44,13 +44,16 @@ FP32_GEMM_BYTES = 4 << 20
 PLAIN = 0
 ONEDNN_BLOCK_ROWS = (64, 32)
 ONEDNN_INPUTS = 32
+# A core's L2 on the AMX Xeons measured (family 6 model 167): bf16 weights up to this size stay there
+# through a GEMM, which decides both the layout below and, in cpu_int4_avx512, when the GEMM takes over.
+AMX_L2_BYTES = 2 << 20
 # The largest block worth writing in each blocked layout. With AMX (32-row blocks) oneDNN's GEMM ran
 # slower on a prepacked weight than on rows once the weight outgrew a core's L2 (AMX Xeon, 2 MB L2,
 # 1 and 2 threads, 1024 and 2048 tokens: 0.83-0.96x the rows' speed on 2048 x 2048 and 4096 x 4096),
 # while on 1536 x 576 and smaller the prepacked weight gained 2-12%; on rows oneDNN repacks the
 # weight a panel at a time into a buffer that stays in cache. Without AMX (64-row blocks, Zen 5)
 # the prepacked 4096 x 4096 weight was ahead (above), so there every block is written blocked.
-ONEDNN_MAX_BYTES = {64: GEMM_BYTES, 32: 2 << 20}
+ONEDNN_MAX_BYTES = {64: GEMM_BYTES, 32: AMX_L2_BYTES}
 # The token count oneDNN is told to pack for; it chose the same layout for 1 to 2048 (oneDNN 3.12).
 PACK_HINT = 256
 

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import TreeqError
-from . import _native, cpu_isa
+from . import _native, blocked_gemm, cpu_isa
 from .base import Kernel, grouped_codes, matmul_2d
-from .blocked_gemm import blocked_gemm
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma", "-fopenmp")
@@ -53,14 +52,18 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # size: on an AMX Xeon (576 x 576, 1536 x 576, 2048 x 2048, 4096 x 4096; 1 and 2 threads) the two
 # crossed near 48, 96 and 192 tokens for groups of 32, 64 and 128, and with one group per row the
 # AMX path was still level with the panel path at 256 tokens. The panel path was ahead of the GEMM
-# up to 1024 tokens in total time over 1 and 2 threads, and level with it or behind from 2048 but
-# on 4096 x 4096, where oneDNN's own packing has paid for itself. Module attributes, read at each
-# call.
+# up to 1024 tokens in total time over 1 and 2 threads. From there it depends on whether the
+# weight's bf16 copy fits a core's L2: in whole models (2 threads) on SmolLM2's layers (at most
+# 1.8 MB in bf16) the two were level at 2048 tokens and the GEMM ahead by 3-6% from 3072, while on
+# the random Llama's (8-22 MB, which the GEMM path writes out and oneDNN reads back) the panel path
+# stayed ahead: 7-9% at 2048 tokens, level at 3072, 2-6% at 4096. So the GEMM takes over later for
+# large weights (amx_gemm_from). Module attributes, read at each call.
 EXPANDED_FROM = 4
 PANEL_FROM_PER_GROUP_INPUT = 1.0
 AMX_PANEL_FROM_PER_GROUP_INPUT = 1.5
 PANEL_FROM_MAX = 256  # one group per row: few steps per group, the panel paths take over late
 AMX_GEMM_FROM = 2048
+AMX_GEMM_FROM_LARGE = 6144  # weights larger than blocked_gemm.AMX_L2_BYTES in bf16
 PANEL_INPUTS = 4096  # inputs one panel holds (the .cpp's kPanelTiles * kTileK)
 PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3, "panel": 4}  # the .cpp's path argument
 
@@ -106,11 +109,16 @@ def panel_from(group_size: int, amx: bool) -> int:
     return min(int(per_input * group_size), PANEL_FROM_MAX)
 
 
-def path(tokens: int, amx: bool, group_size: int) -> str:
-    """The path a call with ``tokens`` rows takes for groups of ``group_size`` inputs: "vector",
-    "expanded", "panel", "amx", "amx_panel" or "gemm"."""
+def amx_gemm_from(n: int, k: int) -> int:
+    """Tokens from which an [n, k] weight goes to the GEMM rather than an AMX panel path."""
+    return AMX_GEMM_FROM if 2 * n * k <= blocked_gemm.AMX_L2_BYTES else AMX_GEMM_FROM_LARGE
+
+
+def path(tokens: int, amx: bool, group_size: int, n: int, k: int) -> str:
+    """The path a call with ``tokens`` rows takes for an [n, k] weight in groups of ``group_size``
+    inputs: "vector", "expanded", "panel", "amx", "amx_panel" or "gemm"."""
     if amx:
-        if tokens >= AMX_GEMM_FROM:
+        if tokens >= amx_gemm_from(n, k):
             return "gemm"
         return "amx_panel" if tokens >= panel_from(group_size, amx) else "amx"
     if tokens >= panel_from(group_size, amx):
@@ -176,9 +184,11 @@ def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
     """[..., N] = bf16 x [..., K] times the packed weight (inputs already in kernel order), in bf16:
     fp32 sums rounded once (the kernel's own paths) or the bf16 GEMM's."""
     m = x.numel() // st.k
-    chosen = path(m, st.amx, st.group_size)
+    chosen = path(m, st.amx, st.group_size, st.n, st.k)
     if chosen == "gemm":
-        return blocked_gemm(x.reshape(m, st.k), st.n, functools.partial(dequantize_rows, st)).view(*x.shape[:-1], st.n)
+        return blocked_gemm.blocked_gemm(x.reshape(m, st.k), st.n, functools.partial(dequantize_rows, st)).view(
+            *x.shape[:-1], st.n
+        )
     if not x.is_contiguous():
         x = x.contiguous()
     y = torch.empty(*x.shape[:-1], st.n, dtype=torch.bfloat16)

@@ -36,8 +36,8 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   of the AMX panel path, whose transposing fill took a fifth of a 64-token call, on every layer
 #   but 576 x 576 at two threads, where both ran above bf16; level or behind from 160), where one
 #   panel holds all the inputs (cpu_int4_avx512.PANEL_INPUTS); then the AMX panel path, and from
-#   cpu_int4_avx512's AMX_GEMM_FROM the GEMM (on 2048 x 2048 at 2048 tokens on one thread it was
-#   ahead of the panels).
+#   cpu_int4_avx512.amx_gemm_from the GEMM (on 2048 x 2048 at 2048 tokens on one thread it was
+#   ahead of the panels; in whole models the same rule as for 4-bit weights held).
 # - Without AMX (an AMX Xeon capped to AVX512-BF16, oneDNN too) the vector panel path.
 # Read at each call, so tests can force each path.
 PANEL_FROM = 6
@@ -46,8 +46,8 @@ AMX_ROWS_MAX = 32  # the rows path's two input tiles hold 32 token rows
 AMX_ROWS_PANEL_MAX = 128
 
 
-def path(tokens: int, amx: bool, inputs: int) -> str:
-    """The path a call with ``tokens`` rows of ``inputs`` inputs takes: "op", "panel" or (with AMX)
+def path(tokens: int, amx: bool, n: int, k: int) -> str:
+    """The path a call with ``tokens`` rows takes for an [n, k] weight: "op", "panel" or (with AMX)
     "amx_rows", "amx_rows_panel" or "gemm"."""
     if tokens < (AMX_FROM if amx else PANEL_FROM):
         return "op"
@@ -55,9 +55,9 @@ def path(tokens: int, amx: bool, inputs: int) -> str:
         return "panel"
     if tokens <= AMX_ROWS_MAX:
         return "amx_rows"
-    if tokens <= AMX_ROWS_PANEL_MAX and inputs <= cpu_int4_avx512.PANEL_INPUTS:
+    if tokens <= AMX_ROWS_PANEL_MAX and k <= cpu_int4_avx512.PANEL_INPUTS:
         return "amx_rows_panel"
-    return "gemm" if tokens >= cpu_int4_avx512.AMX_GEMM_FROM else "panel"
+    return "gemm" if tokens >= cpu_int4_avx512.amx_gemm_from(n, k) else "panel"
 
 
 @dataclass
@@ -103,7 +103,7 @@ class CpuInt8Avx512(CpuInt8):
 
 
 def matmul(st: _State, x2: torch.Tensor) -> torch.Tensor:
-    chosen = path(x2.shape[0], st.amx, x2.shape[1])
+    chosen = path(x2.shape[0], st.amx, st.weight.shape[0], x2.shape[1])
     if chosen == "op":
         return op_matmul(st, x2)
     return gemm_matmul(st, x2) if chosen == "gemm" else native_matmul(st, x2, chosen)
