@@ -56,8 +56,8 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # weight's bf16 copy fits a core's L2: in whole models (2 threads) on SmolLM2's layers (at most
 # 1.8 MB in bf16) the two were level at 2048 tokens and the GEMM ahead by 3-6% from 3072, while on
 # the random Llama's (8-22 MB, which the GEMM path writes out and oneDNN reads back) the panel path
-# stayed ahead: 7-9% at 2048 tokens, level at 3072, 2-6% at 4096. So the GEMM takes over later for
-# large weights (amx_gemm_from). Module attributes, read at each call.
+# stayed ahead: 7-10% at 2048-2560 tokens, level at 3072, 2-12% at 4096, level at 6144. So the GEMM
+# takes over later for large weights (amx_gemm_from). Module attributes, read at each call.
 EXPANDED_FROM = 4
 PANEL_FROM_PER_GROUP_INPUT = 1.0
 AMX_PANEL_FROM_PER_GROUP_INPUT = 1.5

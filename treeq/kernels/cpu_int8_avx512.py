@@ -66,10 +66,9 @@ class _State(_Int8State):
 
 
 def native_matmul(st: _State, x2: torch.Tensor, path: str) -> torch.Tensor:
-    """[M, out] = bf16 x2 [M, in] times the reference kernel's bf16 weight, fp32 sums, in bf16, by
-    the native ``path`` ("panel": AMX or vector by ``st.amx``; "amx_rows": M <= 32, and
-    "amx_rows_panel": AMX only)."""
-    x2 = x2.contiguous()
+    """[M, out] = bf16 x2 [M, in] (contiguous, as matmul_2d hands it) times the reference kernel's
+    bf16 weight, fp32 sums, in bf16, by the native ``path`` ("panel": AMX or vector by ``st.amx``;
+    "amx_rows": M <= 32, and "amx_rows_panel": AMX only)."""
     n = st.weight.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
     code = {"amx_rows": 2, "amx_rows_panel": 3}.get(path, int(st.amx))
