@@ -1,5 +1,6 @@
 import pytest
 import torch
+from test_cpu_kernels import quant_linear
 
 import treeq.kernels as kernels
 from treeq.errors import TreeqError
@@ -69,24 +70,15 @@ def test_quantized_state_names_every_buffer_but_bias():
     assert names == set(QuantLinear.QUANTIZED_STATE)
 
 
-def rtn_layer(bits: int, dtype: torch.dtype, kernel: str):
-    """A 48 x 64 RTN layer (asymmetric, groups of 32 or one per row) on ``kernel``."""
-    from treeq.config import QuantConfig
-    from treeq.methods import InputStats, make_method
-    from treeq.runtime.quant_linear import QuantLinear
-
-    group = 32 if bits < 8 else -1
-    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0)) * 0.02
-    stats = InputStats(64, torch.device("cpu"))
-    stats.add(torch.randn(64, 64))
-    result = make_method(QuantConfig(method="rtn", bits=bits, group_size=group, sym=False)).quantize(w, stats)
-    layer = QuantLinear.from_result(LinearFormat(bits, group, False, False, 64, 48), result, None)
+def layer_on(bits: int, dtype: torch.dtype, kernel: str):
+    """A 48 x 64 asymmetric layer (groups of 32, or one per row at 8 bits) on ``kernel``."""
+    layer = quant_linear(bits, 32 if bits < 8 else -1, False, False, in_f=64, out_f=48, bias=False)
     layer.select_kernel("cpu", dtype, kernel)
     return layer
 
 
 def cpu_kernel_cases():
-    """(bits, dtype, kernel) for each CPU kernel that takes a plain RTN layer here."""
+    """(bits, dtype, kernel) for each CPU kernel that takes :func:`layer_on`'s layer here."""
     for bits in (2, 4, 8):
         for dtype in (torch.bfloat16, torch.float32):
             fmt = LinearFormat(bits, 32 if bits < 8 else -1, False, False, 64, 48)
@@ -99,7 +91,7 @@ def cpu_kernel_cases():
 def test_every_kernel_refuses_an_input_of_the_wrong_width(bits, dtype, kernel):
     # The native kernels took the width from the layer and the token count from x.numel(): a wider
     # input wrote past the output buffer (glibc aborted), a narrower one returned garbage.
-    layer = rtn_layer(bits, dtype, kernel)
+    layer = layer_on(bits, dtype, kernel)
     for width in (32, 128):
         with pytest.raises(RuntimeError, match=f"input of shape \\(4, {width}\\) to a quantized linear of 64 inputs"):
             layer(torch.randn(4, width).to(dtype))
@@ -109,7 +101,7 @@ def test_every_kernel_refuses_an_input_of_the_wrong_width(bits, dtype, kernel):
 def test_every_kernel_takes_slices_and_transposed_views(bits, dtype, kernel):
     # The fused ops below a few dozen tokens (cpu_int4, cpu_int8, cpu_int8_avx512's op) need rows
     # laid out in order; a slice of a wider tensor or a transposed view raised inside torch.
-    layer = rtn_layer(bits, dtype, kernel)
+    layer = layer_on(bits, dtype, kernel)
     wide = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
     for x in (wide[..., :64], wide[0, :, ::2], wide[0, :, :64].T.contiguous().T):
         with torch.no_grad():
