@@ -114,11 +114,22 @@ def grouped_codes(layer, kernel: str) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 def matmul_2d(
-    layer, x: torch.Tensor, compute_dtype: torch.dtype, matmul, perm: torch.Tensor | None = None
+    layer,
+    x: torch.Tensor,
+    compute_dtype: torch.dtype,
+    matmul,
+    perm: torch.Tensor | None = None,
+    bias_in_product: bool = False,
 ) -> torch.Tensor:
     """Run ``matmul`` on x flattened to [tokens, in] in ``compute_dtype`` (input channels in
     ``perm``'s order, if given: see :func:`grouped_codes`); add the bias; restore x's leading shape
     and dtype. The fused CPU kernels are fast only in bf16, so they compute there.
+
+    ``bias_in_product``: ``matmul`` takes the bias (in ``compute_dtype``, or None) as a second
+    argument and adds it within its product, as ``F.linear`` with a bias does. A GEMM that starts
+    from the bias rounds differently from one whose result the bias is added to (seen on Zen 4's
+    fp32 GEMM, not on an AMX Xeon's), so the kernels that promise the reference kernel's output bit
+    for bit take this.
 
     Each torch call that changes nothing is skipped: a call costs a few microseconds (and over ten
     once other work has evicted the dispatcher's data from the caches), as much as a decoding
@@ -128,8 +139,12 @@ def matmul_2d(
         x2 = x2.to(compute_dtype)
     if not x2.is_contiguous():  # a slice or a transposed view: the fused ops read rows in place
         x2 = x2.contiguous()
-    y = matmul(x2 if perm is None else x2.index_select(1, perm))
-    if layer.bias is not None:
+    x2 = x2 if perm is None else x2.index_select(1, perm)
+    if bias_in_product:
+        y = matmul(x2, None if layer.bias is None else layer.bias.to(compute_dtype))
+    else:
+        y = matmul(x2)
+    if layer.bias is not None and not bias_in_product:
         y = y + layer.bias.to(y.dtype)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)

@@ -112,24 +112,31 @@ def _buffer(rows: int, k: int, layout: int, dtype: torch.dtype) -> torch.Tensor:
     return buffers[rows, k, layout, dtype]
 
 
-def blocked_gemm(x: torch.Tensor, n: int, dequantize: Dequantize, onednn: bool = True) -> torch.Tensor:
-    """[M, n] = x [M, K] @ W^T in x's dtype (bf16 or fp32), W's rows dequantized in that dtype a
-    block at a time by ``dequantize``; lo and hi are multiples of 16 (of the rows per block in
-    oneDNN's layout); ``onednn``: whether ``dequantize`` writes oneDNN's layouts (bf16 only)."""
+def blocked_gemm(
+    x: torch.Tensor, n: int, dequantize: Dequantize, onednn: bool = True, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[M, n] = x [M, K] @ W^T (+ ``bias``, added within each block's product) in x's dtype (bf16 or
+    fp32), W's rows dequantized in that dtype a block at a time by ``dequantize``; lo and hi are
+    multiples of 16 (of the rows per block in oneDNN's layout); ``onednn``: whether ``dequantize``
+    writes oneDNN's layouts (bf16 only)."""
     rows, layout = block_rows(n, x.shape[1], onednn, x.dtype)
     buf = _buffer(rows, x.shape[1], layout, x.dtype)
+
+    def bias_of(lo: int, hi: int) -> torch.Tensor | None:
+        return None if bias is None else bias[lo:hi]
+
     if layout != PLAIN:
         address = torch.ops.mkldnn.data_ptr(buf)
 
         def product(lo: int, hi: int) -> torch.Tensor:
             dequantize(lo, hi, address, layout)
-            return torch.ops.mkldnn._linear_pointwise(x, buf, None, "none", [None], "")
+            return torch.ops.mkldnn._linear_pointwise(x, buf, bias_of(lo, hi), "none", [None], "")
 
     else:
 
         def product(lo: int, hi: int) -> torch.Tensor:
             dequantize(lo, hi, buf.data_ptr(), PLAIN)
-            return F.linear(x, buf[: hi - lo])
+            return F.linear(x, buf[: hi - lo], bias_of(lo, hi))
 
     if rows == n:
         return product(0, n)

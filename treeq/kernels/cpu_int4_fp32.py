@@ -43,12 +43,16 @@ def dequantize_rows(st, lo: int, hi: int, address: int, bits: int = 4) -> None:
 
 def fp32_gemm(layer, st, x: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """``layer``'s output for fp32 ``x``, its weight dequantized from ``st`` (``bits``-bit words) a
-    block of rows at a time."""
+    block of rows at a time, the bias added within the GEMM as the reference kernel's F.linear
+    adds it."""
 
     def rows(lo: int, hi: int, address: int, _layout: int) -> None:  # fp32 blocks are always rows
         dequantize_rows(st, lo, hi, address, bits)
 
-    return matmul_2d(layer, x, torch.float32, lambda x2: blocked_gemm(x2, st.out_features, rows))
+    def gemm(x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return blocked_gemm(x2, st.out_features, rows, bias=bias)
+
+    return matmul_2d(layer, x, torch.float32, gemm, bias_in_product=True)
 
 
 class CpuInt4Fp32(Kernel):
