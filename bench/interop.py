@@ -94,7 +94,7 @@ SIDE_ENV = dict(os.environ, GPTQMODEL_CPU_WORKERS="2")  # GPTQModel's default CP
 
 
 def run_side(side_python: str, *args: str) -> None:
-    # -P: not this folder on sys.path, where bench/kernels.py would pass for the `kernels` package.
+    # -P: none of bench/'s scripts on the side venv's sys.path, where one could pass for a package it imports.
     subprocess.run([side_python, "-P", __file__, "side", *args], check=True, env=SIDE_ENV)
 
 

@@ -21,7 +21,7 @@ import click
 import machine
 import torch
 import torch.nn.functional as F
-from kernels import _quant_linear  # bench/kernels.py: run as a script, bench/ is on sys.path
+from kernel_speed import _quant_linear  # run as a script, bench/ is on sys.path
 from spqr_kernel import spqr_linear
 from timing import median_seconds
 

@@ -5,7 +5,7 @@ outlier_threshold 0.3; the inputs' second moment from 256 random tokens with une
 runs as QuantLinear does: the kernel selection picks for its dense part (the reference kernel:
 no fused kernel takes 3-bit codes in groups of 16) plus the outliers' torch sparse CSR matmul; the
 two parts are timed alone too. Against bf16 F.linear and the int4 kernel selection picks for a 4-bit
-group-128 RTN layer (bench/kernels.py's), for M = 1, 4, 16, 64 tokens at 1 and 2 threads; median of
+group-128 RTN layer (bench/kernel_speed.py's), for M = 1, 4, 16, 64 tokens at 1 and 2 threads; median of
 the calls taken in turns (bench/timing.py). Figures to bench/results/spqr_kernel.md.
 
     flock /tmp/treeq-heavy.lock python bench/spqr_kernel.py
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this tree's treeq, not the installed one
 import machine  # noqa: E402
-from kernels import _quant_linear  # noqa: E402
+from kernel_speed import _quant_linear  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 from treeq.config import QuantConfig  # noqa: E402

@@ -15,7 +15,7 @@ BENCH = Path(__file__).parent.parent / "bench"
 
 
 def _bench_machine():
-    # Loaded from its file: putting bench/ on sys.path would let bench/kernels.py pass for `kernels`.
+    # Loaded from its file: bench/ on sys.path would let its scripts pass for packages of the same name.
     spec = importlib.util.spec_from_file_location("bench_machine", BENCH / "machine.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,6 +30,15 @@ def test_every_bench_script_names_the_cpu():
     # machine.cpu() is cpu_isa.describe(), which a few benches call directly.
     silent = [name for name, text in scripts.items() if "machine.cpu()" not in text and "describe()" not in text]
     assert len(scripts) >= 10 and not silent
+
+
+def test_no_bench_script_passes_for_an_installed_module():
+    # Run as a script, a bench puts bench/ first on sys.path, so a script named like an installed
+    # module replaces it for every importer: bench/kernels.py did so for Hugging Face's `kernels`
+    # (a dependency of transformers 5.25), and transformers failed to load any model in that bench.
+    # Checked to fail with the script under its old name, `kernels` installed.
+    shadowing = [p.name for p in BENCH.glob("*.py") if importlib.util.find_spec(p.stem) is not None]
+    assert shadowing == []
 
 
 def test_kernels_counts_the_kernel_each_quantized_linear_runs(tmp_path, tokenizer, text_file, monkeypatch):

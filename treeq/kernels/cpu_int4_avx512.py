@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma", "-fopenmp")
 TILE_N, TILE_K = 16, 32
 UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's kMaxBlocks)
-# Token counts from which the next path takes over (bench/kernels.py; figures in
+# Token counts from which the next path takes over (bench/kernel_speed.py; figures in
 # bench/results/kernels.md). Without AMX the vector path streams the codes, expanding them once per
 # four token rows; the expanded path expands them once per 96 rows into a buffer and keeps 24 sums
 # in registers, as a GEMM library's inner kernel does. At 1 token the two were within noise of each
@@ -200,7 +200,7 @@ def matmul(st: _State, x: torch.Tensor) -> torch.Tensor:
 
 class CpuInt4Avx512(Kernel):
     name = "cpu_int4_avx512"
-    priority = 30  # above cpu_int4: faster from 2 tokens on, and at 1 on large layers (bench/kernels.py)
+    priority = 30  # above cpu_int4: faster from 2 tokens on, and at 1 on large layers (bench/kernel_speed.py)
     bits = frozenset({4})
     devices = frozenset({"cpu"})
     dtypes = frozenset({torch.bfloat16, torch.float16})

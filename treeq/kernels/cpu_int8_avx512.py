@@ -22,7 +22,7 @@ from . import cpu_int4_avx512
 from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
-# Token counts at which each path takes over (bench/kernels.py; figures in bench/results/kernels.md).
+# Token counts at which each path takes over (bench/kernel_speed.py; figures in bench/results/kernels.md).
 # - The op runs below 6 tokens without AMX and below 3 with it. Timed on layers alone (a probe's few
 #   layers, whose weights may stay in the last-level cache) it stayed ahead up to 16 tokens without
 #   AMX; in whole models (weights from memory) it fell below bf16 from 6-8 tokens (random Llama
