@@ -13,8 +13,8 @@
    architecture in bf16 (SmolLM2-135M at group 64, a random Llama 2048 x 16 layers at group 128;
    bench/model_speed.py); ``--model-bits 8``: 8-bit per-row checkpoints, cpu_int8 forced beside.
 
-Usage: python bench/kernel_speed.py [--threads 1,2] [--skip-decode] [--prompt-tokens 30,1024] [--shapes 4096x4096,576x576]
-       [--model-bits 4|8]
+Usage: python bench/kernel_speed.py [--threads 1,2] [--skip-decode] [--prompt-tokens 30,1024]
+       [--shapes 4096x4096,576x576] [--model-bits 4|8]
 """
 
 from __future__ import annotations
