@@ -217,19 +217,20 @@ def test_layer_matches_reference_kernel_within_bf16(sym, group_size, desc_act, t
 
 
 def test_path_follows_the_token_count():
-    tokens = (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, 127, 128, 100_000)
-    expected = ["vector", "vector", "expanded", "expanded", "panel", "panel"]
+    tokens = (1, k4.EXPANDED_FROM - 1, k4.EXPANDED_FROM, 127, 128, k4.GEMM_FROM - 1, k4.GEMM_FROM)
+    expected = ["vector", "vector", "expanded", "expanded", "panel", "panel", "gemm"]
     assert [k4.path(m, False, 128, 2048, 2048) for m in tokens] == expected
-    tokens = (1, 191, 192, k4.AMX_GEMM_FROM - 1, k4.AMX_GEMM_FROM)
+    tokens = (1, 191, 192, k4.GEMM_FROM - 1, k4.GEMM_FROM)
     assert [k4.path(m, True, 128, 1536, 576) for m in tokens] == ["amx", "amx", "amx_panel", "amx_panel", "gemm"]
 
 
 def test_large_weights_go_to_the_gemm_later():
-    # A weight whose bf16 copy outgrows a core's L2 stays on the AMX panel path longer; the bound is
-    # inclusive (1024 x 1024 is exactly 2 MiB in bf16).
-    assert k4.AMX_GEMM_FROM < k4.AMX_GEMM_FROM_LARGE
-    assert [k4.amx_gemm_from(n, 1024) for n in (1024, 1040)] == [k4.AMX_GEMM_FROM, k4.AMX_GEMM_FROM_LARGE]
-    tokens = (k4.AMX_GEMM_FROM, k4.AMX_GEMM_FROM_LARGE - 1, k4.AMX_GEMM_FROM_LARGE)
+    # With AMX, a weight whose bf16 copy outgrows a core's L2 stays on the AMX panel path longer; the
+    # bound is inclusive (1024 x 1024 is exactly 2 MiB in bf16). Without AMX the size does not matter.
+    assert k4.GEMM_FROM < k4.AMX_GEMM_FROM_LARGE
+    assert [k4.gemm_from(n, 1024, True) for n in (1024, 1040)] == [k4.GEMM_FROM, k4.AMX_GEMM_FROM_LARGE]
+    assert k4.gemm_from(4096, 4096, False) == k4.GEMM_FROM
+    tokens = (k4.GEMM_FROM, k4.AMX_GEMM_FROM_LARGE - 1, k4.AMX_GEMM_FROM_LARGE)
     assert [k4.path(m, True, 128, 2048, 2048) for m in tokens] == ["amx_panel", "amx_panel", "gemm"]
 
 

@@ -134,12 +134,12 @@ def test_layer_matches_reference_kernel_within_bf16(sym, kernel_path, monkeypatc
 
 
 def test_path_follows_the_token_count():
-    gemm_from = cpu_int4_avx512.AMX_GEMM_FROM  # a weight that fits a core's L2 in bf16 (256 x 4096)
+    gemm_from = cpu_int4_avx512.GEMM_FROM  # a weight that fits a core's L2 in bf16 (256 x 4096)
     rows_max, rows_panel_max = k8.AMX_ROWS_MAX, k8.AMX_ROWS_PANEL_MAX
     tokens = (1, k8.AMX_FROM - 1, k8.AMX_FROM, rows_max, rows_max + 1, rows_panel_max, rows_panel_max + 1, gemm_from)
     expected = ["op", "op", "amx_rows", "amx_rows", "amx_rows_panel", "amx_rows_panel", "panel", "gemm"]
     assert [k8.path(m, True, 256, 4096) for m in tokens] == expected
-    # A larger one goes to the GEMM later (cpu_int4_avx512.amx_gemm_from).
+    # A larger one goes to the GEMM later (cpu_int4_avx512.gemm_from).
     assert k8.path(gemm_from, True, 4096, 4096) == "panel"
     # More inputs than one panel holds: the AMX panel path, which carries sums from panel to panel.
     assert k8.path(rows_max + 1, True, 256, cpu_int4_avx512.PANEL_INPUTS + 32) == "panel"

@@ -44,8 +44,11 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # panel path does, and keeps the sums in registers over all the inputs. With AVX512-BF16 and no AMX
 # (an AMX Xeon capped, oneDNN too) the two crossed near as many tokens as a group has inputs (64 at
 # groups of 64, 128 at 128), and from there to 2048 tokens the panel path was ahead of oneDNN's
-# bf16 GEMM on every shape, alone and on the weight dequantized into its own layout, so without AMX
-# no GEMM path is taken.
+# bf16 GEMM on every shape, alone and on the weight dequantized into its own layout. In whole
+# models on a real Zen 4 (2 threads, prefill timed in turns) the GEMM on the dequantized weight was
+# behind at 1024 tokens (1-3%) and level or ahead from 1536 (SmolLM2: +3.6% at 1536, +0.3-3.4% at
+# 2048, +1.3% at 2560, -0.4% at 3072; the random Llama: +1.8% at 2048), so it takes over from 2048
+# tokens there, for every weight size.
 # With AMX the AMX path applies each group's scale to sums taken out of the tiles, a step per group
 # whose cost grows with the tokens and the groups; the AMX panel path dequantizes each weight once
 # per call and keeps the sums in the tiles. So the panel path takes over in proportion to the group
@@ -57,13 +60,13 @@ UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's 
 # 1.8 MB in bf16) the two were level at 2048 tokens and the GEMM ahead by 3-6% from 3072, while on
 # the random Llama's (8-22 MB, which the GEMM path writes out and oneDNN reads back) the panel path
 # stayed ahead: 7-10% at 2048-2560 tokens, level at 3072, 2-12% at 4096, level at 6144. So the GEMM
-# takes over later for large weights (amx_gemm_from). Module attributes, read at each call.
+# takes over later for large weights with AMX (gemm_from). Module attributes, read at each call.
 EXPANDED_FROM = 4
 PANEL_FROM_PER_GROUP_INPUT = 1.0
 AMX_PANEL_FROM_PER_GROUP_INPUT = 1.5
 PANEL_FROM_MAX = 256  # one group per row: few steps per group, the panel paths take over late
-AMX_GEMM_FROM = 2048
-AMX_GEMM_FROM_LARGE = 6144  # weights larger than blocked_gemm.AMX_L2_BYTES in bf16
+GEMM_FROM = 2048
+AMX_GEMM_FROM_LARGE = 6144  # with AMX, weights larger than blocked_gemm.AMX_L2_BYTES in bf16
 PANEL_INPUTS = 4096  # inputs one panel holds (the .cpp's kPanelTiles * kTileK)
 PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3, "panel": 4}  # the .cpp's path argument
 
@@ -109,17 +112,17 @@ def panel_from(group_size: int, amx: bool) -> int:
     return min(int(per_input * group_size), PANEL_FROM_MAX)
 
 
-def amx_gemm_from(n: int, k: int) -> int:
-    """Tokens from which an [n, k] weight goes to the GEMM rather than an AMX panel path."""
-    return AMX_GEMM_FROM if 2 * n * k <= blocked_gemm.AMX_L2_BYTES else AMX_GEMM_FROM_LARGE
+def gemm_from(n: int, k: int, amx: bool) -> int:
+    """Tokens from which an [n, k] weight goes to the GEMM rather than a panel path."""
+    return AMX_GEMM_FROM_LARGE if amx and 2 * n * k > blocked_gemm.AMX_L2_BYTES else GEMM_FROM
 
 
 def path(tokens: int, amx: bool, group_size: int, n: int, k: int) -> str:
     """The path a call with ``tokens`` rows takes for an [n, k] weight in groups of ``group_size``
     inputs: "vector", "expanded", "panel", "amx", "amx_panel" or "gemm"."""
+    if tokens >= gemm_from(n, k, amx):
+        return "gemm"
     if amx:
-        if tokens >= amx_gemm_from(n, k):
-            return "gemm"
         return "amx_panel" if tokens >= panel_from(group_size, amx) else "amx"
     if tokens >= panel_from(group_size, amx):
         return "panel"

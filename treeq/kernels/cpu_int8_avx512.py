@@ -36,9 +36,11 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   of the AMX panel path, whose transposing fill took a fifth of a 64-token call, on every layer
 #   but 576 x 576 at two threads, where both ran above bf16; level or behind from 160), where one
 #   panel holds all the inputs (cpu_int4_avx512.PANEL_INPUTS); then the AMX panel path, and from
-#   cpu_int4_avx512.amx_gemm_from the GEMM (on 2048 x 2048 at 2048 tokens on one thread it was
+#   cpu_int4_avx512.gemm_from the GEMM (on 2048 x 2048 at 2048 tokens on one thread it was
 #   ahead of the panels; in whole models the same rule as for 4-bit weights held).
-# - Without AMX (an AMX Xeon capped to AVX512-BF16, oneDNN too) the vector panel path.
+# - Without AMX (an AMX Xeon capped to AVX512-BF16, oneDNN too) the vector panel path. On a real
+#   Zen 4 it also stayed ahead of the GEMM at 1024 and 2048 tokens in SmolLM2 (by 7% and 4%), so
+#   unlike 4-bit weights, 8-bit ones do not go to the GEMM there.
 # Read at each call, so tests can force each path.
 PANEL_FROM = 6
 AMX_FROM = 3
@@ -57,7 +59,7 @@ def path(tokens: int, amx: bool, n: int, k: int) -> str:
         return "amx_rows"
     if tokens <= AMX_ROWS_PANEL_MAX and k <= cpu_int4_avx512.PANEL_INPUTS:
         return "amx_rows_panel"
-    return "gemm" if tokens >= cpu_int4_avx512.amx_gemm_from(n, k) else "panel"
+    return "gemm" if tokens >= cpu_int4_avx512.gemm_from(n, k, amx) else "panel"
 
 
 @dataclass
