@@ -86,13 +86,13 @@ def test_local_tasks_run_offline_on_a_quantized_model(own_cache, tmp_path, token
 def test_lm_eval_scores_each_choice_after_one_space(own_cache, monkeypatch):
     """Checked failing on the task files whose choices began with a space of their own: lm-eval
     adds one, so the model was scored on "is the capital of  Iraq", with two."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     from treeq.eval.tasks import task_dir
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
-    tasks = get_task_dict(["treeq_capitals", "treeq_mmlu"], manager)
+    tasks = manager.load(["treeq_capitals", "treeq_mmlu"])["tasks"]
     for name, expected in (("treeq_capitals", " Iraq"), ("treeq_mmlu", " A")):
         tasks[name].build_all_requests(limit=1, rank=0, world_size=1)
         continuations = [inst.arguments[1] for inst in tasks[name].instances]
