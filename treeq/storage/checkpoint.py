@@ -71,23 +71,23 @@ def reorders(results: dict[str, QuantResult]) -> bool:
     return any(r.reorders for r in results.values())
 
 
-def _pinned(name: str, result: QuantResult, config: QuantConfig) -> bool:
-    """Whether ``name`` was asked for sym and every zero point written for it is the middle code."""
-    scheme = config.quantized_scheme(name)
-    return scheme.sym and bool((result.zeros == 2 ** (scheme.bits - 1)).all())
-
-
-def symmetric(results: dict[str, QuantResult], config: QuantConfig) -> bool:
-    """The checkpoint's sym: true only if every zero point written is the middle code, so kernels
-    that ignore qzeros stay exact (a method may learn zero points even when ``sym`` was asked)."""
-    return all(_pinned(name, r, config) for name, r in results.items())
-
-
 def learned_zeros(results: dict[str, QuantResult], config: QuantConfig) -> tuple[str, ...]:
     """Modules asked for sym whose method moved zero points off the middle code: a per-module
     record of their sym (an override's) must say False, or loaders would ignore those zero points."""
-    asked = (name for name in results if config.quantized_scheme(name).sym)
-    return tuple(sorted(name for name in asked if not _pinned(name, results[name], config)))
+
+    def moved(name: str) -> bool:
+        scheme = config.quantized_scheme(name)
+        return scheme.sym and not bool((results[name].zeros == 2 ** (scheme.bits - 1)).all())
+
+    return tuple(sorted(name for name in results if moved(name)))
+
+
+def symmetric(results: dict[str, QuantResult], config: QuantConfig, learned: tuple[str, ...] | None = None) -> bool:
+    """The checkpoint's sym: true only if every module was asked for sym and no method moved its zero
+    points (``learned``: :func:`learned_zeros`, if already known), so kernels that ignore qzeros
+    stay exact (a method may learn zero points even when ``sym`` was asked)."""
+    learned = learned_zeros(results, config) if learned is None else learned
+    return not learned and all(config.quantized_scheme(name).sym for name in results)
 
 
 def input_transform(results: dict[str, QuantResult], config: QuantConfig) -> dict | None:
@@ -111,13 +111,14 @@ def input_transform(results: dict[str, QuantResult], config: QuantConfig) -> dic
 def summary_of(results: dict[str, QuantResult], config: QuantConfig) -> FormatSummary:
     modules = tuple(sorted(results))
     extras = tuple(sorted({r.extras.kind for r in results.values() if r.extras is not None}))
+    learned = learned_zeros(results, config)
     return FormatSummary(
         modules,
         reorders(results),
-        symmetric(results, config),
+        symmetric(results, config, learned),
         input_transform(results, config),
         extras,
-        learned_zeros(results, config),
+        learned,
     )
 
 
