@@ -2,6 +2,8 @@
 dequantizer and the fp32 GEMM, which must give the reference kernel's output bit for bit (same
 weight, same product)."""
 
+import ctypes
+
 import pytest
 import torch
 from test_cpu_kernels import quant_linear
@@ -44,3 +46,24 @@ def test_declines_without_the_dequantizer_and_the_reference_kernel_runs(bits, ke
     assert explain(fmt, "cpu", torch.float32)[kernel] == "no native dequantizer: no C++ compiler found"
     assert select_kernel(fmt, "cpu", torch.float32).name == "torch"
     assert explain(fmt, "cpu", torch.bfloat16)[kernel] == "dtype torch.bfloat16 not supported"
+
+
+@pytest.mark.parametrize("dtype,onednn", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_blocked_gemm_adds_the_bias_within_each_blocks_product(dtype, onednn, monkeypatch):
+    # Every block's own slice of the bias, in every layout blocked_gemm writes: F.linear's output.
+    monkeypatch.setattr(gemm_blocks, "FP32_GEMM_BYTES", 4 * 256 * 16)  # fp32: blocks of 64 rows
+    monkeypatch.setattr(gemm_blocks, "GEMM_BYTES", 2 * 256 * 64)  # bf16: blocks of 64 rows
+    w, bias = torch.randn(128, 256).to(dtype), torch.randn(128).to(dtype)
+    x = torch.randn(37, 256).to(dtype)
+
+    def rows(lo: int, hi: int, address: int, layout: int) -> None:
+        block = w[lo:hi] if layout == gemm_blocks.PLAIN else gemm_blocks.onednn_layout(w[lo:hi], layout)
+        ctypes.memmove(address, block.contiguous().data_ptr(), block.numel() * block.element_size())
+
+    assert gemm_blocks.block_rows(128, 256, onednn, dtype)[0] == 64
+    y = gemm_blocks.blocked_gemm(x, 128, rows, onednn=onednn, bias=bias)
+    expected = torch.nn.functional.linear(x, w, bias)
+    if dtype == torch.float32:  # the fp32 kernels' promise; bf16 products may round apart by a unit
+        assert torch.equal(y, expected)
+    else:
+        torch.testing.assert_close(y, expected)

@@ -144,8 +144,8 @@ def matmul_2d(
         y = matmul(x2, None if layer.bias is None else layer.bias.to(compute_dtype))
     else:
         y = matmul(x2)
-    if layer.bias is not None and not bias_in_product:
-        y = y + layer.bias.to(y.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias.to(y.dtype)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
