@@ -286,12 +286,12 @@ def test_an_unknown_cpu_cap_is_a_one_line_error(monkeypatch):
 def test_declines_with_the_reason_when_it_cannot_be_built(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TREEQ_CACHE", str(tmp_path))
-    k4._native.build.cache_clear()
+    k4.native.build.cache_clear()
     k4.library.cache_clear()
     try:
         reason = explain(LinearFormat(4, 128, True, False, 256, 256), "cpu", torch.bfloat16)[k4.KERNEL.name]
         assert reason.startswith("cannot run the C++ compiler") and "no-such-compiler" in reason
         assert select_kernel(LinearFormat(4, 128, True, False, 256, 256), "cpu", torch.bfloat16).name == "cpu_int4"
     finally:
-        k4._native.build.cache_clear()
+        k4.native.build.cache_clear()
         k4.library.cache_clear()

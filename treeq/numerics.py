@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import torch
 
+from . import clip_error
+
 SCALE_DTYPE = torch.float16
 SUPPORTED_BITS = (2, 3, 4, 6, 8)
 
@@ -61,6 +63,9 @@ class Grid:
     name: ClassVar[str]
     offset: ClassVar[float] = 0.0  # added to (code - zero) before scaling
     bits_allowed: ClassVar[tuple[int, ...]] = SUPPORTED_BITS
+    # Whether raw_params reads only each row's smallest and largest weight (the clip search then
+    # scales those instead of whole rows).
+    params_from_range: ClassVar[bool] = False
 
     bits: int
     clip_search: bool = field(default=False, kw_only=True)  # GPTQ's mse observer over CLIP_RATIOS
@@ -92,31 +97,50 @@ class Grid:
         if not self.clip_search:
             scale, zero = self.raw_params(w)
             return _storable(scale), zero
-        rows = max(CLIP_MIN_ROWS, CLIP_ELEMENTS // w.shape[1])
-        found = [self._clip_search(part) for part in w.split(rows)]
-        return torch.cat([scale for scale, _ in found]), torch.cat([zero for _, zero in found])
+        return self._clip_search(w)
 
     def _clip_search(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Candidates' params come from the scaled row extremes where they stand in for the scaled
+        # row: r * w rounds monotonically for r > 0, so fl(r * min w) = min fl(r * w).
+        src = torch.stack([w.amin(dim=1), w.amax(dim=1)], dim=1) if self.params_from_range else w
         coarse = CLIP_COARSE.to(w.device)[:, None].expand(-1, w.shape[0])
-        err, scale, zero, ratio = self._best_clip(w, coarse)
+        err, scale, zero, ratio = self._best_clip(w, src, coarse)
         fine = (ratio[None] + CLIP_FINE.to(w.device)[:, None]).clamp(float(CLIP_COARSE.min()), float(CLIP_COARSE.max()))
-        err_f, scale_f, zero_f, _ = self._best_clip(w, fine)
+        err_f, scale_f, zero_f, _ = self._best_clip(w, src, fine)
         better = err_f < err  # ties keep the coarse pick, so an unclipped row stays unclipped
         return torch.where(better, scale_f, scale), torch.where(better, zero_f, zero)
 
-    def _best_clip(self, w: torch.Tensor, ratios: torch.Tensor):
+    def _best_clip(self, w: torch.Tensor, src: torch.Tensor, ratios: torch.Tensor):
         """Per row of ``w``, the candidate of ``ratios`` [candidates, rows] with the least clipped
-        weight error: (error, scale, zero, ratio); the first candidate wins ties."""
-        rows, cols = w.shape
-        found = []
-        for r in ratios.split(CLIP_CHUNK):
-            s, z = self.raw_params((w[None] * r[..., None]).reshape(-1, cols))
-            s, z = _storable(s).reshape(-1, rows, 1), z.reshape(-1, rows, 1)
-            err = (w[None] - self.fake_quantize(w[None], s, z)).abs_().pow_(CLIP_NORM).sum(dim=2)
-            found.append((err, s[..., 0], z[..., 0], r))
-        err, s, z, r = (torch.cat(t) for t in zip(*found))
+        weight error: (error, scale, zero, ratio); the first candidate wins ties. ``src``: what
+        ``raw_params`` reads, ``w`` or its rows' extremes."""
+        rows, cols = src.shape
+        step = max(1, CLIP_CHUNK * CLIP_ELEMENTS // src.numel())  # temporaries within L2
+        found = [self.raw_params((src[None] * r[..., None]).reshape(-1, cols)) for r in ratios.split(step)]
+        s, z = (torch.cat(t).reshape(-1, rows) for t in zip(*found))
+        s = _storable(s)
+        err = self._clip_errors(w, s, z)
         best = err.argmin(dim=0, keepdim=True)
-        return tuple(t.gather(0, best)[0] for t in (err, s, z, r))
+        return tuple(t.gather(0, best)[0] for t in (err, s, z, ratios))
+
+    def _clip_errors(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """sum |w - fake_quant(w)|^CLIP_NORM per candidate and row of ``w``, for the candidates'
+        scale and zero ``s``, ``z`` [candidates, rows]: in one native pass (:mod:`.clip_error`), which
+        repeats Grid's own quantize and dequantize, or in torch where it cannot run or the grid
+        rounds its own way."""
+        own_rounding = type(self).quantize is Grid.quantize and type(self).dequantize is Grid.dequantize
+        err = clip_error.errors(w, s, z, self.offset, self.min_code, self.maxq, CLIP_NORM) if own_rounding else None
+        if err is not None:
+            return err
+        rows = max(CLIP_MIN_ROWS, CLIP_ELEMENTS // w.shape[1])  # temporaries within L2, few Python steps
+        blocks = zip(w.split(rows), s.split(rows, dim=1), z.split(rows, dim=1))
+        return torch.cat([self._torch_clip_errors(*block) for block in blocks], dim=1)
+
+    def _torch_clip_errors(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        found = []
+        for s_, z_ in zip(s[..., None].split(CLIP_CHUNK), z[..., None].split(CLIP_CHUNK)):
+            found.append((w[None] - self.fake_quantize(w[None], s_, z_)).abs_().pow_(CLIP_NORM).sum(dim=2))
+        return torch.cat(found)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes for ``w``; ``scale``/``zero`` broadcast against it."""
@@ -143,6 +167,7 @@ class UniformGrid(Grid):
     pinned to the middle code and scale 2·absmax / (2^bits - 1)."""
 
     name = "minmax"
+    params_from_range = True
     sym: bool = True
 
     def raw_params(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,6 +186,8 @@ class UniformGrid(Grid):
 @dataclass(frozen=True)
 class _Centred(Grid):
     """Signed codes stored with the constant zero point 2^(bits-1); scale = reach / steps."""
+
+    params_from_range = True  # while reach is the largest magnitude
 
     def reach(self, w: torch.Tensor) -> torch.Tensor:
         return w.abs().amax(dim=1)
@@ -229,6 +256,7 @@ class StretchedGrid(HalfStepGrid):
     min(bits · mean|w|, max|w|), so at 2-3 bits outliers clip and the levels spread over the bulk."""
 
     name = "stretched"
+    params_from_range = False  # its reach reads the mean magnitude too
 
     def reach(self, w: torch.Tensor) -> torch.Tensor:
         a = w.abs()

@@ -9,15 +9,15 @@ import ctypes
 import functools
 from pathlib import Path
 
+from .. import native
 from ..errors import TreeqError
-from . import _native
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
-    lib, why = _native.build(SOURCE, ("-fopenmp",))
+    lib, why = native.build(SOURCE, ("-fopenmp",))
     if lib is not None:
         p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.treeq_gptq4_dequantize.argtypes = [p, p, p, p, i, i, i, i, p, c_int, c_int]

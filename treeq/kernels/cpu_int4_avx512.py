@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from .. import native
 from ..errors import TreeqError
-from . import _native, blocked_gemm, cpu_isa
+from . import blocked_gemm, cpu_isa
 from .base import Kernel, grouped_codes, matmul_2d
 
 SOURCE = Path(__file__).with_suffix(".cpp")
@@ -73,7 +74,7 @@ PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3, "panel": 4} 
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
-    lib, why = _native.build(SOURCE, FLAGS)
+    lib, why = native.build(SOURCE, FLAGS)
     if lib is None:
         return None, why
     if not lib.treeq_cpu_supported():

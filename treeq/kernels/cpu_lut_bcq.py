@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from .. import native
 from ..bcq import PLANES, SLICE, BCQWeight
 from ..errors import TreeqError
 from ..numerics import group_width
-from . import _native, cpu_isa
+from . import cpu_isa
 from .base import Kernel, matmul_2d
 from .blocked_gemm import blocked_gemm
 
@@ -45,7 +46,7 @@ DENSE_FROM = {2: None, 3: 256, 4: 256}
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
-    lib, why = _native.build(SOURCE, FLAGS)
+    lib, why = native.build(SOURCE, FLAGS)
     if lib is None:
         return None, why
     if lib.treeq_bcq_isa() == 0:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import _native
+from .. import native
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
@@ -23,7 +23,7 @@ FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why this machine cannot run it)."""
-    lib, why = _native.build(SOURCE, FLAGS)
+    lib, why = native.build(SOURCE, FLAGS)
     if lib is None:
         return None, why
     if not lib.treeq_gram_supported():

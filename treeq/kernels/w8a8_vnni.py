@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import numerics
+from .. import native, numerics
 from ..errors import TreeqError
-from . import _native, cpu_isa
+from . import cpu_isa
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-ffp-contract=off", "-fopenmp")
@@ -54,7 +54,7 @@ ISA_LEVEL = "avx512_bf16"
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
-    lib, why = _native.build(SOURCE, FLAGS)
+    lib, why = native.build(SOURCE, FLAGS)
     if lib is None:
         return None, why
     if not lib.treeq_w8a8_supported():
