@@ -125,13 +125,12 @@ class Grid:
 
     def _clip_errors(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """sum |w - fake_quant(w)|^CLIP_NORM per candidate and row of ``w``, for the candidates'
-        scale and zero ``s``, ``z`` [candidates, rows]: in one native pass (:mod:`.clip_error`), which
-        repeats Grid's own quantize and dequantize, or in torch where it cannot run or the grid
-        rounds its own way."""
-        own_rounding = type(self).quantize is Grid.quantize and type(self).dequantize is Grid.dequantize
-        err = clip_error.errors(w, s, z, self.offset, self.min_code, self.maxq, CLIP_NORM) if own_rounding else None
-        if err is not None:
-            return err
+        scale and zero ``s``, ``z`` [candidates, rows]: in one native pass (:mod:`.clip_error`), or in
+        torch where it cannot run or the grid rounds its own way."""
+        if self.standard_rounding:
+            err = clip_error.errors(w, s, z, self.offset, self.min_code, self.maxq, CLIP_NORM)
+            if err is not None:
+                return err
         rows = max(CLIP_MIN_ROWS, CLIP_ELEMENTS // w.shape[1])  # temporaries within L2, few Python steps
         blocks = zip(w.split(rows), s.split(rows, dim=1), z.split(rows, dim=1))
         return torch.cat([self._torch_clip_errors(*block) for block in blocks], dim=1)
@@ -141,6 +140,13 @@ class Grid:
         for s_, z_ in zip(s[..., None].split(CLIP_CHUNK), z[..., None].split(CLIP_CHUNK)):
             found.append((w[None] - self.fake_quantize(w[None], s_, z_)).abs_().pow_(CLIP_NORM).sum(dim=2))
         return torch.cat(found)
+
+    @property
+    def standard_rounding(self) -> bool:
+        """Whether this grid quantizes and dequantizes by Grid's own rules below, which native
+        loops (the clip search's error pass, GPTQ's columns) repeat; a grid that overrides them is
+        run in torch there."""
+        return type(self).quantize is Grid.quantize and type(self).dequantize is Grid.dequantize
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes for ``w``; ``scale``/``zero`` broadcast against it."""

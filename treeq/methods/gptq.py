@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..reproducible import single_threaded
+from . import gptq_columns
 from .base import InputStats, Method, QuantResult, output_error
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,25 @@ def _factor(h: torch.Tensor, desc_act: bool, damp: float) -> _Prepared:
     return _Prepared(dead, perm, a.triu_(), damp)
 
 
+def _sweep(grid, w1, u1, begin: int, end: int, group, scales, zeros, codes, err1) -> None:
+    """Columns begin .. end of the block ``w1``: quantize each with its group's params and push its
+    error over the pivot onto the block's later columns (:func:`.gptq_columns.sweep` has the
+    arguments; that native loop where it runs, else the same in torch)."""
+    if gptq_columns.sweep(grid, w1, u1, begin, end, group, scales, zeros, codes, err1):
+        return
+    # Python ints: a tensor index would make every column's params a gather, not a view.
+    # The update is a product, then a difference, as in the native loop. torch's addr_ fuses them
+    # in its vector chunks (16 or 32 columns, by ATen's CPU capability) but not in their remainder,
+    # so its rounding would depend on the CPU.
+    for i, g in zip(range(begin, end), group[begin:end].tolist()):
+        s, z = scales[g], zeros[g]
+        q = grid.quantize(w1[:, i], s, z)
+        codes[:, i] = q
+        e = (w1[:, i] - grid.dequantize(q, s, z)) / u1[i, i]
+        w1[:, i:].sub_(torch.outer(e, u1[i, i:]))
+        err1[:, i] = e
+
+
 class GPTQOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,26 +132,23 @@ class GPTQ(Method):
             w = w[:, perm]
         codes = torch.empty(out, n_in, dtype=torch.uint8, device=w.device)
         u = prep.hinv_upper
-        # Python ints: a tensor index would make every column's params a gather, not a view.
-        group_list = group_of.tolist()
         for i1 in range(0, n_in, cfg.block_size):
             i2 = min(i1 + cfg.block_size, n_in)
             w1 = w[:, i1:i2].clone()
             err1 = torch.zeros_like(w1)
             u1 = u[i1:i2, i1:i2]
-            for i in range(i2 - i1):
+            i = 0
+            while i < i2 - i1:  # a run of columns at a time, up to the next group without params
                 col = i1 + i
-                if not fixed and col % gs == 0:
+                stop = i2 - i1
+                if not fixed:
                     # The group's params come from the weights as GPTQ has updated them so far.
-                    current = torch.cat([w1[:, i:], w[:, i2 : col + gs]], dim=1)[:, :gs]
-                    scales[col // gs], zeros[col // gs] = grid.params(current)
-                g = group_list[col]
-                s, z = scales[g], zeros[g]
-                q = grid.quantize(w1[:, i], s, z)
-                codes[:, col] = q
-                e = (w1[:, i] - grid.dequantize(q, s, z)) / u1[i, i]
-                w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
-                err1[:, i] = e
+                    if col % gs == 0:
+                        current = torch.cat([w1[:, i:], w[:, i2 : col + gs]], dim=1)[:, :gs]
+                        scales[col // gs], zeros[col // gs] = grid.params(current)
+                    stop = min(stop, (col // gs + 1) * gs - i1)
+                _sweep(grid, w1, u1, i, stop, group_of[i1:i2], scales, zeros, codes[:, i1:], err1)
+                i = stop
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
         g_idx = group_of.to(torch.int32)

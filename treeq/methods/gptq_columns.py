@@ -1,0 +1,72 @@
+"""GPTQ's column loop in one native call per run of columns (``gptq_columns.cpp``).
+
+In torch each column took a dozen small ops over all rows (quantize, dequantize, the error, a
+rank-one update of the block), and those calls, not their arithmetic, were GPTQ's column loop
+(bench/results/quantize_smollm2.md). The native loop runs each row through the columns on its own
+and repeats every fp32 operation of the torch loop in its order, so codes and errors are the same
+bit for bit (tests/test_gptq_columns.py). Built on first use for x86 CPUs with AVX2 and FMA;
+elsewhere (or without a compiler) :func:`sweep` answers False and GPTQ runs its torch loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from .. import native
+from ..numerics import Grid
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp")
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, why this machine cannot run it)."""
+    lib, why = native.build(SOURCE, FLAGS)
+    if lib is None:
+        return None, why
+    if not lib.treeq_gptq_columns_supported():
+        return None, "this CPU lacks AVX2 and FMA"
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.treeq_gptq_columns.argtypes = [p, i, i, p, i, i, i, p, p, p, f, f, f, p, i, p, ctypes.c_int]
+    lib.treeq_gptq_columns.restype = None
+    return lib, None
+
+
+def sweep(
+    grid: Grid,
+    w1: torch.Tensor,
+    u1: torch.Tensor,
+    begin: int,
+    end: int,
+    group: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    codes: torch.Tensor,
+    err1: torch.Tensor,
+) -> bool:
+    """Columns ``begin`` .. ``end`` of the block ``w1`` [rows, width] (fp32, contiguous, updated in
+    place): each quantized with the params of its ``group`` (int64 [width]) from ``scales`` /
+    ``zeros`` [groups, rows], its codes into ``codes`` [rows, >= width] (uint8, the block's first
+    column first), its error over the pivot into ``err1`` [rows, width], pushed onto the block's
+    later columns through ``u1`` [width, width] (rows may be strided). False, and nothing done, where
+    the native loop cannot run this (then run the torch loop)."""
+    lib = library()[0]
+    tensors = (w1, u1, group, scales, zeros, codes, err1)
+    if lib is None or not grid.standard_rounding or any(t.device.type != "cpu" for t in tensors):
+        return False
+    if not (w1.is_contiguous() and err1.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
+        return False
+    if u1.stride(1) != 1 or codes.stride(1) != 1 or w1.dtype != torch.float32 or codes.dtype != torch.uint8:
+        return False
+    group = group.contiguous()
+    lib.treeq_gptq_columns(
+        w1.data_ptr(), w1.shape[0], w1.shape[1], u1.data_ptr(), u1.stride(0), begin, end, group.data_ptr(),
+        scales.data_ptr(), zeros.data_ptr(), grid.offset, grid.min_code, grid.maxq, codes.data_ptr(),
+        codes.stride(0), err1.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return True
