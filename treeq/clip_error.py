@@ -23,21 +23,17 @@ import torch
 from . import native
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp")
 
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why this machine cannot run it)."""
-    lib, why = native.build(SOURCE, FLAGS)
-    if lib is None:
-        return None, why
-    if not lib.treeq_clip_errors_supported():
-        return None, "this CPU lacks AVX2 and FMA"
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.treeq_clip_errors.argtypes = [p, i, i, p, p, i, f, f, f, f, p, ctypes.c_int]
-    lib.treeq_clip_errors.restype = None
-    return lib, None
+    signature = [p, i, i, p, p, i, f, f, f, f, p, ctypes.c_int]
+    return native.load(
+        SOURCE, native.AVX2_EXACT, "treeq_clip_errors_supported", "this CPU lacks AVX2 and FMA",
+        {"treeq_clip_errors": signature},
+    )  # fmt: skip
 
 
 def errors(

@@ -1,4 +1,5 @@
-"""Build a kernel's C++ source into a shared library on first use, once per source and machine.
+"""Build a C++ source (a kernel, or a native loop of the numerics or of a method) into a shared
+library on first use, once per source and machine.
 
 The library is cached under ``$TREEQ_CACHE`` (default ``~/.cache/treeq``) by a hash of the source
 and flags, written to a temporary name and renamed, so concurrent processes never load half a
@@ -49,3 +50,25 @@ def build(source: Path, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str
             return None, f"{source.name} did not compile: {first}"
         os.replace(tmp, target)
     return ctypes.CDLL(str(target)), None
+
+
+# For loops that repeat torch's fp32 steps exactly: AVX2, and no multiply-add fused unless the
+# source asks for it (std::fma). -fno-trapping-math lets nearbyint vectorize; it changes no value.
+AVX2_EXACT = ("-mavx2", "-mfma", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp")
+
+
+def load(
+    source: Path, flags: tuple[str, ...], supported: str, lacks: str, functions: dict[str, list]
+) -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, why this machine cannot run it): ``source`` built with ``flags``,
+    its ``supported()`` symbol asked whether this CPU has the instructions (``lacks`` says what is
+    missing when not), and each of ``functions`` given its argument types (returning nothing)."""
+    lib, why = build(source, flags)
+    if lib is None:
+        return None, why
+    if not getattr(lib, supported)():
+        return None, lacks
+    for name, argtypes in functions.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib, None

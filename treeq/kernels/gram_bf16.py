@@ -23,15 +23,11 @@ FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp")
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why this machine cannot run it)."""
-    lib, why = native.build(SOURCE, FLAGS)
-    if lib is None:
-        return None, why
-    if not lib.treeq_gram_supported():
-        return None, "this CPU lacks AVX512-BF16"
     p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    lib.treeq_gram_bf16.argtypes = [p, ctypes.c_int, i, i, p, f, f, ctypes.c_int]
-    lib.treeq_gram_bf16.restype = None
-    return lib, None
+    signature = [p, ctypes.c_int, i, i, p, f, f, ctypes.c_int]
+    return native.load(
+        SOURCE, FLAGS, "treeq_gram_supported", "this CPU lacks AVX512-BF16", {"treeq_gram_bf16": signature}
+    )
 
 
 def gram_update(h: torch.Tensor, x: torch.Tensor, beta: float, alpha: float) -> None:
