@@ -156,3 +156,24 @@ def test_sigterm_stops_quantize_as_ctrl_c_does(source, tmp_path, text_file, monk
     assert r.exit_code == 130 and "interrupted after 1 of 4 decoder layers" in r.output, r.output
     assert (partial_dir(tmp_path / "q") / "resume" / "manifest.json").is_file()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_failure_writing_a_finished_layer_ends_the_run_with_nothing_left(source, tmp_path, text_file, monkeypatch):
+    """A layer's files are written in a thread while the next layer runs; a failure there (a full
+    disk, say) still ends the run with that error, and a fresh run leaves nothing behind."""
+    from treeq.engine import resume
+
+    real, calls = resume.torch.save, []
+
+    def save(obj, path):
+        calls.append(path)
+        if len(calls) == 3:  # layer 1's state: layer 0's two files are written
+            raise OSError(28, "No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(resume.torch, "save", save)
+    out = tmp_path / "q"
+    with pytest.raises(OSError, match="No space left"):
+        treeq.quantize(str(source), config(), out, calib_text=str(text_file), log=QuantLog(str))
+    assert len(calls) == 3  # no layer written after the failure
+    assert not out.exists() and not partial_dir(out).exists()
