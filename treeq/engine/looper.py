@@ -310,6 +310,8 @@ def quantize_layers(
             # garbage; dropped now, not when the next layer rebinds, they never overlap its peak.
             bound = layer_results = None
             release_free_heap()
+        if progress is not None:
+            progress.flush()  # the last layer's files written before its results go on to be saved
     return results
 
 
