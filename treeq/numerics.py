@@ -97,7 +97,11 @@ class Grid:
         if not self.clip_search:
             scale, zero = self.raw_params(w)
             return _storable(scale), zero
-        return self._clip_search(w)
+        if self.params_from_range:  # the candidates' params are read from two columns
+            return self._clip_search(w)
+        rows = max(CLIP_MIN_ROWS, CLIP_ELEMENTS // w.shape[1])  # each candidate scales whole rows
+        found = [self._clip_search(part) for part in w.split(rows)]
+        return torch.cat([scale for scale, _ in found]), torch.cat([zero for _, zero in found])
 
     def _clip_search(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Candidates' params come from the scaled row extremes where they stand in for the scaled
