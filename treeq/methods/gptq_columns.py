@@ -52,12 +52,14 @@ def sweep(
     later columns through ``u1`` [width, width] (rows may be strided). False, and nothing done, where
     the native loop cannot run this (then run the torch loop)."""
     lib = library()[0]
-    tensors = (w1, u1, group, scales, zeros, codes, err1)
-    if lib is None or not grid.standard_rounding or any(t.device.type != "cpu" for t in tensors):
+    if lib is None or not grid.standard_rounding:
         return False
-    if not (w1.is_contiguous() and err1.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
+    fp32 = (w1, u1, scales, zeros, err1)
+    if any(t.device.type != "cpu" for t in (*fp32, group, codes)) or any(t.dtype != torch.float32 for t in fp32):
         return False
-    if u1.stride(1) != 1 or codes.stride(1) != 1 or w1.dtype != torch.float32 or codes.dtype != torch.uint8:
+    if not all(t.is_contiguous() for t in (w1, err1, scales, zeros)) or u1.stride(1) != 1 or codes.stride(1) != 1:
+        return False
+    if group.dtype != torch.int64 or codes.dtype != torch.uint8:
         return False
     group = group.contiguous()
     lib.treeq_gptq_columns(
