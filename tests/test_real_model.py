@@ -40,10 +40,10 @@ def test_smollm2_gptq_end_to_end_and_better_than_rtn(tmp_path, monkeypatch):
     # differently). Which kernels run depends on the CPU, so each instruction-set level is forced in
     # turn (TREEQ_CPU_ISA; a cap above what the CPU has changes nothing), standing in for machines
     # without AMX or AVX512-BF16; a kernel the level cannot run must decline, and is skipped here.
-    # 512 tokens of held-out text: on the 30-token bench prompt the distances of two kernels whose
-    # every layer is as close to fp32 as the reference's (torch's int4 op: 2.38e-3 against 2.35e-3
-    # on a down_proj) came out 0.94-1.27x the reference's from checkpoint to checkpoint, one
-    # rounding's drift through 30 layers; on 512 tokens 0.96-0.98x.
+    # 512 tokens of held-out text: on the 30-token bench prompt the distances of kernels as close to
+    # fp32 as the reference in the layers measured (torch's int4 op on a down_proj: 2.38e-3 against
+    # 2.35e-3) came out 0.94-1.27x the reference's from checkpoint to checkpoint, one rounding's
+    # drift through 30 layers; on 512 tokens 0.95-0.98x.
     ids = tok2(read_text("wiki-test")[:20000], return_tensors="pt").input_ids[:, :512]
     with torch.no_grad():
         exact = treeq.load(tmp_path / "q", kernel="torch")[0](ids).logits
