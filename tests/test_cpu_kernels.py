@@ -226,6 +226,22 @@ def test_int8_per_row_matches_reference_within_bf16(sym, monkeypatch):
     assert error_ratio(layer, "cpu_int8", x) < INT8_OP_TOLERANCE
 
 
+def test_int8_op_on_zero_points_far_from_the_middle_is_as_close_as_the_reference(monkeypatch):
+    """Rows of one sign put the zero point near a code's end, so the op's correction (128 - zero) *
+    scale * sum(x) is as large as the product it corrects; positive inputs (as after SiLU) keep the
+    sums from cancelling. Checked to fail (ratio 1.9) with the correction summed in bf16."""
+    monkeypatch.setattr(cpu_int8, "GEMM_FROM", 10**9)  # the op
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(96, 256, generator=gen) * 0.05 + 0.01 * torch.arange(96)[:, None] / 96
+    stats = InputStats(256, torch.device("cpu"))
+    stats.add(torch.randn(512, 256, generator=gen))
+    result = make_method(QuantConfig(method="rtn", bits=8, group_size=-1, sym=False)).quantize(w, stats)
+    assert (result.zeros < 16).all()  # far from 128
+    layer = QuantLinear.from_result(LinearFormat(8, -1, False, False, 256, 96), result, None)
+    x = (torch.rand(4, 7, 256, generator=gen) + 0.2).to(torch.bfloat16)
+    assert error_ratio(layer, "cpu_int8", x) < 1.25
+
+
 def test_selection_on_cpu():
     fmt = LinearFormat(4, 64, False, True, 576, 1536)
     fast = "cpu_int4" if cpu_int4_avx512.unavailable() else "cpu_int4_avx512"

@@ -4,8 +4,8 @@ weight (:mod:`.blocked_gemm`).
 
 The op computes x @ (w8 * scale)^T with signed int8 w8 and one bf16 scale per output row. GPTQ's
 unsigned codes become w8 = code - 128; an asymmetric zero point z adds (128 - z) * scale times the
-row sum of x, a rank-one correction computed alongside. The GEMM path dequantizes the same w8 with
-the checkpoint's fp16 scale in fp32, as the reference kernel does.
+row sum of x, a rank-one correction computed alongside in fp32. The GEMM path dequantizes the same
+w8 with the checkpoint's fp16 scale in fp32, as the reference kernel does.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def path(tokens: int, native_bf16: bool) -> str:
 class _Int8State:
     weight: torch.Tensor  # int8 [out, in]
     scale: torch.Tensor  # bf16 [out], the op's
-    offset: torch.Tensor | None  # bf16 [out]: (128 - zero) * scale, None when symmetric
+    offset: torch.Tensor | None  # fp32 [out]: (128 - zero) * scale, None when symmetric
     scale32: torch.Tensor  # fp32 [out], the checkpoint's, for the GEMM path
     zero: torch.Tensor  # int32 [out]
     native_bf16: bool  # cpu_isa.native_bf16() when the kernel was chosen: whether the GEMM path may run
@@ -68,7 +68,7 @@ class CpuInt8(Kernel):
         layer.kernel_state = _Int8State(
             weight=(codes - 128).to(torch.int8).contiguous(),
             scale=scale.to(torch.bfloat16),
-            offset=None if bool((zero == 128).all()) else offset.to(torch.bfloat16),
+            offset=None if bool((zero == 128).all()) else offset,
             scale32=scale.contiguous(),
             zero=zero.to(torch.int32).contiguous(),
             native_bf16=cpu_isa.native_bf16(),
@@ -84,7 +84,9 @@ def op_matmul(st: _Int8State, x2: torch.Tensor) -> torch.Tensor:
     """[M, out] = bf16 x2 [M, in] times the weight by torch's int8-weight op."""
     y = torch._weight_int8pack_mm(x2, st.weight, st.scale)
     if st.offset is not None:
-        y = y + x2.sum(dim=1, keepdim=True) * st.offset
+        # In fp32, rounded once with the op's product: in bf16 (the row sums, their product and the
+        # sum each rounded) it doubled the op's error where zero points sit far from 128.
+        y = torch.addr(y.float(), x2.sum(dim=1, dtype=torch.float32), st.offset).to(torch.bfloat16)
     return y
 
 
