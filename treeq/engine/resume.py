@@ -223,7 +223,6 @@ class Progress:
         self.work.mkdir(parents=True, exist_ok=True)
         try:
             yield
-            self.flush()
         except KeyboardInterrupt:
             self._settle()
             if self.done == 0 and self.fresh:
@@ -246,11 +245,9 @@ class Progress:
             pass
 
     def discard(self) -> None:
-        self._settle()
         shutil.rmtree(self.work, ignore_errors=True)
 
     def complete(self, out: Path) -> None:
         """A streamed run's work directory, its state removed, becomes ``out``."""
-        self.flush()
         shutil.rmtree(self.state, ignore_errors=True)
         self.work.rename(out)
