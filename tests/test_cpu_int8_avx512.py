@@ -76,7 +76,27 @@ def test_amx_rows_panel_path_multiplies_the_reference_weight(sym, in_f, out_f, t
 
 
 @needs_kernel
-@pytest.mark.parametrize("path,amx", [("panel", False), ("panel", True), ("amx_rows_panel", True)])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("in_f,out_f", [(256, 96), (256, 112), (4096, 80), (4160, 208)])  # units 4+2, 4+3, 4+1
+@pytest.mark.parametrize("tokens", [1, 16, 17, 33, 64, 65, 100, 130])  # 1 to 9 groups of 16: chunks of 4, partial
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vector_rows_panel_path_multiplies_the_reference_weight(sym, in_f, out_f, tokens, threads, monkeypatch):
+    """The weights dequantized once per call as rows, the inputs transposed into chunks of token
+    pairs, without AMX: the same numbers as the other paths, the last chain of a unit's 16, 32 or 64
+    outputs 4, 2 or 4 wide (4160 inputs: sums carried from panel to panel)."""
+    # Checked to fail: with a chain's outputs offset by one row in the panel; with every group of a
+    # chunk reading the chunk's first group's inputs; with the last chunk's inputs laid out as whole
+    # chunks; with the sums of a chain's second group stored over the first's; with the carried
+    # sums not loaded (4160 inputs).
+    layer = panel_layer(sym, in_f, out_f, False, monkeypatch, "rows_panel")
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    assert rounded_once(on_threads(threads, layer, x), x.float() @ layer.dequantized_weight().bfloat16().float().t())
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "path,amx", [("panel", False), ("panel", True), ("amx_rows_panel", True), ("rows_panel", False)]
+)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_f,out_f,tokens", [(2048, 144, 300), (4096, 576, 150)])  # one group; groups of units
 def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(
@@ -123,7 +143,7 @@ def test_gemm_path_is_the_bf16_product_of_the_reference_weight(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("kernel_path", ["op", "panel"])
+@pytest.mark.parametrize("kernel_path", ["op", "panel", "rows_panel"])
 def test_layer_matches_reference_kernel_within_bf16(sym, kernel_path, monkeypatch):
     # Checked to fail: the asymmetric case on the op with the op's offset dropped; every case on the
     # panel path with its weights scaled by 1.01 in Int8Rows.
@@ -143,8 +163,9 @@ def test_path_follows_the_token_count():
     assert k8.path(gemm_from, True, 4096, 4096) == "panel"
     # More inputs than one panel holds: the AMX panel path, which carries sums from panel to panel.
     assert k8.path(rows_max + 1, True, 256, cpu_int4_avx512.PANEL_INPUTS + 32) == "panel"
-    tokens = (1, k8.PANEL_FROM - 1, k8.PANEL_FROM, 100_000)
-    assert [k8.path(m, False, 4096, 4096) for m in tokens] == ["op", "op", "panel", "panel"]
+    tokens = (1, k8.PANEL_FROM - 1, k8.PANEL_FROM, k8.ROWS_PANEL_FROM, k8.ROWS_PANEL_MAX, k8.ROWS_PANEL_MAX + 1)
+    expected = ["op", "op", "panel", "rows_panel", "rows_panel", "panel"]
+    assert [k8.path(m, False, 4096, 4096) for m in tokens] == expected
 
 
 def test_chosen_for_8_bit_rows_where_it_runs_and_declines_with_the_reason(monkeypatch):

@@ -33,6 +33,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <type_traits>
+
 namespace {
 
 constexpr int kTileN = 16;  // output rows per block (lanes)
@@ -651,11 +653,16 @@ uint16_t* inputs_buffer(int64_t M, int64_t K) {
     return (uint16_t*)scratch(1, sizeof(uint16_t) * (M + 15) / 16 * 16 * K);
 }
 
-inline void transpose_inputs(const uint16_t* x, int64_t M, int64_t K, int64_t g, int64_t i, uint16_t* xt) {
-    __m512i r[16];
+// Group g's input tile i transposed: r[p] holds pair p of its 16 token rows' inputs.
+inline void input_pairs(const uint16_t* x, int64_t M, int64_t K, int64_t g, int64_t i, __m512i r[16]) {
     for (int64_t t = 0; t < 16; ++t)
         r[t] = g * 16 + t < M ? _mm512_loadu_si512(x + (g * 16 + t) * K + i * kTileK) : _mm512_setzero_si512();
     transpose16(r);
+}
+
+inline void transpose_inputs(const uint16_t* x, int64_t M, int64_t K, int64_t g, int64_t i, uint16_t* xt) {
+    __m512i r[16];
+    input_pairs(x, M, K, g, i, r);
     for (int p = 0; p < 16; ++p) _mm512_store_si512(xt + ((g * (K / kTileK) + i) * 16 + p) * 32, r[p]);
 }
 
@@ -706,6 +713,143 @@ void blocks_amx_weight_rows(const uint16_t* xt, int64_t M, int64_t K, const Fill
             else if (NB - p > 1) chain_weight_rows<NB, 2, 1>(xg, tiles, panel, p, m, yp, N);
             else if (m > 16) chain_weight_rows<NB, 1, 2>(xg, tiles, panel, p, m, yp, N);
             else chain_weight_rows<NB, 1, 1>(xg, tiles, panel, p, m, yp, N);
+        }
+    }
+}
+
+// Vector weight-rows panel path (8-bit rows without AMX, 16 to 192 tokens): the vector panel path
+// with the operands' roles swapped, as in the AMX weight-rows path. The panel holds a unit's weights
+// as A tiles (rows as they lie: the vector panel path's fill spends about a third of its time
+// transposing them, bench/results/kernels.md), the inputs transposed once per call are the vector
+// operand, and a chain keeps R outputs x GB groups of 16 token rows of sums in registers, each step
+// a broadcast weight pair per output against each group's 16 token pairs. vdpbf16ps's products are
+// exact and added in the same order whichever operand is broadcast, so the sums are the vector
+// panel path's bit for bit. Groups are whole, so fewer than 16 tokens waste the rest.
+constexpr int kWeightRowsOutputs = 6, kWeightRowsGroups = 4;  // 24 sums; a unit's 16 to 64 outputs leave 0, 2 or 4
+
+// The inputs as this path reads them: in chunks of kWeightRowsGroups groups of 16 token rows (the
+// last chunk may hold fewer; chunk c at xt + c * 64 * K), pair p of input tile i of each of the
+// chunk's groups in turn, so a chain's step reads its groups' token pairs from one run of memory,
+// as the vector panel path reads its weights.
+inline void transpose_inputs_chunked(const uint16_t* x, int64_t M, int64_t K, int64_t g, int64_t i, uint16_t* xt) {
+    __m512i r[16];
+    input_pairs(x, M, K, g, i, r);
+    const int64_t g0 = g / kWeightRowsGroups * kWeightRowsGroups, rest = (M + 15) / 16 - g0;
+    const int64_t groups = rest < kWeightRowsGroups ? rest : kWeightRowsGroups;
+    uint16_t* chunk = xt + g0 * 16 * K;
+    for (int p = 0; p < 16; ++p) _mm512_store_si512(chunk + ((i * 16 + p) * groups + g - g0) * 32, r[p]);
+}
+
+// 8 outputs' bf16 sums for 16 token rows (sums[r]: output r's) transposed into the token rows of y
+// (row stride N; the first `tokens` of them), R outputs each: per 128-bit lane, words, then pairs,
+// then quads of outputs interleaved, so lane half h of vector t holds token 8h + t's 8 outputs.
+template <int R>
+inline void store_token_rows(const __m256i sums[8], int64_t tokens, uint16_t* y, int64_t N) {
+    __m256i a[8], b[8], c[8];
+    for (int j = 0; j < 4; ++j) {
+        a[2 * j] = _mm256_unpacklo_epi16(sums[2 * j], sums[2 * j + 1]);  // tokens 0-3 (8-11)
+        a[2 * j + 1] = _mm256_unpackhi_epi16(sums[2 * j], sums[2 * j + 1]);  // tokens 4-7 (12-15)
+    }
+    for (int j = 0; j < 2; ++j)
+        for (int h = 0; h < 2; ++h) {
+            b[4 * j + 2 * h] = _mm256_unpacklo_epi32(a[4 * j + h], a[4 * j + 2 + h]);  // tokens 4h, 4h + 1
+            b[4 * j + 2 * h + 1] = _mm256_unpackhi_epi32(a[4 * j + h], a[4 * j + 2 + h]);  // 4h + 2, 4h + 3
+        }
+    for (int q = 0; q < 4; ++q) {
+        c[2 * q] = _mm256_unpacklo_epi64(b[q], b[4 + q]);  // token 2q (8 + 2q)
+        c[2 * q + 1] = _mm256_unpackhi_epi64(b[q], b[4 + q]);  // token 2q + 1
+    }
+    for (int64_t t = 0; t < 16 && t < tokens; ++t) {
+        const __m128i v = t < 8 ? _mm256_castsi256_si128(c[t]) : _mm256_extracti128_si256(c[t - 8], 1);
+        uint16_t* dst = y + t * N;
+        if constexpr (R >= 4) _mm_storel_epi64((__m128i*)dst, v);
+        if constexpr (R == 6) _mm_storeu_si32(dst + 4, _mm_srli_si128(v, 8));
+        if constexpr (R == 2) _mm_storeu_si32(dst, v);
+    }
+}
+
+// Outputs o0..o0 + R - 1 of the unit's NB blocks against a chunk of GB groups of 16 token rows (xt:
+// its transposed inputs, transpose_inputs_chunked; `tokens` rows in all) over input tiles k0..k1 of
+// the panel. Sums zeroed before the first panel, else loaded from part (group g's output o at part +
+// (g * NB * kTileN + o) * 16, where the previous panel left them); after the last panel rounded to
+// bf16 into y (output o0's column of the first token row; row stride N), else stored to part.
+template <int NB, int R, int GB>
+void chain_vector_weight_rows(const uint16_t* xt, int64_t K, const uint16_t* panel, int o0, int64_t k0, int64_t k1,
+                              int64_t tokens, bool first, bool last, float* part, uint16_t* y, int64_t N) {
+    const uint32_t* w32 = (const uint32_t*)panel;  // pairs of inputs
+    const uint32_t* x32 = (const uint32_t*)xt;
+    int64_t at[R];  // output o0 + r's pairs in a panel tile: its block's tile, its row
+    for (int r = 0; r < R; ++r) at[r] = (o0 + r) / kTileN * kTileN * kTileK / 2 + (o0 + r) % kTileN * kTileK / 2;
+    __m512 acc[R][GB];
+    for (int r = 0; r < R; ++r)
+        for (int g = 0; g < GB; ++g)
+            acc[r][g] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + (g * NB * kTileN + o0 + r) * kTileN);
+    for (int64_t i = k0; i < k1; ++i) {
+        const uint32_t* wt = w32 + (i - k0) * NB * kTileN * kTileK / 2;
+        const uint32_t* xi = x32 + i * GB * kTileN * kTileK / 2;
+        for (int p = 0; p < kTileK / 2; ++p) {
+            __m512bh xv[GB];
+            for (int g = 0; g < GB; ++g) xv[g] = (__m512bh)_mm512_load_si512(xi + (p * GB + g) * kTileN);
+            for (int r = 0; r < R; ++r) {
+                const __m512bh wb = (__m512bh)_mm512_set1_epi32(wt[at[r] + p]);
+                for (int g = 0; g < GB; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], wb, xv[g]);
+            }
+        }
+    }
+    if (!last) {
+        for (int r = 0; r < R; ++r)
+            for (int g = 0; g < GB; ++g) _mm512_storeu_ps(part + (g * NB * kTileN + o0 + r) * kTileN, acc[r][g]);
+        return;
+    }
+    for (int g = 0; g < GB && g * kTileN < tokens; ++g) {
+        __m256i sums[8];  // output r's 16 tokens in bf16 (outputs R.. zero)
+        for (int r = 0; r < 8; ++r) sums[r] = r < R ? (__m256i)_mm512_cvtneps_pbh(acc[r][g]) : _mm256_setzero_si256();
+        store_token_rows<R>(sums, tokens - g * kTileN, y + g * kTileN * N, N);
+    }
+}
+
+// The chain over `groups` (1 to GB) groups of token rows.
+template <int NB, int R>
+void chain_vector_weight_rows_groups(int64_t groups, const uint16_t* xt, int64_t K, const uint16_t* panel, int o0,
+                                     int64_t k0, int64_t k1, int64_t tokens, bool first, bool last, float* part,
+                                     uint16_t* y, int64_t N) {
+    static_assert(kWeightRowsGroups == 4, "one case per count of groups");
+    switch (groups) {
+        case 1: return chain_vector_weight_rows<NB, R, 1>(xt, K, panel, o0, k0, k1, tokens, first, last, part, y, N);
+        case 2: return chain_vector_weight_rows<NB, R, 2>(xt, K, panel, o0, k0, k1, tokens, first, last, part, y, N);
+        case 3: return chain_vector_weight_rows<NB, R, 3>(xt, K, panel, o0, k0, k1, tokens, first, last, part, y, N);
+        default: return chain_vector_weight_rows<NB, R, 4>(xt, K, panel, o0, k0, k1, tokens, first, last, part, y, N);
+    }
+}
+
+// NB blocks of 16 outputs for M token rows (xt: their transposed inputs), a panel of input tiles
+// at a time; fill as in blocks_amx_panel; sums: [M/16][NB * 16][16] scratch that carries a panel's
+// sums to the next where the inputs take several panels.
+template <int NB, class Fill>
+void blocks_vector_weight_rows(const uint16_t* xt, int64_t M, int64_t K, const Fill* fill, uint16_t* y, int64_t N,
+                               uint16_t* panel, float* sums) {
+    constexpr int R = kWeightRowsOutputs;
+    static_assert(NB * kTileN % R % 2 == 0, "the last chain of a unit has 2 or 4 outputs");
+    const int64_t tiles = K / kTileK;
+    for (int64_t k0 = 0; k0 < tiles; k0 += kPanelTiles) {
+        const int64_t k1 = tiles - k0 < kPanelTiles ? tiles : k0 + kPanelTiles;
+        const bool first = k0 == 0, last = k1 == tiles;
+        if (fill) (*fill)(k0, k1, panel);
+        for (int64_t m0 = 0; m0 < M; m0 += kWeightRowsGroups * 16) {
+            const int64_t tokens = M - m0;
+            const int64_t groups = tokens < kWeightRowsGroups * 16 ? (tokens + 15) / 16 : kWeightRowsGroups;
+            const uint16_t* xg = xt + m0 * K;  // chunks of 64 token rows' inputs
+            float* part = sums ? sums + m0 * NB * kTileN : nullptr;  // null: one panel, no sums carried
+            for (int o0 = 0; o0 < NB * kTileN; o0 += R) {
+                const auto chain = [&](auto outputs) {
+                    chain_vector_weight_rows_groups<NB, decltype(outputs)::value>(
+                        groups, xg, K, panel, o0, k0, k1, tokens, first, last, part, y + m0 * N + o0, N);
+                };
+                const int outputs = NB * kTileN - o0 < R ? NB * kTileN - o0 : R;
+                if (outputs == R) chain(std::integral_constant<int, R>{});
+                else if (outputs == 4) chain(std::integral_constant<int, 4>{});
+                else chain(std::integral_constant<int, 2>{});
+            }
         }
     }
 }
@@ -778,8 +922,10 @@ void blocks_panel(bool amx, bool weight_rows, const uint16_t* x, const uint16_t*
         src.template fill<NB>(it, k0, k1, p, weight_rows);
     };
     const auto* f = fill ? &fill_panel : nullptr;
-    if (weight_rows)
+    if (weight_rows && amx)
         blocks_amx_weight_rows<NB>(x, M, K, f, y, N, panel);
+    else if (weight_rows)
+        blocks_vector_weight_rows<NB>(x, M, K, f, y, N, panel, sums);
     else if (amx)
         blocks_amx_panel<NB>(x, tail, M, K, f, y, N, panel, sums, rows32);
     else
@@ -832,11 +978,11 @@ inline int64_t item_split(int64_t blocks, int threads) {
 // The panel paths: y[M, N] = x[M, K] @ W^T in bf16 for the weights src reads, each unit's weights
 // dequantized once per call (AMX tiles where amx, else the vector units). Long prompts run in
 // passes of token rows (a multiple of 32), each thread's units keeping their panels from the first.
-// rows: the weight-rows form (8-bit rows with AMX), where one panel holds all the inputs.
+// rows: the weight-rows form (8-bit rows; with AMX only where one panel holds all the inputs).
 template <class Source>
 void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads, bool amx,
                   bool rows, const Source& src) {
-    const bool one_panel = K / kTileK <= kPanelTiles, weight_rows = amx && rows && one_panel;
+    const bool one_panel = K / kTileK <= kPanelTiles, weight_rows = rows && (one_panel || !amx);
     const uint16_t* tail = amx && !weight_rows ? padded_tail(x, M, K) : nullptr;
     uint16_t* xt = weight_rows ? inputs_buffer(M, K) : nullptr;
     const int64_t blocks = N / kTileN, split = item_split(blocks, threads);
@@ -844,7 +990,9 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
     const bool rows32 = K <= kRows32MaxInputs;
     const int64_t panel_tiles = K / kTileK < kPanelTiles ? K / kTileK : kPanelTiles;
     const int64_t panel_bytes = sizeof(uint16_t) * kMaxBlocks * panel_tiles * kTileN * kTileK;
-    const int64_t pass_rows = kPanelPassBytes / (2 * K) / 32 * 32;
+    // Passes whole chunks of the vector weight-rows path's inputs (transpose_inputs_chunked).
+    const int64_t pass_unit = weight_rows && !amx ? 16 * kWeightRowsGroups : 32;
+    const int64_t pass_rows = kPanelPassBytes / (2 * K) / pass_unit * pass_unit;
     const int64_t pass = one_panel && pass_rows > 0 ? pass_rows : M;
     // Work items in groups of as many panels as each thread keeps (kPanelKeepBytes), each group
     // through every pass: a pass's inputs are then read from memory once per group, not per unit.
@@ -854,11 +1002,13 @@ void panel_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* 
 #pragma omp parallel num_threads(threads)
     {
         if (weight_rows) {
-            configure_rows_tiles(32);
+            if (amx) configure_rows_tiles(32);
             // In this parallel region, not one of its own: a small layer's call takes 0.1 ms.
 #pragma omp for schedule(static) collapse(2)
             for (int64_t g = 0; g < (M + 15) / 16; ++g)
-                for (int64_t i = 0; i < K / kTileK; ++i) transpose_inputs(x, M, K, g, i, xt);
+                for (int64_t i = 0; i < K / kTileK; ++i)
+                    if (amx) transpose_inputs(x, M, K, g, i, xt);
+                    else transpose_inputs_chunked(x, M, K, g, i, xt);
         } else if (amx) {
             configure_tiles(M < 16 ? int(M) : 16);
         }
@@ -1033,16 +1183,18 @@ extern "C" void treeq_int4_matmul(const uint16_t* x, int64_t M, int64_t K, const
 
 // y[M, N] = x[M, K] bf16 @ W^T for 8-bit weights in rows (Int8Rows: w [N][K] signed, scales fp32
 // [N], zeros int32 [N]). path: 0 the vector panel path, 1 the AMX panel path, 2 the AMX rows path
-// (M <= 32), 3 the AMX weight-rows panel path (the AMX panel path where K > 4096); 1 to 3 only where
-// treeq_amx_supported, else y is left as it was. N a multiple of 16, K of 32.
+// (M <= 32), 3 the AMX weight-rows panel path (the AMX panel path where K > 4096), 4 the vector
+// weight-rows panel path; 1 to 3 only where treeq_amx_supported, else y is left as it was. N a
+// multiple of 16, K of 32.
 extern "C" void treeq_int8_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scales,
                                   const int32_t* zeros, int64_t N, uint16_t* y, int threads, int path) {
-    if (M == 0 || (path > 0 && !amx_usable()) || (path == 2 && M > 32)) return;
+    const bool amx = path >= 1 && path <= 3;
+    if (M == 0 || (amx && !amx_usable()) || (path == 2 && M > 32)) return;
     const Int8Rows src{w, scales, zeros, N / kTileN, K};
     if (path == 2)
         rows_amx_matmul(x, M, K, N, y, threads, src);
     else
-        panel_matmul(x, M, K, N, y, threads, path > 0, path == 3, src);
+        panel_matmul(x, M, K, N, y, threads, amx, path >= 3, src);
 }
 
 // Rows n0..n1 of the weight as bf16 at out, for a bf16 GEMM. layout 0: [n1 - n0][K] (n0, n1 multiples of

@@ -9,7 +9,8 @@ which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp
 ``cpu_int4_avx512`` does for 4-bit weights; no second copy of the weight is kept. With AMX and up to
 32 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
 transposed instead, so no weight is transposed; up to 128 tokens the rows panel path does the same
-on weights dequantized once per call.
+on weights dequantized once per call. Without AMX the vector rows panel path is its counterpart for
+16 to 192 tokens.
 """
 
 from __future__ import annotations
@@ -40,21 +41,27 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   ahead of the panels; in whole models the same rule as for 4-bit weights held).
 # - Without AMX (an AMX Xeon capped to AVX512-BF16, oneDNN too) the vector panel path. On a real
 #   Zen 4 it also stayed ahead of the GEMM at 1024 and 2048 tokens in SmolLM2 (by 7% and 4%), so
-#   unlike 4-bit weights, 8-bit ones do not go to the GEMM there.
+#   unlike 4-bit weights, 8-bit ones do not go to the GEMM there. From 16 to 192 tokens the vector
+#   rows panel path, which dequantizes the weights without transposing them and transposes the
+#   inputs instead: on the Zen 4, 2 threads, 16 to 64 tokens ran 1.02-1.24x bf16 where the vector
+#   panel path ran 0.91-1.09x; it computes whole groups of 16 token rows, so below 16 tokens it fell
+#   behind, and from 256 the vector panel path was level or ahead by 1-3% on 4 of 5 layer shapes.
 # Read at each call, so tests can force each path.
 PANEL_FROM = 6
+ROWS_PANEL_FROM = 16
+ROWS_PANEL_MAX = 192
 AMX_FROM = 3
 AMX_ROWS_MAX = 32  # the rows path's two input tiles hold 32 token rows
 AMX_ROWS_PANEL_MAX = 128
 
 
 def path(tokens: int, amx: bool, n: int, k: int) -> str:
-    """The path a call with ``tokens`` rows takes for an [n, k] weight: "op", "panel" or (with AMX)
-    "amx_rows", "amx_rows_panel" or "gemm"."""
+    """The path a call with ``tokens`` rows takes for an [n, k] weight: "op", "panel", without AMX
+    "rows_panel", with AMX "amx_rows", "amx_rows_panel" or "gemm"."""
     if tokens < (AMX_FROM if amx else PANEL_FROM):
         return "op"
     if not amx:
-        return "panel"
+        return "rows_panel" if ROWS_PANEL_FROM <= tokens <= ROWS_PANEL_MAX else "panel"
     if tokens <= AMX_ROWS_MAX:
         return "amx_rows"
     if tokens <= AMX_ROWS_PANEL_MAX and k <= cpu_int4_avx512.PANEL_INPUTS:
@@ -70,10 +77,10 @@ class _State(_Int8State):
 def native_matmul(st: _State, x2: torch.Tensor, path: str) -> torch.Tensor:
     """[M, out] = bf16 x2 [M, in] (contiguous, as matmul_2d hands it) times the reference kernel's
     bf16 weight, fp32 sums, in bf16, by the native ``path`` ("panel": AMX or vector by ``st.amx``;
-    "amx_rows": M <= 32, and "amx_rows_panel": AMX only)."""
+    "rows_panel": vector; "amx_rows": M <= 32, and "amx_rows_panel": AMX only)."""
     n = st.weight.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    code = {"amx_rows": 2, "amx_rows_panel": 3}.get(path, int(st.amx))
+    code = {"amx_rows": 2, "amx_rows_panel": 3, "rows_panel": 4}.get(path, int(st.amx))
     cpu_int4_avx512.library()[0].treeq_int8_matmul(
         x2.data_ptr(), x2.shape[0], x2.shape[1], st.weight.data_ptr(), st.scale32.data_ptr(), st.zero.data_ptr(), n,
         y.data_ptr(), torch.get_num_threads(), code,
