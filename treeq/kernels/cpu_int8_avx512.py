@@ -43,9 +43,9 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   Zen 4 it also stayed ahead of the GEMM at 1024 and 2048 tokens in SmolLM2 (by 7% and 4%), so
 #   unlike 4-bit weights, 8-bit ones do not go to the GEMM there. From 16 to 192 tokens the vector
 #   rows panel path, which dequantizes the weights without transposing them and transposes the
-#   inputs instead: on the Zen 4, 2 threads, 16 to 64 tokens ran 1.02-1.24x bf16 where the vector
-#   panel path ran 0.91-1.09x; it computes whole groups of 16 token rows, so below 16 tokens it fell
-#   behind, and from 256 the vector panel path was level or ahead by 1-3% on 4 of 5 layer shapes.
+#   inputs instead: ahead of the vector panel path at 16 to 64 tokens on six layer shapes (on the
+#   Zen 4, 2 threads); it computes whole groups of 16 token rows, so below 16 tokens it fell behind,
+#   and from 256 the vector panel path was level or ahead on 5 of the 6.
 # Read at each call, so tests can force each path.
 PANEL_FROM = 6
 ROWS_PANEL_FROM = 16
