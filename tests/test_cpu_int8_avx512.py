@@ -78,7 +78,7 @@ def test_amx_rows_panel_path_multiplies_the_reference_weight(sym, in_f, out_f, t
 @needs_kernel
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("in_f,out_f", [(256, 96), (256, 112), (4096, 80), (4160, 208)])  # units 4+2, 4+3, 4+1
-@pytest.mark.parametrize("tokens", [1, 16, 17, 33, 64, 65, 100, 130])  # 1 to 9 groups of 16: chunks of 4, partial
+@pytest.mark.parametrize("tokens", [1, 8, 16, 17, 30, 33, 64, 65, 100, 130])  # 1-9 groups of 16; chunks of 4
 @pytest.mark.parametrize("threads", [1, 2])
 def test_vector_rows_panel_path_multiplies_the_reference_weight(sym, in_f, out_f, tokens, threads, monkeypatch):
     """The weights dequantized once per call as rows, the inputs transposed into chunks of token
@@ -163,8 +163,10 @@ def test_path_follows_the_token_count():
     assert k8.path(gemm_from, True, 4096, 4096) == "panel"
     # More inputs than one panel holds: the AMX panel path, which carries sums from panel to panel.
     assert k8.path(rows_max + 1, True, 256, cpu_int4_avx512.PANEL_INPUTS + 32) == "panel"
-    tokens = (1, k8.PANEL_FROM - 1, k8.PANEL_FROM, k8.ROWS_PANEL_FROM, k8.ROWS_PANEL_MAX, k8.ROWS_PANEL_MAX + 1)
-    expected = ["op", "op", "panel", "rows_panel", "rows_panel", "panel"]
+    # The vector rows panel path where whole groups of 16 token rows hold the tokens, but for 2.
+    tokens = (1, k8.PANEL_FROM - 1, k8.PANEL_FROM, 13, 14, 16, 17, 30, 33, k8.ROWS_PANEL_MAX, k8.ROWS_PANEL_MAX + 16)
+    expected = ["op", "op", "panel", "panel", "rows_panel", "rows_panel", "panel", "rows_panel", "panel"]
+    expected += ["rows_panel", "panel"]
     assert [k8.path(m, False, 4096, 4096) for m in tokens] == expected
 
 

@@ -717,7 +717,7 @@ void blocks_amx_weight_rows(const uint16_t* xt, int64_t M, int64_t K, const Fill
     }
 }
 
-// Vector weight-rows panel path (8-bit rows without AMX, 16 to 192 tokens): the vector panel path
+// Vector weight-rows panel path (8-bit rows without AMX, up to 64 tokens): the vector panel path
 // with the operands' roles swapped, as in the AMX weight-rows path. The panel holds a unit's weights
 // as A tiles (rows as they lie: the vector panel path's fill spends about a third of its time
 // transposing them, bench/results/kernels.md), the inputs transposed once per call are the vector

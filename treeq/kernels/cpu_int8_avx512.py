@@ -9,8 +9,8 @@ which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp
 ``cpu_int4_avx512`` does for 4-bit weights; no second copy of the weight is kept. With AMX and up to
 32 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
 transposed instead, so no weight is transposed; up to 128 tokens the rows panel path does the same
-on weights dequantized once per call. Without AMX the vector rows panel path is its counterpart for
-16 to 192 tokens.
+on weights dequantized once per call. Without AMX the vector rows panel path is its counterpart, up
+to 64 tokens where they fill their groups of 16 token rows.
 """
 
 from __future__ import annotations
@@ -41,15 +41,16 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   ahead of the panels; in whole models the same rule as for 4-bit weights held).
 # - Without AMX (an AMX Xeon capped to AVX512-BF16, oneDNN too) the vector panel path. On a real
 #   Zen 4 it also stayed ahead of the GEMM at 1024 and 2048 tokens in SmolLM2 (by 7% and 4%), so
-#   unlike 4-bit weights, 8-bit ones do not go to the GEMM there. From 16 to 192 tokens the vector
-#   rows panel path, which dequantizes the weights without transposing them and transposes the
-#   inputs instead: ahead of the vector panel path at 16 to 64 tokens on six layer shapes (on the
-#   Zen 4, 2 threads); it computes whole groups of 16 token rows, so below 16 tokens it fell behind,
-#   and from 256 the vector panel path was level or ahead on 5 of the 6.
+#   unlike 4-bit weights, 8-bit ones do not go to the GEMM there. Up to 64 tokens, where they fill
+#   their groups of 16 token rows but for at most 2, the vector rows panel path, which dequantizes
+#   the weights without transposing them and transposes the inputs instead: ahead of the vector
+#   panel path by 2-14% there on six layer shapes (the Zen 4, 2 threads). It computes whole groups,
+#   so where the last holds a few tokens it fell behind by up to 17% (17, 33, 65 tokens); beyond
+#   64 tokens it gained little (at 94 to 142 tokens level or behind).
 # Read at each call, so tests can force each path.
 PANEL_FROM = 6
-ROWS_PANEL_FROM = 16
-ROWS_PANEL_MAX = 192
+ROWS_PANEL_MAX = 64
+ROWS_PANEL_PADDING_MAX = 2  # token rows of padding its last group of 16 may hold
 AMX_FROM = 3
 AMX_ROWS_MAX = 32  # the rows path's two input tiles hold 32 token rows
 AMX_ROWS_PANEL_MAX = 128
@@ -61,7 +62,7 @@ def path(tokens: int, amx: bool, n: int, k: int) -> str:
     if tokens < (AMX_FROM if amx else PANEL_FROM):
         return "op"
     if not amx:
-        return "rows_panel" if ROWS_PANEL_FROM <= tokens <= ROWS_PANEL_MAX else "panel"
+        return "rows_panel" if tokens <= ROWS_PANEL_MAX and -tokens % 16 <= ROWS_PANEL_PADDING_MAX else "panel"
     if tokens <= AMX_ROWS_MAX:
         return "amx_rows"
     if tokens <= AMX_ROWS_PANEL_MAX and k <= cpu_int4_avx512.PANEL_INPUTS:
