@@ -1,8 +1,8 @@
 // The clip search's weight error in one pass (clip_error.py says why and when it is used).
 //
-// For each candidate c and row r: sum over the row's columns of |w - d|^(2 + extra), where
-// d = ((q - zero) + offset) * scale and q = clamp(nearbyint(w / scale - offset) + zero, lo, hi).
-// Every step up to |w - d| is the same fp32 operation, in the same order, as Grid.quantize and
+// For each candidate c and row r: sum over the row's columns of |w - d|^(2 + extra), where d is
+// w quantized and dequantized by the candidate's scale and zero point (grid_steps.h). Every step
+// up to |w - d| is the same fp32 operation, in the same order, as Grid.quantize and
 // Grid.dequantize in numerics.py (no fused multiply-adds: built with -ffp-contract=off), so each
 // element's error is bit for bit torch's. The power and the sum are not: |e|^extra is
 // 2^(extra * log2|e|) by polynomials (within 1.5e-6 relative; torch's pow: 3.4e-6), and the sum runs
@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "grid_steps.h"
 
 namespace {
 
@@ -61,10 +63,7 @@ extern "C" void treeq_clip_errors(const float* w, int64_t rows, int64_t cols, co
         float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
         for (int64_t j = 0; j < cols; ++j) {
-            float q = std::nearbyint(row[j] / s - offset) + z;
-            q = q < lo ? lo : q;  // torch.clamp: the minimum first, then the maximum
-            q = q > hi ? hi : q;
-            const float d = ((q - z) + offset) * s;
+            const float d = grid_value(grid_code(row[j], s, z, offset, lo, hi), s, z, offset);
             acc += power(std::fabs(row[j] - d), extra);
         }
         err[i] = acc;

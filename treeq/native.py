@@ -1,12 +1,12 @@
 """Build a C++ source (a kernel, or a native loop of the numerics or of a method) into a shared
 library on first use, once per source and machine.
 
-The library is cached under ``$TREEQ_CACHE`` (default ``~/.cache/treeq``) by a hash of the source
-and flags, written to a temporary name and renamed, so concurrent processes never load half a
-file. It links OpenMP by soname; torch has already loaded its own ``libgomp.so.1``, so both share
-one thread pool and ``torch.set_num_threads`` governs the kernel too. Failure (no compiler, an
-old one, a CPU without the instructions) is an answer, not an error: the caller declines and a
-portable kernel is chosen instead.
+The library is cached under ``$TREEQ_CACHE`` (default ``~/.cache/treeq``) by a hash of the source,
+the local headers it includes and the flags, written to a temporary name and renamed, so
+concurrent processes never load half a file. It links OpenMP by soname; torch has already loaded
+its own ``libgomp.so.1``, so both share one thread pool and ``torch.set_num_threads`` governs the
+kernel too. Failure (no compiler, an old one, a CPU without the instructions) is an answer, not an
+error: the caller declines and a portable kernel is chosen instead.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -25,13 +26,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TREEQ_CACHE", Path.home() / ".cache" / "treeq")) / "kernels"
 
 
+def source_text(source: Path) -> bytes:
+    """The source and the local headers it includes (``#include "..."``, one level), so the cache
+    key changes with any of them."""
+    text = source.read_bytes()
+    for name in re.findall(rb'^#include "([^"]+)"', text, re.MULTILINE):
+        text += (source.parent / name.decode()).read_bytes()
+    return text
+
+
 @functools.cache
 def build(source: Path, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str | None]:
     """(library, None) or (None, why it could not be built)."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
-    text = source.read_bytes()
+    text = source_text(source)
     key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if not target.exists():

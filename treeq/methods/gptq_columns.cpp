@@ -7,8 +7,9 @@
 // pivot, and the update w - (e * u) (a product and a difference, never fused: built with
 // -ffp-contract=off). The result is that loop's bit for bit.
 
-#include <cmath>
 #include <cstdint>
+
+#include "../grid_steps.h"
 
 extern "C" void treeq_gptq_columns(float* w1, int64_t rows, int64_t width, const float* u1, int64_t ldu,
                                    int64_t begin, int64_t end, const int64_t* group, const float* scales,
@@ -19,11 +20,9 @@ extern "C" void treeq_gptq_columns(float* w1, int64_t rows, int64_t width, const
         float* w = w1 + r * width;
         for (int64_t c = begin; c < end; ++c) {
             const float s = scales[group[c] * rows + r], z = zeros[group[c] * rows + r];
-            float q = std::nearbyint(w[c] / s - offset) + z;
-            q = q < lo ? lo : q;  // torch.clamp: the minimum first, then the maximum
-            q = q > hi ? hi : q;
+            const float q = grid_code(w[c], s, z, offset, lo, hi);
             codes[r * ld_codes + c] = uint8_t(q);
-            const float e = (w[c] - ((q - z) + offset) * s) / u1[c * ldu + c];
+            const float e = (w[c] - grid_value(q, s, z, offset)) / u1[c * ldu + c];
             err1[r * width + c] = e;
             const float* u = u1 + c * ldu;
 #pragma omp simd
