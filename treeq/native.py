@@ -41,6 +41,8 @@ def build(source: Path, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
+    if not source.exists():
+        return None, f"{source.name} is not installed with treeq (pyproject.toml's package-data)"
     text = source_text(source)
     key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
