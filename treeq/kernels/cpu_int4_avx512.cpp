@@ -774,7 +774,7 @@ inline void store_token_rows(const __m256i sums[8], int64_t tokens, uint16_t* y,
 // (g * NB * kTileN + o) * 16, where the previous panel left them); after the last panel rounded to
 // bf16 into y (output o0's column of the first token row; row stride N), else stored to part.
 template <int NB, int R, int GB>
-void chain_vector_weight_rows(const uint16_t* xt, int64_t K, const uint16_t* panel, int o0, int64_t k0, int64_t k1,
+void chain_vector_weight_rows(const uint16_t* xt, const uint16_t* panel, int o0, int64_t k0, int64_t k1,
                               int64_t tokens, bool first, bool last, float* part, uint16_t* y, int64_t N) {
     const uint32_t* w32 = (const uint32_t*)panel;  // pairs of inputs
     const uint32_t* x32 = (const uint32_t*)xt;
@@ -810,15 +810,15 @@ void chain_vector_weight_rows(const uint16_t* xt, int64_t K, const uint16_t* pan
 
 // The chain over `groups` (1 to GB) groups of token rows.
 template <int NB, int R>
-void chain_vector_weight_rows_groups(int64_t groups, const uint16_t* xt, int64_t K, const uint16_t* panel, int o0,
+void chain_vector_weight_rows_groups(int64_t groups, const uint16_t* xt, const uint16_t* panel, int o0,
                                      int64_t k0, int64_t k1, int64_t tokens, bool first, bool last, float* part,
                                      uint16_t* y, int64_t N) {
     static_assert(kWeightRowsGroups == 4, "one case per count of groups");
     switch (groups) {
-        case 1: return chain_vector_weight_rows<NB, R, 1>(xt, K, panel, o0, k0, k1, tokens, first, last, part, y, N);
-        case 2: return chain_vector_weight_rows<NB, R, 2>(xt, K, panel, o0, k0, k1, tokens, first, last, part, y, N);
-        case 3: return chain_vector_weight_rows<NB, R, 3>(xt, K, panel, o0, k0, k1, tokens, first, last, part, y, N);
-        default: return chain_vector_weight_rows<NB, R, 4>(xt, K, panel, o0, k0, k1, tokens, first, last, part, y, N);
+        case 1: return chain_vector_weight_rows<NB, R, 1>(xt, panel, o0, k0, k1, tokens, first, last, part, y, N);
+        case 2: return chain_vector_weight_rows<NB, R, 2>(xt, panel, o0, k0, k1, tokens, first, last, part, y, N);
+        case 3: return chain_vector_weight_rows<NB, R, 3>(xt, panel, o0, k0, k1, tokens, first, last, part, y, N);
+        default: return chain_vector_weight_rows<NB, R, 4>(xt, panel, o0, k0, k1, tokens, first, last, part, y, N);
     }
 }
 
@@ -843,7 +843,7 @@ void blocks_vector_weight_rows(const uint16_t* xt, int64_t M, int64_t K, const F
             for (int o0 = 0; o0 < NB * kTileN; o0 += R) {
                 const auto chain = [&](auto outputs) {
                     chain_vector_weight_rows_groups<NB, decltype(outputs)::value>(
-                        groups, xg, K, panel, o0, k0, k1, tokens, first, last, part, y + m0 * N + o0, N);
+                        groups, xg, panel, o0, k0, k1, tokens, first, last, part, y + m0 * N + o0, N);
                 };
                 const int outputs = NB * kTileN - o0 < R ? NB * kTileN - o0 : R;
                 if (outputs == R) chain(std::integral_constant<int, R>{});
