@@ -1,4 +1,4 @@
-"""What a non-editable install ships: every C++ source and local header the native builds read."""
+"""Native sources: what a non-editable install ships of them, and what a build's cache key covers."""
 
 import ast
 import fnmatch
@@ -38,3 +38,13 @@ def test_every_native_source_and_header_is_package_data():
 def test_a_missing_source_is_a_reason_not_an_error(tmp_path):
     lib, why = native.build(tmp_path / "absent.cpp", ("-O0",))
     assert lib is None and "absent.cpp is not installed" in why
+
+
+def test_a_changed_local_header_changes_the_cache_key(tmp_path):
+    # Checked to fail with the headers left out of source_text.
+    (tmp_path / "steps.h").write_text("inline int f() { return 1; }\n")
+    source = tmp_path / "loop.cpp"
+    source.write_text('#include <cmath>\n#include "steps.h"\nint g() { return f(); }\n')
+    before = native.source_text(source)
+    (tmp_path / "steps.h").write_text("inline int f() { return 2; }\n")
+    assert native.source_text(source) != before
