@@ -94,6 +94,20 @@ def test_vector_rows_panel_path_multiplies_the_reference_weight(sym, in_f, out_f
 
 
 @needs_kernel
+@pytest.mark.parametrize("in_f,out_f", [(256, 112), (4160, 208)])
+@pytest.mark.parametrize("tokens", [5, 16, 30, 64, 130])
+def test_vector_rows_panel_path_equals_the_vector_panel_path_bit_for_bit(in_f, out_f, tokens, monkeypatch):
+    """The same products (exact) added in the same order, whichever operand is broadcast."""
+    # Checked to fail with each tile's input pairs taken in reverse order in the rows panel chain
+    # (which rounded_once above still accepts).
+    panel = panel_layer(False, in_f, out_f, False, monkeypatch, "panel")
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    expected = panel(x)
+    monkeypatch.setattr(k8, "path", lambda *call: "rows_panel")
+    assert torch.equal(panel(x), expected)
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     "path,amx", [("panel", False), ("panel", True), ("amx_rows_panel", True), ("rows_panel", False)]
 )

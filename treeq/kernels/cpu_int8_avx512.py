@@ -43,8 +43,8 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   Zen 4 it also stayed ahead of the GEMM at 1024 and 2048 tokens in SmolLM2 (by 7% and 4%), so
 #   unlike 4-bit weights, 8-bit ones do not go to the GEMM there. Up to 64 tokens, where they fill
 #   their groups of 16 token rows but for at most 2, the vector rows panel path, which dequantizes
-#   the weights without transposing them and transposes the inputs instead: ahead of the vector
-#   panel path by 2-14% there on six layer shapes (the Zen 4, 2 threads). It computes whole groups,
+#   the weights without transposing them and transposes the inputs instead: level with the vector
+#   panel path or ahead by up to 14% there on six layer shapes (the Zen 4, 2 threads). It computes whole groups,
 #   so where the last holds a few tokens it fell behind by up to 17% (17, 33, 65 tokens); beyond
 #   64 tokens it gained little (at 94 to 142 tokens level or behind).
 # Read at each call, so tests can force each path.
