@@ -74,17 +74,13 @@ PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3, "panel": 4} 
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
-    lib, why = native.build(SOURCE, FLAGS)
-    if lib is None:
-        return None, why
-    if not lib.treeq_cpu_supported():
-        return None, "this CPU lacks AVX512-BF16"
     p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.treeq_int4_matmul.argtypes = [p, i, i, p, p, p, i, i, p, c_int, c_int]
-    lib.treeq_int4_dequantize.argtypes = [p, p, p, i, i, i, i, i, p, c_int, c_int]
-    lib.treeq_int8_matmul.argtypes = [p, i, i, p, p, p, i, p, c_int, c_int]
-    lib.treeq_int4_matmul.restype = lib.treeq_int4_dequantize.restype = lib.treeq_int8_matmul.restype = None
-    return lib, None
+    functions = {
+        "treeq_int4_matmul": [p, i, i, p, p, p, i, i, p, c_int, c_int],
+        "treeq_int4_dequantize": [p, p, p, i, i, i, i, i, p, c_int, c_int],
+        "treeq_int8_matmul": [p, i, i, p, p, p, i, p, c_int, c_int],
+    }
+    return native.load(SOURCE, FLAGS, "treeq_cpu_supported", "this CPU lacks AVX512-BF16", functions)
 
 
 def unavailable() -> str | None:

@@ -46,17 +46,13 @@ DENSE_FROM = {2: None, 3: 256, 4: 256}
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
-    lib, why = native.build(SOURCE, FLAGS)
-    if lib is None:
-        return None, why
-    if lib.treeq_bcq_isa() == 0:
-        return None, "this CPU lacks AVX2 and FMA"
     p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.treeq_bcq_lut_matmul.argtypes = [p, i, i, p, p, p, i, i, i, p, c_int, c_int]
-    lib.treeq_bcq_lut_matmul.restype = None
-    lib.treeq_bcq_dequantize.argtypes = [p, p, p, i, i, i, i, i, i, p, c_int]
-    lib.treeq_bcq_dequantize.restype = None
-    return lib, None
+    functions = {
+        "treeq_bcq_lut_matmul": [p, i, i, p, p, p, i, i, i, p, c_int, c_int],
+        "treeq_bcq_dequantize": [p, p, p, i, i, i, i, i, i, p, c_int],
+    }
+    # treeq_bcq_isa: 0 (unsupported) where the CPU has neither AVX512F nor AVX2 with FMA, else its level
+    return native.load(SOURCE, FLAGS, "treeq_bcq_isa", "this CPU lacks AVX2 and FMA", functions)
 
 
 def unavailable() -> str | None:

@@ -54,16 +54,12 @@ ISA_LEVEL = "avx512_bf16"
 
 @functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
-    lib, why = native.build(SOURCE, FLAGS)
-    if lib is None:
-        return None, why
-    if not lib.treeq_w8a8_supported():
-        return None, "this CPU lacks AVX512-VNNI or AVX512-BF16"
     p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.treeq_w8a8_quantize.argtypes = [p, c_int, i, i, c_int, p, p, c_int]
-    lib.treeq_w8a8_gemm.argtypes = [p, i, i, p, i, p, p, p, p, c_int, c_int]
-    lib.treeq_w8a8_quantize.restype = lib.treeq_w8a8_gemm.restype = None
-    return lib, None
+    functions = {
+        "treeq_w8a8_quantize": [p, c_int, i, i, c_int, p, p, c_int],
+        "treeq_w8a8_gemm": [p, i, i, p, i, p, p, p, p, c_int, c_int],
+    }
+    return native.load(SOURCE, FLAGS, "treeq_w8a8_supported", "this CPU lacks AVX512-VNNI or AVX512-BF16", functions)
 
 
 def available() -> str | None:
