@@ -108,6 +108,19 @@ def test_vector_rows_panel_path_equals_the_vector_panel_path_bit_for_bit(in_f, o
 
 
 @needs_kernel
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("in_f,out_f", [(256, 96), (256, 112), (4096, 80), (4160, 208)])  # N % 3: 0, 1, 2, 1
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9, 13, 14, 15, 31])  # 3 outputs a step to 8, 2 beyond; passes
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vector_rows_stream_path_multiplies_the_reference_weight(sym, in_f, out_f, tokens, threads, monkeypatch):
+    """Few tokens without AMX: each weight dequantized into registers, its rows as they lie, every
+    token's inputs copied tile by tile; the same numbers as the other paths, summed in another order."""
+    layer = panel_layer(sym, in_f, out_f, False, monkeypatch, "rows_stream")
+    x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    assert rounded_once(on_threads(threads, layer, x), x.float() @ layer.dequantized_weight().bfloat16().float().t())
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     "path,amx", [("panel", False), ("panel", True), ("amx_rows_panel", True), ("rows_panel", False)]
 )
@@ -157,7 +170,7 @@ def test_gemm_path_is_the_bf16_product_of_the_reference_weight(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("kernel_path", ["op", "panel", "rows_panel"])
+@pytest.mark.parametrize("kernel_path", ["op", "panel", "rows_panel", "rows_stream"])
 def test_layer_matches_reference_kernel_within_bf16(sym, kernel_path, monkeypatch):
     # Checked to fail: the asymmetric case on the op with the op's offset dropped; every case on the
     # panel path with its weights scaled by 1.01 in Int8Rows.
@@ -177,9 +190,10 @@ def test_path_follows_the_token_count():
     assert k8.path(gemm_from, True, 4096, 4096) == "panel"
     # More inputs than one panel holds: the AMX panel path, which carries sums from panel to panel.
     assert k8.path(rows_max + 1, True, 256, cpu_int4_avx512.PANEL_INPUTS + 32) == "panel"
-    # The vector rows panel path where whole groups of 16 token rows hold the tokens, but for 2.
-    tokens = (1, k8.PANEL_FROM - 1, k8.PANEL_FROM, 13, 14, 16, 17, 30, 33, k8.ROWS_PANEL_MAX, k8.ROWS_PANEL_MAX + 16)
-    expected = ["op", "op", "panel", "panel", "rows_panel", "rows_panel", "panel", "rows_panel", "panel"]
+    # Without AMX the stream path for a few tokens, then the vector rows panel path where whole
+    # groups of 16 token rows hold the tokens, but for 2.
+    tokens = (1, k8.STREAM_FROM - 1, k8.STREAM_FROM, k8.STREAM_MAX, 15, 16, 17, 30, 33, k8.ROWS_PANEL_MAX, 80)
+    expected = ["op", "op", "rows_stream", "rows_stream", "rows_panel", "rows_panel", "panel", "rows_panel", "panel"]
     expected += ["rows_panel", "panel"]
     assert [k8.path(m, False, 4096, 4096) for m in tokens] == expected
 

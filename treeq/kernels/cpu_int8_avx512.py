@@ -10,7 +10,9 @@ which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp
 32 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
 transposed instead, so no weight is transposed; up to 128 tokens the rows panel path does the same
 on weights dequantized once per call. Without AMX the vector rows panel path is its counterpart, up
-to 64 tokens where they fill their groups of 16 token rows.
+to 64 tokens where they fill their groups of 16 token rows; below that, from 5 tokens, the vector
+rows stream path dequantizes each weight into registers where every token's inputs meet it, and no
+panel is stored at all.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
 # Token counts at which each path takes over (bench/kernel_speed.py; figures in bench/results/kernels.md).
-# - The op runs below 6 tokens without AMX and below 3 with it. Timed on layers alone (a probe's few
-#   layers, whose weights may stay in the last-level cache) it stayed ahead up to 16 tokens without
-#   AMX; in whole models (weights from memory) it fell below bf16 from 6-8 tokens (random Llama
-#   2048 x 16: without AMX 0.71-0.97x at 8-20), where the vector panel path ran 1.05-1.36x. With AMX
+# - The op runs below 5 tokens without AMX and below 3 with it. Without AMX, from 5 to 14 tokens,
+#   the vector rows stream path: on a Zen 4 (2 threads, six layer shapes from 192 x 576 to 5632 x
+#   2048) the op fell from 1.3-2.2x bf16 at 4 tokens to 0.73-1.0x at 5 (1.6x on 192 x 576), where the
+#   stream path ran 1.2-1.8x, and from 6 to 14 tokens the stream path ran 1.0-2.0x where the panel
+#   and rows panel paths ran 0.89-1.67x (ahead of them on every shape but one, level there:
+#   1536 x 576 at 14 tokens, 0.99x both). At 1 to 4 tokens the op stayed ahead of it. With AMX
 #   the rows path, once it read one block of rows at a time, was ahead of the op from 3 tokens in
 #   whole models (random Llama at 4 tokens 1.23x bf16 against the op's 1.00-1.02x); on SmolLM2's
 #   cached layers the op stayed ahead up to 4 tokens, by 5% at 4.
@@ -48,7 +52,8 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   so where the last holds a few tokens it fell behind by up to 17% (17, 33, 65 tokens); beyond
 #   64 tokens it gained little (at 94 to 142 tokens level or behind).
 # Read at each call, so tests can force each path.
-PANEL_FROM = 6
+STREAM_FROM = 5
+STREAM_MAX = 14  # one pass of the stream path (kStreamRowsMax): the tokens' sums in registers
 ROWS_PANEL_MAX = 64
 ROWS_PANEL_PADDING_MAX = 2  # token rows of padding its last group of 16 may hold
 AMX_FROM = 3
@@ -58,10 +63,12 @@ AMX_ROWS_PANEL_MAX = 128
 
 def path(tokens: int, amx: bool, n: int, k: int) -> str:
     """The path a call with ``tokens`` rows takes for an [n, k] weight: "op", "panel", without AMX
-    "rows_panel", with AMX "amx_rows", "amx_rows_panel" or "gemm"."""
-    if tokens < (AMX_FROM if amx else PANEL_FROM):
+    "rows_stream" or "rows_panel", with AMX "amx_rows", "amx_rows_panel" or "gemm"."""
+    if tokens < (AMX_FROM if amx else STREAM_FROM):
         return "op"
     if not amx:
+        if tokens <= STREAM_MAX:
+            return "rows_stream"
         return "rows_panel" if tokens <= ROWS_PANEL_MAX and -tokens % 16 <= ROWS_PANEL_PADDING_MAX else "panel"
     if tokens <= AMX_ROWS_MAX:
         return "amx_rows"
@@ -78,10 +85,10 @@ class _State(_Int8State):
 def native_matmul(st: _State, x2: torch.Tensor, path: str) -> torch.Tensor:
     """[M, out] = bf16 x2 [M, in] (contiguous, as matmul_2d hands it) times the reference kernel's
     bf16 weight, fp32 sums, in bf16, by the native ``path`` ("panel": AMX or vector by ``st.amx``;
-    "rows_panel": vector; "amx_rows": M <= 32, and "amx_rows_panel": AMX only)."""
+    "rows_panel" and "rows_stream": vector; "amx_rows": M <= 32, and "amx_rows_panel": AMX only)."""
     n = st.weight.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    code = {"amx_rows": 2, "amx_rows_panel": 3, "rows_panel": 4}.get(path, int(st.amx))
+    code = {"amx_rows": 2, "amx_rows_panel": 3, "rows_panel": 4, "rows_stream": 5}.get(path, int(st.amx))
     cpu_int4_avx512.library()[0].treeq_int8_matmul(
         x2.data_ptr(), x2.shape[0], x2.shape[1], st.weight.data_ptr(), st.scale32.data_ptr(), st.zero.data_ptr(), n,
         y.data_ptr(), torch.get_num_threads(), code,
