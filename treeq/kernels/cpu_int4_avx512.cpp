@@ -879,13 +879,14 @@ struct Int8Rows {
     Item item(int64_t t, int64_t split) const { return place_of(t, split, blocks); }
     // Output n's inputs of tile i (32) as bf16, in input order.
     __m512i row(int64_t n, int64_t i) const {
-        const __m256i q = _mm256_loadu_si256((const __m256i*)(w + n * K + i * kTileK));
+        // Each half widened straight from memory: no 32-byte load and extract.
+        const __m128i* q = (const __m128i*)(w + n * K + i * kTileK);
         const __m512i shift = _mm512_set1_epi32(128 - zeros[n]);
         const __m512 scale = _mm512_set1_ps(scales[n]);
         const __m512 lo = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)), shift)), scale);
+            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)), shift)), scale);
         const __m512 hi = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)), shift)), scale);
+            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)), shift)), scale);
         return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
     }
     // Output n's inputs of tile i as row() gives them, asking for the row's next bytes: a unit's 64
