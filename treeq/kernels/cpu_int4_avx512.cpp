@@ -881,12 +881,15 @@ struct Int8Rows {
     __m512i row(int64_t n, int64_t i) const {
         // Each half widened straight from memory: no 32-byte load and extract.
         const __m128i* q = (const __m128i*)(w + n * K + i * kTileK);
-        const __m512i shift = _mm512_set1_epi32(128 - zeros[n]);
+        __m512i a = _mm512_cvtepi8_epi32(_mm_loadu_si128(q)), b = _mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1));
+        if (zeros[n] != 128) {  // a symmetric row (zero point 128) needs no shift
+            const __m512i shift = _mm512_set1_epi32(128 - zeros[n]);
+            a = _mm512_add_epi32(a, shift);
+            b = _mm512_add_epi32(b, shift);
+        }
         const __m512 scale = _mm512_set1_ps(scales[n]);
-        const __m512 lo = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)), shift)), scale);
-        const __m512 hi = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)), shift)), scale);
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(a), scale);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(b), scale);
         return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
     }
     // Output n's inputs of tile i as row() gives them, asking for the row's next bytes: a unit's 64
