@@ -10,7 +10,7 @@ which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp
 32 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
 transposed instead, so no weight is transposed; up to 128 tokens the rows panel path does the same
 on weights dequantized once per call. Without AMX the vector rows panel path is its counterpart, up
-to 64 tokens where they fill their groups of 16 token rows; below that, from 5 tokens, the vector
+to 64 tokens where they fill their groups of 16 token rows; below that, from 4 tokens, the vector
 rows stream path dequantizes each weight into registers where every token's inputs meet it, and no
 panel is stored at all.
 """
@@ -26,12 +26,15 @@ from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
 # Token counts at which each path takes over (bench/kernel_speed.py; figures in bench/results/kernels.md).
-# - The op runs below 5 tokens without AMX and below 3 with it. Without AMX, from 5 to 14 tokens,
+# - The op runs below 4 tokens without AMX and below 3 with it. Without AMX, from 4 to 14 tokens,
 #   the vector rows stream path: on a Zen 4 (2 threads, six layer shapes from 192 x 576 to 5632 x
-#   2048) the op fell from 1.3-2.2x bf16 at 4 tokens to 0.73-1.0x at 5 (1.6x on 192 x 576), where the
-#   stream path ran 1.2-1.8x, and from 6 to 14 tokens the stream path ran 1.0-2.0x where the panel
-#   and rows panel paths ran 0.89-1.67x (ahead of them on every shape but one, level there:
-#   1536 x 576 at 14 tokens, 0.99x both). At 1 to 4 tokens the op stayed ahead of it. With AMX
+#   2048) the op fell to 0.73-1.0x bf16 at 5 tokens (1.6x on 192 x 576), where the stream path ran
+#   1.2-1.8x, and from 6 to 14 tokens the stream path ran 1.0-2.0x where the panel and rows panel
+#   paths ran 0.89-1.67x (ahead of them on every shape but one, level there: 1536 x 576 at 14
+#   tokens). Once it skipped the shift of symmetric rows it ran ahead of the op at 4 tokens on
+#   four layers (1.0-1.2x the op's speed; whole models 1.05-1.12x) and level at 3 (whole models
+#   1.51 / 1.53x bf16 on SmolLM2, 1.53 / 1.49x on the random Llama); at 1 and 2 the op stayed
+#   ahead on SmolLM2's layers. With AMX
 #   the rows path, once it read one block of rows at a time, was ahead of the op from 3 tokens in
 #   whole models (random Llama at 4 tokens 1.23x bf16 against the op's 1.00-1.02x); on SmolLM2's
 #   cached layers the op stayed ahead up to 4 tokens, by 5% at 4.
@@ -52,7 +55,7 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   so where the last holds a few tokens it fell behind by up to 17% (17, 33, 65 tokens); beyond
 #   64 tokens it gained little (at 94 to 142 tokens level or behind).
 # Read at each call, so tests can force each path.
-STREAM_FROM = 5
+STREAM_FROM = 4
 STREAM_MAX = 14  # one pass of the stream path (kStreamRowsMax): the tokens' sums in registers
 ROWS_PANEL_MAX = 64
 ROWS_PANEL_PADDING_MAX = 2  # token rows of padding its last group of 16 may hold
