@@ -368,25 +368,28 @@ void transpose16(__m512i r[16]) {
 
 // One 16 x 32 tile of block rows as bf16 pairs: rows[p] holds, per output lane, inputs 2p and 2p + 1.
 // group_scales, group_zeros: the 16 lanes' scales (fp16) and zero points of the tile's group.
+// Bytes widened one to a lane land in pair order already: byte 2n holds output n's inputs 4t and
+// 4t + 2 (low, high nibble), byte 2n + 1 its inputs 4t + 1 and 4t + 3, so the low nibbles of bytes
+// 0..15 are pair 2t of outputs 0..7 and the high ones pair 2t + 1, each lane's scale and zero point
+// its output's (a permute per element, as before, cost more than these per-lane parameters).
 void dequantize_tile(const uint8_t* src, const uint16_t* group_scales, const uint8_t* group_zeros,
                      __m512i rows[16]) {
     const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)group_scales));
     const __m512i zero = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)group_zeros));
-    // Element 2n takes lane n of the first converted vector, 2n + 1 lane n of the second.
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    const __m512 s[2] = {_mm512_permutexvar_ps(first, scale), _mm512_permutexvar_ps(second, scale)};
+    const __m512i z[2] = {_mm512_permutexvar_epi32(first, zero), _mm512_permutexvar_epi32(second, zero)};
     const __m512i nibble = _mm512_set1_epi32(15);
     for (int t = 0; t < kTileK / 4; ++t) {
-        // Lane n: byte 2n (inputs 4t, 4t + 2 in its nibbles) and byte 2n + 1 (inputs 4t + 1, 4t + 3).
-        const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + 32 * t)));
-        __m512 f[4];
-        const int shifts[4] = {0, 8, 4, 12};
-        for (int c = 0; c < 4; ++c) {
-            const __m512i q = _mm512_and_si512(_mm512_srli_epi32(v, shifts[c]), nibble);
-            f[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zero)), scale);
+        __m512 f[2][2];  // [pair 2t or 2t + 1][outputs 0..7 or 8..15]
+        for (int h = 0; h < 2; ++h) {
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(src + 32 * t + 16 * h)));
+            const __m512i q[2] = {_mm512_and_si512(v, nibble), _mm512_srli_epi32(v, 4)};
+            for (int r = 0; r < 2; ++r) f[r][h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q[r], z[h])), s[h]);
         }
-        rows[2 * t] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(f[1], f[0]));
-        rows[2 * t + 1] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(f[3], f[2]));
+        rows[2 * t] = (__m512i)_mm512_cvtne2ps_pbh(f[0][1], f[0][0]);
+        rows[2 * t + 1] = (__m512i)_mm512_cvtne2ps_pbh(f[1][1], f[1][0]);
     }
 }
 
