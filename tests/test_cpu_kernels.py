@@ -25,6 +25,7 @@ from treeq.kernels import (
     cpu_int4,
     cpu_int4_avx512,
     cpu_int8,
+    cpu_int8_avx512,
     cpu_isa,
     select_kernel,
 )
@@ -250,7 +251,7 @@ def test_selection_on_cpu():
     assert select_kernel(fmt, "cpu", torch.float32).name == fp32
     low = "cpu_lowbit" if cpu_dequantize.available() else "torch"  # 2/3-bit: dequantize + GEMM
     assert select_kernel(LinearFormat(3, 64, True, False, 576, 1536), "cpu", torch.bfloat16).name == low
-    int8 = "cpu_int8" if cpu_int4_avx512.unavailable() else "cpu_int8_avx512"  # its op, and panels beyond
+    int8 = "cpu_int8" if cpu_int8_avx512.unavailable() else "cpu_int8_avx512"  # its op, and panels beyond
     assert select_kernel(LinearFormat(8, -1, True, False, 576, 1536), "cpu", torch.bfloat16).name == int8
     assert select_kernel(LinearFormat(8, 64, True, False, 576, 1536), "cpu", torch.bfloat16).name == "torch"
     odd = LinearFormat(4, 32, True, False, 64, 40)

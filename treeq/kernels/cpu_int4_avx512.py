@@ -78,7 +78,6 @@ def library() -> tuple[ctypes.CDLL | None, str | None]:
     functions = {
         "treeq_int4_matmul": [p, i, i, p, p, p, i, i, p, c_int, c_int],
         "treeq_int4_dequantize": [p, p, p, i, i, i, i, i, p, c_int, c_int],
-        "treeq_int8_matmul": [p, i, i, p, p, p, i, p, c_int, c_int],
     }
     return native.load(SOURCE, FLAGS, "treeq_cpu_supported", "this CPU lacks AVX512-BF16", functions)
 

@@ -17,11 +17,15 @@ panel is stored at all.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from . import cpu_int4_avx512
+from .. import native
+from . import cpu_int4_avx512, cpu_isa
 from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
@@ -80,6 +84,21 @@ def path(tokens: int, amx: bool, n: int, k: int) -> str:
     return "gemm" if tokens >= cpu_int4_avx512.gemm_from(n, k, amx) else "panel"
 
 
+SOURCE = Path(__file__).with_suffix(".cpp")  # with the panel paths it shares with cpu_int4_avx512
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str | None]:
+    p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    functions = {"treeq_int8_matmul": [p, i, i, p, p, p, i, p, c_int, c_int]}
+    return native.load(SOURCE, cpu_int4_avx512.FLAGS, "treeq_cpu_supported", "this CPU lacks AVX512-BF16", functions)
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run here (read afresh at each selection, as cpu_int4_avx512's); None if it can."""
+    return library()[1] or cpu_isa.forbidden("avx512_bf16")
+
+
 @dataclass
 class _State(_Int8State):
     amx: bool  # cpu_int4_avx512.amx_allowed() when the kernel was chosen
@@ -92,7 +111,7 @@ def native_matmul(st: _State, x2: torch.Tensor, path: str) -> torch.Tensor:
     n = st.weight.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
     code = {"amx_rows": 2, "amx_rows_panel": 3, "rows_panel": 4, "rows_stream": 5}.get(path, int(st.amx))
-    cpu_int4_avx512.library()[0].treeq_int8_matmul(
+    library()[0].treeq_int8_matmul(
         x2.data_ptr(), x2.shape[0], x2.shape[1], st.weight.data_ptr(), st.scale32.data_ptr(), st.zero.data_ptr(), n,
         y.data_ptr(), torch.get_num_threads(), code,
     )  # fmt: skip
@@ -107,7 +126,7 @@ class CpuInt8Avx512(CpuInt8):
 
     @classmethod
     def rejects(cls, fmt, device, dtype):
-        return super().rejects(fmt, device, dtype) or cpu_int4_avx512.unavailable()
+        return super().rejects(fmt, device, dtype) or unavailable()
 
     @classmethod
     def prepare(cls, layer) -> None:
