@@ -148,8 +148,9 @@ void stream_rows(const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0,
 }
 
 // All N outputs for M tokens, M <= kStreamRowsMax: 3 outputs at a time up to 8 tokens, then 2
-// (of 2 to 4 outputs, 3 ran ahead up to 8 tokens; on 4096 x 4096 and 5632 x 2048, 2 threads,
-// 1.6-1.8x bf16 at 6 and 7 tokens against 1.5-1.6x with 2 or 4).
+// (3 x 8 sums leave too few registers beyond). On the Zen 4 (2 threads) 3 outputs ran 1.04-1.06x
+// as fast as 2 at 6 and 8 tokens (5632 x 2048, 1536 x 576; two builds, each order once), 4
+// outputs (6 tokens a pass) 0.65-0.8x.
 template <int M>
 void stream_matmul(const uint16_t* x, int64_t K, int64_t N, uint16_t* y, int threads, const Int8Rows& src) {
     constexpr int R = M <= 8 ? 3 : 2;
