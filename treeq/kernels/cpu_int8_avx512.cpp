@@ -119,11 +119,18 @@ void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_
 // sums stay in registers (R x M of them), so the weights are read and dequantized once per call.
 // The inputs are first copied tile by tile (xs: tile i's M x 32 inputs at xs + i * M * 32): read in
 // place, M rows 2 K bytes apart fall in one L1 set, which holds 8 lines (12 to 16 tokens ran at
-// half the speed).
+// half the speed). More tokens than registers hold run in passes, the first keeping its rows'
+// dequantized weights (R x K bf16, in L1 or L2) for the others.
 constexpr int64_t kStreamRowsMax = 14;  // tokens per pass: 2 x 14 sums, two rows and an input in 32 registers
 
-template <int R, int M>
-void stream_rows(const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0, uint16_t* y, int64_t N) {
+// Where a pass takes its rows' weights: dequantized (a call's only pass), dequantized and kept in a
+// per-thread buffer (the first of several passes), or read back from that buffer (the later ones),
+// so more tokens than one pass holds still dequantize each weight once.
+enum class Rows { kDequantize, kKeep, kReuse };
+
+template <int R, int M, Rows mode>
+void stream_rows(const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0, uint16_t* kept, uint16_t* y,
+                 int64_t N) {
     __m512 acc[M][R];
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m)
@@ -132,7 +139,15 @@ void stream_rows(const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0,
     for (int64_t i = 0; i < K / kTileK; ++i) {
         __m512bh wv[R];
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) wv[r] = (__m512bh)src.row_ahead(n0 + r, i);
+        for (int r = 0; r < R; ++r) {
+            uint16_t* at = kept + (i * R + r) * kTileK;
+            if constexpr (mode == Rows::kReuse) {
+                wv[r] = (__m512bh)_mm512_load_si512(at);
+            } else {
+                wv[r] = (__m512bh)src.row_ahead(n0 + r, i);
+                if constexpr (mode == Rows::kKeep) _mm512_store_si512(at, (__m512i)wv[r]);
+            }
+        }
 #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) {
             const __m512bh xv = (__m512bh)_mm512_load_si512(xs + (i * M + m) * kTileK);
@@ -147,40 +162,60 @@ void stream_rows(const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0,
         }
 }
 
-// All N outputs for M tokens, M <= kStreamRowsMax: 3 outputs at a time up to 8 tokens, then 2
-// (3 x 8 sums leave too few registers beyond). On the Zen 4 (2 threads) 3 outputs ran 1.04-1.06x
-// as fast as 2 at 6 and 8 tokens (5632 x 2048, 1536 x 576; two builds, each order once), 4
-// outputs (6 tokens a pass) 0.65-0.8x.
-template <int M>
-void stream_matmul(const uint16_t* x, int64_t K, int64_t N, uint16_t* y, int threads, const Int8Rows& src) {
-    constexpr int R = M <= 8 ? 3 : 2;
-    const int64_t tiles = K / kTileK;
-    uint16_t* xs = (uint16_t*)scratch(1, sizeof(uint16_t) * M * K);
-    for (int64_t i = 0; i < tiles; ++i)
-        for (int m = 0; m < M; ++m) memcpy(xs + (i * M + m) * kTileK, x + m * K + i * kTileK, 2 * kTileK);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < (N + R - 1) / R; ++c) {
-        if (N - c * R >= R) stream_rows<R, M>(src, xs, K, c * R, y, N);
-        else
-            for (int64_t n = c * R; n < N; ++n) stream_rows<1, M>(src, xs, K, n, y, N);
+// stream_rows' instance for a pass of m <= M tokens.
+template <int R, int M = kStreamRowsMax>
+void stream_pass(int64_t m, Rows mode, const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0,
+                 uint16_t* kept, uint16_t* y, int64_t N) {
+    if constexpr (M > 1)
+        if (m < M) return stream_pass<R, M - 1>(m, mode, src, xs, K, n0, kept, y, N);
+    if constexpr (R <= 2 || M <= 8) {  // 3 outputs only up to 8 tokens (registers)
+        if (mode == Rows::kDequantize) stream_rows<R, M, Rows::kDequantize>(src, xs, K, n0, kept, y, N);
+        else if (mode == Rows::kKeep) stream_rows<R, M, Rows::kKeep>(src, xs, K, n0, kept, y, N);
+        else stream_rows<R, M, Rows::kReuse>(src, xs, K, n0, kept, y, N);
     }
 }
 
-// stream_matmul's instance for M <= kStreamRowsMax tokens.
-template <int MR = kStreamRowsMax>
-void stream_matmul_tokens(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads,
-                          const Int8Rows& src) {
-    if constexpr (MR > 1)
-        if (M < MR) return stream_matmul_tokens<MR - 1>(x, M, K, N, y, threads, src);
-    stream_matmul<MR>(x, K, N, y, threads, src);
+// Outputs n0..n0 + R over all M tokens, in passes of up to `per_pass` (xs: pass q's inputs at
+// xs + q * per_pass * K, laid out as stream_rows reads them).
+template <int R>
+void stream_outputs(const Int8Rows& src, const uint16_t* xs, int64_t M, int64_t per_pass, int64_t K, int64_t n0,
+                    uint16_t* kept, uint16_t* y, int64_t N) {
+    for (int64_t m0 = 0; m0 < M; m0 += per_pass) {
+        const int64_t m = M - m0 < per_pass ? M - m0 : per_pass;
+        const Rows mode = per_pass >= M ? Rows::kDequantize : m0 == 0 ? Rows::kKeep : Rows::kReuse;
+        stream_pass<R>(m, mode, src, xs + m0 * K, K, n0, kept, y + m0 * N, N);
+    }
 }
 
-// Any number of tokens, in passes of up to kStreamRowsMax, each reading all the weights.
+// All N outputs for M tokens: up to kStreamRowsMax in one pass, more in passes of up to 8 (equal
+// but for the last); 3 outputs at a time where the passes hold up to 8 tokens, else 2 (3 x 8 sums
+// leave too few registers beyond). On the Zen 4 (2 threads; two builds or paths, each order once):
+// 3 outputs ran 1.04-1.06x as fast as 2 at 6 and 8 tokens (5632 x 2048, 1536 x 576), 4 outputs (6
+// tokens a pass) 0.65-0.8x; from 20 to 28 tokens passes of up to 8 with 3 outputs ran 1.04-1.29x
+// bf16 on 5632 x 2048 and 4096 x 4096 where passes of up to 14 with 2 outputs ran 0.95-1.20x (the
+// rule sends it 16 tokens at most; tests force it beyond).
 void stream_rows_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads,
                         const Int8Rows& src) {
-    for (int64_t m0 = 0; m0 < M; m0 += kStreamRowsMax) {
-        const int64_t m = M - m0 < kStreamRowsMax ? M - m0 : kStreamRowsMax;
-        stream_matmul_tokens(x + m0 * K, m, K, N, y + m0 * N, threads, src);
+    const int64_t passes = M <= kStreamRowsMax ? 1 : (M + 7) / 8, per_pass = (M + passes - 1) / passes;
+    const int R = per_pass <= 8 ? 3 : 2;
+    const int64_t tiles = K / kTileK;
+    uint16_t* xs = (uint16_t*)scratch(1, sizeof(uint16_t) * M * K);
+    for (int64_t m0 = 0; m0 < M; m0 += per_pass) {
+        const int64_t m = M - m0 < per_pass ? M - m0 : per_pass;
+        for (int64_t i = 0; i < tiles; ++i)
+            for (int64_t t = 0; t < m; ++t)
+                memcpy(xs + m0 * K + (i * m + t) * kTileK, x + (m0 + t) * K + i * kTileK, 2 * kTileK);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        uint16_t* kept = passes > 1 ? (uint16_t*)scratch(2, sizeof(uint16_t) * R * K) : nullptr;
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < (N + R - 1) / R; ++c) {
+            if (N - c * R >= R && R == 3) stream_outputs<3>(src, xs, M, per_pass, K, c * R, kept, y, N);
+            else if (N - c * R >= R) stream_outputs<2>(src, xs, M, per_pass, K, c * R, kept, y, N);
+            else
+                for (int64_t n = c * R; n < N; ++n) stream_outputs<1>(src, xs, M, per_pass, K, n, kept, y, N);
+        }
     }
 }
 
@@ -189,7 +224,7 @@ void stream_rows_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint
 // y[M, N] = x[M, K] bf16 @ W^T for 8-bit weights in rows (Int8Rows: w [N][K] signed, scales fp32
 // [N], zeros int32 [N]). path: 0 the vector panel path, 1 the AMX panel path, 2 the AMX rows path
 // (M <= 32), 3 the AMX weight-rows panel path (the AMX panel path where K > 4096), 4 the vector
-// weight-rows panel path, 5 the vector rows stream path (in passes of kStreamRowsMax tokens); 1 to 3 only where
+// weight-rows panel path, 5 the vector rows stream path (any M, in passes beyond kStreamRowsMax tokens); 1 to 3 only where
 // treeq_amx_supported, else y is left as it was. N a multiple of 16, K of 32.
 extern "C" void treeq_int8_matmul(const uint16_t* x, int64_t M, int64_t K, const int8_t* w, const float* scales,
                                   const int32_t* zeros, int64_t N, uint16_t* y, int threads, int path) {

@@ -10,9 +10,10 @@ which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp
 32 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
 transposed instead, so no weight is transposed; up to 128 tokens the rows panel path does the same
 on weights dequantized once per call. Without AMX the vector rows panel path is its counterpart, up
-to 64 tokens where they fill their groups of 16 token rows; below that, from 4 tokens, the vector
-rows stream path dequantizes each weight into registers where every token's inputs meet it, and no
-panel is stored at all.
+to 64 tokens where they fill their groups of 16 token rows. Before it, from 4 to 16 tokens, the
+vector rows stream path dequantizes each weight into registers where every token's inputs meet it,
+and stores no panel (beyond 14 tokens it runs passes of up to 8, the first keeping its rows'
+weights for the others).
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   tokens). Once it skipped the shift of symmetric rows it ran ahead of the op at 4 tokens on
 #   four layers (1.0-1.2x the op's speed; whole models 1.05-1.12x) and level at 3 (whole models
 #   1.51 / 1.53x bf16 on SmolLM2, 1.53 / 1.49x on the random Llama); at 1 and 2 the op stayed
-#   ahead on SmolLM2's layers. With AMX
+#   ahead on SmolLM2's layers. Beyond 14 tokens (passes of up to 8, each weight dequantized once
+#   and kept for the later passes; two paths on the same weights, each order once, 2 threads) it
+#   ran ahead of the rows panel path at 16 tokens (1.16-1.36x bf16 against 0.94-1.09x on four
+#   layers, level on 1536 x 576; whole models at 16 tokens 1.31 / 1.12x against 1.25 / 1.10x). On
+#   the weights of 2048 x 2048 and larger it also led from 20 to 32 tokens on layers alone
+#   (1.02-1.37x against 0.90-1.16x), but whole models did not follow (the random Llama at 24 and 32
+#   tokens: 1.11 / 1.05x against 1.09 / 1.09x), and on SmolLM2's layers it fell behind from 20
+#   (0.85-1.13x against 0.96-1.12x); so the stream path stops at 16. With AMX
 #   the rows path, once it read one block of rows at a time, was ahead of the op from 3 tokens in
 #   whole models (random Llama at 4 tokens 1.23x bf16 against the op's 1.00-1.02x); on SmolLM2's
 #   cached layers the op stayed ahead up to 4 tokens, by 5% at 4.
@@ -60,7 +68,7 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   64 tokens it gained little (at 94 to 142 tokens level or behind).
 # Read at each call, so tests can force each path.
 STREAM_FROM = 4
-STREAM_MAX = 14  # one pass of the stream path (kStreamRowsMax): the tokens' sums in registers
+STREAM_MAX = 16
 ROWS_PANEL_MAX = 64
 ROWS_PANEL_PADDING_MAX = 2  # token rows of padding its last group of 16 may hold
 AMX_FROM = 3
