@@ -21,9 +21,10 @@ import tempfile
 from pathlib import Path
 
 import click
+import machine  # bench/: run as a script, bench/ is on sys.path
 import torch
 import torch.nn.functional as F
-from kernel_speed import _quant_linear  # bench/: run as a script, bench/ is on sys.path
+from kernel_speed import _quant_linear
 from timing import median_seconds
 
 from treeq import native
@@ -93,6 +94,7 @@ def main(rev_a: str, rev_b: str, bits: str, path: int, shape: str, tokens: str, 
     with tempfile.TemporaryDirectory() as tmp:
         a = make(build_at(rev_a, function, Path(tmp) / "a"), layer, path)
         b = make(build_at(rev_b, function, Path(tmp) / "b"), layer, path)
+        print(machine.cpu())
         print(f"{bits}-bit {shape}, path {path}: B/A = how much faster {rev_b} ran than {rev_a}")
         for t in (int(v) for v in threads.split(",")):
             torch.set_num_threads(t)
