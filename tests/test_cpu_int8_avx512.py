@@ -117,6 +117,10 @@ def test_vector_rows_stream_path_multiplies_the_reference_weight(sym, in_f, out_
     token's inputs copied tile by tile; the same numbers as the other paths, summed in another order.
     Beyond 14 tokens in passes of up to 8 (15: 8 + 7; 31: 4 x 8 but 7; 40: 5 x 8), the first pass
     keeping its rows' weights for the later ones."""
+    # Checked to fail: with every output of a step reading its first row; with the outputs left over
+    # from steps of 3 dropped; with every token reading the first token's inputs; with every tile's
+    # inputs copied from the first tile; with the passes writing over each other; with the kept
+    # weights not stored; with every pass copying the first pass's inputs.
     layer = panel_layer(sym, in_f, out_f, False, monkeypatch, "rows_stream")
     x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
     assert rounded_once(on_threads(threads, layer, x), x.float() @ layer.dequantized_weight().bfloat16().float().t())

@@ -31,7 +31,7 @@ from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
 # Token counts at which each path takes over (bench/kernel_speed.py; figures in bench/results/kernels.md).
-# - The op runs below 4 tokens without AMX and below 3 with it. Without AMX, from 4 to 14 tokens,
+# - The op runs below 4 tokens without AMX and below 3 with it. Without AMX, from 4 to 16 tokens,
 #   the vector rows stream path: on a Zen 4 (2 threads, six layer shapes from 192 x 576 to 5632 x
 #   2048) the op fell to 0.73-1.0x bf16 at 5 tokens (1.6x on 192 x 576), where the stream path ran
 #   1.2-1.8x, and from 6 to 14 tokens the stream path ran 1.0-2.0x where the panel and rows panel
