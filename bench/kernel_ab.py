@@ -54,9 +54,9 @@ def int8_call(lib: ctypes.CDLL, layer, path: int):
 
     def call(x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-        args = (x.data_ptr(), x.shape[0], x.shape[1], st.weight.data_ptr(), st.scale32.data_ptr(), st.zero.data_ptr())
-        lib.treeq_int8_matmul(*map(ctypes.c_void_p, args[:1]), *map(ctypes.c_int64, args[1:3]),
-                              *map(ctypes.c_void_p, args[3:]), ctypes.c_int64(n), ctypes.c_void_p(y.data_ptr()),
+        lib.treeq_int8_matmul(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(x.shape[0]), ctypes.c_int64(x.shape[1]),
+                              ctypes.c_void_p(st.weight.data_ptr()), ctypes.c_void_p(st.scale32.data_ptr()),
+                              ctypes.c_void_p(st.zero.data_ptr()), ctypes.c_int64(n), ctypes.c_void_p(y.data_ptr()),
                               ctypes.c_int(torch.get_num_threads()), ctypes.c_int(path))  # fmt: skip
         return y
 

@@ -111,7 +111,6 @@ void rows_amx_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_
     }
 }
 
-
 // Vector rows stream path (8-bit rows without AMX, a few tokens): no panel, so no weight is stored
 // and read back. R outputs' rows are dequantized as they lie, a tile of 32 inputs at a time into
 // registers, and each token's 32 inputs meet them in one dot product per output: lane j sums the
@@ -140,12 +139,12 @@ void stream_rows(const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0,
         __m512bh wv[R];
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-            uint16_t* at = kept + (i * R + r) * kTileK;
+            // kept is null in a call's only pass: no address into it is formed there.
             if constexpr (mode == Rows::kReuse) {
-                wv[r] = (__m512bh)_mm512_load_si512(at);
+                wv[r] = (__m512bh)_mm512_load_si512(kept + (i * R + r) * kTileK);
             } else {
                 wv[r] = (__m512bh)src.row_ahead(n0 + r, i);
-                if constexpr (mode == Rows::kKeep) _mm512_store_si512(at, (__m512i)wv[r]);
+                if constexpr (mode == Rows::kKeep) _mm512_store_si512(kept + (i * R + r) * kTileK, (__m512i)wv[r]);
             }
         }
 #pragma GCC unroll 16
