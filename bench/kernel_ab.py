@@ -5,10 +5,13 @@ of ``treeq_int4_matmul`` / ``treeq_int8_matmul`` on one native path, interleaved
 The build timed second in a round gains from the first one's weights left in cache (the same build
 twice read 1.06-1.11x as fast at 8 tokens on 5632 x 2048, AMD Zen 4), so each cell is measured in
 both orders and the geometric mean of the two ratios is the figure to quote. Outputs must be equal
-bit for bit (the script checks), so it measures changes that keep the numbers.
+bit for bit (the script checks), so it measures changes that keep the numbers; with
+``--sums-reordered`` (a change that adds the same fp32 products in another order) each output may
+instead differ by one bf16 step, where the two sums round to either side, or by 2^-8 of the outputs'
+root mean square, where a sum near zero cancels and its last bits depend on the order.
 
 Usage: python bench/kernel_ab.py REV_A REV_B --bits 8 --path 5 --shape 5632x2048 --tokens 6,8
-       [--threads 2]   (path: the .cpp's argument, e.g. 8-bit 0 panel, 4 rows panel, 5 stream;
+       [--threads 2] [--sums-reordered]   (path: the .cpp's argument, e.g. 8-bit 0 panel, 4 rows panel, 5 stream;
                         4-bit 0 vector, 1 expanded, 4 panel)
 """
 
@@ -78,6 +81,13 @@ def int4_call(lib: ctypes.CDLL, layer, path: int):
     return call
 
 
+def ordered(y: torch.Tensor) -> torch.Tensor:
+    """bf16 values as integers in the values' order, adjacent values one apart (sign and magnitude
+    to two's complement)."""
+    i = y.view(torch.int16).int()
+    return torch.where(i < 0, -32768 - i, i)
+
+
 @click.command()
 @click.argument("rev_a")
 @click.argument("rev_b")
@@ -86,7 +96,10 @@ def int4_call(lib: ctypes.CDLL, layer, path: int):
 @click.option("--shape", default="5632x2048", show_default=True, help="OUTxIN")
 @click.option("--tokens", default="8,256", show_default=True)
 @click.option("--threads", default="2", show_default=True)
-def main(rev_a: str, rev_b: str, bits: str, path: int, shape: str, tokens: str, threads: str) -> None:
+@click.option("--sums-reordered", is_flag=True, help="allow one bf16 step between the outputs")
+def main(
+    rev_a: str, rev_b: str, bits: str, path: int, shape: str, tokens: str, threads: str, sums_reordered: bool
+) -> None:
     n, k = (int(v) for v in shape.split("x"))
     layer = _quant_linear(int(bits), 128 if bits == "4" else -1, n, n_in=k)
     dense = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
@@ -100,7 +113,12 @@ def main(rev_a: str, rev_b: str, bits: str, path: int, shape: str, tokens: str, 
             torch.set_num_threads(t)
             for m in (int(v) for v in tokens.split(",")):
                 x = torch.randn(m, k, dtype=torch.bfloat16)
-                if not torch.equal(a(x), b(x)):
+                ya, yb = a(x), b(x)
+                steps = (ordered(ya) - ordered(yb)).abs()
+                if sums_reordered:
+                    cancelled = (ya.float() - yb.float()).abs() <= ya.float().pow(2).mean().sqrt() / 256
+                    steps = torch.where(cancelled, 0, steps)
+                if steps.max().item() > (1 if sums_reordered else 0):
                     raise click.ClickException(f"the two revisions' outputs differ at {m} tokens")
                 fns = [lambda: F.linear(x, dense), lambda: a(x), lambda: b(x)]
                 bf16, ta, tb = median_seconds(fns, 8, budget=3)

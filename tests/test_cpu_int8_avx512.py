@@ -197,10 +197,14 @@ def test_path_follows_the_token_count():
     # More inputs than one panel holds: the AMX panel path, which carries sums from panel to panel.
     assert k8.path(rows_max + 1, True, 256, cpu_int4_avx512.PANEL_INPUTS + 32) == "panel"
     # Without AMX the stream path for a few tokens, then the vector rows panel path where whole
-    # groups of 16 token rows hold the tokens, but for 2.
-    tokens = (1, k8.STREAM_FROM - 1, k8.STREAM_FROM, k8.STREAM_MAX, 17, 30, 33, k8.ROWS_PANEL_MAX, 80)
+    # groups of 16 token rows hold the tokens, but for 2; the stream path goes on to more tokens
+    # where the layer has more outputs.
+    wide_max, wide = k8.STREAM_WIDE_MAX, k8.STREAM_WIDE_FROM
+    tokens = (1, k8.STREAM_FROM - 1, k8.STREAM_FROM, wide_max, wide_max + 1, 47, 49, k8.ROWS_PANEL_MAX, 80)
     expected = ["op", "op", "rows_stream", "rows_stream", "panel", "rows_panel", "panel", "rows_panel", "panel"]
-    assert [k8.path(m, False, 4096, 4096) for m in tokens] == expected
+    assert [k8.path(m, False, wide, 4096) for m in tokens] == expected
+    tokens = (k8.STREAM_MAX, k8.STREAM_MAX + 1, 30, wide_max)
+    assert [k8.path(m, False, wide - 16, 4096) for m in tokens] == ["rows_stream", "panel", "rows_panel", "rows_panel"]
 
 
 def test_chosen_for_8_bit_rows_where_it_runs_and_declines_with_the_reason(monkeypatch):

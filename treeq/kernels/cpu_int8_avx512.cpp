@@ -127,6 +127,23 @@ constexpr int64_t kStreamRowsMax = 14;  // tokens per pass: 2 x 14 sums, two row
 // so more tokens than one pass holds still dequantize each weight once.
 enum class Rows { kDequantize, kKeep, kReuse };
 
+// Lane j of the result: the sum of v[j]'s 16 lanes, for 16 vectors at once: a tree of adds whose
+// operands are shuffled together, 45 instructions where 16 reduce_adds take about 8 each, each a
+// chain of dependent steps. With few inputs per output those were a large part of a call: the stream
+// path ran up to 1.3x as fast with this on 1536 x 576 at 16 tokens (bench/results/kernels.md).
+inline __m512 lane_totals(const __m512 (&v)[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)  // each 128-bit chunk: v[2i], v[2i + 1], v[2i], v[2i + 1]
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)  // each chunk: v[4i] .. v[4i + 3] over its own lanes
+        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; ++i)  // chunks: v[8i] .. v[8i + 3] over chunks 0-1, then 2-3; v[8i + 4] .. likewise
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
 template <int R, int M, Rows mode>
 void stream_rows(const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0, uint16_t* kept, uint16_t* y,
                  int64_t N) {
@@ -154,11 +171,17 @@ void stream_rows(const Int8Rows& src, const uint16_t* xs, int64_t K, int64_t n0,
             for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
         }
     }
-    for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) {
-            const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_set1_ps(_mm512_reduce_add_ps(acc[m][r])));
-            y[m * N + n0 + r] = (uint16_t)_mm256_extract_epi16(bf, 0);
-        }
+    // The M x R sums 16 at a time (token by token, output by output), each one's lanes added.
+    constexpr int C = M * R;
+#pragma GCC unroll 2
+    for (int g = 0; g < C; g += 16) {
+        __m512 v[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) v[j] = g + j < C ? acc[(g + j) / R][(g + j) % R] : _mm512_setzero_ps();
+        alignas(32) uint16_t out[16];
+        _mm256_store_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(lane_totals(v)));
+        for (int j = 0; j < 16 && g + j < C; ++j) y[(g + j) / R * N + n0 + (g + j) % R] = out[j];
+    }
 }
 
 // stream_rows' instance for a pass of m <= M tokens.
@@ -192,7 +215,7 @@ void stream_outputs(const Int8Rows& src, const uint16_t* xs, int64_t M, int64_t 
 // 3 outputs ran 1.04-1.06x as fast as 2 at 6 and 8 tokens (5632 x 2048, 1536 x 576), 4 outputs (6
 // tokens a pass) 0.65-0.8x; from 20 to 28 tokens passes of up to 8 with 3 outputs ran 1.04-1.29x
 // bf16 on 5632 x 2048 and 4096 x 4096 where passes of up to 14 with 2 outputs ran 0.95-1.20x (the
-// rule sends it 16 tokens at most; tests force it beyond).
+// rule sends it 32 tokens at most; tests force it beyond).
 void stream_rows_matmul(const uint16_t* x, int64_t M, int64_t K, int64_t N, uint16_t* y, int threads,
                         const Int8Rows& src) {
     const int64_t passes = M <= kStreamRowsMax ? 1 : (M + 7) / 8, per_pass = (M + passes - 1) / passes;

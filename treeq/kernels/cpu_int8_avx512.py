@@ -10,10 +10,10 @@ which AMX tiles (where the CPU has them) or AVX512 dot products multiply with fp
 32 tokens the rows path takes the weights' rows as tiles as they are, and the few tokens' inputs
 transposed instead, so no weight is transposed; up to 128 tokens the rows panel path does the same
 on weights dequantized once per call. Without AMX the vector rows panel path is its counterpart, up
-to 64 tokens where they fill their groups of 16 token rows. Before it, from 4 to 16 tokens, the
-vector rows stream path dequantizes each weight into registers where every token's inputs meet it,
-and stores no panel (beyond 14 tokens it runs passes of up to 8, the first keeping its rows'
-weights for the others).
+to 64 tokens where they fill their groups of 16 token rows. Before it, from 3 to 16 tokens (32 on
+layers of 1024 outputs or more), the vector rows stream path dequantizes each weight into registers
+where every token's inputs meet it, and stores no panel (beyond 14 tokens it runs passes of up to 8,
+the first keeping its rows' weights for the others).
 """
 
 from __future__ import annotations
@@ -31,22 +31,22 @@ from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
 # Token counts at which each path takes over (bench/kernel_speed.py; figures in bench/results/kernels.md).
-# - The op runs below 4 tokens without AMX and below 3 with it. Without AMX, from 4 to 16 tokens,
-#   the vector rows stream path: on a Zen 4 (2 threads, six layer shapes from 192 x 576 to 5632 x
-#   2048) the op fell to 0.73-1.0x bf16 at 5 tokens (1.6x on 192 x 576), where the stream path ran
-#   1.2-1.8x, and from 6 to 14 tokens the stream path ran 1.0-2.0x where the panel and rows panel
-#   paths ran 0.89-1.67x (ahead of them on every shape but one, level there: 1536 x 576 at 14
-#   tokens). Once it skipped the shift of symmetric rows it ran ahead of the op at 4 tokens on
-#   four layers (1.0-1.2x the op's speed; whole models 1.05-1.12x) and level at 3 (whole models
-#   1.51 / 1.53x bf16 on SmolLM2, 1.53 / 1.49x on the random Llama); at 1 and 2 the op stayed
-#   ahead on SmolLM2's layers. Beyond 14 tokens (passes of up to 8, each weight dequantized once
-#   and kept for the later passes; two paths on the same weights, each order once, 2 threads) it
-#   ran ahead of the rows panel path at 16 tokens (1.16-1.36x bf16 against 0.94-1.09x on four
-#   layers, level on 1536 x 576; whole models at 16 tokens 1.31 / 1.12x against 1.25 / 1.10x). On
-#   the weights of 2048 x 2048 and larger it also led from 20 to 32 tokens on layers alone
-#   (1.02-1.37x against 0.90-1.16x), but whole models did not follow (the random Llama at 24 and 32
-#   tokens: 1.11 / 1.05x against 1.09 / 1.09x), and on SmolLM2's layers it fell behind from 20
-#   (0.85-1.13x against 0.96-1.12x); so the stream path stops at 16. With AMX
+# - The op runs below 3 tokens. Without AMX, from 3 to 16 tokens (32 where the layer has
+#   STREAM_WIDE_FROM outputs or more), the vector rows stream path: on a
+#   Zen 4 (2 threads, six layer shapes from 192 x 576 to 5632 x 2048) the op fell to 0.73-1.0x
+#   bf16 at 5 tokens (1.6x on 192 x 576), where the stream path ran 1.2-1.8x, and from 6 to 14
+#   tokens the stream path ran 1.0-2.0x where the panel and rows panel paths ran 0.89-1.67x. Once
+#   it added its sums' lanes 16 outputs at a time (lane_totals) it ran ahead of the op at 3 tokens
+#   on four layers (1.03-1.09x the op's speed; whole models 1.15x on SmolLM2, 1.03x on the random
+#   Llama), not at 2 (0.96-1.05x), and ahead of the panel paths up to 32 tokens (two paths on the
+#   same weights, each order once, 1 and 2 threads: 1.04-1.28x the panel path's speed at 17-28
+#   tokens on four layers of 576 to 5632 outputs, but 576 x 1536 at 2 threads, 0.90-0.98x there;
+#   1.00-1.14x the rows panel path's at 32), and whole models followed (20-32 tokens, the stream
+#   path on every layer: SmolLM2 1.20-1.27x bf16 against 1.16-1.21x with it stopping at 16, the
+#   random Llama 1.14-1.24x against 1.09-1.18x). On fewer outputs at 2 threads it fell behind the
+#   panel path beyond 16 tokens (192 x 576: 0.70-0.90x its speed at 17-32, 576 x 576 0.86-1.03x),
+#   where it was level or ahead at 12-16 (1.01-1.17x); from 40 tokens it fell behind on SmolLM2's
+#   layers (0.83-0.99x at 2 threads). So it stops at 16 tokens, or 32 on 1024 outputs or more. With AMX
 #   the rows path, once it read one block of rows at a time, was ahead of the op from 3 tokens in
 #   whole models (random Llama at 4 tokens 1.23x bf16 against the op's 1.00-1.02x); on SmolLM2's
 #   cached layers the op stayed ahead up to 4 tokens, by 5% at 4.
@@ -67,8 +67,10 @@ from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 #   so where the last holds a few tokens it fell behind by up to 17% (17, 33, 65 tokens); beyond
 #   64 tokens it gained little (at 94 to 142 tokens level or behind).
 # Read at each call, so tests can force each path.
-STREAM_FROM = 4
+STREAM_FROM = 3
 STREAM_MAX = 16
+STREAM_WIDE_MAX = 32  # on layers of STREAM_WIDE_FROM outputs or more
+STREAM_WIDE_FROM = 1024
 ROWS_PANEL_MAX = 64
 ROWS_PANEL_PADDING_MAX = 2  # token rows of padding its last group of 16 may hold
 AMX_FROM = 3
@@ -82,7 +84,7 @@ def path(tokens: int, amx: bool, n: int, k: int) -> str:
     if tokens < (AMX_FROM if amx else STREAM_FROM):
         return "op"
     if not amx:
-        if tokens <= STREAM_MAX:
+        if tokens <= (STREAM_WIDE_MAX if n >= STREAM_WIDE_FROM else STREAM_MAX):
             return "rows_stream"
         return "rows_panel" if tokens <= ROWS_PANEL_MAX and -tokens % 16 <= ROWS_PANEL_PADDING_MAX else "panel"
     if tokens <= AMX_ROWS_MAX:
