@@ -31,25 +31,23 @@ from .base import matmul_2d
 from .cpu_int8 import CpuInt8, _Int8State, gemm_matmul, op_matmul
 
 # Token counts at which each path takes over (bench/kernel_speed.py; figures in bench/results/kernels.md).
-# - The op runs below 3 tokens. Without AMX, from 3 to 16 tokens (32 where the layer has
-#   STREAM_WIDE_FROM outputs or more), the vector rows stream path: on a
-#   Zen 4 (2 threads, six layer shapes from 192 x 576 to 5632 x 2048) the op fell to 0.73-1.0x
-#   bf16 at 5 tokens (1.6x on 192 x 576), where the stream path ran 1.2-1.8x, and from 6 to 14
-#   tokens the stream path ran 1.0-2.0x where the panel and rows panel paths ran 0.89-1.67x. Once
-#   it added its sums' lanes 16 outputs at a time (lane_totals) it ran ahead of the op at 3 tokens
-#   on four layers (1.03-1.09x the op's speed; whole models 1.15x on SmolLM2, 1.03x on the random
-#   Llama), not at 2 (0.96-1.05x), and ahead of the panel paths up to 32 tokens (two paths on the
-#   same weights, each order once, 1 and 2 threads: 1.04-1.28x the panel path's speed at 17-28
-#   tokens on four layers of 576 to 5632 outputs, but 576 x 1536 at 2 threads, 0.90-0.98x there;
-#   1.00-1.14x the rows panel path's at 32), and whole models followed (20-32 tokens, the stream
-#   path on every layer: SmolLM2 1.20-1.27x bf16 against 1.16-1.21x with it stopping at 16, the
-#   random Llama 1.14-1.24x against 1.09-1.18x). On fewer outputs at 2 threads it fell behind the
-#   panel path beyond 16 tokens (192 x 576: 0.70-0.90x its speed at 17-32, 576 x 576 0.86-1.03x),
-#   where it was level or ahead at 12-16 (1.01-1.17x); from 40 tokens it fell behind on SmolLM2's
-#   layers (0.83-0.99x at 2 threads). So it stops at 16 tokens, or 32 on 1024 outputs or more. With AMX
-#   the rows path, once it read one block of rows at a time, was ahead of the op from 3 tokens in
-#   whole models (random Llama at 4 tokens 1.23x bf16 against the op's 1.00-1.02x); on SmolLM2's
-#   cached layers the op stayed ahead up to 4 tokens, by 5% at 4.
+# - The op runs below 3 tokens. Without AMX, from 3 to 16 tokens (to 32 on layers of
+#   STREAM_WIDE_FROM outputs or more), the vector rows stream path. On a Zen 4 (2 threads, six
+#   layer shapes from 192 x 576 to 5632 x 2048) the op fell to 0.73-1.0x bf16 at 5 tokens, where
+#   the stream path ran 1.2-1.8x; from 6 to 14 tokens the stream path ran 1.0-2.0x where the panel
+#   paths ran 0.89-1.67x. Once it added its sums' lanes 16 at a time (lane_totals; two paths on the
+#   same weights, each order once, 1 and 2 threads) it ran 1.03-1.09x the op's speed at 3 tokens on
+#   three layers (whole models 1.15x on SmolLM2, 1.03x on the random Llama) but 0.96-1.05x at 2;
+#   beyond 16 tokens it ran 1.04-1.28x the panel path's speed at 17-28 tokens and 1.00-1.14x the
+#   rows panel path's at 32 on layers of 1536 to 5632 outputs, and whole models followed (20-32
+#   tokens with the stream path on every layer: SmolLM2 1.20-1.27x bf16 against 1.16-1.21x, the
+#   random Llama 1.14-1.24x against 1.09-1.18x). On 192 to 576 outputs at 2 threads the panel path
+#   stayed ahead beyond 16 tokens (the stream path 0.70-0.90x its speed on 192 x 576, 0.86-1.08x on
+#   576 x 576 over two runs, 0.90-0.98x on 576 x 1536), hence STREAM_MAX there. From 40 tokens it
+#   fell behind on SmolLM2's layers, and up to 64 on larger ones the random Llama did not follow
+#   (bench/results/kernels.md). With AMX the rows path, once it read one block of rows at a time,
+#   was ahead of the op from 3 tokens in whole models (random Llama at 4 tokens 1.23x bf16 against
+#   the op's 1.00-1.02x); on SmolLM2's cached layers the op stayed ahead up to 4 tokens, by 5% at 4.
 # - With AMX, up to 32 tokens the AMX rows path (the weights' rows as tiles, no transposition; at
 #   8-32 tokens 1.22-1.93x bf16 where the AMX panel path ran 0.75-1.14x); up to 128 tokens the AMX
 #   rows panel path (the same operands, each weight dequantized once per call into a panel: ahead
