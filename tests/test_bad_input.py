@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import ARCHS, MOE_ARCHS, make_model, save_model_dir
 from test_cli import one_line_error, quantize_args, run
 from test_end_to_end import quick_config
 
@@ -109,6 +109,49 @@ def test_a_device_this_machine_does_not_have(model_dir, text_file, tmp_path, fla
         *quantize_args(model_dir, text_file, tmp_path / "q", flag, value, "--no-eval"),
         needles=(value.split(",")[0],),
     )
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (("--group-size", 24), "group_size=24 does not divide in_features=64"),
+        (("--calib-text", "no-such-text"), "neither a file nor a built-in corpus"),
+        (("--device", "tpu"), "'tpu' is not a device name"),
+        (("--override", r"model\.layers\.0\.mlp\.upproj=bits:8"), "matches none of the modules"),
+        (("--kv", "kivi-2"), "do not fit head_dim 16"),
+    ],
+)
+def test_a_setting_that_cannot_run_fails_before_the_fp_model_is_loaded(
+    model_dir, text_file, tmp_path, monkeypatch, extra, needle
+):
+    """Each of these failed only once the fp model was loaded and its perplexity measured, a minute
+    on SmolLM2 (treeq.quantize checks them, but the CLI evaluates the fp model before calling it)."""
+
+    monkeypatch.setattr(treeq, "load_fp_model", never_loaded)
+    unchanged_after(tmp_path, *quantize_args(model_dir, text_file, tmp_path / "q", *extra), needles=(needle,))
+
+
+def never_loaded(*args, **kwargs):
+    raise AssertionError("the fp model was loaded before the settings were checked")
+
+
+def test_compare_checks_every_row_before_the_fp_model_is_loaded(model_dir, text_file, tmp_path, monkeypatch):
+    """The fp row comes first, so a row that cannot run failed only after the fp model's evaluation."""
+    monkeypatch.setattr(treeq.api, "load_fp_model", never_loaded)
+    args = ("compare", model_dir, "--calib-text", text_file, "--methods", "rtn", "--bits", "4,8", "--group-size", 24)
+    unchanged_after(tmp_path, *args, "--out", tmp_path / "c", needles=("group_size=24 does not divide",))
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, *MOE_ARCHS])
+def test_check_run_refuses_what_quantize_refuses_without_reading_a_weight(arch, tmp_path, tokenizer):
+    """On the model directory's skeleton (fused MoE experts unfused on the meta device): the weights
+    may be gone."""
+    path = save_model_dir(tmp_path / arch, arch, tokenizer)
+    for weights in path.glob("*.safetensors"):
+        weights.unlink()
+    treeq.api.check_run(path, quick_config())
+    with pytest.raises(treeq.TreeqError, match="group_size=24 does not divide"):
+        treeq.api.check_run(path, quick_config(group_size=24))
 
 
 def test_a_checkpoint_directory_without_config(checkpoint, tmp_path):

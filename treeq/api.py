@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .engine.pipeline import QuantizeReport, for_model, quantize
+from .engine.pipeline import QuantizeReport, check_run, for_model, quantize
 from .eval.activation_stats import activation_stats, save_stats
 from .eval.perplexity import evaluate_perplexity, kv_protocol_for
 from .eval.report import ErrorReport, error_report
@@ -32,6 +32,7 @@ __all__ = [
     "ErrorReport",
     "QuantizeReport",
     "bench",
+    "check_run",
     "choose_kv",
     "error_report",
     "evaluate_perplexity",

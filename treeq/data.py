@@ -103,13 +103,18 @@ def builtin_text(name: str) -> str:
     raise TreeqError(f"unknown built-in text {name!r}; choose one of {', '.join(BUILTIN_TEXTS)} or give a file path")
 
 
+def check_text(source: str) -> None:
+    """Fail in one line unless ``source`` is a built-in corpus name or a file, without reading it."""
+    if source not in BUILTIN_TEXTS and not Path(source).is_file():
+        raise TreeqError(f"text {source!r} is neither a file nor a built-in corpus ({', '.join(BUILTIN_TEXTS)})")
+
+
 def read_text(source: str) -> str:
     """A built-in corpus name or the path of a UTF-8 text file."""
+    check_text(source)
     if source in BUILTIN_TEXTS:
         return builtin_text(source)
     path = Path(source)
-    if not path.is_file():
-        raise TreeqError(f"text {source!r} is neither a file nor a built-in corpus ({', '.join(BUILTIN_TEXTS)})")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

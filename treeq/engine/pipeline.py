@@ -120,6 +120,7 @@ def quantize(
     """
     _check_arguments(model, config, tokenizer)
     config = for_model(config or QuantConfig(), model)
+    _check_run_settings(calib_text, device, devices)
     out = new_output_dir(local_path(out, "out"))
     log = log or QuantLog(echo=tqdm.write)
     log.lines.append(f"treeq {__version__} quantize, calibration text {calib_text}: {config.model_dump_json()}")
@@ -138,8 +139,6 @@ def quantize(
     spec = spec_for(model.config)
     fingerprint = model_fingerprint(model)
     _prepare(model, spec, config)
-    if kv is not None and not needs_calibration(kv):
-        kv_cache_for(model, kv)  # a scheme that does not fit the attention heads fails before any work
     start = time.perf_counter()
     batches = _calibration_batches(tokenizer, config, calib_text)
     with log.capturing():
@@ -194,10 +193,48 @@ def for_model(config: QuantConfig, model) -> QuantConfig:
     return config.model_copy(update={"weights": weights})
 
 
+def check_run(
+    model: str | Path | None = None,
+    config: QuantConfig | None = None,
+    calib_text: str = "wiki-train",
+    device: str | None = None,
+    devices: str | list[str] | None = None,
+) -> None:
+    """What quantize checks before any work, for a model directory (None: the built-in model), on its
+    skeleton (no weight is read): the calibration text and devices, the spec, each module's fit to
+    its scheme, the overrides and the KV scheme. For callers that spend time on the fp model first
+    (the CLI's fp perplexity), so a bad setting fails in seconds, not after that."""
+    config = for_model(config or QuantConfig(), model)
+    _check_run_settings(calib_text, device, devices)
+    spec, skeleton = _skeleton(model_path(model))
+    _prepare(skeleton, spec, config)
+
+
+def _check_run_settings(calib_text: str, device, devices) -> None:
+    data.check_text(calib_text)
+    resolve_device(device)
+    parse_devices(devices)
+
+
+def _skeleton(path: Path):
+    """The spec and an empty model (meta tensors) of the model directory at ``path``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(path)
+    spec = spec_for(hf_config)
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    return spec, skeleton
+
+
 def _prepare(model, spec, config: QuantConfig) -> None:
     check_spec(model, spec)
     unfuse_experts(model, spec)
     check_quantizable(model, spec, config)
+    kv = config.kv_cache
+    if kv is not None and not needs_calibration(kv):
+        kv_cache_for(model, kv)  # a scheme that does not fit the attention heads fails before any work
 
 
 def _calibration_batches(tokenizer, config: QuantConfig, calib_text: str) -> list[torch.Tensor]:
@@ -232,20 +269,17 @@ def _calibrate_and_quantize(
 
 
 def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, device, log, workers, devices, progress):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if model is not None and not isinstance(model, (str, Path)):
         raise TreeqError("low_memory streams weights from a model directory; pass its path, not a loaded model")
     path = model_path(model)
-    hf_config = AutoConfig.from_pretrained(path)
-    spec = spec_for(hf_config)
+    spec, skeleton = _skeleton(path)
     if spec.experts is not None:
         raise TreeqError(
-            f"--low-memory does not stream MoE experts yet ({hf_config.model_type}); quantize without --low-memory"
+            f"--low-memory does not stream MoE experts yet ({skeleton.config.model_type}); quantize without "
+            "--low-memory"
         )
-    with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     _prepare(skeleton, spec, config)
     start = time.perf_counter()

@@ -96,6 +96,8 @@ def compare(
         for a in act_bits
         for m in methods
     ]
+    for cfg in configs:  # a row that cannot run fails now, not after the fp model's evaluation
+        api.check_run(model, cfg, calib_text)
     fp, tok = api.load_fp_model(model)
     bytes_column = f"cache bytes/token ({kv_tokens} tokens)"
     # Rows without a quantized cache show an fp16 cache's bytes, the reference the KV rows are read against.
