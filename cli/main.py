@@ -22,7 +22,7 @@ from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.engine.resume import Interrupted
 from treeq.errors import TreeqError
 from treeq.eval.perplexity import KV_PROTOCOLS
-from treeq.eval.tasks import TASKS, task_dir
+from treeq.eval.tasks import TASKS, check_tasks, task_dir
 from treeq.methods import METHODS
 from treeq.models import load_spec_file
 from treeq.numerics import GRIDS
@@ -129,7 +129,9 @@ def _model_name(model: str | None) -> str:
 
 
 def _task_names(tasks: str) -> list[str]:
-    return list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",")]
+    names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",")]
+    check_tasks(names)  # before the model is loaded and its perplexity measured
+    return names
 
 
 def _print_ppl(label: str, result) -> None:
@@ -336,6 +338,7 @@ def evaluate(
     """Evaluate TARGET: a treeq checkpoint, a local fp model, or (omitted) the built-in model."""
     _set_threads(threads)
     kv = kv_scheme(kv_preset, kv)
+    task_names = _task_names(tasks) if tasks else []
     if target is not None and treeq.api.is_quantized_checkpoint(target):
         model, tok = treeq.load(target, device=device, kernel=kernel)
     else:
@@ -346,11 +349,11 @@ def evaluate(
     if ppl:
         result = treeq.evaluate_perplexity(model, tok, text, seqlen, max_windows, bos, kv, kv_protocol, kv_chunk)
         _print_ppl(target or DEFAULT_MODEL, result)
-    if tasks:
+    if task_names:
         how = treeq.api.kv_protocol_for(model, tok, kv, kv_protocol, kv_chunk)
         click.echo(f"tasks KV: {'no quantized cache' if how is None else how.describe()}")
         run = dict(kv=kv, kv_protocol=kv_protocol, kv_chunk=kv_chunk)
-        for task, metrics in treeq.evaluate_tasks(model, tok, _task_names(tasks), limit, **run).items():
+        for task, metrics in treeq.evaluate_tasks(model, tok, task_names, limit, **run).items():
             click.echo(f"{task}: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         click.echo(f"(task definitions: lm_eval --include_path {task_dir()})")
 

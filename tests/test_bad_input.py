@@ -2,6 +2,7 @@
 as it was."""
 
 import hashlib
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -140,6 +141,25 @@ def test_compare_checks_every_row_before_the_fp_model_is_loaded(model_dir, text_
     monkeypatch.setattr(treeq.api, "load_fp_model", never_loaded)
     args = ("compare", model_dir, "--calib-text", text_file, "--methods", "rtn", "--bits", "4,8", "--group-size", 24)
     unchanged_after(tmp_path, *args, "--out", tmp_path / "c", needles=("group_size=24 does not divide",))
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+@pytest.mark.parametrize("lm_eval_installed", [True, False])
+def test_a_task_that_cannot_run_fails_before_the_model_is_loaded(
+    command, lm_eval_installed, model_dir, text_file, tmp_path, monkeypatch
+):
+    """An unknown task, or any task without lm-eval, failed only after the perplexity (73 s on the
+    built-in model)."""
+    for loader in (treeq, treeq.api):
+        monkeypatch.setattr(loader, "load_fp_model", never_loaded)
+    if not lm_eval_installed:
+        find = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find(name, *a))
+    task, needle = ("no_such_task", "unknown task(s) no_such_task") if lm_eval_installed else ("treeq_wiki", "lm-eval")
+    args = (command, model_dir, "--tasks", task)
+    if command == "compare":
+        args += ("--calib-text", text_file, "--methods", "rtn", "--out", tmp_path / "c")
+    unchanged_after(tmp_path, *args, needles=(needle,))
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, *MOE_ARCHS])

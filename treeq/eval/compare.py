@@ -16,6 +16,7 @@ from ..runtime.kv_schemes import cache_nbytes, fp16_cache_nbytes
 from ..schemes import KVCacheScheme
 from ..user_input import listed, local_path, new_output_dir
 from .perplexity import KV_PROTOCOLS, PerplexityResult, check_kv_protocol
+from .tasks import check_tasks
 
 
 def _fp16_bytes(model) -> int:
@@ -81,6 +82,7 @@ def compare(
     lists = dict(methods=methods, bits=bits, tasks=tasks, act_bits=act_bits, kv=kv, kv_protocols=kv_protocols)
     for name, values in lists.items():
         listed(values, name)
+    check_tasks(list(tasks))
     if not (methods and bits) and not kv:
         raise TreeqError("nothing to compare: give methods and bits (or KV presets in kv)")
     out = new_output_dir(local_path(out, "out"))

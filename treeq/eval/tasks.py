@@ -7,6 +7,7 @@ the plain ``lm_eval --include_path`` CLI.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -125,6 +126,16 @@ def _through_cache(lm_class, kv: KVProtocol):
     return ThroughKVCache
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Fail in one line on a task treeq does not have or a missing lm-eval, before any model work
+    (the commands evaluate perplexity first, a minute on the built-in model)."""
+    unknown = [t for t in user_input.listed(tasks, "tasks") if t not in TASKS]
+    if unknown:
+        raise TreeqError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        raise TreeqError('lm-eval is not installed; run: pip install -e ".[eval]"')
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -145,15 +156,11 @@ def run_tasks(
     requests go one at a time: lm-eval pads a batch on the right, and pad tokens would enter the
     ranges of per-channel key groups.
     """
-    unknown = [t for t in user_input.listed(tasks, "tasks") if t not in TASKS]
-    if unknown:
-        raise TreeqError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise TreeqError('lm-eval is not installed; run: pip install -e ".[eval]"') from None
+    check_tasks(tasks)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     user_input.loaded_model(model, "evaluate_tasks")
     user_input.loaded_tokenizer(tokenizer, "evaluate_tasks")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
