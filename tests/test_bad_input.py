@@ -2,7 +2,6 @@
 as it was."""
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from conftest import ARCHS, MOE_ARCHS, make_model, save_model_dir
 from test_cli import one_line_error, quantize_args, run
 from test_end_to_end import quick_config
+from test_evaluation import hide_lm_eval
 
 import treeq
 
@@ -153,8 +153,7 @@ def test_a_task_that_cannot_run_fails_before_the_model_is_loaded(
     for loader in (treeq, treeq.api):
         monkeypatch.setattr(loader, "load_fp_model", never_loaded)
     if not lm_eval_installed:
-        find = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find(name, *a))
+        hide_lm_eval(monkeypatch)
     task, needle = ("no_such_task", "unknown task(s) no_such_task") if lm_eval_installed else ("treeq_wiki", "lm-eval")
     args = (command, model_dir, "--tasks", task)
     if command == "compare":

@@ -181,7 +181,8 @@ def test_report_on_a_directory_without_log_is_one_clear_error(tmp_path):
     assert r.exit_code != 0 and "has no quant_log.csv" in r.output
 
 
-def test_tasks_without_lm_eval_name_the_install(monkeypatch):
+def hide_lm_eval(monkeypatch):
+    """Every import of lm_eval fails, as where it is not installed."""
     import builtins
 
     real_import = builtins.__import__
@@ -192,6 +193,10 @@ def test_tasks_without_lm_eval_name_the_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+
+
+def test_tasks_without_lm_eval_name_the_install(monkeypatch):
+    hide_lm_eval(monkeypatch)
     with pytest.raises(treeq.TreeqError, match=r"pip install -e \".\[eval\]\""):
         treeq.evaluate_tasks(torch.nn.Linear(1, 1), None, ["treeq_mmlu"])
 

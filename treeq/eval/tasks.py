@@ -7,7 +7,6 @@ the plain ``lm_eval --include_path`` CLI.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -132,8 +131,11 @@ def check_tasks(tasks: list[str]) -> None:
     unknown = [t for t in user_input.listed(tasks, "tasks") if t not in TASKS]
     if unknown:
         raise TreeqError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    if tasks and importlib.util.find_spec("lm_eval") is None:
-        raise TreeqError('lm-eval is not installed; run: pip install -e ".[eval]"')
+    if tasks:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise TreeqError('lm-eval is not installed; run: pip install -e ".[eval]"') from None
 
 
 def run_tasks(
