@@ -264,7 +264,7 @@ def quantize(
         click.echo(f"quantized {len(report.log.records)} modules in {report.seconds:.1f}s -> {report.out}")
         return
     evaluate = builtin if evaluate is None else evaluate
-    treeq.api.check_run(model, config, calib_text, device, devices)  # fails now, not after the fp perplexity
+    treeq.api.check_run(model, config, calib_text, device, devices, out, resume)  # not after the fp perplexity
     fp, tok = treeq.load_fp_model(model)
     fp_ppl = treeq.evaluate_perplexity(fp, tok, max_windows=eval_windows) if evaluate else None
     report = treeq.quantize(fp, config, out, tokenizer=tok, **run)

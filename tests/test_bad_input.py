@@ -14,6 +14,7 @@ from test_end_to_end import quick_config
 from test_evaluation import hide_lm_eval
 
 import treeq
+from treeq.engine.resume import partial_dir
 
 
 def snapshot(root):
@@ -120,6 +121,7 @@ def test_a_device_this_machine_does_not_have(model_dir, text_file, tmp_path, fla
         (("--device", "tpu"), "'tpu' is not a device name"),
         (("--override", r"model\.layers\.0\.mlp\.upproj=bits:8"), "matches none of the modules"),
         (("--kv", "kivi-2"), "do not fit head_dim 16"),
+        (("--resume",), "nothing to resume"),
     ],
 )
 def test_a_setting_that_cannot_run_fails_before_the_fp_model_is_loaded(
@@ -134,6 +136,13 @@ def test_a_setting_that_cannot_run_fails_before_the_fp_model_is_loaded(
 
 def never_loaded(*args, **kwargs):
     raise AssertionError("the fp model was loaded before the settings were checked")
+
+
+def test_a_run_over_an_interrupted_one_fails_before_the_fp_model_is_loaded(model_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(treeq, "load_fp_model", never_loaded)
+    partial_dir(tmp_path / "q").mkdir()
+    args = quantize_args(model_dir, text_file, tmp_path / "q")
+    unchanged_after(tmp_path, *args, needles=("holds an interrupted run", "add --resume"))
 
 
 def test_compare_checks_every_row_before_the_fp_model_is_loaded(model_dir, text_file, tmp_path, monkeypatch):

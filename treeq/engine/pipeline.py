@@ -199,13 +199,18 @@ def check_run(
     calib_text: str = "wiki-train",
     device: str | None = None,
     devices: str | list[str] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
 ) -> None:
     """What quantize checks before any work, for a model directory (None: the built-in model), on its
-    skeleton (no weight is read): the calibration text and devices, the spec, each module's fit to
-    its scheme, the overrides and the KV scheme. For callers that spend time on the fp model first
-    (the CLI's fp perplexity), so a bad setting fails in seconds, not after that."""
+    skeleton (no weight is read): the calibration text and devices, ``out``'s saved progress against
+    ``resume``, the spec, each module's fit to its scheme, the overrides and the KV scheme. For
+    callers that spend time on the fp model first (the CLI's fp perplexity), so a bad setting fails
+    in seconds, not after that."""
     config = for_model(config or QuantConfig(), model)
     _check_run_settings(calib_text, device, devices)
+    if out is not None:
+        Progress(local_path(out, "out"), resume, QuantLog())  # refuses a resume of nothing, or a restart
     spec, skeleton = _skeleton(model_path(model))
     _prepare(skeleton, spec, config)
 
