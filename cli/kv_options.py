@@ -63,4 +63,4 @@ def kv_scheme(kv_preset: str | None, kwargs: dict) -> KVCacheScheme | str | None
     try:
         return KVCacheScheme(**{**KV_PRESETS.get(kv_preset, {}), **given})
     except pydantic.ValidationError as e:
-        raise from_validation(e) from None
+        raise from_validation(e, KVCacheScheme) from None

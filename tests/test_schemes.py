@@ -3,6 +3,7 @@
 import pydantic
 import pytest
 
+from treeq import QuantConfig, TreeqError
 from treeq.schemes import ActivationScheme, KVCacheScheme, ModuleOverride, WeightScheme, scheme_for
 
 BASE = WeightScheme(bits=4, group_size=64)
@@ -51,3 +52,23 @@ def test_an_override_that_makes_an_impossible_scheme_is_refused_when_applied():
     fp8 = WeightScheme(grid="fp8-int4", sym=True)
     with pytest.raises(pydantic.ValidationError, match="needs bits in"):
         scheme_for("model.layers.1.mlp.up_proj", fp8, (ModuleOverride(pattern=".*mlp", bits=8),))
+
+
+@pytest.mark.parametrize(
+    "settings,field,known",
+    [
+        (dict(weights={"bitz": 4}), "weights.bitz", "group_size"),
+        (dict(calibration={"seqln": 64}), "calibration.seqln", "seqlen"),
+        (dict(overrides=[{"pattern": "x", "bitz": 8}]), "overrides.0.bitz", "pattern"),
+        (dict(kv_cache={"method": "minmax", "keybits": 2}), "kv_cache.keybits", "key_bits"),
+        (dict(method="gptq", options={"dampp": 0.1}), "options.dampp", "damp_percent"),
+        (dict(nosuch=1), "nosuch", "weights"),
+    ],
+)
+def test_an_unknown_setting_is_refused_with_the_settings_that_exist_there(settings, field, known):
+    """Was pydantic's "Extra inputs are not permitted", which names none of them."""
+    with pytest.raises(TreeqError) as raised:
+        QuantConfig.build(**settings)
+    message = str(raised.value)
+    assert f"{field}: no such setting; the settings there are " in message and known in message, message
+    assert "\n" not in message

@@ -317,4 +317,4 @@ class QuantConfig(BaseModel):
         try:
             return cls(**kwargs)
         except pydantic.ValidationError as e:
-            raise from_validation(e) from None
+            raise from_validation(e, cls) from None
