@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import user_input
+from ..atomic import atomic_file
 from ..data import calibration_batches, read_text
 from ..methods import InputStats
 from ..models import spec_for
@@ -127,7 +128,7 @@ def save_stats(rows: list[SubsetStats], out: Path, alpha: float, threshold: floa
 
     user_input.writable_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / CSV_NAME, "w", newline="") as f:
+    with atomic_file(out / CSV_NAME) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
@@ -149,6 +150,7 @@ def save_stats(rows: list[SubsetStats], out: Path, alpha: float, threshold: floa
         ax.set(title=title, xlabel="decoder layer", yscale=yscale)
     axes[0].legend(title=f"solid: as is, dashed: SmoothQuant alpha {alpha}", fontsize="small")
     fig.tight_layout()
-    fig.savefig(out / PNG_NAME, dpi=100)
+    with atomic_file(out / PNG_NAME) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return [out / CSV_NAME, out / PNG_NAME]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import user_input
+from ..atomic import atomic_file
 from ..engine.quant_log import LOG_NAME
 from ..errors import TreeqError
 
@@ -72,6 +73,7 @@ def error_report(path, png: str | Path | None = None, top: int = 5) -> ErrorRepo
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(png)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format=png.suffix.lstrip(".") or "png")
     plt.close(fig)
     return ErrorReport(png, hardest)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .. import formats
+from ..atomic import atomic_file
 from ..schemes import ActivationScheme
 
 CARD_NAME = "README.md"
@@ -98,7 +99,9 @@ def card_text(qcfg: dict, perplexity: dict[str, str] | None = None) -> str:
 
 
 def write_model_card(directory: Path, qcfg: dict, perplexity: dict[str, str] | None = None) -> None:
-    (Path(directory) / CARD_NAME).write_text(card_text(qcfg, perplexity))
+    # Rewritten in a finished checkpoint by record_perplexity: never left half-written.
+    with atomic_file(Path(directory) / CARD_NAME) as tmp:
+        tmp.write_text(card_text(qcfg, perplexity))
 
 
 def record_perplexity(directory: Path, fp, quantized) -> None:
