@@ -273,6 +273,11 @@ def test_a_report_plot_into_a_missing_directory(checkpoint, tmp_path):
     unchanged_after(tmp_path, "report", checkpoint, "--png", tmp_path / "nowhere" / "x.png", needles=("--png",))
 
 
+def test_a_report_plot_in_a_format_matplotlib_does_not_write(checkpoint, tmp_path):
+    """Was matplotlib's ValueError traceback, once the plot was drawn."""
+    unchanged_after(tmp_path, "report", checkpoint, "--png", tmp_path / "x.foo", needles=("no .foo images", "--png"))
+
+
 def test_stats_into_an_output_under_a_file(model_dir, text_file, tmp_path):
     """Failed with NotADirectoryError once the statistics were gathered."""
     args = ("stats", model_dir, "--text", text_file, "--samples", 2, "--seqlen", 32, "--out", text_file / "x")

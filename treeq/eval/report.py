@@ -49,6 +49,10 @@ def error_report(path, png: str | Path | None = None, top: int = 5) -> ErrorRepo
     png = user_input.local_path(png, "png") if png is not None else path / "errors.png"
     if not png.parent.is_dir():
         raise TreeqError(f"cannot write {png}: {png.parent} is not a directory; choose another --png")
+    image_format = png.suffix.lstrip(".").lower() or "png"
+    if image_format not in plt.gcf().canvas.get_supported_filetypes():
+        plt.close()
+        raise TreeqError(f"cannot write {png}: matplotlib writes no .{image_format} images; end --png in .png or .svg")
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_kind[r["module"]].append(r)
@@ -74,6 +78,6 @@ def error_report(path, png: str | Path | None = None, top: int = 5) -> ErrorRepo
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     with atomic_file(png) as tmp:
-        fig.savefig(tmp, format=png.suffix.lstrip(".") or "png")
+        fig.savefig(tmp, format=image_format)
     plt.close(fig)
     return ErrorReport(png, hardest)
