@@ -7,7 +7,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -15,9 +14,8 @@ from pathlib import Path
 def atomic_directory(target: Path):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    # mkdtemp makes it 0700; the finished directory gets the mode any other directory would.
-    tmp.chmod(0o777 & ~_umask())
+    tmp = _beside(target)
+    tmp.mkdir()  # not mkdtemp's 0700: the mode any other directory gets
     try:
         yield tmp
         tmp.rename(target)
@@ -30,8 +28,7 @@ def atomic_directory(target: Path):
 def atomic_file(target: Path):
     """A temporary path beside ``target`` to write; it replaces ``target`` once the block ends."""
     target = Path(target)
-    # A fresh name, not mkstemp's file: the writer creates it, with the mode any other file would get.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    tmp = _beside(target)  # the writer creates it, with the mode any other file gets (mkstemp's is 0600)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -40,8 +37,6 @@ def atomic_file(target: Path):
         raise
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it, so restored at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _beside(target: Path) -> Path:
+    """A fresh hidden name in ``target``'s directory for the work in progress."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")

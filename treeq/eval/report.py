@@ -43,6 +43,7 @@ def error_report(path, png: str | Path | None = None, top: int = 5) -> ErrorRepo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
 
     path = user_input.local_path(path, "checkpoint")
     rows = _rows(path)
@@ -50,8 +51,7 @@ def error_report(path, png: str | Path | None = None, top: int = 5) -> ErrorRepo
     if not png.parent.is_dir():
         raise TreeqError(f"cannot write {png}: {png.parent} is not a directory; choose another --png")
     image_format = png.suffix.lstrip(".").lower() or "png"
-    if image_format not in plt.gcf().canvas.get_supported_filetypes():
-        plt.close()
+    if image_format not in FigureCanvasBase.get_supported_filetypes():
         raise TreeqError(f"cannot write {png}: matplotlib writes no .{image_format} images; end --png in .png or .svg")
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
