@@ -122,6 +122,7 @@ def test_a_device_this_machine_does_not_have(model_dir, text_file, tmp_path, fla
         (("--override", r"model\.layers\.0\.mlp\.upproj=bits:8"), "matches none of the modules"),
         (("--kv", "kivi-2"), "do not fit head_dim 16"),
         (("--resume",), "nothing to resume"),
+        (("--seqlen", 300), "seqlen=300 is longer than the model's 256 positions"),
     ],
 )
 def test_a_setting_that_cannot_run_fails_before_the_fp_model_is_loaded(
@@ -148,7 +149,8 @@ def test_a_run_over_an_interrupted_one_fails_before_the_fp_model_is_loaded(model
 def test_compare_checks_every_row_before_the_fp_model_is_loaded(model_dir, text_file, tmp_path, monkeypatch):
     """The fp row comes first, so a row that cannot run failed only after the fp model's evaluation."""
     monkeypatch.setattr(treeq.api, "load_fp_model", never_loaded)
-    args = ("compare", model_dir, "--calib-text", text_file, "--methods", "rtn", "--bits", "4,8", "--group-size", 24)
+    args = ("compare", model_dir, "--calib-text", text_file, "--seqlen", 64, "--methods", "rtn", "--bits", "4,8")
+    args += ("--group-size", 24)
     unchanged_after(tmp_path, *args, "--out", tmp_path / "c", needles=("group_size=24 does not divide",))
 
 
@@ -180,6 +182,24 @@ def test_check_run_refuses_what_quantize_refuses_without_reading_a_weight(arch, 
     treeq.api.check_run(path, quick_config())
     with pytest.raises(treeq.TreeqError, match="group_size=24 does not divide"):
         treeq.api.check_run(path, quick_config(group_size=24))
+
+
+def test_calibration_windows_longer_than_the_model_positions(tmp_path, tokenizer, text_file):
+    """The tiny model states 256 positions. Windows of 300 were calibrated on without a word: their
+    last tokens' activations came from positions the model never saw. The Python API and the
+    low-memory path refuse them too; a window of exactly 256 is fine."""
+    path = save_model_dir(tmp_path / "m", "llama", tokenizer)
+    config, out, text = quick_config(method="rtn", seqlen=300), tmp_path / "q", str(text_file)
+    each_refused_in_one_line(
+        tmp_path,
+        {
+            "longer than the model's 256 positions": lambda: treeq.quantize(
+                make_model("llama"), config, out, tokenizer=tokenizer, calib_text=text
+            ),
+            "seqlen=300": lambda: treeq.quantize(path, config, out, calib_text=text, low_memory=True),
+        },
+    )
+    treeq.api.check_run(path, quick_config(method="rtn", seqlen=256))
 
 
 def test_a_checkpoint_directory_without_config(checkpoint, tmp_path):

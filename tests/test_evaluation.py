@@ -217,10 +217,15 @@ def test_compare_deltas_with_task_columns(tmp_path):
     assert "d treeq_mmlu:acc" in (tmp_path / "compare.csv").read_text().splitlines()[0]
 
 
-def test_windows_longer_than_the_model_positions_are_flagged_in_the_protocol(tokenizer, text_file):
-    """The tiny model states 256 positions; a 300-token window was scored as if it fitted."""
+def test_windows_longer_than_the_model_positions_are_flagged_in_the_protocol(tokenizer, text_file, caplog):
+    """The tiny model states 256 positions; a 300-token window was scored as if it fitted. The
+    warning also comes before the run, not only in the protocol line after it."""
     model = make_model("llama")
     assert model.config.max_position_embeddings == 256
     flag = "longer than the model's 256 positions"
-    assert flag in treeq.evaluate_perplexity(model, tokenizer, str(text_file), 300, 1).protocol()
+    with caplog.at_level("WARNING", logger="treeq"):
+        assert flag in treeq.evaluate_perplexity(model, tokenizer, str(text_file), 300, 1).protocol()
+    assert flag in caplog.text
+    caplog.clear()
     assert flag not in treeq.evaluate_perplexity(model, tokenizer, str(text_file), 256, 1).protocol()
+    assert flag not in caplog.text

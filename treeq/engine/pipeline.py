@@ -234,12 +234,26 @@ def _skeleton(path: Path):
 
 
 def _prepare(model, spec, config: QuantConfig) -> None:
+    _check_positions(model, config.calibration.seqlen)
     check_spec(model, spec)
     unfuse_experts(model, spec)
     check_quantizable(model, spec, config)
     kv = config.kv_cache
     if kv is not None and not needs_calibration(kv):
         kv_cache_for(model, kv)  # a scheme that does not fit the attention heads fails before any work
+
+
+def _check_positions(model, seqlen: int) -> None:
+    """Refuse calibration windows longer than the positions the model states it was trained on: the
+    tokens past them would feed activations from positions it never saw (RoPE extrapolated, or no
+    learned embedding at all) into every statistic, so the checkpoint would be calibrated on inputs
+    no prompt within its context produces."""
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(positions, int) and seqlen > positions:
+        raise TreeqError(
+            f"calibration seqlen={seqlen} is longer than the model's {positions} positions "
+            f"(max_position_embeddings); use a seqlen (--seqlen) of {positions} or less"
+        )
 
 
 def _calibration_batches(tokenizer, config: QuantConfig, calib_text: str) -> list[torch.Tensor]:

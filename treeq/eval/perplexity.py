@@ -19,6 +19,7 @@ Without a KV setting each window is one forward without a cache, which never tou
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from ..runtime.kv_calibration import KVCalibration
 from ..runtime.kv_choice import KVChoice, choose_kv
 from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import KVCacheScheme
+
+log = logging.getLogger(__name__)
 
 KV_PROTOCOLS = ("simulated", "decode")
 
@@ -129,6 +132,11 @@ def perplexity(
         windows = min(windows, max_windows)
     if windows == 0:
         raise TreeqError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if positions is not None and seqlen > positions:
+        # Allowed (context extension is a question worth measuring), but said before the long run
+        # as well as in the protocol line after it.
+        log.warning(f"windows of {seqlen} tokens are longer than the model's {positions} positions")
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -138,7 +146,6 @@ def perplexity(
             logits = logits[0, :-1].float()
             nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             count += seqlen - 1
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     result = PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos, positions=positions)
     return result if kv is None else dataclasses.replace(result, kv=kv.describe())
 
