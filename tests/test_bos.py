@@ -81,6 +81,22 @@ def test_calibration_windows_start_with_the_bos_followed_by_contiguous_text():
     torch.testing.assert_close(forced_off, plain)  # the same offsets and text as a tokenizer without BOS
 
 
+def test_calibration_says_what_it_draws_and_when_the_text_is_too_short_to_draw_it_once(caplog):
+    """A short text calibrated as many windows as a long one, drawing the same tokens over and over,
+    and the log said nothing of the text's size or the BOS."""
+    tok = bos_tokenizer()
+    tokens = data.tokenize(tok, TEXT).numel()
+    disjoint = tokens // 23  # a window: the BOS and 23 text tokens
+    with caplog.at_level("INFO", logger="treeq"):
+        data.calibration_batches(tok, TEXT, samples=disjoint, seqlen=24, batch_size=2)
+        data.calibration_batches(tok, TEXT, samples=disjoint + 1, seqlen=24, batch_size=2, bos="never")
+    first, second = [r.getMessage() for r in caplog.records if r.name == "treeq.data"]
+    said = f"{disjoint} windows of 24 tokens at random offsets in {tokens} tokens of text, a BOS first (bos=auto"
+    assert said in first and "repeat" not in first
+    assert "no BOS (bos=never)" in second
+    assert f"the text holds only {tokens // 24} disjoint windows, so they repeat it" in second
+
+
 def test_eval_bos_option_is_followed_and_printed(tmp_path):
     model_dir = tmp_path / "m"
     make_model("llama").save_pretrained(model_dir)

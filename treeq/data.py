@@ -14,6 +14,7 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.util
+import logging
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 from .errors import TreeqError
+
+log = logging.getLogger(__name__)
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
@@ -179,6 +182,14 @@ def calibration_batches(
             f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; "
             "use more text or a smaller --seqlen"
         )
+    disjoint = ids.numel() // width
+    # Said because a short text calibrates as many windows as a long one, drawn over and over.
+    repeats = f"; the text holds only {disjoint} disjoint windows, so they repeat it" if samples > disjoint else ""
+    start = "no BOS" if start_token.token_id is None else "a BOS first"
+    log.info(
+        f"calibration: {samples} windows of {seqlen} tokens at random offsets in {ids.numel()} tokens of text, "
+        f"{start} ({start_token.reason}){repeats}"
+    )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - width + 1, (samples,), generator=gen)
     windows = start_token.prepend(torch.stack([ids[s : s + width] for s in starts.tolist()]))

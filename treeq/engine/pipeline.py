@@ -140,8 +140,8 @@ def quantize(
     fingerprint = model_fingerprint(model)
     _prepare(model, spec, config)
     start = time.perf_counter()
-    batches = _calibration_batches(tokenizer, config, calib_text)
     with log.capturing():
+        batches = _calibration_batches(tokenizer, config, calib_text)
         progress.check(run_identity(config, batches, fingerprint, False, len(model.get_submodule(spec.layers))))
     # Until the checkpoint is saved: Ctrl-C keeps the finished layers, another failure of a fresh
     # run leaves nothing behind.
