@@ -3,7 +3,8 @@
 How each path is forced, so that every machine tests every path its CPU can run:
 - the ``kernel_path`` fixture replaces ``k4.path`` (the per-call choice) by one that returns the
   path under test: "vector", "expanded", "panel" and "gemm" run wherever AVX512-BF16 exists, "amx"
-  and "amx_panel" where AMX exists too (skipped elsewhere); ``panel_path`` likewise for the two
+  and "amx_panel" too: on the CPU's tiles where it has AMX, else on tiles in software
+  (``use_amx``: ``TREEQ_AMX_EMULATED=1``, amx_emulated.h); ``panel_path`` likewise for the two
   panel paths; the gemm path's weight layout by tests/test_cpu_kernels.py's
   ``gemm_layout`` fixture (oneDNN's blocked layout, or rows through ``F.linear``);
 - the choice by token count is tested for both kinds of CPU; whether AMX is used is read when the
@@ -37,9 +38,18 @@ FP32_PATH_TOLERANCE = 1e-5
 BF16_WEIGHT_PATHS = ("panel", "amx_panel", "gemm")
 
 
+def use_amx(monkeypatch) -> None:
+    """Let the AMX paths run in this test: on the CPU's tiles, or where it has none on tiles in
+    software (amx_emulated.h); skipped where TREEQ_CPU_ISA forbids AMX or the kernel cannot run."""
+    if k4.unavailable() is not None or not cpu_isa.allows("amx"):
+        pytest.skip(k4.unavailable() or cpu_isa.forbidden("amx"))
+    if not has_amx:
+        monkeypatch.setenv(cpu_isa.AMX_EMULATED_ENV, "1")
+
+
 def force_path(name: str, monkeypatch) -> str:
-    if name.startswith("amx") and not has_amx:
-        pytest.skip("no AMX on this CPU")
+    if name.startswith("amx"):
+        use_amx(monkeypatch)
     monkeypatch.setattr(k4, "path", lambda *call: name)
     return name
 
@@ -255,6 +265,21 @@ def test_amx_is_used_where_the_cpu_has_it_unless_forbidden(monkeypatch):
 
 
 @needs_kernel
+def test_amx_emulated_where_asked_and_not_past_the_cap(monkeypatch):
+    """The software tiles make the kernel report AMX (so the AMX paths are chosen and run) only
+    when asked for, and TREEQ_CPU_ISA still forbids them."""
+    monkeypatch.delenv(cpu_isa.ENV, raising=False)  # a cap set for the whole run
+    monkeypatch.setenv(cpu_isa.AMX_EMULATED_ENV, "1")
+    assert "-DTREEQ_AMX_EMULATED" in k4.flags() and not any(f.startswith("-mamx") for f in k4.flags())
+    layer = quant_linear(4, 64, True, False)
+    layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
+    assert layer.kernel_state.amx is True
+    monkeypatch.setenv(cpu_isa.ENV, "avx512_bf16")
+    layer.select_kernel("cpu", torch.bfloat16, k4.KERNEL.name)
+    assert layer.kernel_state.amx is False
+
+
+@needs_kernel
 def test_chosen_first_on_cpu_bf16_and_declines_what_it_cannot_run():
     assert select_kernel(LinearFormat(4, 128, False, True, 576, 1536), "cpu", torch.bfloat16).name == k4.KERNEL.name
     assert explain(LinearFormat(4, 16, True, False, 576, 1536), "cpu", torch.bfloat16)[k4.KERNEL.name] == (
@@ -287,11 +312,11 @@ def test_declines_with_the_reason_when_it_cannot_be_built(monkeypatch, tmp_path)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TREEQ_CACHE", str(tmp_path))
     k4.native.build.cache_clear()
-    k4.library.cache_clear()
+    k4._built.cache_clear()
     try:
         reason = explain(LinearFormat(4, 128, True, False, 256, 256), "cpu", torch.bfloat16)[k4.KERNEL.name]
         assert reason.startswith("cannot run the C++ compiler") and "no-such-compiler" in reason
         assert select_kernel(LinearFormat(4, 128, True, False, 256, 256), "cpu", torch.bfloat16).name == "cpu_int4"
     finally:
         k4.native.build.cache_clear()
-        k4.library.cache_clear()
+        k4._built.cache_clear()

@@ -1,14 +1,15 @@
 """The 8-bit per-row kernel for AVX512-BF16: ``cpu_int8``'s op for a few tokens, ``cpu_int4_avx512``'s
 panel paths on the op's own int8 rows beyond, and with AMX the GEMM for the longest prompts.
 
-Paths are forced by replacing ``k8.path``; the AMX panel path runs where AMX exists (skipped
-elsewhere, and under ``TREEQ_CPU_ISA=avx512_bf16``), the vector one wherever AVX512-BF16 does; under
+Paths are forced by replacing ``k8.path``; the AMX paths run on the CPU's tiles where it has AMX,
+else on tiles in software (``use_amx``), and are skipped under ``TREEQ_CPU_ISA=avx512_bf16``; the
+vector ones run wherever AVX512-BF16 does; under
 ``TREEQ_CPU_ISA=avx2`` every case that needs the kernel is skipped and the decline test runs.
 """
 
 import pytest
 import torch
-from test_cpu_int4_avx512 import has_amx, needs_kernel, rounded_once
+from test_cpu_int4_avx512 import needs_kernel, rounded_once, use_amx
 from test_cpu_kernels import (
     BF16_TOLERANCE,
     INT8_OP_TOLERANCE,
@@ -23,8 +24,8 @@ from treeq.kernels import cpu_int8_avx512 as k8
 
 
 def panel_layer(sym, in_f, out_f, amx, monkeypatch, path="panel"):
-    if amx and not has_amx:
-        pytest.skip("no AMX on this CPU")
+    if amx:
+        use_amx(monkeypatch)
     monkeypatch.setattr(k8, "path", lambda *call: path)
     layer = quant_linear(8, -1, sym, False, in_f=in_f, out_f=out_f, bias=False)
     layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)
@@ -59,7 +60,6 @@ def test_panel_paths_multiply_the_reference_weight_with_fp32_sums(sym, in_f, out
 
 
 @needs_kernel
-@pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("in_f,out_f", [(256, 96), (256, 112), (4096, 80), (4160, 208)])  # units 4+2, 4+3, 4+1
 @pytest.mark.parametrize("tokens", [1, 16, 17, 33, 48, 64, 100])  # groups of 16 token rows: 1 to 7, partial
@@ -145,7 +145,6 @@ def test_panel_paths_keep_each_units_panel_across_passes_of_token_rows(
 
 
 @needs_kernel
-@pytest.mark.skipif(not has_amx, reason="no AMX on this CPU")
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("in_f,out_f", [(256, 96), (4160, 208)])
 @pytest.mark.parametrize("tokens", [1, 5, 16, 17, 32])  # one tile of token rows; two
@@ -157,6 +156,7 @@ def test_amx_rows_path_multiplies_the_reference_weight_with_fp32_sums(sym, in_f,
     # rows taken from its work item's first block; every case up to 16 tokens with every K tile's
     # inputs taken from the first's; 17 and 32 tokens with the second group's inputs taken from the
     # first group's, and with the second group's sums stored over the first's.
+    use_amx(monkeypatch)
     monkeypatch.setattr(k8, "path", lambda *call: "amx_rows")
     layer = quant_linear(8, -1, sym, False, in_f=in_f, out_f=out_f, bias=False)
     layer.select_kernel("cpu", torch.bfloat16, k8.KERNEL.name)

@@ -48,3 +48,15 @@ def test_a_changed_local_header_changes_the_cache_key(tmp_path):
     before = native.source_text(source)
     (tmp_path / "steps.h").write_text("inline int f() { return 2; }\n")
     assert native.source_text(source) != before
+
+
+def test_a_header_included_by_a_header_changes_the_cache_key_too(tmp_path):
+    """amx_emulated.h is included by avx512_tiles.h, which the kernels include; a header that
+    includes itself is read once."""
+    (tmp_path / "inner.h").write_text("inline int f() { return 1; }\n")
+    (tmp_path / "outer.h").write_text('#pragma once\n#include "outer.h"\n#include "inner.h"\n')
+    source = tmp_path / "loop.cpp"
+    source.write_text('#include "outer.h"\nint g() { return f(); }\n')
+    before = native.source_text(source)
+    (tmp_path / "inner.h").write_text("inline int f() { return 2; }\n")
+    assert native.source_text(source) != before

@@ -27,11 +27,17 @@ def cache_dir() -> Path:
 
 
 def source_text(source: Path) -> bytes:
-    """The source and the local headers it includes (``#include "..."``, one level), so the cache
-    key changes with any of them."""
-    text = source.read_bytes()
-    for name in re.findall(rb'^#include "([^"]+)"', text, re.MULTILINE):
-        text += (source.parent / name.decode()).read_bytes()
+    """The source and the local headers it includes (``#include "..."``, and theirs, each once), so
+    the cache key changes with any of them."""
+    text, seen, queue = b"", set(), [source]
+    while queue:
+        path = queue.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        body = path.read_bytes()
+        text += body
+        queue += [path.parent / name.decode() for name in re.findall(rb'^#include "([^"]+)"', body, re.MULTILINE)]
     return text
 
 

@@ -33,6 +33,15 @@ from .base import Kernel, grouped_codes, matmul_2d
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma", "-fopenmp")
+# With AMX's tiles in software (cpu_isa.amx_emulated): no AMX instruction is emitted.
+EMULATED_FLAGS = (*(f for f in FLAGS if not f.startswith("-mamx")), "-DTREEQ_AMX_EMULATED")
+
+
+def flags() -> tuple[str, ...]:
+    """The flags the AVX512-BF16 kernels are built with here and now."""
+    return EMULATED_FLAGS if cpu_isa.amx_emulated() else FLAGS
+
+
 TILE_N, TILE_K = 16, 32
 UNIT_BLOCKS = 4  # blocks of 16 outputs whose tiles are interleaved (the .cpp's kMaxBlocks)
 # Token counts from which the next path takes over (bench/kernel_speed.py; figures in
@@ -72,14 +81,18 @@ PANEL_INPUTS = 4096  # inputs one panel holds (the .cpp's kPanelTiles * kTileK)
 PATH_CODES = {"vector": 0, "expanded": 1, "amx": 2, "amx_panel": 3, "panel": 4}  # the .cpp's path argument
 
 
-@functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
+    return _built(flags())
+
+
+@functools.cache
+def _built(build_flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str | None]:
     p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     functions = {
         "treeq_int4_matmul": [p, i, i, p, p, p, i, i, p, c_int, c_int],
         "treeq_int4_dequantize": [p, p, p, i, i, i, i, i, p, c_int, c_int],
     }
-    return native.load(SOURCE, FLAGS, "treeq_cpu_supported", "this CPU lacks AVX512-BF16", functions)
+    return native.load(SOURCE, build_flags, "treeq_cpu_supported", "this CPU lacks AVX512-BF16", functions)
 
 
 def unavailable() -> str | None:

@@ -95,11 +95,15 @@ def path(tokens: int, amx: bool, n: int, k: int) -> str:
 SOURCE = Path(__file__).with_suffix(".cpp")  # with the panel paths it shares with cpu_int4_avx512
 
 
-@functools.cache
 def library() -> tuple[ctypes.CDLL | None, str | None]:
+    return _built(cpu_int4_avx512.flags())
+
+
+@functools.cache
+def _built(build_flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str | None]:
     p, i, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     functions = {"treeq_int8_matmul": [p, i, i, p, p, p, i, p, c_int, c_int]}
-    return native.load(SOURCE, cpu_int4_avx512.FLAGS, "treeq_cpu_supported", "this CPU lacks AVX512-BF16", functions)
+    return native.load(SOURCE, build_flags, "treeq_cpu_supported", "this CPU lacks AVX512-BF16", functions)
 
 
 def unavailable() -> str | None:

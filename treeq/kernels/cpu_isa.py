@@ -15,6 +15,10 @@ from pathlib import Path
 from ..errors import TreeqError
 
 ENV = "TREEQ_CPU_ISA"
+# A test aid: "1" builds the AVX512-BF16 kernels with AMX's tile instructions in software
+# (amx_emulated.h), so their AMX paths run, slowly, on CPUs without AMX. Read at each kernel
+# selection and call, as the cap is.
+AMX_EMULATED_ENV = "TREEQ_AMX_EMULATED"
 LEVELS = ("avx2", "avx512_bf16", "amx")  # each level allows the ones before it
 # /proc/cpuinfo's flags for each level beyond the baseline
 FLAGS = {"avx512_bf16": ("avx512bw", "avx512_bf16"), "amx": ("amx_tile", "amx_bf16")}
@@ -32,6 +36,10 @@ def cap() -> str:
 
 def allows(level: str) -> bool:
     return LEVELS.index(level) <= LEVELS.index(cap())
+
+
+def amx_emulated() -> bool:
+    return os.environ.get(AMX_EMULATED_ENV) == "1"
 
 
 def forbidden(level: str) -> str | None:
