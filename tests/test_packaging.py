@@ -5,6 +5,8 @@ import fnmatch
 import re
 from pathlib import Path
 
+import pytest
+
 import treeq
 from treeq import native
 
@@ -40,23 +42,19 @@ def test_a_missing_source_is_a_reason_not_an_error(tmp_path):
     assert lib is None and "absent.cpp is not installed" in why
 
 
-def test_a_changed_local_header_changes_the_cache_key(tmp_path):
-    # Checked to fail with the headers left out of source_text.
+@pytest.mark.parametrize(
+    "outer",
+    [None, '#pragma once\n#include "outer.h"\n#include "steps.h"\n'],  # steps.h included directly; by a header
+)
+def test_a_changed_local_header_changes_the_cache_key(tmp_path, outer):
+    """Also a header included by a header (amx_emulated.h by avx512_tiles.h, which the kernels
+    include); a header that includes itself is read once."""
+    # Checked to fail with the headers left out of source_text, and (outer) with one level only.
     (tmp_path / "steps.h").write_text("inline int f() { return 1; }\n")
+    if outer:
+        (tmp_path / "outer.h").write_text(outer)
     source = tmp_path / "loop.cpp"
-    source.write_text('#include <cmath>\n#include "steps.h"\nint g() { return f(); }\n')
+    source.write_text(f'#include <cmath>\n#include "{"outer.h" if outer else "steps.h"}"\nint g() {{ return f(); }}\n')
     before = native.source_text(source)
     (tmp_path / "steps.h").write_text("inline int f() { return 2; }\n")
-    assert native.source_text(source) != before
-
-
-def test_a_header_included_by_a_header_changes_the_cache_key_too(tmp_path):
-    """amx_emulated.h is included by avx512_tiles.h, which the kernels include; a header that
-    includes itself is read once."""
-    (tmp_path / "inner.h").write_text("inline int f() { return 1; }\n")
-    (tmp_path / "outer.h").write_text('#pragma once\n#include "outer.h"\n#include "inner.h"\n')
-    source = tmp_path / "loop.cpp"
-    source.write_text('#include "outer.h"\nint g() { return f(); }\n')
-    before = native.source_text(source)
-    (tmp_path / "inner.h").write_text("inline int f() { return 2; }\n")
     assert native.source_text(source) != before
