@@ -202,6 +202,31 @@ def test_calibration_windows_longer_than_the_model_positions(tmp_path, tokenizer
     treeq.api.check_run(path, quick_config(method="rtn", seqlen=256))
 
 
+def test_a_tokenizer_that_is_not_the_models(tmp_path, tokenizer, text_file):
+    """A model of 100 tokens beside a tokenizer of 257 (a tokenizer copied from another model): every
+    place treeq feeds tokenized text to the model ended in torch's IndexError deep in the embedding."""
+    path = tmp_path / "m"
+    make_model("llama", vocab_size=100).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model, text = make_model("llama", vocab_size=100), str(text_file)
+    needle = "but the model's embedding has 100 rows"
+    kv = treeq.schemes.KVCacheScheme(method="kvquant", key_bits=4, value_bits=4, group_size=16, residual=0)
+    each_refused_in_one_line(
+        tmp_path,
+        {
+            needle: lambda: treeq.quantize(path, quick_config(method="rtn"), tmp_path / "q", calib_text=text),
+            f"{needle}: its tokenizer": lambda: treeq.quantize(
+                path, quick_config(method="rtn"), tmp_path / "q", calib_text=text, low_memory=True
+            ),
+            "embedding has 100 rows": lambda: treeq.evaluate_perplexity(model, tokenizer, text, 64, 2),
+            "the tokenizer gives token id": lambda: treeq.generate(model, tokenizer, "hello world", 2),
+            "model was trained with": lambda: treeq.activation_stats(model, tokenizer, text, 2, 64),
+            "has 100 rows": lambda: treeq.runtime.kv_calibration.calibrate_on_text(model, tokenizer, kv, text),
+        },
+    )
+    unchanged_after(tmp_path, *quantize_args(path, text_file, tmp_path / "q"), needles=(needle,))
+
+
 def test_a_checkpoint_directory_without_config(checkpoint, tmp_path):
     shutil.move(checkpoint / "config.json", tmp_path / "elsewhere.json")
     unchanged_after(tmp_path, "inspect", checkpoint, needles=("has no config.json",))

@@ -61,6 +61,19 @@ def loaded_tokenizer(tokenizer, call: str):
     )
 
 
+def tokens_fit(model, ids: torch.Tensor | list[torch.Tensor]) -> None:
+    """Every token id (a tensor, or a list of batches) names a row of ``model``'s input embedding:
+    a tokenizer that is not the model's own gives ids beyond it, which end in torch's IndexError
+    deep inside the forward."""
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max((int(t.max()) for t in ([ids] if isinstance(ids, torch.Tensor) else ids) if t.numel()), default=-1)
+    if largest >= rows:
+        raise TreeqError(
+            f"the tokenizer gives token id {largest}, but the model's embedding has {rows} rows: its tokenizer "
+            "files are not this model's; use the tokenizer the model was trained with"
+        )
+
+
 def whole_number(value, name: str, minimum: int, below: str | None = None) -> int:
     """An integer argument of the Python API, held to the bound its CLI option has; ``below``: what
     an integer under ``minimum`` would mean, for the message."""

@@ -24,7 +24,7 @@ from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import ActivationScheme, WeightScheme
 from ..spec_check import check_spec
 from ..storage.checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
-from ..user_input import loaded_model, local_path, new_output_dir, parse_devices, resolve_device
+from ..user_input import loaded_model, local_path, new_output_dir, parse_devices, resolve_device, tokens_fit
 from ..version import __version__
 from .calib_precision import calibration_dtype
 from .experts import calibration_routing, layer_modules, unfuse_experts
@@ -141,7 +141,7 @@ def quantize(
     _prepare(model, spec, config)
     start = time.perf_counter()
     with log.capturing():
-        batches = _calibration_batches(tokenizer, config, calib_text)
+        batches = _calibration_batches(model, tokenizer, config, calib_text)
         progress.check(run_identity(config, batches, fingerprint, False, len(model.get_submodule(spec.layers))))
     # Until the checkpoint is saved: Ctrl-C keeps the finished layers, another failure of a fresh
     # run leaves nothing behind.
@@ -256,10 +256,12 @@ def _check_positions(model, seqlen: int) -> None:
         )
 
 
-def _calibration_batches(tokenizer, config: QuantConfig, calib_text: str) -> list[torch.Tensor]:
+def _calibration_batches(model, tokenizer, config: QuantConfig, calib_text: str) -> list[torch.Tensor]:
     text = data.read_text(calib_text)
     c = config.calibration
-    return data.calibration_batches(tokenizer, text, c.calib_samples, c.seqlen, c.batch_size, bos=c.bos)
+    batches = data.calibration_batches(tokenizer, text, c.calib_samples, c.seqlen, c.batch_size, bos=c.bos)
+    tokens_fit(model, batches)
+    return batches
 
 
 def _calibrate_and_quantize(
@@ -302,7 +304,7 @@ def _quantize_streaming(model, config: QuantConfig, out: Path, calib_text, devic
     tokenizer = AutoTokenizer.from_pretrained(path)
     _prepare(skeleton, spec, config)
     start = time.perf_counter()
-    batches = _calibration_batches(tokenizer, config, calib_text)
+    batches = _calibration_batches(skeleton, tokenizer, config, calib_text)
     # Tokenizing the whole text leaves ~300 MB of freed heap; hand it back before the weights come.
     release_free_heap()
     layers = len(skeleton.get_submodule(spec.layers))

@@ -96,7 +96,9 @@ def activation_stats(
             handles.append(modules[0].register_forward_pre_hook(lambda _m, args, s=sums: s.add(args[0])))
     try:
         with torch.no_grad():
-            for batch in calibration_batches(tokenizer, read_text(text), samples, seqlen, batch_size=1):
+            batches = calibration_batches(tokenizer, read_text(text), samples, seqlen, batch_size=1)
+            user_input.tokens_fit(model, batches)
+            for batch in batches:
                 model(batch.to(next(model.parameters()).device))
     finally:
         for h in handles:

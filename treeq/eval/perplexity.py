@@ -170,4 +170,6 @@ def evaluate_perplexity(
     user_input.loaded_tokenizer(tokenizer, "evaluate_perplexity")
     start = data.bos_for(tokenizer, bos)
     protocol = kv_protocol_for(model, tokenizer, kv, kv_protocol, kv_chunk, kv_calib_text)
-    return perplexity(model, data.tokenize(tokenizer, data.read_text(text)), seqlen, max_windows, start, protocol)
+    ids = data.tokenize(tokenizer, data.read_text(text))
+    user_input.tokens_fit(model, ids)
+    return perplexity(model, ids, seqlen, max_windows, start, protocol)

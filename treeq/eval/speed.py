@@ -49,6 +49,7 @@ def generate(
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     if ids.numel() == 0:
         raise TreeqError("the prompt is empty (no tokens to continue); give some text")
+    user_input.tokens_fit(model, ids)
     cache = choose_kv(model, tokenizer, kv, kv_calib_text).cache(model)
     torch.manual_seed(seed)
     sample = temperature > 0

@@ -30,6 +30,7 @@ from .. import data
 from ..errors import TreeqError
 from ..models import spec_for
 from ..schemes import KVCacheScheme
+from ..user_input import tokens_fit
 from .kv_cache import FULL_PRECISION, key_rotation
 from .kvquant import ChannelRange, KVQuantKV, check_packable_heads, uniform_levels
 
@@ -189,4 +190,6 @@ def calibrate_on_text(model, tokenizer, scheme: KVCacheScheme, text: str = "wiki
     no calibration."""
     if not needs_calibration(scheme):
         return None
-    return calibrate_kv(collect_kv_activations(model, calibration_windows(tokenizer, text)), scheme)
+    windows = calibration_windows(tokenizer, text)
+    tokens_fit(model, windows)
+    return calibrate_kv(collect_kv_activations(model, windows), scheme)
