@@ -204,7 +204,8 @@ def test_calibration_windows_longer_than_the_model_positions(tmp_path, tokenizer
 
 def test_a_tokenizer_that_is_not_the_models(tmp_path, tokenizer, text_file):
     """A model of 100 tokens beside a tokenizer of 257 (a tokenizer copied from another model): every
-    place treeq feeds tokenized text to the model ended in torch's IndexError deep in the embedding."""
+    place treeq feeds tokenized text to the model ended in torch's IndexError deep in the embedding
+    (lm-eval's requests too, which it tokenizes itself)."""
     path = tmp_path / "m"
     make_model("llama", vocab_size=100).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -222,6 +223,7 @@ def test_a_tokenizer_that_is_not_the_models(tmp_path, tokenizer, text_file):
             "the tokenizer gives token id": lambda: treeq.generate(model, tokenizer, "hello world", 2),
             "model was trained with": lambda: treeq.activation_stats(model, tokenizer, text, 2, 64),
             "has 100 rows": lambda: treeq.runtime.kv_calibration.calibrate_on_text(model, tokenizer, kv, text),
+            "its tokenizer files are not": lambda: treeq.evaluate_tasks(model, tokenizer, ["treeq_capitals"], limit=2),
         },
     )
     unchanged_after(tmp_path, *quantize_args(path, text_file, tmp_path / "q"), needles=(needle,))

@@ -170,7 +170,14 @@ def run_tasks(
     protocol = kv_protocol_for(model, tokenizer, kv, kv_protocol, kv_chunk)
     lm_class, batch_size = (HFLM, batch_size) if protocol is None else (_through_cache(HFLM, protocol), 1)
     lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    # lm-eval tokenizes each request itself: ids are checked where they reach the model.
+    check = model.get_input_embeddings().register_forward_pre_hook(
+        lambda _m, args: user_input.tokens_fit(model, args[0])
+    )
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    finally:
+        check.remove()
     return {
         task: {k.split(",")[0]: v for k, v in metrics.items() if "," in k and "stderr" not in k}
         for task, metrics in out["results"].items()
