@@ -21,6 +21,7 @@ from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.engine.resume import Interrupted
 from treeq.errors import TreeqError
+from treeq.eval.compare import CompareInterrupted
 from treeq.eval.perplexity import KV_PROTOCOLS
 from treeq.eval.tasks import TASKS, check_tasks, task_dir
 from treeq.methods import METHODS
@@ -49,6 +50,9 @@ def user_errors(fn):
             raise click.ClickException(str(e)) from None
         except Interrupted as e:  # Ctrl-C after finished layers: one line instead of a traceback
             click.echo(e.told(f"the same command and --out {str(e.work).removesuffix('.partial')} --resume"), err=True)
+            raise SystemExit(130) from None
+        except CompareInterrupted as e:  # Ctrl-C with rows of the table finished: where they are
+            click.echo(str(e), err=True)
             raise SystemExit(130) from None
 
     return wrapper

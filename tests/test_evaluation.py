@@ -165,6 +165,38 @@ def test_compare_writes_one_table_for_all_settings(model_dir, text_file, tmp_pat
     assert "| rtn | 4 | 16 | 32 |" in (out / "compare.md").read_text()
 
 
+def test_an_interrupted_compare_keeps_the_rows_it_finished(model_dir, text_file, tmp_path, monkeypatch):
+    """The table was written once every row was done: Ctrl-C in the last row's quantization lost
+    every row's figures, and the CLI's line then said to continue that row with --resume, which
+    compare does not take."""
+    real, calls = treeq.api.quantize, []
+
+    def quantize(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(treeq.api, "quantize", quantize)
+    out = tmp_path / "cmp"
+    common = ("--group-size", 32, "--calib-samples", 4, "--seqlen", 64, "--calib-text", text_file)
+    common += ("--eval-text", text_file, "--eval-seqlen", 64, "--eval-windows", 2)
+    r = run("compare", model_dir, "--methods", "rtn,gptq", "--bits", "4", *common, "--out", out)
+    assert r.exit_code == 130
+    assert r.output.strip().splitlines()[-1] == (
+        f"interrupted after 2 of 3 rows; the finished ones are in {out / 'compare.md'} and compare.csv"
+    )
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(x["method"], x["bits"]) for x in rows] == [("fp", "16"), ("rtn", "4")]
+    assert float(rows[1]["d ppl"]) == pytest.approx(float(rows[1]["ppl"]) - float(rows[0]["ppl"]))
+    assert "| rtn | 4 | 16 | 32 |" in (out / "compare.md").read_text()
+    calls.clear()
+    with pytest.raises(treeq.eval.compare.CompareInterrupted, match="after 2 of 3 rows"):
+        treeq.compare(str(model_dir), ["rtn", "gptq"], [4], tmp_path / "api", 32, calib_text=str(text_file),
+                      eval_text=str(text_file), eval_seqlen=64, eval_windows=2, calib_samples=4, seqlen=64)  # fmt: skip
+
+
 def test_error_report_plots_every_module_and_names_the_hardest(tmp_path, tokenizer, text_file):
     model = make_model("qwen3")
     cfg = treeq.QuantConfig(method="gptq", bits=3, group_size=32, calib_samples=4, seqlen=64, batch_size=4)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import data
+from ..atomic import atomic_file
 from ..errors import TreeqError
 from ..runtime.kv_choice import KVChoice
 from ..runtime.kv_schemes import cache_nbytes, fp16_cache_nbytes
@@ -100,24 +101,39 @@ def compare(
     ]
     for cfg in configs:  # a row that cannot run fails now, not after the fp model's evaluation
         api.check_run(model, cfg, calib_text)
+    evaluation = dict(tasks=tasks, limit=limit, text=eval_text, seqlen=eval_seqlen, windows=eval_windows)
+    total = 1 + len(kv_schemes) * len(kv_protocols) + len(configs)
+    rows: list[dict] = []
+    notes: list[str] = []
+    try:
+        _rows(model, configs, out, calib_text, kv_schemes, kv_protocols, kv_chunk, kv_tokens, rows, notes, **evaluation)
+    except KeyboardInterrupt:  # a row's quantize keeps its finished layers, but compare does not resume them
+        raise CompareInterrupted(len(rows), total, out) from None
+    add_deltas(rows)
+    return rows
+
+
+def _rows(model, configs, out, calib_text, kv_schemes, kv_protocols, kv_chunk, kv_tokens, rows, notes, **evaluation):
+    """compare's rows into ``rows`` (and the notes on how columns were measured into ``notes``),
+    each appended once finished, and the table written again after each."""
+    from .. import api
+
     fp, tok = api.load_fp_model(model)
     bytes_column = f"cache bytes/token ({kv_tokens} tokens)"
     # Rows without a quantized cache show an fp16 cache's bytes, the reference the KV rows are read against.
     no_kv = dict(kv=None, kv_protocol=None, **{bytes_column: fp16_cache_nbytes(fp, 1)}) if kv_schemes else {}
-    prefill = _first_tokens(tok, eval_text, kv_tokens) if kv_schemes else None
+    prefill = _first_tokens(tok, evaluation["text"], kv_tokens) if kv_schemes else None
     fp_cells = dict(method="fp", bits=16, act_bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)
-    rows = [{**fp_cells, **no_kv}]
-    evaluation = dict(tasks=tasks, limit=limit, text=eval_text, seqlen=eval_seqlen, windows=eval_windows)
     metrics, result = _evaluate(fp, tok, **evaluation)
-    rows[0].update(metrics)
-    notes = [f"perplexity: {result.protocol()}"]
+    notes.append(f"perplexity: {result.protocol()}")
+    _finished(rows, {**fp_cells, **no_kv, **metrics}, out, notes)
     choices = {label: api.choose_kv(fp, tok, scheme, calib_text) for label, scheme in kv_schemes.items()}
     for label, choice in choices.items():
         for protocol in kv_protocols:
             kv_run = dict(kv=choice, kv_protocol=protocol, kv_chunk=kv_chunk)
             metrics, result = _evaluate(fp, tok, **evaluation, **kv_run)
-            rows.append(dict(fp_cells, kv=label, kv_protocol=protocol, **metrics))
             notes.append(f"{label}, {protocol}: {result.kv}")
+            _finished(rows, dict(fp_cells, kv=label, kv_protocol=protocol, **metrics), out, notes)
     del fp
     if choices:
         # A bf16 copy gives the cache the 16-bit states a half-precision model would (the fp16 rows
@@ -129,10 +145,11 @@ def compare(
         del half
         notes.append(
             f"{bytes_column}: the bytes a fresh cache's own tensors hold (codes, scales, outliers, tables, the "
-            f"full-precision window and sink) once the first {kv_tokens} tokens of {eval_text} went through a bf16 "
-            f"copy of the fp model, / {kv_tokens}; rows without a quantized cache: fp16, 2 bytes x layers x kv heads "
-            "x head_dim x 2 (keys, values)"
+            f"full-precision window and sink) once the first {kv_tokens} tokens of {evaluation['text']} went "
+            f"through a bf16 copy of the fp model, / {kv_tokens}; rows without a quantized cache: fp16, 2 bytes x "
+            "layers x kv heads x head_dim x 2 (keys, values)"
         )
+        _write(rows, out, notes)
     for cfg in configs:
         fp, tok = api.load_fp_model(model)
         w, a = cfg.weights, 16 if cfg.activations is None else cfg.activations.bits
@@ -144,11 +161,35 @@ def compare(
         row = dict(method=method, bits=w.bits, act_bits=a, group=w.group_size, size_mb=size / 2**20, **no_kv)
         row["quant_s"] = report.seconds
         row.update(_evaluate(report.model, tok, **evaluation)[0])
-        rows.append(row)
+        _finished(rows, row, out, notes)
         del fp, report
-    add_deltas(rows)
-    write_table(rows, out, notes)
-    return rows
+
+
+class CompareInterrupted(KeyboardInterrupt):
+    """Ctrl-C during compare: the rows finished so far are in the table, written after each row."""
+
+    def __init__(self, finished: int, total: int, out: Path):
+        super().__init__(finished, total, out)
+        self.finished, self.total, self.out = finished, total, out
+
+    def __str__(self) -> str:
+        return (
+            f"interrupted after {self.finished} of {self.total} rows; the finished ones are in "
+            f"{self.out / 'compare.md'} and compare.csv"
+        )
+
+
+def _finished(rows: list[dict], row: dict, out: Path, notes: list[str]) -> None:
+    rows.append(row)
+    _write(rows, out, notes)
+
+
+def _write(rows: list[dict], out: Path, notes: list[str]) -> None:
+    """The table of the rows so far, with their deltas from the fp row (on copies: compare adds them
+    to the rows it returns once all are finished)."""
+    table = [dict(r) for r in rows]
+    add_deltas(table)
+    write_table(table, out, notes)
 
 
 def _first_tokens(tokenizer, text: str, tokens: int) -> torch.Tensor:
@@ -183,11 +224,13 @@ def write_table(rows: list[dict], out: Path, notes: list[str] = ()) -> None:
     """compare.csv, and compare.md with ``notes`` (how columns were measured) below its table."""
     out.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
-    with open(out / "compare.csv", "w", newline="") as f:
+    # Rewritten after each row: an interrupted write leaves the last table whole.
+    with atomic_file(out / "compare.csv") as path, open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     lines += ["", *(f"- {note}" for note in notes)] if notes else []
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    with atomic_file(out / "compare.md") as path:
+        path.write_text("\n".join(lines) + "\n")
