@@ -21,7 +21,7 @@ from treeq.data import BOS_RULES
 from treeq.default_model import DEFAULT_GROUP_SIZE, DEFAULT_MODEL
 from treeq.engine.resume import Interrupted
 from treeq.errors import TreeqError
-from treeq.eval.compare import CompareInterrupted
+from treeq.eval.compare_table import CompareInterrupted
 from treeq.eval.perplexity import KV_PROTOCOLS
 from treeq.eval.tasks import TASKS, check_tasks, task_dir
 from treeq.methods import METHODS
@@ -52,7 +52,7 @@ def user_errors(fn):
             click.echo(e.told(f"the same command and --out {str(e.work).removesuffix('.partial')} --resume"), err=True)
             raise SystemExit(130) from None
         except CompareInterrupted as e:  # Ctrl-C with rows of the table finished: where they are
-            click.echo(str(e), err=True)
+            click.echo(e.told("the same command and --resume"), err=True)
             raise SystemExit(130) from None
 
     return wrapper
@@ -406,6 +406,7 @@ def evaluate(
     help="tokens of --eval-text prefilled before cache bytes per token are counted",
 )
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="directory for checkpoints and tables")
+@click.option("--resume", is_flag=True, help="continue the interrupted compare in --out (the same settings)")
 @threads_option
 @user_errors
 def compare(
@@ -429,11 +430,14 @@ def compare(
     kv_chunk,
     kv_tokens,
     out,
+    resume,
     threads,
 ):
     """Quantize MODEL with each method and bit width, and evaluate each --kv cache on the fp model; one
     table of size, time, perplexity and tasks (and cache bytes per token with --kv)."""
     _set_threads(threads)
+    if resume and out is None:
+        raise TreeqError("--resume continues the compare in --out; give the --out of the interrupted one")
     out = out or _free_path(Path("treeq-out") / f"compare-{_model_name(model)}")
     task_names = _task_names(tasks) if tasks else []
     treeq.compare(
@@ -453,6 +457,7 @@ def compare(
         kv_protocols=tuple(p.strip() for p in kv_protocols.split(",")),
         kv_chunk=kv_chunk,
         kv_tokens=kv_tokens,
+        resume=resume,
         calib_samples=calib_samples,
         seqlen=seqlen,
         **({} if migration is None else {"migration": migration}),

@@ -165,36 +165,76 @@ def test_compare_writes_one_table_for_all_settings(model_dir, text_file, tmp_pat
     assert "| rtn | 4 | 16 | 32 |" in (out / "compare.md").read_text()
 
 
-def test_an_interrupted_compare_keeps_the_rows_it_finished(model_dir, text_file, tmp_path, monkeypatch):
-    """The table was written once every row was done: Ctrl-C in the last row's quantization lost
-    every row's figures, and the CLI's line then said to continue that row with --resume, which
-    compare does not take."""
-    real, calls = treeq.api.quantize, []
+def test_an_interrupted_compare_keeps_its_rows_and_resumes(model_dir, text_file, tmp_path, monkeypatch):
+    """The table was written once every row was done: Ctrl-C in the last row lost every row's
+    figures, the CLI's line then said to continue that row with --resume, which compare did not
+    take, and the directory left behind blocked a rerun. Now the finished rows stay in the table and
+    --resume continues: the row in progress from its finished layers, to the table an uninterrupted
+    compare writes."""
+    from test_resume import interrupt_in_layer
 
-    def quantize(*args, **kwargs):
+    common = ("compare", model_dir, "--methods", "rtn,gptq", "--bits", "4", "--group-size", 32, "--calib-samples", 4)
+    common += ("--seqlen", 64, "--calib-text", text_file, "--eval-text", text_file, "--eval-seqlen", 64)
+    common += ("--eval-windows", 2)
+    out = tmp_path / "cmp"
+    interrupt_in_layer(monkeypatch, 1)  # in the first quantized row, after its layer 0
+    r = run(*common, "--out", out)
+    assert r.exit_code == 130
+    said = f"interrupted after 1 of 3 rows, which are in {out / 'compare.md'} and compare.csv; continue with the same"
+    assert f"{said} command and --resume\n" in r.output
+    with open(out / "compare.csv") as f:
+        assert [x["method"] for x in csv.DictReader(f)] == ["fp"]
+    monkeypatch.undo()
+    assert "add --resume to continue it" in run(*common, "--out", out).output
+    assert "made with other bits" in run(*common[:5], "8", *common[6:], "--out", out, "--resume").output
+    assert "nothing to resume" in run(*common, "--out", tmp_path / "none", "--resume").output
+    r = run(*common, "--out", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert run(*common, "--out", tmp_path / "whole").exit_code == 0
+
+    def table(path):
+        with open(path / "compare.csv") as f:
+            return [{k: v for k, v in row.items() if k != "quant_s"} for row in csv.DictReader(f)]
+
+    assert [x["method"] for x in table(out)] == ["fp", "rtn", "gptq"]
+    assert table(out) == table(tmp_path / "whole")  # perplexities equal: the same checkpoints
+    for name in ("rtn-w4a16g32", "gptq-w4a16g32"):
+        assert (out / name / "model.safetensors").read_bytes() == (
+            tmp_path / "whole" / name / "model.safetensors"
+        ).read_bytes()
+    with pytest.raises(treeq.eval.compare_table.CompareInterrupted, match="after 1 of 3 rows"):
+        interrupt_in_layer(monkeypatch, 1)
+        treeq.compare(str(model_dir), ["rtn", "gptq"], [4], tmp_path / "api", 32, calib_text=str(text_file),
+                      eval_text=str(text_file), eval_seqlen=64, eval_windows=2, calib_samples=4, seqlen=64)  # fmt: skip
+
+
+def test_a_compare_interrupted_while_evaluating_a_row_resumes_from_its_checkpoint(
+    model_dir, text_file, tmp_path, monkeypatch
+):
+    """Quantized, not yet evaluated: resume evaluates the saved checkpoint (the same perplexity as the
+    quantized model in memory) and keeps the quantization's time."""
+    from treeq.eval import compare
+
+    real, calls = compare._evaluate, []
+
+    def evaluate(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 2:  # the first quantized row's
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(treeq.api, "quantize", quantize)
-    out = tmp_path / "cmp"
-    common = ("--group-size", 32, "--calib-samples", 4, "--seqlen", 64, "--calib-text", text_file)
-    common += ("--eval-text", text_file, "--eval-seqlen", 64, "--eval-windows", 2)
-    r = run("compare", model_dir, "--methods", "rtn,gptq", "--bits", "4", *common, "--out", out)
-    assert r.exit_code == 130
-    assert r.output.strip().splitlines()[-1] == (
-        f"interrupted after 2 of 3 rows; the finished ones are in {out / 'compare.md'} and compare.csv"
-    )
-    with open(out / "compare.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [(x["method"], x["bits"]) for x in rows] == [("fp", "16"), ("rtn", "4")]
-    assert float(rows[1]["d ppl"]) == pytest.approx(float(rows[1]["ppl"]) - float(rows[0]["ppl"]))
-    assert "| rtn | 4 | 16 | 32 |" in (out / "compare.md").read_text()
-    calls.clear()
-    with pytest.raises(treeq.eval.compare.CompareInterrupted, match="after 2 of 3 rows"):
-        treeq.compare(str(model_dir), ["rtn", "gptq"], [4], tmp_path / "api", 32, calib_text=str(text_file),
-                      eval_text=str(text_file), eval_seqlen=64, eval_windows=2, calib_samples=4, seqlen=64)  # fmt: skip
+    common = ("compare", model_dir, "--methods", "rtn", "--bits", "4", "--group-size", 32, "--calib-samples", 4)
+    common += ("--seqlen", 64, "--calib-text", text_file, "--eval-text", text_file, "--eval-seqlen", 64)
+    common += ("--eval-windows", 2)
+    monkeypatch.setattr(compare, "_evaluate", evaluate)
+    assert run(*common, "--out", tmp_path / "cmp").exit_code == 130
+    monkeypatch.undo()
+    assert run(*common, "--out", tmp_path / "cmp", "--resume").exit_code == 0
+    assert run(*common, "--out", tmp_path / "whole").exit_code == 0
+    with open(tmp_path / "cmp" / "compare.csv") as f, open(tmp_path / "whole" / "compare.csv") as g:
+        resumed, whole = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [x["ppl"] for x in resumed] == [x["ppl"] for x in whole] and len(resumed) == 2
+    assert float(resumed[1]["quant_s"]) > 0
 
 
 def test_error_report_plots_every_module_and_names_the_hardest(tmp_path, tokenizer, text_file):
@@ -234,7 +274,7 @@ def test_tasks_without_lm_eval_name_the_install(monkeypatch):
 
 
 def test_compare_deltas_with_task_columns(tmp_path):
-    from treeq.eval.compare import add_deltas, write_table
+    from treeq.eval.compare_table import add_deltas, write_table
 
     rows = [
         dict(method="fp", ppl=10.0, **{"treeq_mmlu:acc": 0.5}),

@@ -4,18 +4,16 @@ too, on the fp model, with the bytes their cache holds per token."""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import torch
 
 from .. import data
-from ..atomic import atomic_file
+from ..engine.resume import partial_dir
 from ..errors import TreeqError
 from ..runtime.kv_choice import KVChoice
 from ..runtime.kv_schemes import cache_nbytes, fp16_cache_nbytes
 from ..schemes import KVCacheScheme
-from ..user_input import listed, local_path, new_output_dir
+from ..user_input import listed, local_path
+from .compare_table import CompareInterrupted, CompareProgress, add_deltas
 from .perplexity import KV_PROTOCOLS, PerplexityResult, check_kv_protocol
 from .tasks import check_tasks
 
@@ -67,6 +65,7 @@ def compare(
     kv_protocols: tuple[str, ...] = (KV_PROTOCOLS[0],),
     kv_chunk: int = 32,
     kv_tokens: int = 4096,
+    resume: bool = False,
     **settings,
 ) -> list[dict]:
     """Rows of the comparison (the fp model first); checkpoints and compare.{md,csv} go under ``out``.
@@ -76,7 +75,8 @@ def compare(
     per protocol of ``kv_protocols``, all on the fp model (a kvquant scheme calibrated on
     ``calib_text`` first). With them the table gets a column of the bytes each row's cache holds per
     token once the first ``kv_tokens`` tokens of ``eval_text`` went through; rows without a
-    quantized cache show an fp16 cache's."""
+    quantized cache show an fp16 cache's. ``resume``: continue an interrupted compare in ``out`` with the
+    same settings (:mod:`treeq.eval.compare_table`)."""
     from .. import api
     from ..config import QuantConfig
 
@@ -86,7 +86,13 @@ def compare(
     check_tasks(list(tasks))
     if not (methods and bits) and not kv:
         raise TreeqError("nothing to compare: give methods and bits (or KV presets in kv)")
-    out = new_output_dir(local_path(out, "out"))
+    out = local_path(out, "out")
+    identity = dict(
+        model=model, methods=methods, bits=bits, act_bits=act_bits, group_size=group_size, tasks=tasks, limit=limit,
+        calib_text=calib_text, eval_text=eval_text, eval_seqlen=eval_seqlen, eval_windows=eval_windows, kv=kv,
+        kv_protocols=kv_protocols, kv_chunk=kv_chunk, kv_tokens=kv_tokens, settings=settings,
+    )  # fmt: skip
+    progress = CompareProgress(out, identity, resume)
     # Every KV name and protocol is checked before any model is loaded, quantized or evaluated.
     kv_schemes = {name: KVCacheScheme.named(name) for name in kv}
     for protocol in kv_protocols:
@@ -103,93 +109,79 @@ def compare(
         api.check_run(model, cfg, calib_text)
     evaluation = dict(tasks=tasks, limit=limit, text=eval_text, seqlen=eval_seqlen, windows=eval_windows)
     total = 1 + len(kv_schemes) * len(kv_protocols) + len(configs)
-    rows: list[dict] = []
-    notes: list[str] = []
     try:
-        _rows(model, configs, out, calib_text, kv_schemes, kv_protocols, kv_chunk, kv_tokens, rows, notes, **evaluation)
-    except KeyboardInterrupt:  # a row's quantize keeps its finished layers, but compare does not resume them
-        raise CompareInterrupted(len(rows), total, out) from None
+        _rows(model, configs, progress, calib_text, kv_schemes, kv_protocols, kv_chunk, kv_tokens, **evaluation)
+    except KeyboardInterrupt:  # a row's quantize keeps its finished layers (Interrupted): resume continues it
+        raise CompareInterrupted(len(progress.rows), total, out) from None
+    rows = progress.rows
     add_deltas(rows)
     return rows
 
 
-def _rows(model, configs, out, calib_text, kv_schemes, kv_protocols, kv_chunk, kv_tokens, rows, notes, **evaluation):
-    """compare's rows into ``rows`` (and the notes on how columns were measured into ``notes``),
-    each appended once finished, and the table written again after each."""
+def _rows(model, configs, progress, calib_text, kv_schemes, kv_protocols, kv_chunk, kv_tokens, **evaluation):
+    """compare's steps not yet in ``progress`` (all of them in a fresh run), each recorded once
+    finished: the fp row, the KV rows, their cache bytes, the quantized rows."""
     from .. import api
 
     fp, tok = api.load_fp_model(model)
     bytes_column = f"cache bytes/token ({kv_tokens} tokens)"
     # Rows without a quantized cache show an fp16 cache's bytes, the reference the KV rows are read against.
     no_kv = dict(kv=None, kv_protocol=None, **{bytes_column: fp16_cache_nbytes(fp, 1)}) if kv_schemes else {}
-    prefill = _first_tokens(tok, evaluation["text"], kv_tokens) if kv_schemes else None
     fp_cells = dict(method="fp", bits=16, act_bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)
-    metrics, result = _evaluate(fp, tok, **evaluation)
-    notes.append(f"perplexity: {result.protocol()}")
-    _finished(rows, {**fp_cells, **no_kv, **metrics}, out, notes)
-    choices = {label: api.choose_kv(fp, tok, scheme, calib_text) for label, scheme in kv_schemes.items()}
-    for label, choice in choices.items():
-        for protocol in kv_protocols:
-            kv_run = dict(kv=choice, kv_protocol=protocol, kv_chunk=kv_chunk)
-            metrics, result = _evaluate(fp, tok, **evaluation, **kv_run)
-            notes.append(f"{label}, {protocol}: {result.kv}")
-            _finished(rows, dict(fp_cells, kv=label, kv_protocol=protocol, **metrics), out, notes)
+    if not progress.done("fp"):
+        metrics, result = _evaluate(fp, tok, **evaluation)
+        progress.notes.append(f"perplexity: {result.protocol()}")
+        progress.finished("fp", {**fp_cells, **no_kv, **metrics})
+    kv_steps = {f"kv {label} {protocol}": (label, protocol) for label in kv_schemes for protocol in kv_protocols}
+    kv_left = [step for step in [*kv_steps, "kv bytes"] if kv_schemes and not progress.done(step)]
+    choices = {label: api.choose_kv(fp, tok, scheme, calib_text) for label, scheme in kv_schemes.items() if kv_left}
+    for step, (label, protocol) in kv_steps.items():
+        if progress.done(step):
+            continue
+        kv_run = dict(kv=choices[label], kv_protocol=protocol, kv_chunk=kv_chunk)
+        metrics, result = _evaluate(fp, tok, **evaluation, **kv_run)
+        progress.notes.append(f"{label}, {protocol}: {result.kv}")
+        progress.finished(step, dict(fp_cells, kv=label, kv_protocol=protocol, **metrics))
     del fp
-    if choices:
+    if "kv bytes" in kv_left:
         # A bf16 copy gives the cache the 16-bit states a half-precision model would (the fp16 rows
         # compare), after the fp32 model is gone; the calibration made on fp32 states applies as is.
         half = api.load_fp_model(model, dtype=torch.bfloat16)[0]
+        prefill = _first_tokens(tok, evaluation["text"], kv_tokens)
         per_token = {label: _cache_bytes_per_token(half, choice, prefill) for label, choice in choices.items()}
-        for row in rows[1:]:  # the KV rows: weight rows come later
+        for row in progress.rows[1:]:  # the KV rows: weight rows come later
             row[bytes_column] = per_token[row["kv"]]
         del half
-        notes.append(
+        progress.notes.append(
             f"{bytes_column}: the bytes a fresh cache's own tensors hold (codes, scales, outliers, tables, the "
             f"full-precision window and sink) once the first {kv_tokens} tokens of {evaluation['text']} went "
             f"through a bf16 copy of the fp model, / {kv_tokens}; rows without a quantized cache: fp16, 2 bytes x "
             "layers x kv heads x head_dim x 2 (keys, values)"
         )
-        _write(rows, out, notes)
+        progress.finished("kv bytes")
     for cfg in configs:
-        fp, tok = api.load_fp_model(model)
         w, a = cfg.weights, 16 if cfg.activations is None else cfg.activations.bits
         method = f"{cfg.migration}+{cfg.method}" if cfg.migration else cfg.method
         method += "" if w.grid == "minmax" else f"-{w.grid}"
-        target = out / f"{method}-w{w.bits}a{a}g{w.group_size}"
-        report = api.quantize(fp, cfg, target, tokenizer=tok, calib_text=calib_text)
+        name = f"{method}-w{w.bits}a{a}g{w.group_size}"
+        if progress.done(name):
+            continue
+        target = progress.out / name
+        if target.is_dir():  # quantized before an interruption, not yet evaluated
+            quantized, tok = api.load(target)
+        else:
+            fp, tok = api.load_fp_model(model)
+            resume = partial_dir(target).is_dir()  # its finished layers, kept by an interrupted quantize
+            report = api.quantize(fp, cfg, target, tokenizer=tok, calib_text=calib_text, resume=resume)
+            quantized, progress.quant_seconds[name] = report.model, report.seconds
+            progress.save()
+            del fp, report
         size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
         row = dict(method=method, bits=w.bits, act_bits=a, group=w.group_size, size_mb=size / 2**20, **no_kv)
-        row["quant_s"] = report.seconds
-        row.update(_evaluate(report.model, tok, **evaluation)[0])
-        _finished(rows, row, out, notes)
-        del fp, report
-
-
-class CompareInterrupted(KeyboardInterrupt):
-    """Ctrl-C during compare: the rows finished so far are in the table, written after each row."""
-
-    def __init__(self, finished: int, total: int, out: Path):
-        super().__init__(finished, total, out)
-        self.finished, self.total, self.out = finished, total, out
-
-    def __str__(self) -> str:
-        return (
-            f"interrupted after {self.finished} of {self.total} rows; the finished ones are in "
-            f"{self.out / 'compare.md'} and compare.csv"
-        )
-
-
-def _finished(rows: list[dict], row: dict, out: Path, notes: list[str]) -> None:
-    rows.append(row)
-    _write(rows, out, notes)
-
-
-def _write(rows: list[dict], out: Path, notes: list[str]) -> None:
-    """The table of the rows so far, with their deltas from the fp row (on copies: compare adds them
-    to the rows it returns once all are finished)."""
-    table = [dict(r) for r in rows]
-    add_deltas(table)
-    write_table(table, out, notes)
+        row["quant_s"] = progress.quant_seconds.get(name)
+        row.update(_evaluate(quantized, tok, **evaluation)[0])
+        progress.finished(name, row)
+        del quantized
 
 
 def _first_tokens(tokenizer, text: str, tokens: int) -> torch.Tensor:
@@ -203,34 +195,3 @@ def _first_tokens(tokenizer, text: str, tokens: int) -> torch.Tensor:
 def _inputs(bits: int | None) -> dict | None:
     """The activation scheme of a row: dynamic per-token inputs of ``bits``, or none."""
     return None if bits in (None, 16) else {"bits": bits}
-
-
-def add_deltas(rows: list[dict]) -> None:
-    """A "d <metric>" column (row minus fp) for perplexity and every task metric."""
-    # Listed before any row changes: the fp row gains delta columns of its own.
-    metrics = [k for k in rows[0] if k == "ppl" or ":" in k]
-    for row in rows:
-        for key in metrics:
-            row[f"d {key}"] = row[key] - rows[0][key]
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def write_table(rows: list[dict], out: Path, notes: list[str] = ()) -> None:
-    """compare.csv, and compare.md with ``notes`` (how columns were measured) below its table."""
-    out.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0])
-    # Rewritten after each row: an interrupted write leaves the last table whole.
-    with atomic_file(out / "compare.csv") as path, open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
-    lines += ["", *(f"- {note}" for note in notes)] if notes else []
-    with atomic_file(out / "compare.md") as path:
-        path.write_text("\n".join(lines) + "\n")
