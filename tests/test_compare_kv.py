@@ -96,3 +96,42 @@ def test_unknown_kv_name_or_protocol_is_one_line_before_any_model_loads(model_di
     r = run(*common, "--kv", "kivi-2", "--kv-protocol", "simulated,prefill")
     one_line_error(r, "kv_protocol 'prefill' is unknown; choose one of simulated, decode")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_compare_interrupted_among_its_kv_rows_resumes_to_the_same_table(
+    kv_model_dir, text_file, tmp_path, monkeypatch
+):
+    """Ctrl-C after the first KV row: resume evaluates the rest, counts every KV row's cache bytes
+    (the interrupted run never reached that step) and quantizes the weight row."""
+    from treeq.eval import compare
+
+    real, calls = compare._evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the fp row, the first KV row, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    args = (
+        "compare", kv_model_dir, "--methods", "rtn", "--bits", "4", "--group-size", "32", "--calib-samples", "4",
+        "--seqlen", "32", "--calib-text", text_file, "--eval-text", text_file, "--eval-seqlen", "64",
+        "--eval-windows", "2", "--kv", "kivi-2,kvquant-3", "--kv-tokens", PREFILL,
+    )  # fmt: skip
+    monkeypatch.setattr(compare, "_evaluate", evaluate)
+    assert run(*args, "--out", tmp_path / "cmp").exit_code == 130
+    monkeypatch.undo()
+    assert run(*args, "--out", tmp_path / "cmp", "--resume").exit_code == 0
+    assert run(*args, "--out", tmp_path / "whole").exit_code == 0
+
+    def table(path):
+        with open(path / "compare.csv") as f:
+            return [{k: v for k, v in row.items() if k != "quant_s"} for row in csv.DictReader(f)]
+
+    assert [(x["kv"], x["method"]) for x in table(tmp_path / "cmp")] == [
+        ("", "fp"),
+        ("kivi-2", "fp"),
+        ("kvquant-3", "fp"),
+        ("", "rtn"),
+    ]
+    assert table(tmp_path / "cmp") == table(tmp_path / "whole")
