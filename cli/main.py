@@ -409,6 +409,7 @@ def evaluate(
 @click.option("--resume", is_flag=True, help="continue the interrupted compare in --out (the same settings)")
 @threads_option
 @user_errors
+@sigterm_interrupts
 def compare(
     model,
     methods,

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -165,7 +167,8 @@ def test_compare_writes_one_table_for_all_settings(model_dir, text_file, tmp_pat
     assert "| rtn | 4 | 16 | 32 |" in (out / "compare.md").read_text()
 
 
-def test_an_interrupted_compare_keeps_its_rows_and_resumes(model_dir, text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])  # Ctrl-C; a scheduler stopping the job
+def test_an_interrupted_compare_keeps_its_rows_and_resumes(model_dir, text_file, tmp_path, monkeypatch, signal_name):
     """The table was written once every row was done: Ctrl-C in the last row lost every row's
     figures, the CLI's line then said to continue that row with --resume, which compare did not
     take, and the directory left behind blocked a rerun. Now the finished rows stay in the table and
@@ -177,7 +180,8 @@ def test_an_interrupted_compare_keeps_its_rows_and_resumes(model_dir, text_file,
     common += ("--seqlen", 64, "--calib-text", text_file, "--eval-text", text_file, "--eval-seqlen", 64)
     common += ("--eval-windows", 2)
     out = tmp_path / "cmp"
-    interrupt_in_layer(monkeypatch, 1)  # in the first quantized row, after its layer 0
+    # In the first quantized row, after its layer 0.
+    interrupt_in_layer(monkeypatch, 1, lambda: os.kill(os.getpid(), getattr(signal, signal_name)))
     r = run(*common, "--out", out)
     assert r.exit_code == 130
     said = f"interrupted after 1 of 3 rows, which are in {out / 'compare.md'} and compare.csv; continue with the same"
