@@ -83,6 +83,21 @@ def threads_option(fn):
     )(fn)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_option(default: str, multiple: bool = False):
+    return click.option(
+        "--dtype",
+        "dtypes" if multiple else "dtype",
+        type=click.Choice(sorted(DTYPES)),
+        default=(default,) if multiple else default,
+        multiple=multiple,
+        show_default=True,
+        help="activation dtype" + (" (repeatable)" if multiple else ""),
+    )
+
+
 def _register_spec_file(_ctx, _param, path):
     if path is not None:
         try:
@@ -308,6 +323,7 @@ def parse_override(text: str) -> dict:
 @click.option("--seqlen", type=int, default=1024, show_default=True)
 @click.option("--max-windows", type=int, default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@dtype_option("float32")
 @click.option("--kernel", default=None, help="force a kernel by name")
 @click.option("--tasks", default=None, help=f"lm-eval tasks, comma-separated, or 'all': {', '.join(TASKS)}")
 @click.option("--limit", type=click.IntRange(1), default=None, help="at most this many documents per task")
@@ -329,6 +345,7 @@ def evaluate(
     seqlen,
     max_windows,
     device,
+    dtype,
     kernel,
     tasks,
     limit,
@@ -344,9 +361,9 @@ def evaluate(
     kv = kv_scheme(kv_preset, kv)
     task_names = _task_names(tasks) if tasks else []
     if target is not None and treeq.api.is_quantized_checkpoint(target):
-        model, tok = treeq.load(target, device=device, kernel=kernel)
+        model, tok = treeq.load(target, device=device, dtype=DTYPES[dtype], kernel=kernel)
     else:
-        model, tok = treeq.load_fp_model(target)
+        model, tok = treeq.load_fp_model(target, dtype=DTYPES[dtype])
         model.to(treeq.api.resolve_device(device))
     # Chosen (and a kvquant scheme calibrated) once for perplexity and tasks alike.
     kv = treeq.api.choose_kv(model, tok, kv)
@@ -539,21 +556,6 @@ def spec_check(model):
     click.echo(
         f"OK: {config.model_type} spec covers {n_linears} linears in {len(layers)} layers "
         f"in subsets {', '.join(s.name for s in spec_.subsets)}"
-    )
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_option(default: str, multiple: bool = False):
-    return click.option(
-        "--dtype",
-        "dtypes" if multiple else "dtype",
-        type=click.Choice(sorted(DTYPES)),
-        default=(default,) if multiple else default,
-        multiple=multiple,
-        show_default=True,
-        help="activation dtype" + (" (repeatable)" if multiple else ""),
     )
 
 

@@ -74,6 +74,19 @@ def test_quantize_inspect_eval_round_trip(model_dir, text_file, tmp_path):
     r = run("eval", out, "--text", text_file, "--seqlen", 64, "--max-windows", 2, "--threads", 2)
     assert r.exit_code == 0, r.output
     assert "perplexity" in r.output and "2 non-overlapping windows x 64 tokens" in r.output
+    assert "model in float32" in r.output
+    # In bf16 on the kernel a bf16 model gets (eval ran only in fp32, so a bf16 kernel could not be
+    # evaluated at all): the protocol says so, and the figure is near fp32's.
+    r16 = run(
+        "eval", out, "--text", text_file, "--seqlen", 64, "--max-windows", 2, "--dtype", "bfloat16", "--kernel", fast
+    )
+    assert r16.exit_code == 0, r16.output
+    assert "model in bfloat16" in r16.output
+
+    def ppl(output):
+        return float(output.split(" perplexity: ")[1].split()[0])
+
+    assert ppl(r16.output) == pytest.approx(ppl(r.output), rel=0.01)
 
 
 def test_eval_fp_model_dir(model_dir, text_file):

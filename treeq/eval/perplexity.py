@@ -51,6 +51,7 @@ class PerplexityResult:
     bos: Bos = NO_BOS
     kv: str = "no cache (one forward per window)"
     positions: int | None = None  # the model's max_position_embeddings, where it states one
+    dtype: torch.dtype = torch.float32  # the model's parameters and activations
 
     def protocol(self) -> str:
         text = self.seqlen - (self.bos.token_id is not None)
@@ -60,7 +61,8 @@ class PerplexityResult:
             beyond = f"; WARNING: windows longer than the model's {self.positions} positions (max_position_embeddings)"
         return (
             f"{self.windows} non-overlapping windows x {self.seqlen} tokens, {start} ({self.bos.reason}), "
-            f"{self.tokens_scored} tokens scored, mean NLL over all scored tokens; KV: {self.kv}{beyond}"
+            f"{self.tokens_scored} tokens scored, mean NLL over all scored tokens; model in "
+            f"{str(self.dtype).removeprefix('torch.')}; KV: {self.kv}{beyond}"
         )
 
 
@@ -146,7 +148,8 @@ def perplexity(
             logits = logits[0, :-1].float()
             nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             count += seqlen - 1
-    result = PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos, positions=positions)
+    dtype = next(model.parameters()).dtype
+    result = PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos, positions=positions, dtype=dtype)
     return result if kv is None else dataclasses.replace(result, kv=kv.describe())
 
 
