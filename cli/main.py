@@ -360,11 +360,7 @@ def evaluate(
     _set_threads(threads)
     kv = kv_scheme(kv_preset, kv)
     task_names = _task_names(tasks) if tasks else []
-    if target is not None and treeq.api.is_quantized_checkpoint(target):
-        model, tok = treeq.load(target, device=device, dtype=DTYPES[dtype], kernel=kernel)
-    else:
-        model, tok = treeq.load_fp_model(target, dtype=DTYPES[dtype])
-        model.to(treeq.api.resolve_device(device))
+    model, tok = _load_target(target, device, dtype, kernel)
     # Chosen (and a kvquant scheme calibrated) once for perplexity and tasks alike.
     kv = treeq.api.choose_kv(model, tok, kv)
     if ppl:
@@ -377,6 +373,17 @@ def evaluate(
         for task, metrics in treeq.evaluate_tasks(model, tok, task_names, limit, **run).items():
             click.echo(f"{task}: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         click.echo(f"(task definitions: lm_eval --include_path {task_dir()})")
+
+
+def _load_target(target: str | None, device: str, dtype: str, kernel: str | None):
+    """(model, tokenizer) of a treeq checkpoint, a local fp model, or (None) the built-in model."""
+    if target is not None and treeq.api.is_quantized_checkpoint(target):
+        return treeq.load(target, device=device, dtype=DTYPES[dtype], kernel=kernel)
+    if kernel is not None:
+        fp = target or DEFAULT_MODEL
+        raise TreeqError(f"--kernel {kernel} picks a quantized checkpoint's kernel; {fp} is an fp model, drop --kernel")
+    model, tok = treeq.load_fp_model(target, dtype=DTYPES[dtype])
+    return model.to(treeq.api.resolve_device(device)), tok
 
 
 @main.command()
@@ -642,7 +649,7 @@ def _grouped(values: dict[str, str]) -> dict[str, list[str]]:
 
 
 @main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("target", required=False)
 @click.option("--prompt", required=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy")
@@ -653,11 +660,11 @@ def _grouped(values: dict[str, str]) -> dict[str, list[str]]:
 @kv_options(with_protocol=False)
 @threads_option
 @user_errors
-def generate(directory, prompt, max_new_tokens, temperature, seed, kernel, device, dtype, kv_preset, threads, **kv):
-    """Continue PROMPT with the quantized model in DIRECTORY."""
+def generate(target, prompt, max_new_tokens, temperature, seed, kernel, device, dtype, kv_preset, threads, **kv):
+    """Continue PROMPT with TARGET: a treeq checkpoint, a local fp model, or (omitted) the built-in model."""
     _set_threads(threads)
     kv = kv_scheme(kv_preset, kv)
-    model, tok = treeq.load(directory, device=device, dtype=DTYPES[dtype], kernel=kernel)
+    model, tok = _load_target(target, device, dtype, kernel)
     click.echo(prompt + treeq.generate(model, tok, prompt, max_new_tokens, temperature, seed, kv))
 
 

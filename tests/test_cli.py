@@ -89,10 +89,17 @@ def test_quantize_inspect_eval_round_trip(model_dir, text_file, tmp_path):
     assert ppl(r16.output) == pytest.approx(ppl(r.output), rel=0.01)
 
 
-def test_eval_fp_model_dir(model_dir, text_file):
+def test_eval_and_generate_on_an_fp_model_dir(model_dir, text_file):
+    """generate took checkpoints only ("not a quantized checkpoint"), so the fp model's continuation
+    could not be set beside a checkpoint's; a --kernel, which only a checkpoint's layers take, is refused."""
     r = run("eval", model_dir, "--text", text_file, "--seqlen", 64, "--max-windows", 1)
     assert r.exit_code == 0, r.output
     assert "perplexity" in r.output
+    r = run("generate", model_dir, "--prompt", "The river", "--max-new-tokens", 3)
+    said = r.output.split("The river", 1)[-1]  # after transformers' progress bar, on stderr
+    assert r.exit_code == 0 and "The river" in r.output and said.strip(), r.output
+    for command in (("generate", model_dir, "--prompt", "The river"), ("eval", model_dir, "--max-windows", 1)):
+        one_line_error(run(*command, "--kernel", "torch"), "picks a quantized checkpoint's kernel", "drop --kernel")
 
 
 def test_spec_check_ok(model_dir):
