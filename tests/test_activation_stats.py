@@ -40,3 +40,13 @@ def test_cli_writes_the_table_and_the_plot(model_dir, text_file, tmp_path):
     with open(out / "activation_stats.csv") as f:
         assert len(list(csv.DictReader(f))) == 8
     assert (out / "activation_stats.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_windows_longer_than_the_model_positions_are_flagged(tokenizer, text_file, caplog):
+    """Statistics of windows past the 256 positions the tiny model states were shown without a word."""
+    model = make_model("llama")
+    with caplog.at_level("WARNING", logger="treeq"):
+        treeq.activation_stats(model, tokenizer, str(text_file), samples=1, seqlen=256)
+        assert "positions" not in caplog.text
+        treeq.activation_stats(model, tokenizer, str(text_file), samples=1, seqlen=300)
+    assert "windows of 300 tokens are longer than the model's 256 positions" in caplog.text

@@ -74,6 +74,12 @@ def tokens_fit(model, ids: torch.Tensor | list[torch.Tensor]) -> None:
         )
 
 
+def positions(model) -> int | None:
+    """The positions the model states it was trained on (max_position_embeddings), where it states them."""
+    stated = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return stated if isinstance(stated, int) else None
+
+
 def whole_number(value, name: str, minimum: int, below: str | None = None) -> int:
     """An integer argument of the Python API, held to the bound its CLI option has; ``below``: what
     an integer under ``minimum`` would mean, for the message."""

@@ -24,7 +24,15 @@ from ..runtime.kv_schemes import kv_cache_for
 from ..schemes import ActivationScheme, WeightScheme
 from ..spec_check import check_spec
 from ..storage.checkpoint import save_quantized, source_name, swap_in_quantized, write_metadata
-from ..user_input import loaded_model, local_path, new_output_dir, parse_devices, resolve_device, tokens_fit
+from ..user_input import (
+    loaded_model,
+    local_path,
+    new_output_dir,
+    parse_devices,
+    positions,
+    resolve_device,
+    tokens_fit,
+)
 from ..version import __version__
 from .calib_precision import calibration_dtype
 from .experts import calibration_routing, layer_modules, unfuse_experts
@@ -248,11 +256,11 @@ def _check_positions(model, seqlen: int) -> None:
     tokens past them would feed activations from positions it never saw (RoPE extrapolated, or no
     learned embedding at all) into every statistic, so the checkpoint would be calibrated on inputs
     no prompt within its context produces."""
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(positions, int) and seqlen > positions:
+    trained = positions(model)
+    if trained is not None and seqlen > trained:
         raise TreeqError(
-            f"calibration seqlen={seqlen} is longer than the model's {positions} positions "
-            f"(max_position_embeddings); use a seqlen (--seqlen) of {positions} or less"
+            f"calibration seqlen={seqlen} is longer than the model's {trained} positions "
+            f"(max_position_embeddings); use a seqlen (--seqlen) of {trained} or less"
         )
 
 

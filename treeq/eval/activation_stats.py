@@ -12,6 +12,7 @@ exactly from per-channel power sums, so one pass over the text gives both.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from ..data import calibration_batches, read_text
 from ..methods import InputStats
 from ..models import spec_for
 from ..transforms.smoothquant import SmoothQuant
+
+log = logging.getLogger(__name__)
 
 CSV_NAME = "activation_stats.csv"
 PNG_NAME = "activation_stats.png"
@@ -98,6 +101,9 @@ def activation_stats(
         with torch.no_grad():
             batches = calibration_batches(tokenizer, read_text(text), samples, seqlen, batch_size=1)
             user_input.tokens_fit(model, batches)
+            trained = user_input.positions(model)
+            if trained is not None and seqlen > trained:  # statistics to look at, not to calibrate with
+                log.warning(f"windows of {seqlen} tokens are longer than the model's {trained} positions")
             for batch in batches:
                 model(batch.to(next(model.parameters()).device))
     finally:

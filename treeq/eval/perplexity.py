@@ -134,7 +134,7 @@ def perplexity(
         windows = min(windows, max_windows)
     if windows == 0:
         raise TreeqError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    positions = user_input.positions(model)
     if positions is not None and seqlen > positions:
         # Allowed (context extension is a question worth measuring), but said before the long run
         # as well as in the protocol line after it.
