@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 from conftest import make_model
-from test_cli import run
+from test_cli import one_line_error, run
 
 import treeq
 
@@ -194,6 +194,7 @@ def test_an_interrupted_compare_keeps_its_rows_and_resumes(model_dir, text_file,
     assert "nothing to resume" in run(*common, "--out", tmp_path / "none", "--resume").output
     r = run(*common, "--out", out, "--resume")
     assert r.exit_code == 0, r.output
+    one_line_error(run(*common, "--out", out), "already exists; choose another --out or remove it")  # finished
     assert run(*common, "--out", tmp_path / "whole").exit_code == 0
 
     def table(path):

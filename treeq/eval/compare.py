@@ -113,6 +113,7 @@ def compare(
         _rows(model, configs, progress, calib_text, kv_schemes, kv_protocols, kv_chunk, kv_tokens, **evaluation)
     except KeyboardInterrupt:  # a row's quantize keeps its finished layers (Interrupted): resume continues it
         raise CompareInterrupted(len(progress.rows), total, out) from None
+    progress.complete()
     rows = progress.rows
     add_deltas(rows)
     return rows

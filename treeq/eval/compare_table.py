@@ -51,9 +51,11 @@ class CompareProgress:
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self.quant_seconds: dict[str, float] = {}  # rows quantized, by checkpoint name
+        self.all_done = False
         if not resume:
             if out.exists():
-                again = "add --resume to continue it" if self.path.is_file() else "choose another --out or remove it"
+                unfinished = self.path.is_file() and not json_file(self.path).get("complete")
+                again = "add --resume to continue it" if unfinished else "choose another --out or remove it"
                 raise TreeqError(f"output directory {out} already exists; {again}")
             writable_dir(out)
             return
@@ -85,14 +87,20 @@ class CompareProgress:
             self.rows.append(row)
         self.save()
 
+    def complete(self) -> None:
+        """Every step done: a rerun over ``out`` is told to choose another, not to resume."""
+        self.all_done = True
+        self.save()
+
     def save(self) -> None:
         if self.rows:
             table = [dict(r) for r in self.rows]
             add_deltas(table)  # on copies: compare adds them to the rows it returns once all are finished
             write_table(table, self.out, self.notes)
         state = dict(settings=self.settings, steps=self.steps, rows=self.rows, notes=self.notes)
+        state.update(quant_seconds=self.quant_seconds, complete=self.all_done)
         with atomic_file(self.path) as path:
-            path.write_text(json.dumps(dict(state, quant_seconds=self.quant_seconds), indent=1))
+            path.write_text(json.dumps(state, indent=1))
 
 
 def add_deltas(rows: list[dict]) -> None:
