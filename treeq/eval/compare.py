@@ -129,12 +129,14 @@ def _rows(model, configs, progress, calib_text, kv_schemes, kv_protocols, kv_chu
     # Rows without a quantized cache show an fp16 cache's bytes, the reference the KV rows are read against.
     no_kv = dict(kv=None, kv_protocol=None, **{bytes_column: fp16_cache_nbytes(fp, 1)}) if kv_schemes else {}
     fp_cells = dict(method="fp", bits=16, act_bits=16, group=None, size_mb=_fp16_bytes(fp) / 2**20, quant_s=None)
+    kv_steps = {f"kv {label} {protocol}": (label, protocol) for label in kv_schemes for protocol in kv_protocols}
+    kv_left = [step for step in [*kv_steps, "kv bytes"] if kv_schemes and not progress.done(step)]
+    # Before any evaluation: a text too short for the prefill fails now.
+    prefill = _first_tokens(tok, evaluation["text"], kv_tokens) if "kv bytes" in kv_left else None
     if not progress.done("fp"):
         metrics, result = _evaluate(fp, tok, **evaluation)
         progress.notes.append(f"perplexity: {result.protocol()}")
         progress.finished("fp", {**fp_cells, **no_kv, **metrics})
-    kv_steps = {f"kv {label} {protocol}": (label, protocol) for label in kv_schemes for protocol in kv_protocols}
-    kv_left = [step for step in [*kv_steps, "kv bytes"] if kv_schemes and not progress.done(step)]
     choices = {label: api.choose_kv(fp, tok, scheme, calib_text) for label, scheme in kv_schemes.items() if kv_left}
     for step, (label, protocol) in kv_steps.items():
         if progress.done(step):
@@ -148,7 +150,6 @@ def _rows(model, configs, progress, calib_text, kv_schemes, kv_protocols, kv_chu
         # A bf16 copy gives the cache the 16-bit states a half-precision model would (the fp16 rows
         # compare), after the fp32 model is gone; the calibration made on fp32 states applies as is.
         half = api.load_fp_model(model, dtype=torch.bfloat16)[0]
-        prefill = _first_tokens(tok, evaluation["text"], kv_tokens)
         per_token = {label: _cache_bytes_per_token(half, choice, prefill) for label, choice in choices.items()}
         for row in progress.rows[1:]:  # the KV rows: weight rows come later
             row[bytes_column] = per_token[row["kv"]]
