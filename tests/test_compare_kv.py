@@ -135,3 +135,18 @@ def test_a_compare_interrupted_among_its_kv_rows_resumes_to_the_same_table(
         ("", "rtn"),
     ]
     assert table(tmp_path / "cmp") == table(tmp_path / "whole")
+
+
+def test_a_prefill_longer_than_the_text_fails_before_any_evaluation(kv_model_dir, text_file, tmp_path, monkeypatch):
+    from treeq.eval import compare
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("a row was evaluated before the prefill was checked")
+
+    monkeypatch.setattr(compare, "_evaluate", evaluate)
+    r = run(
+        "compare", kv_model_dir, "--methods", "rtn", "--bits", "4", "--group-size", "32", "--seqlen", "32",
+        "--calib-text", text_file, "--eval-text", text_file, "--kv", "kivi-2", "--kv-tokens", 10**7,
+        "--out", tmp_path / "cmp",
+    )  # fmt: skip
+    one_line_error(r, "kv_tokens=10000000 is more than the", "use at most that many")
