@@ -65,7 +65,9 @@ def tokens_fit(model, ids: torch.Tensor | list[torch.Tensor]) -> None:
     """Every token id (a tensor, or a list of batches) names a row of ``model``'s input embedding:
     a tokenizer that is not the model's own gives ids beyond it, which end in torch's IndexError
     deep inside the forward."""
-    rows = model.get_input_embeddings().num_embeddings
+    rows = getattr(model.get_input_embeddings(), "num_embeddings", None)  # None: not a table of rows
+    if rows is None:
+        return
     largest = max((int(t.max()) for t in ([ids] if isinstance(ids, torch.Tensor) else ids) if t.numel()), default=-1)
     if largest >= rows:
         raise TreeqError(
