@@ -82,6 +82,15 @@ def positions(model) -> int | None:
     return stated if isinstance(stated, int) else None
 
 
+def beyond_positions(model, seqlen: int) -> str | None:
+    """A warning where windows of ``seqlen`` tokens are longer than the positions the model states,
+    for the runs that allow them (evaluation, statistics); None where they fit."""
+    trained = positions(model)
+    if trained is None or seqlen <= trained:
+        return None
+    return f"windows of {seqlen} tokens are longer than the model's {trained} positions"
+
+
 def whole_number(value, name: str, minimum: int, below: str | None = None) -> int:
     """An integer argument of the Python API, held to the bound its CLI option has; ``below``: what
     an integer under ``minimum`` would mean, for the message."""

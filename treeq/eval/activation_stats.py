@@ -101,9 +101,8 @@ def activation_stats(
         with torch.no_grad():
             batches = calibration_batches(tokenizer, read_text(text), samples, seqlen, batch_size=1)
             user_input.tokens_fit(model, batches)
-            trained = user_input.positions(model)
-            if trained is not None and seqlen > trained:  # statistics to look at, not to calibrate with
-                log.warning(f"windows of {seqlen} tokens are longer than the model's {trained} positions")
+            if warning := user_input.beyond_positions(model, seqlen):  # statistics to look at, not to calibrate
+                log.warning(warning)
             for batch in batches:
                 model(batch.to(next(model.parameters()).device))
     finally:

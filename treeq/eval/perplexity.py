@@ -134,11 +134,10 @@ def perplexity(
         windows = min(windows, max_windows)
     if windows == 0:
         raise TreeqError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    positions = user_input.positions(model)
-    if positions is not None and seqlen > positions:
-        # Allowed (context extension is a question worth measuring), but said before the long run
-        # as well as in the protocol line after it.
-        log.warning(f"windows of {seqlen} tokens are longer than the model's {positions} positions")
+    # Allowed (context extension is a question worth measuring), but said before the long run as
+    # well as in the protocol line after it.
+    if warning := user_input.beyond_positions(model, seqlen):
+        log.warning(warning)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     with torch.no_grad():
@@ -149,6 +148,7 @@ def perplexity(
             nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             count += seqlen - 1
     dtype = next(model.parameters()).dtype
+    positions = user_input.positions(model)
     result = PerplexityResult(math.exp(nll / count), windows, seqlen, count, bos, positions=positions, dtype=dtype)
     return result if kv is None else dataclasses.replace(result, kv=kv.describe())
 
