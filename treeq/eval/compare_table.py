@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import TreeqError
-from ..user_input import json_file, writable_dir
+from ..user_input import json_file, new_output_dir
 
 STATE_FILE = "compare.json"
 
@@ -53,11 +53,9 @@ class CompareProgress:
         self.quant_seconds: dict[str, float] = {}  # rows quantized, by checkpoint name
         self.all_done = False
         if not resume:
-            if out.exists():
-                unfinished = self.path.is_file() and not json_file(self.path).get("complete")
-                again = "add --resume to continue it" if unfinished else "choose another --out or remove it"
-                raise TreeqError(f"output directory {out} already exists; {again}")
-            writable_dir(out)
+            if self.path.is_file() and not json_file(self.path).get("complete"):
+                raise TreeqError(f"output directory {out} already exists; add --resume to continue it")
+            new_output_dir(out)
             return
         if not self.path.is_file():
             raise TreeqError(
